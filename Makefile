@@ -1,0 +1,39 @@
+# Everything runs from the project's own virtualenv (.venv), made by `make setup`.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: setup test lint fmt typecheck demo bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip uv
+
+setup: $(BIN)/python  ## install the locked dependencies and the package (editable)
+	$(BIN)/uv pip install --python $(BIN)/python -q -r requirements.lock
+	$(BIN)/uv pip install --python $(BIN)/python -q --no-deps -e .
+
+test: setup  ## lint, type-check and run every test (the netns tests need root)
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+	$(BIN)/mypy
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+	$(BIN)/mypy
+
+fmt: setup
+	$(BIN)/ruff check --fix src tests bench
+	$(BIN)/ruff format src tests bench
+
+demo: setup  ## a node, a VPC peer and three VMs in namespaces: leases, pings, status, cleanup
+	$(BIN)/python -m cocoon_net.sandbox
+
+lock:  ## refresh requirements.lock from pyproject.toml
+	$(BIN)/uv pip compile pyproject.toml --extra test -o requirements.lock -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,3 @@
+from cocoon_net.cli import main
+
+raise SystemExit(main())

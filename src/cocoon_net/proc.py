@@ -1,0 +1,47 @@
+"""Running the host's own tools (ip, iptables, iptables-restore, sysctl readers).
+
+One place turns a failed command into a one-line HostSetupError naming the command and what it
+printed, so callers never parse CalledProcessError themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Sequence
+from typing import Any
+
+from cocoon_net.errors import HostSetupError
+
+
+def run(
+    argv: Sequence[str],
+    *,
+    stdin: str | None = None,
+    ok_codes: Sequence[int] = (0,),
+) -> subprocess.CompletedProcess[str]:
+    """Run argv and return the result; raise HostSetupError unless its exit code is in ok_codes."""
+    try:
+        proc = subprocess.run(
+            list(argv), input=stdin, capture_output=True, text=True, check=False, timeout=60
+        )
+    except FileNotFoundError as exc:
+        raise HostSetupError(f"{argv[0]}: command not found (install it first)") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise HostSetupError(f"{' '.join(argv)}: timed out after 60 s") from exc
+    if proc.returncode not in ok_codes:
+        detail = (proc.stderr or proc.stdout).strip().splitlines()
+        reason = detail[-1] if detail else f"exit status {proc.returncode}"
+        raise HostSetupError(f"{' '.join(argv)}: {reason}")
+    return proc
+
+
+def run_json(argv: Sequence[str]) -> Any:
+    """Run a command that prints JSON (`ip -json ...`) and decode its output."""
+    out = run(argv).stdout.strip()
+    if not out:
+        return []
+    try:
+        return json.loads(out)
+    except json.JSONDecodeError as exc:
+        raise HostSetupError(f"{' '.join(argv)}: unreadable JSON output") from exc

@@ -1,0 +1,100 @@
+"""Throw-away network namespaces for tests (the CNI plugins' testutils.NewNS, in Python).
+
+Every namespace gets a random `cnt-` name, is deleted when the test ends, and is the only
+place a test changes links, addresses, routes or firewall rules.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import subprocess
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Netns:
+    name: str
+    _procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def prefix(self) -> list[str]:
+        return ["ip", "netns", "exec", self.name]
+
+    def run(
+        self, *argv: str, check: bool = True, stdin: str | None = None, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*self.prefix, *argv],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            check=check,
+            timeout=timeout,
+        )
+
+    def sh(self, script: str, *, check: bool = True) -> str:
+        return self.run("sh", "-c", script, check=check).stdout
+
+    def popen(self, argv: Sequence[str], **kwargs: object) -> subprocess.Popen[bytes]:
+        proc: subprocess.Popen[bytes] = subprocess.Popen([*self.prefix, *argv], **kwargs)  # type: ignore[call-overload]
+        self._procs.append(proc)
+        return proc
+
+    def ip(self, *argv: str, check: bool = True) -> str:
+        return subprocess.run(
+            ["ip", "-n", self.name, *argv], capture_output=True, text=True, check=check
+        ).stdout
+
+    def iptables_save(self) -> str:
+        """iptables-save without counters or comments that change between runs."""
+        out = self.run("iptables-save").stdout
+        return (
+            "\n".join(line for line in out.splitlines() if not line.startswith(("#", ":")))
+            + "\n"
+            + "\n".join(line.split(" [")[0] for line in out.splitlines() if line.startswith(":"))
+        )
+
+    def sysctl(self, key: str) -> str:
+        return self.run("cat", "/proc/sys/" + key.replace(".", "/")).stdout.strip()
+
+    def close(self) -> None:
+        for proc in self._procs:
+            if proc.poll() is None:
+                proc.kill()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=5)
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True, check=False)
+
+
+def new_name(tag: str = "") -> str:
+    return f"cnt-{tag}{secrets.token_hex(3)}"[:15]
+
+
+@contextlib.contextmanager
+def netns(tag: str = "") -> Iterator[Netns]:
+    ns = Netns(new_name(tag))
+    subprocess.run(["ip", "netns", "add", ns.name], check=True)
+    try:
+        ns.ip("link", "set", "lo", "up")
+        yield ns
+    finally:
+        ns.close()
+
+
+def link_pair(a: Netns, a_if: str, b: Netns, b_if: str) -> None:
+    """A veth pair with one end in each namespace, both up."""
+    tmp = "v" + secrets.token_hex(5)
+    subprocess.run(
+        ["ip", "link", "add", tmp, "type", "veth", "peer", "name", tmp + "p"], check=True
+    )
+    subprocess.run(["ip", "link", "set", tmp, "netns", a.name, "name", a_if], check=True)
+    subprocess.run(["ip", "link", "set", tmp + "p", "netns", b.name, "name", b_if], check=True)
+    a.ip("link", "set", a_if, "up")
+    b.ip("link", "set", b_if, "up")
+
+
+def is_root() -> bool:
+    return os.geteuid() == 0
