@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import secrets
 import subprocess
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -59,6 +61,39 @@ class Netns:
 
     def sysctl(self, key: str) -> str:
         return self.run("cat", "/proc/sys/" + key.replace(".", "/")).stdout.strip()
+
+    def call(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        """Run fn(*args, **kwargs) in a forked child that has joined this namespace.
+
+        The child uses cocoon_net.netns.enter, the same code path as the CLI's --netns, and
+        sends back the return value or the exception (both pickled).
+        """
+        read_fd, write_fd = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child
+            os.close(read_fd)
+            try:
+                from cocoon_net import netns as netns_mod
+
+                netns_mod.enter(self.name)
+                result: tuple[bool, Any] = (True, fn(*args, **kwargs))
+            except BaseException as exc:
+                result = (False, exc)
+            try:
+                payload = pickle.dumps(result)
+            except Exception as exc:
+                payload = pickle.dumps((False, RuntimeError(f"unpicklable result: {exc!r}")))
+            with os.fdopen(write_fd, "wb") as out:
+                out.write(payload)
+            os._exit(0)
+        os.close(write_fd)
+        with os.fdopen(read_fd, "rb") as inp:
+            data = inp.read()
+        os.waitpid(pid, 0)
+        ok, value = pickle.loads(data)
+        if not ok:
+            raise value
+        return value
 
     def close(self) -> None:
         for proc in self._procs:
