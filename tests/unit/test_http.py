@@ -1,0 +1,239 @@
+"""HttpClient against a real local HTTP server with injected faults; sleeps are recorded."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Mapping
+
+import pytest
+
+from cocoon_net.errors import (
+    CloudAuthError,
+    CloudConflict,
+    CloudError,
+    CloudNotFound,
+    CloudQuotaError,
+    CloudTimeout,
+)
+from cocoon_net.platform.http import (
+    HttpClient,
+    Retry,
+    RetryPolicy,
+    backoff_delay,
+    redact_url,
+)
+from tests.emulators import EmulatorServer, Fault, Reply, Request, serve
+
+
+def _echo(req: Request) -> Reply:
+    return Reply(200, {"method": req.method, "path": req.path, "query": req.query})
+
+
+@pytest.fixture
+def server() -> Iterator[EmulatorServer]:
+    with serve(_echo) as srv:
+        yield srv
+
+
+class Sleeps(list[float]):
+    def __call__(self, seconds: float) -> None:
+        self.append(seconds)
+
+
+def client(**kwargs: object) -> tuple[HttpClient, Sleeps]:
+    sleeps = Sleeps()
+    opts: dict[str, object] = {
+        "service": "Test API",
+        "timeout": 0.3,
+        "retry": RetryPolicy(attempts=4, deadline=30, base_delay=0.5, max_delay=4),
+        "sleep": sleeps,
+        "rng": random.Random(7),
+    }
+    opts.update(kwargs)
+    return HttpClient(**opts), sleeps  # type: ignore[arg-type]
+
+
+def test_success_returns_json(server: EmulatorServer) -> None:
+    http, sleeps = client()
+    body = http.request_json("GET", server.url + "/a/b", params={"x": "1"})
+    assert body == {"method": "GET", "path": "/a/b", "query": {"x": "1"}}
+    assert sleeps == []
+
+
+@pytest.mark.parametrize("status", [429, 500, 502, 503, 504])
+def test_transient_statuses_are_retried(server: EmulatorServer, status: int) -> None:
+    server.inject(Fault(status=status, count=2))
+    http, sleeps = client()
+    assert http.request_json("GET", server.url + "/x")["path"] == "/x"
+    assert len(server.log) == 3
+    assert len(sleeps) == 2
+    # full jitter: each delay lies within its exponential cap
+    assert 0 <= sleeps[0] <= 0.5
+    assert 0 <= sleeps[1] <= 1.0
+
+
+def test_retries_stop_after_attempts_with_last_error(server: EmulatorServer) -> None:
+    server.inject(Fault(status=503, count=10, body={"error": {"message": "backend busy"}}))
+    http, sleeps = client()
+    with pytest.raises(CloudError, match=r"Test API: GET http://127\.0\.0\.1:\d+/x: HTTP 503"):
+        http.request("GET", server.url + "/x")
+    assert len(server.log) == 4
+    assert len(sleeps) == 3
+
+
+def test_retries_stop_at_the_deadline(server: EmulatorServer) -> None:
+    server.inject(Fault(status=500, count=10))
+    now = [0.0]
+
+    def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    policy = RetryPolicy(attempts=100, deadline=5.0, base_delay=1.0, max_delay=4.0)
+    http, _ = client(sleep=sleep, clock=lambda: now[0], retry=policy)
+    with pytest.raises(CloudError, match="HTTP 500"):
+        http.request("GET", server.url + "/x")
+    assert now[0] < 5.0
+    assert 2 <= len(server.log) < 100
+
+
+def test_retry_after_is_honoured(server: EmulatorServer) -> None:
+    server.inject(Fault(status=429, headers={"Retry-After": "3"}))
+    http, sleeps = client()
+    http.request("GET", server.url + "/x")
+    assert sleeps == [3.0]
+
+
+@pytest.mark.parametrize(
+    ("status", "kind", "text"),
+    [
+        (401, CloudAuthError, "missing role or scope"),
+        (403, CloudAuthError, "missing role or scope"),
+        (404, CloudNotFound, "HTTP 404"),
+        (409, CloudConflict, "HTTP 409"),
+        (412, CloudConflict, "HTTP 412"),
+        (400, CloudError, "HTTP 400"),
+    ],
+)
+def test_client_errors_are_mapped_and_not_retried(
+    server: EmulatorServer, status: int, kind: type[CloudError], text: str
+) -> None:
+    server.inject(Fault(status=status, body={"error": {"message": "nope"}}))
+    http, sleeps = client(auth_hint="grant roles/compute.networkAdmin")
+    with pytest.raises(kind, match=text) as info:
+        http.request("PATCH", server.url + "/thing", json={"a": 1})
+    assert "nope" in str(info.value)
+    assert "PATCH" in str(info.value)
+    assert len(server.log) == 1
+    assert sleeps == []
+
+
+def test_auth_hint_is_in_the_message(server: EmulatorServer) -> None:
+    server.inject(Fault(status=403, body={"error": {"message": "Required 'compute.x'"}}))
+    http, _ = client(auth_hint="grant roles/compute.networkAdmin")
+    with pytest.raises(CloudAuthError, match=r"grant roles/compute\.networkAdmin"):
+        http.request("GET", server.url + "/x")
+
+
+def test_quota_errors_are_recognised(server: EmulatorServer) -> None:
+    body = {"error": {"message": "Quota 'X' exceeded", "errors": [{"reason": "quotaExceeded"}]}}
+    server.inject(Fault(status=403, body=body))
+    http, _ = client()
+    with pytest.raises(CloudQuotaError, match="quotaExceeded"):
+        http.request("GET", server.url + "/x")
+
+
+def test_timeouts_are_retried_then_reported(server: EmulatorServer) -> None:
+    server.inject(Fault(delay=0.6, count=1))
+    http, sleeps = client(timeout=0.2)
+    assert http.request_json("GET", server.url + "/x")["path"] == "/x"
+    assert len(sleeps) == 1
+
+    server.inject(Fault(delay=0.6, count=2))
+    http, _ = client(timeout=0.2, retry=RetryPolicy(attempts=2, deadline=30))
+    with pytest.raises(CloudTimeout, match=r"GET http://127\.0\.0\.1:\d+/x: no answer within"):
+        http.request("GET", server.url + "/x")
+
+
+def test_dropped_connection_is_retried(server: EmulatorServer) -> None:
+    server.inject(Fault(drop=True))
+    http, sleeps = client()
+    assert http.request_json("GET", server.url + "/x")["path"] == "/x"
+    assert len(sleeps) == 1
+
+
+def test_connection_refused_is_a_cloud_error() -> None:
+    with serve(_echo) as srv:
+        url = srv.url
+    http, sleeps = client(retry=RetryPolicy(attempts=2, deadline=30))
+    with pytest.raises(CloudError, match="cannot connect"):
+        http.request("GET", url + "/x")
+    assert len(sleeps) == 1
+
+
+def test_sign_is_called_for_every_attempt(server: EmulatorServer) -> None:
+    server.inject(Fault(status=500))
+    calls: list[tuple[str, str, dict[str, str], bytes]] = []
+
+    def sign(
+        method: str, url: str, params: Mapping[str, str], headers: Mapping[str, str], body: bytes
+    ) -> Mapping[str, str]:
+        calls.append((method, url, dict(params), body))
+        return {"Authorization": f"Sig n={len(calls)}"}
+
+    http, _ = client(sign=sign)
+    http.request("POST", server.url + "/s", params={"Action": "X"}, json={"k": "v"})
+    assert [c[0] for c in calls] == ["POST", "POST"]
+    assert calls[0][2] == {"Action": "X"}
+    assert calls[0][3] == b'{"k":"v"}'
+    assert [r.headers["authorization"] for r in server.log] == ["Sig n=1", "Sig n=2"]
+    assert server.log[-1].body == b'{"k":"v"}'
+
+
+def test_classifier_reads_a_json_envelope(server: EmulatorServer) -> None:
+    answers = iter(
+        [
+            Reply(200, {"Error": {"Code": "Throttling"}}),
+            Reply(200, {"Error": {"Code": "InvalidParameter"}}),
+            Reply(200, {"Result": "ok"}),
+        ]
+    )
+
+    def classify(response: object) -> CloudError | Retry | None:
+        err = response.json().get("Error")  # type: ignore[attr-defined]
+        if err is None:
+            return None
+        if err["Code"] == "Throttling":
+            return Retry(CloudQuotaError("throttled"))
+        return CloudError(err["Code"])
+
+    with serve(lambda req: next(answers)) as srv:
+        http, sleeps = client(classify=classify)
+        with pytest.raises(CloudError, match="InvalidParameter"):
+            http.request("GET", srv.url + "/e")
+        assert len(sleeps) == 1
+        assert http.request_json("GET", srv.url + "/e") == {"Result": "ok"}
+
+
+def test_non_json_answer_is_a_clear_error() -> None:
+    with serve(lambda req: Reply(200, "<html>")) as srv:
+        http, _ = client()
+        with pytest.raises(CloudError, match="not JSON"):
+            http.request_json("GET", srv.url + "/x")
+
+
+def test_query_secrets_are_redacted(server: EmulatorServer) -> None:
+    server.inject(Fault(status=404))
+    http, _ = client()
+    with pytest.raises(CloudNotFound) as info:
+        http.request("GET", server.url + "/x", params={"Action": "Go", "X-Signature": "abc123"})
+    assert "abc123" not in str(info.value)
+    assert "Action=Go" in str(info.value)
+    assert redact_url("http://h/p?access_token=t0k&a=1") == "http://h/p?access_token=***&a=1"
+
+
+def test_backoff_caps() -> None:
+    policy = RetryPolicy(base_delay=1.0, max_delay=5.0)
+    rng = random.Random(1)
+    for attempt in range(10):
+        cap = min(5.0, 2.0**attempt)
+        assert all(0 <= backoff_delay(attempt, policy, rng) <= cap for _ in range(50))
