@@ -53,8 +53,6 @@ ENV_BRIDGE = "COCOON_NET_BRIDGE"
 ENV_NETNS = "COCOON_NET_NETNS"
 ENV_METRICS_ADDR = "COCOON_NET_METRICS_ADDR"
 
-LOG_LEVELS = ("trace", "debug", "info", "warn", "warning", "error", "fatal", "panic", "disabled")
-
 _IFNAME = re.compile(r"^[A-Za-z0-9_.@-]{1,15}$")
 # Cloud resource names are built as "<node>-vms" and "<node>-eni-<n>": GCE's and Volcengine's
 # name rules both accept lower-case RFC 1035 labels, so node names are kept to that.
@@ -218,15 +216,6 @@ def parse_lease_seconds(text: str) -> int:
     return seconds
 
 
-def parse_log_level(text: str) -> str:
-    level = (text or "info").strip().lower()
-    if level not in LOG_LEVELS:
-        raise UsageError(
-            f"invalid {ENV_LOG_LEVEL} {text!r}: expected one of debug, info, warn, error"
-        )
-    return level
-
-
 @dataclass(frozen=True)
 class Paths:
     """Every file and directory cocoon-net touches on the node."""
@@ -265,3 +254,15 @@ def default_paths(environ: Mapping[str, str] | None = None) -> Paths:
         cni_conf_dir=env_path(env, ENV_CNI_CONF_DIR, DEFAULT_CNI_CONF_DIR),
         lease_file=Path(lease) if lease else None,
     )
+
+
+_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+
+
+def parse_mac(text: str, *, flag: str) -> str:
+    mac = text.strip().lower()
+    if not _MAC.match(mac):
+        raise UsageError(f"invalid {flag} {text!r}: expected a MAC like 02:c0:ac:14:64:01")
+    if int(mac[:2], 16) & 1:
+        raise UsageError(f"invalid {flag} {text!r}: a multicast MAC cannot be a gateway")
+    return mac

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import re
 import secrets
 import subprocess
 from collections.abc import Callable, Iterator, Sequence
@@ -51,13 +52,10 @@ class Netns:
         ).stdout
 
     def iptables_save(self) -> str:
-        """iptables-save without counters or comments that change between runs."""
+        """iptables-save without the comment lines and packet counters that change per run."""
         out = self.run("iptables-save").stdout
-        return (
-            "\n".join(line for line in out.splitlines() if not line.startswith(("#", ":")))
-            + "\n"
-            + "\n".join(line.split(" [")[0] for line in out.splitlines() if line.startswith(":"))
-        )
+        lines = (re.sub(r" \[\d+:\d+\]$", "", line) for line in out.splitlines())
+        return "\n".join(line for line in lines if not line.startswith("#"))
 
     def sysctl(self, key: str) -> str:
         return self.run("cat", "/proc/sys/" + key.replace(".", "/")).stdout.strip()

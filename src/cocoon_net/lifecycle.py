@@ -1,0 +1,332 @@
+"""init, adopt and teardown: the node's life, from provisioning to removal.
+
+Every input has been validated by the CLI before these functions run. The order of effects is
+chosen so that a failure at any point leaves pool.json describing everything that exists:
+cloud resources are recorded the moment a platform creates them, the pool is saved before host
+setup touches the kernel, and teardown deletes pool.json only after everything else is gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+from typing import Any
+
+from cocoon_net import config, state
+from cocoon_net.errors import CocoonError, StateError
+from cocoon_net.fsutil import remove_file
+from cocoon_net.lock import StateLock
+from cocoon_net.platform import get_platform
+from cocoon_net.platform.base import NodeRequest, ProvisionResult
+from cocoon_net.state import HostRecord, PoolState
+
+log = logging.getLogger("cocoon_net.lifecycle")
+
+
+@dataclass(frozen=True)
+class NodeOptions:
+    """init/adopt input after validation (config.py)."""
+
+    command: str  # "init" or "adopt"
+    platform: str  # "" = detect from metadata
+    node_name: str
+    subnet: IPv4Network
+    gateway: IPv4Address
+    pool_size: int
+    primary_nic: str | None
+    dns: tuple[IPv4Address, ...]
+    drop_internal_access: bool
+    drop_cidrs: tuple[IPv4Network, ...]
+    vpc_cidrs: tuple[IPv4Network, ...]
+    mtu: int | None
+    bridge: str
+    bridge_mac: str | None
+    manage_iptables: bool
+    paths: config.Paths
+    dry_run: bool = False
+    platform_options: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def lease_file(self) -> Path:
+        return self.paths.default_lease_file()
+
+
+def read_pool(paths: config.Paths) -> PoolState | None:
+    """pool.json if present, fully validated; callers run this before taking the lock too, so
+    a bad file or path fails before anything (even the lock file) is created."""
+    if paths.state_dir.exists() and not paths.state_dir.is_dir():
+        raise StateError(f"state dir {paths.state_dir} exists and is not a directory")
+    return state.load_optional(paths.pool_file)
+
+
+def resolve_platform(name: str, environ: Mapping[str, str]) -> str:
+    if name:
+        return name
+    from cocoon_net.platform.detect import detect
+
+    detected: str = detect(environ)
+    log.info("detected platform: %s", detected)
+    return detected
+
+
+def host_spec(pool: PoolState, *, manage_firewall: bool, bridge_mac: str | None = None) -> Any:
+    """The desired host state for pool (node.hostsetup.HostSpec)."""
+    from cocoon_net.node.hostsetup import HostSpec
+
+    return HostSpec(
+        bridge=pool.bridge,
+        subnet=pool.network,
+        gateway=pool.gateway_ip,
+        mtu=pool.mtu or None,
+        bridge_mac=bridge_mac,
+        primary_nic=pool.primary_nic or None,
+        secondary_nics=tuple(pool.secondary_nics),
+        manage_firewall=manage_firewall,
+        drop_cidrs=tuple(config.parse_cidr_list(pool.drop_cidrs, flag="dropCIDRs")),
+        drop_internal_access=pool.drop_internal_access,
+        vpc_cidrs=tuple(config.parse_cidr_list(pool.vpc_cidrs, flag="vpcCIDRs")),
+        conflist=Path(pool.cni_conflist),
+    )
+
+
+def _check_ownership(existing: PoolState | None, opts: NodeOptions, platform: str) -> None:
+    """Refuse to repurpose a pool.json that describes another node or platform."""
+    if existing is None:
+        return
+    if existing.platform and existing.platform != platform:
+        raise StateError(
+            f"{opts.paths.pool_file} belongs to platform {existing.platform!r}; run "
+            "'cocoon-net teardown' before switching it to " + repr(platform)
+        )
+    if existing.node_name and existing.node_name != opts.node_name:
+        raise StateError(
+            f"{opts.paths.pool_file} belongs to node {existing.node_name!r}; run "
+            f"'cocoon-net teardown' before using it for {opts.node_name!r}"
+        )
+
+
+def _pending_state(opts: NodeOptions, platform: str, existing: PoolState | None) -> PoolState:
+    """pool.json as it will read while provisioning runs: the new settings, the old pool."""
+    same_subnet = existing is not None and existing.network == opts.subnet
+    return PoolState(
+        platform=platform,
+        node_name=opts.node_name,
+        subnet=str(opts.subnet),
+        gateway=str(opts.gateway),
+        ips=list(existing.ips) if existing is not None and same_subnet else [],
+        primary_nic=opts.primary_nic or "",
+        dns_servers=[str(ip) for ip in opts.dns],
+        drop_internal_access=opts.drop_internal_access,
+        drop_cidrs=[str(n) for n in opts.drop_cidrs],
+        manage_iptables=opts.manage_iptables,
+        vpc_cidrs=[str(n) for n in opts.vpc_cidrs],
+        bridge=opts.bridge,
+        mtu=opts.mtu or 0,
+        lease_file=str(opts.lease_file),
+        cni_conflist=str(opts.paths.conflist),
+        host=existing.host if existing is not None else HostRecord(),
+        cloud=dict(existing.cloud) if existing is not None else {},
+        extra=dict(existing.extra) if existing is not None else {},
+    )
+
+
+def _apply_result(pool: PoolState, result: ProvisionResult, opts: NodeOptions) -> None:
+    pool.ips = [str(ip) for ip in sorted(result.ips)]
+    pool.secondary_nics = list(result.secondary_nics)
+    pool.alias_range_name = result.alias_range_name
+    pool.subnet_id = result.subnet_id
+    pool.eni_ids = list(result.eni_ids)
+    if not opts.vpc_cidrs:
+        pool.vpc_cidrs = [str(n) for n in result.vpc_cidrs]
+    if not opts.mtu and result.mtu:
+        pool.mtu = result.mtu
+    pool.cloud.update(result.cloud)
+
+
+def describe_options(opts: NodeOptions, platform: str) -> list[str]:
+    ips = config.first_hosts(opts.subnet, opts.gateway, opts.pool_size)
+    first_last = f" (first={ips[0]}, last={ips[-1]})" if platform == "static" else ""
+    rows = [
+        ("platform", platform),
+        ("node-name", opts.node_name),
+        ("subnet", str(opts.subnet)),
+        ("gateway", str(opts.gateway)),
+        ("primary-nic", opts.primary_nic or "(auto)"),
+        ("pool-size", f"{opts.pool_size}{first_last}"),
+        ("dns", ",".join(map(str, opts.dns))),
+        ("drop-internal", str(opts.drop_internal_access).lower()),
+        ("drop-cidr", ",".join(map(str, opts.drop_cidrs))),
+        ("vpc-cidr", ",".join(map(str, opts.vpc_cidrs)) or "(from platform)"),
+        ("bridge", opts.bridge),
+        ("mtu", str(opts.mtu or "(primary NIC)")),
+        ("state-dir", str(opts.paths.state_dir)),
+        ("lease-file", str(opts.lease_file)),
+        ("cni-conflist", str(opts.paths.conflist)),
+        ("manage-iptables", str(opts.manage_iptables).lower()),
+    ]
+    verb = "provision networking" if opts.command == "init" else "adopt node"
+    lines = [f"[dry-run] would {verb} with config:"]
+    lines += [f"  {label + ':':17}{value}" for label, value in rows]
+    return lines
+
+
+def provision_node(opts: NodeOptions, environ: Mapping[str, str] | None = None) -> list[str]:
+    """init (cloud changes allowed) or adopt (cloud read only). Returns the lines to print."""
+    env = os.environ if environ is None else environ
+    platform_name = resolve_platform(opts.platform, env)
+    if opts.dry_run:
+        return _dry_run(opts, platform_name)
+    _check_ownership(read_pool(opts.paths), opts, platform_name)
+    with StateLock(opts.paths.lock_file, opts.command):
+        existing = read_pool(opts.paths)
+        _check_ownership(existing, opts, platform_name)
+        pool = _pending_state(opts, platform_name, existing)
+        platform = get_platform(platform_name, env)
+
+        def record(resources: Mapping[str, Any]) -> None:
+            pool.cloud.update(resources)
+            state.save(opts.paths.pool_file, pool)
+
+        request = NodeRequest(
+            node_name=opts.node_name,
+            subnet=opts.subnet,
+            gateway=opts.gateway,
+            pool_size=opts.pool_size,
+            primary_nic=opts.primary_nic or "",
+            cloud=dict(pool.cloud),
+            options=dict(opts.platform_options),
+        )
+        if opts.command == "init":
+            result = platform.provision(request, record)
+        else:
+            result = platform.adopt(request)
+        if not result.ips:
+            raise CocoonError(f"{platform_name} returned no addresses for {opts.subnet}")
+        _apply_result(pool, result, opts)
+        # The pool is durable before the kernel is touched: a failing host setup can be
+        # retried by running the same command again, and teardown knows every resource.
+        state.save(opts.paths.pool_file, pool)
+        changes = reconcile_host(
+            pool,
+            opts.paths.pool_file,
+            manage_firewall=opts.manage_iptables,
+            bridge_mac=opts.bridge_mac,
+        )
+    lines = [f"  {c}" for c in changes]
+    if opts.command == "init":
+        lines.append(
+            f"cocoon-net init complete: {len(pool.ips)} IPs provisioned on {pool.subnet} "
+            f"({platform_name})"
+        )
+    else:
+        lines.append(
+            f"cocoon-net adopt complete: {len(pool.ips)} IPs registered on {pool.subnet} "
+            f"({platform_name}, cloud preserved)"
+        )
+    return lines
+
+
+def reconcile_host(
+    pool: PoolState, pool_path: Path, *, manage_firewall: bool, bridge_mac: str | None = None
+) -> list[str]:
+    """Bring the host in line with pool; every step's record lands in pool.json at once, so
+    teardown after a half-applied setup still knows what was created."""
+    from cocoon_net.node import hostsetup
+
+    spec = host_spec(pool, manage_firewall=manage_firewall, bridge_mac=bridge_mac)
+
+    def save_record(record: HostRecord) -> None:
+        pool.host = record
+        state.save(pool_path, pool)
+
+    record, changes = hostsetup.reconcile(spec, pool.host, on_progress=save_record)
+    if record != pool.host:
+        save_record(record)
+    return list(changes)
+
+
+def _dry_run(opts: NodeOptions, platform_name: str) -> list[str]:
+    from cocoon_net.node import hostsetup
+
+    lines = describe_options(opts, platform_name)
+    existing = read_pool(opts.paths)
+    pool = _pending_state(opts, platform_name, existing)
+    pool.ips = [str(ip) for ip in config.first_hosts(opts.subnet, opts.gateway, opts.pool_size)]
+    spec = host_spec(pool, manage_firewall=opts.manage_iptables, bridge_mac=opts.bridge_mac)
+    _, changes = hostsetup.reconcile(spec, pool.host, dry_run=True)
+    lines.append("")
+    lines.append("would write:")
+    lines += [f"  {opts.paths.conflist}", f"  {opts.paths.pool_file}"]
+    lines.append("would change on the host:" if changes else "host already as desired")
+    lines += [f"  {c}" for c in changes]
+    if opts.command == "adopt":
+        lines.append("would NOT touch: cloud alias IP range / ENIs (preserved as-is)")
+    return lines
+
+
+def lease_files(lease_file: Path) -> list[Path]:
+    """The lease snapshot and every companion file the store keeps beside it."""
+    if not lease_file.parent.is_dir():
+        return []
+    return sorted(p for p in lease_file.parent.glob(lease_file.name + "*") if p.is_file())
+
+
+def teardown_node(paths: config.Paths, *, dry_run: bool, environ: Mapping[str, str]) -> list[str]:
+    if read_pool(paths) is None:
+        return [f"nothing to tear down: no pool state at {paths.pool_file}"]
+    from cocoon_net.node import hostsetup
+
+    with StateLock(paths.lock_file, "teardown"):
+        pool = read_pool(paths)
+        if pool is None:
+            return [f"nothing to tear down: no pool state at {paths.pool_file}"]
+        platform = get_platform(pool.platform or "static", environ)
+        lease_file = Path(pool.lease_file) if pool.lease_file else paths.default_lease_file()
+        conflist = Path(pool.cni_conflist) if pool.cni_conflist else paths.conflist
+        manage = pool.manage_iptables
+        if dry_run:
+            lines = [
+                f"[dry-run] would teardown {pool.platform} networking for node "
+                f"{pool.node_name} (subnet {pool.subnet}):"
+            ]
+            actions = platform.plan_teardown(pool)
+            actions += hostsetup.plan_teardown(pool.host, pool.bridge, conflist, manage)
+            actions += [f"remove {p}" for p in lease_files(lease_file)]
+            actions.append(f"remove {paths.pool_file}")
+            return lines + [f"  {a}" for a in actions]
+
+        def record(resources: Mapping[str, Any]) -> None:
+            pool.cloud.update(resources)
+            state.save(paths.pool_file, pool)
+
+        errors: list[str] = []
+        done: list[str] = []
+        try:
+            platform.teardown(pool, record)
+        except CocoonError as exc:
+            errors.append(str(exc))
+        try:
+            done += hostsetup.teardown(pool.host, pool.bridge, conflist, manage)
+            pool.host = HostRecord()
+            state.save(paths.pool_file, pool)
+        except CocoonError as exc:
+            errors.append(str(exc))
+        if errors:
+            raise CocoonError(
+                "teardown incomplete (pool.json kept; run teardown again): " + "; ".join(errors)
+            )
+        for path in lease_files(lease_file):
+            remove_file(path)
+            done.append(f"removed {path}")
+        remove_file(paths.pool_file)
+        done.append(f"removed {paths.pool_file}")
+        for directory in {paths.state_dir, lease_file.parent}:
+            # rmdir only succeeds on an empty directory: what others keep there stays.
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+    return [f"  {d}" for d in done] + [f"cocoon-net teardown complete ({pool.platform})"]
