@@ -1,0 +1,163 @@
+"""Prometheus metrics of the daemon (imported by the daemon only: prometheus_client is slow to
+import and status/--help must stay fast).
+
+The three series of the Go tool keep their names and meaning; the rest add what an operator
+needs to see a problem: packets by type and result, drops by reason, pool occupancy, fsync
+latency, route operations. The HTTP endpoint refuses connections from the VM subnet, so VMs
+cannot read it even when it listens on the gateway address.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from ipaddress import IPv4Network, ip_address
+from typing import Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from cocoon_net.errors import UsageError
+
+log = logging.getLogger("cocoon_net.metrics")
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+
+@dataclass(frozen=True)
+class PoolCounts:
+    size: int
+    free: int
+    leased: int
+    offered: int
+    quarantined: int
+
+
+class _PoolCollector(Collector):
+    """Reads live pool counts at scrape time, so a series is never stale."""
+
+    def __init__(self, read: Callable[[], PoolCounts]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        c = self._read()
+        yield GaugeMetricFamily(
+            "cocoon_net_dhcp_pool_available",
+            "Number of unallocated IPs in the DHCP pool.",
+            value=c.free,
+        )
+        yield GaugeMetricFamily(
+            "cocoon_net_dhcp_lease_active",
+            "Number of active (unexpired) DHCP leases.",
+            value=c.leased,
+        )
+        for name, value, text in (
+            ("size", c.size, "addresses in the pool"),
+            ("offered", c.offered, "addresses held by an outstanding OFFER"),
+            ("quarantined", c.quarantined, "addresses quarantined after a DECLINE"),
+        ):
+            yield GaugeMetricFamily(f"cocoon_net_dhcp_pool_{name}", f"Number of {text}.", value)
+
+
+class Metrics:
+    def __init__(self, pool_counts: Callable[[], PoolCounts]) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry.register(ProcessCollector(registry=None))
+        self.registry.register(_PoolCollector(pool_counts))
+        r = self.registry
+        self.lease_total = Counter(
+            "cocoon_net_dhcp_lease_total",
+            "Number of DHCP lease grant attempts by result.",
+            ["result"],
+            registry=r,
+        )
+        self.packets = Counter(
+            "cocoon_net_dhcp_packets_total",
+            "DHCP packets received, by message type and what the server did.",
+            ["type", "result"],
+            registry=r,
+        )
+        self.drops = Counter(
+            "cocoon_net_dhcp_drops_total",
+            "DHCP packets dropped without an answer, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.fsync_seconds = Histogram(
+            "cocoon_net_lease_fsync_seconds",
+            "Time to make one batch of lease changes durable (write + fsync).",
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0),
+            registry=r,
+        )
+        self.route_ops = Counter(
+            "cocoon_net_route_operations_total",
+            "Host /32 route changes, by operation and result.",
+            ["op", "result"],
+            registry=r,
+        )
+
+    def render(self) -> bytes:
+        return bytes(generate_latest(self.registry))
+
+
+def parse_listen(addr: str) -> tuple[str, int]:
+    """':9092', '127.0.0.1:9092' or '[::1]:9092' -> (host, port)."""
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"invalid --metrics-addr {addr!r}: expected [HOST]:PORT, e.g. :9092")
+    return host.strip("[]"), int(port)
+
+
+class MetricsServer:
+    def __init__(self, metrics: Metrics, addr: str, refuse: IPv4Network) -> None:
+        host, port = parse_listen(addr)
+        render = metrics.render
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path.split("?")[0] != "/metrics":
+                    self.send_error(404)
+                    return
+                body = render()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                return
+
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+
+            def verify_request(self, request: Any, client_address: Any) -> bool:
+                # VMs must not read host metrics, whatever address the server listens on.
+                try:
+                    peer = ip_address(client_address[0])
+                except (ValueError, IndexError):
+                    return True
+                return peer not in refuse
+
+        self._server = Server((host, port), Handler)
+        self.address = self._server.server_address
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="metrics", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
