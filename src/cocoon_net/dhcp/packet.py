@@ -1,0 +1,286 @@
+"""DHCPv4 wire format: bytes <-> DhcpMessage (RFC 2131 §2, RFC 2132, RFC 3396).
+
+    op htype hlen hops | xid | secs flags | ciaddr | yiaddr | siaddr | giaddr   (28 octets)
+    chaddr (16) | sname (64) | file (128)                                        (236 octets)
+    magic cookie 99.130.83.99 | options: code, length, value ... END             (RFC 2131 §3)
+
+decode() is the trust boundary of the DHCP server: any byte string either becomes a DhcpMessage
+that the policy may believe without further checks, or raises MalformedPacket, whose `reason` is
+a short constant the server counts drops by. It never raises anything else.
+
+encode() is the inverse for replies. It knows nothing about what a reply should say; the policy
+builds the DhcpMessage and chooses the options and their order.
+
+Both run once per packet on the server's hot path, so they use one precompiled struct for the
+fixed header and touch each option once, without per-option objects beyond the dict entries.
+"""
+
+from __future__ import annotations
+
+import struct
+from ipaddress import IPv4Address
+
+from cocoon_net.dhcp.model import ZERO_IP, DhcpMessage, Op, Opt
+
+# op, htype, hlen, hops, xid, secs, flags, ciaddr, yiaddr, siaddr, giaddr, chaddr, sname, file.
+# Addresses travel as integers: IPv4Address(int) and int(IPv4Address) are the cheapest ways in
+# and out of the ipaddress type.
+_HEADER = struct.Struct("!BBBBIHHIIII16s64s128s")
+HEADER_SIZE = _HEADER.size  # 236
+MAGIC_COOKIE = b"\x63\x82\x53\x63"  # 99.130.83.99, RFC 2131 §3
+OPTIONS_OFFSET = HEADER_SIZE + len(MAGIC_COOKIE)  # 240
+_CHADDR = slice(28, 44)
+_SNAME = slice(44, 108)
+_FILE = slice(108, 236)
+
+HTYPE_ETHERNET = 1  # RFC 1700 hardware type; the only link cocoon-net serves
+HLEN_ETHERNET = 6
+
+# Largest request decode() accepts. Bigger than any real client request; the same 4096-octet read
+# buffer bounded what the Go server could receive, and it bounds the work one packet can cost.
+MAX_MESSAGE_SIZE = 4096
+# A BOOTP message with its 64-octet vendor field is 300 octets (RFC 951); RFC 1542 §2.1 notes
+# that some clients and relays drop anything shorter, so every reply is padded to this size.
+MIN_REPLY_SIZE = 300
+# RFC 2131 §2: every client accepts a 576-octet IP datagram; RFC 2132 §9.10 makes 576 the
+# minimum legal option 57. Our sizes count the IP and UDP headers, as option 57 does.
+MIN_DATAGRAM_SIZE = 576
+IP_UDP_OVERHEAD = 28
+
+# Options whose length RFC 2132 fixes and which the policy reads; a wrong length here means the
+# packet is malformed, not that the option is absent. §9.1 (50), §9.2 (51), §9.3 (52),
+# §9.6 (53), §9.7 (54), §9.10 (57).
+_FIXED_LENGTHS = (
+    (Opt.MESSAGE_TYPE, 1),
+    (Opt.REQUESTED_IP, 4),
+    (Opt.SERVER_ID, 4),
+    (Opt.LEASE_TIME, 4),
+    (Opt.MAX_MESSAGE_SIZE, 2),
+)
+_OPS = (None, Op.BOOTREQUEST, Op.BOOTREPLY)
+
+
+class MalformedPacket(Exception):
+    """The peer sent something that is not a well-formed message we serve.
+
+    `reason` is a short constant for metrics (one label value per kind of defect); the message
+    text says what was wrong, for logs.
+    """
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[type[MalformedPacket], tuple[str, str]]:
+        # Keep the two-argument constructor picklable (errors cross process boundaries in tests).
+        return (type(self), (self.reason, str(self).partition(": ")[2]))
+
+
+class MessageTooLarge(ValueError):
+    """encode() could not fit the reply in the size the client accepts.
+
+    The policy chose the options, so it is the one that knows which to leave out; encode() never
+    drops options silently.
+    """
+
+
+def _ip(value: int) -> IPv4Address:
+    return ZERO_IP if value == 0 else IPv4Address(value)
+
+
+def _cstring(field: bytes) -> bytes:
+    """sname and file are NUL-terminated strings (RFC 2131 §2)."""
+    return b"" if field[0] == 0 else field.partition(b"\0")[0]
+
+
+def _parse_options(data: bytes, pos: int, end: int, options: dict[int, bytes], where: str) -> bool:
+    """Read TLVs from data[pos:end] into `options`; return True if an END option was seen.
+
+    PAD (0) is a single octet and END (255) stops the field (RFC 2132 §3.1, §3.2). A code that
+    appears again is appended to its earlier parts (RFC 3396 §5), across fields too, in the order
+    options, file, sname that RFC 2131 §4.1 prescribes.
+    """
+    while pos < end:
+        code = data[pos]
+        if code == 0:
+            pos += 1
+            continue
+        if code == 255:
+            return True
+        if pos + 1 >= end:
+            raise MalformedPacket("truncated_option", f"option {code} has no length in {where}")
+        stop = pos + 2 + data[pos + 1]
+        if stop > end:
+            raise MalformedPacket("truncated_option", f"option {code} runs past the end of {where}")
+        value = data[pos + 2 : stop]
+        earlier = options.get(code)
+        options[code] = value if earlier is None else earlier + value
+        pos = stop
+    return False
+
+
+def decode(data: bytes) -> DhcpMessage:
+    """Parse one DHCP message (the UDP payload). Raise MalformedPacket on any defect."""
+    size = len(data)
+    if size < OPTIONS_OFFSET:
+        raise MalformedPacket("too_short", f"{size} octets, a DHCP message has at least 240")
+    if size > MAX_MESSAGE_SIZE:
+        raise MalformedPacket("too_long", f"{size} octets, the limit is {MAX_MESSAGE_SIZE}")
+    (
+        op,
+        htype,
+        hlen,
+        hops,
+        xid,
+        secs,
+        flags,
+        ciaddr,
+        yiaddr,
+        siaddr,
+        giaddr,
+        chaddr,
+        sname,
+        file,
+    ) = _HEADER.unpack_from(data)
+    if op not in {1, 2}:  # a constant frozenset: no allocation per packet
+        raise MalformedPacket("bad_op", f"op {op} is neither BOOTREQUEST nor BOOTREPLY")
+    # §9.1 #6 of the reference review: the Go server keyed clients on chaddr[:hlen] without
+    # checking htype/hlen, so hlen 0 made every such client share the identity "". We serve
+    # Ethernet clients only, and their identity is always six octets.
+    if htype != HTYPE_ETHERNET:
+        raise MalformedPacket("bad_htype", f"hardware type {htype}, only Ethernet (1) is served")
+    if hlen != HLEN_ETHERNET:
+        raise MalformedPacket("bad_hlen", f"hardware address length {hlen}, Ethernet needs 6")
+    mac = chaddr[:HLEN_ETHERNET]
+    # A NIC address is never all-zero and never a group address (IEEE 802 I/G bit): such a
+    # chaddr names no single client and would be another shared identity.
+    if mac[0] & 1 or mac == b"\0\0\0\0\0\0":
+        raise MalformedPacket("bad_chaddr", f"chaddr {mac.hex(':')} is not a unicast MAC")
+    if data[HEADER_SIZE:OPTIONS_OFFSET] != MAGIC_COOKIE:
+        raise MalformedPacket("bad_cookie", f"magic cookie {data[236:240].hex()} is not 63825363")
+
+    sname_text = _cstring(sname)
+    file_text = _cstring(file)
+
+    options: dict[int, bytes] = {}
+    # RFC 2131 §4.1 / RFC 2132 §3.2: the options field ends with END.
+    if not _parse_options(data, OPTIONS_OFFSET, size, options, "options"):
+        raise MalformedPacket("no_end", "options field has no END option")
+
+    overload = options.pop(Opt.OVERLOAD, None)
+    if overload is not None:
+        # RFC 2132 §9.3: 1 = file, 2 = sname, 3 = both hold options; RFC 2131 §4.1: read file
+        # before sname. The fields are fixed-size, so their end also ends them when a sender
+        # left out END there. The names they would have held are empty.
+        if len(overload) != 1 or not 1 <= overload[0] <= 3:
+            raise MalformedPacket("bad_overload", f"option 52 value {overload.hex()} is not 1-3")
+        if overload[0] & 1:
+            _parse_options(data, _FILE.start, _FILE.stop, options, "file")
+            file_text = b""
+        if overload[0] & 2:
+            _parse_options(data, _SNAME.start, _SNAME.stop, options, "sname")
+            sname_text = b""
+        if Opt.OVERLOAD in options:
+            raise MalformedPacket("bad_overload", "option 52 inside an overloaded field")
+
+    for code, length in _FIXED_LENGTHS:
+        value = options.get(code)
+        if value is not None and len(value) != length:
+            raise MalformedPacket(
+                "bad_option_length",
+                f"option {code} has {len(value)} octets, not {length}",
+            )
+
+    return DhcpMessage(
+        op=_OPS[op],  # type: ignore[arg-type]  # op is 1 or 2, checked above
+        xid=xid,
+        chaddr=mac,
+        htype=htype,
+        hops=hops,
+        secs=secs,
+        flags=flags,
+        ciaddr=_ip(ciaddr),
+        yiaddr=_ip(yiaddr),
+        siaddr=_ip(siaddr),
+        giaddr=_ip(giaddr),
+        sname=sname_text,
+        file=file_text,
+        options=options,
+    )
+
+
+def _put_option(out: bytearray, code: int, value: bytes) -> None:
+    """Append one option; values over 255 octets become consecutive instances (RFC 3396 §7)."""
+    size = len(value)
+    if size <= 255:
+        out.append(code)
+        out.append(size)
+        out += value
+        return
+    for start in range(0, size, 255):
+        chunk = value[start : start + 255]
+        out.append(code)
+        out.append(len(chunk))
+        out += chunk
+
+
+def encode(msg: DhcpMessage, *, max_size: int = MIN_DATAGRAM_SIZE) -> bytes:
+    """Serialise a message: header, cookie, options, END, padding to 300 octets.
+
+    Options go out in the dict's order, except that option 53 always goes first: RFC 2131 does
+    not require it, but some client stacks look for the message type at the start of the field.
+    `max_size` is the largest IP datagram the client accepts (its option 57, RFC 2132 §9.10;
+    576 when it sent none), so the message itself may use max_size - 28 octets. Raises
+    MessageTooLarge when the message does not fit, ValueError for fields that cannot be encoded.
+    """
+    if len(msg.chaddr) > 16 or len(msg.sname) > 64 or len(msg.file) > 128:
+        # struct would silently truncate these.
+        raise ValueError("chaddr, sname or file longer than its BOOTP field")
+    out = bytearray(
+        _HEADER.pack(
+            msg.op,
+            msg.htype,
+            len(msg.chaddr),
+            msg.hops,
+            msg.xid,
+            msg.secs,
+            msg.flags,
+            int(msg.ciaddr),
+            int(msg.yiaddr),
+            int(msg.siaddr),
+            int(msg.giaddr),
+            msg.chaddr,
+            msg.sname,
+            msg.file,
+        )
+    )
+    out += MAGIC_COOKIE
+    options = msg.options
+    first = options.get(Opt.MESSAGE_TYPE)
+    if first is not None:
+        _put_option(out, Opt.MESSAGE_TYPE, first)
+    for code, value in options.items():
+        if code == Opt.MESSAGE_TYPE:
+            continue
+        if not 0 < code < 255 or code == Opt.OVERLOAD:
+            # PAD and END are framing, and overload would contradict the sname/file we write.
+            raise ValueError(f"option code {code} cannot be encoded as an option")
+        _put_option(out, code, value)
+    out.append(Opt.END)
+    if len(out) < MIN_REPLY_SIZE:
+        out += bytes(MIN_REPLY_SIZE - len(out))
+    limit = max_size - IP_UDP_OVERHEAD
+    if len(out) > limit:
+        raise MessageTooLarge(f"reply is {len(out)} octets, the client accepts {limit}")
+    return bytes(out)
+
+
+def reply_size_limit(request: DhcpMessage, mtu: int = 1500) -> int:
+    """The max_size to encode a reply to `request` with: its option 57, within [576, mtu].
+
+    A value below 576 is illegal (RFC 2132 §9.10) and is read as 576, which every client must
+    accept anyway (RFC 2131 §2); a value above the link MTU would need IP fragmentation.
+    """
+    raw = request.options.get(Opt.MAX_MESSAGE_SIZE)
+    asked = MIN_DATAGRAM_SIZE if raw is None else int.from_bytes(raw, "big")
+    return max(MIN_DATAGRAM_SIZE, min(asked, mtu))
