@@ -1,0 +1,168 @@
+"""Host setup as one reconciler: bridge, sysctls, firewall, CNI conflist, and its undo.
+
+`reconcile` is what init, adopt and every daemon start run: each step compares the kernel with
+the spec and changes only the difference, so a second run reports nothing. What it changed
+on the host the first time (bridge created, address set, sysctl values before) goes into the
+HostRecord in pool.json, so `teardown` restores exactly that and nothing else, and can be
+run again after a half-finished run.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from pathlib import Path
+
+from cocoon_net.errors import CocoonError, HostSetupError
+from cocoon_net.node import bridge, cni, firewall, nic, routes, sysctl
+from cocoon_net.state import HostRecord
+
+DEFAULT_MTU = 1500
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class HostSpec:
+    """What the host should look like; built by the CLI from PoolState and flags."""
+
+    bridge: str
+    subnet: IPv4Network
+    gateway: IPv4Address
+    mtu: int | None  # None: the primary NIC's MTU, or 1500 without one
+    bridge_mac: str | None  # None: bridge.default_mac(gateway)
+    primary_nic: str | None  # None: the device of the default route
+    secondary_nics: tuple[str, ...]
+    manage_firewall: bool
+    drop_cidrs: tuple[IPv4Network, ...]
+    drop_internal_access: bool
+    vpc_cidrs: tuple[IPv4Network, ...]
+    conflist: Path
+
+
+def _bridge_spec(spec: HostSpec, primary: str | None) -> bridge.BridgeSpec:
+    mtu = spec.mtu or (nic.link_mtu(primary) if primary else None) or DEFAULT_MTU
+    return bridge.BridgeSpec(
+        name=spec.bridge,
+        mac=(spec.bridge_mac or bridge.default_mac(spec.gateway)).lower(),
+        mtu=mtu,
+        address=IPv4Interface(f"{spec.gateway}/{spec.subnet.prefixlen}"),
+    )
+
+
+def reconcile(
+    spec: HostSpec, record: HostRecord, *, dry_run: bool = False
+) -> tuple[HostRecord, list[str]]:
+    """Bring the host to spec; return the updated record and the changes made.
+
+    Order matters: the bridge must exist before its rp_filter can be set. The first error
+    aborts (the caller's command fails); what was done so far is in the record on the next
+    run, because every step is idempotent. With dry_run nothing is changed, the record comes
+    back as given and the changes are what a real run would do.
+    """
+    primary = spec.primary_nic or nic.primary_nic()
+    wanted = _bridge_spec(spec, primary)
+    bridge_plan = bridge.plan(wanted, *bridge.read(spec.bridge), record.bridge_address)
+    changes = bridge.changes(bridge_plan) if dry_run else bridge.apply(bridge_plan)
+
+    pending = sysctl.plan(sysctl.desired(spec.bridge, primary, spec.secondary_nics))
+    before: dict[str, str] = {}
+    if dry_run:
+        changes += [sysctl.describe(change) for change in pending]
+    else:
+        before, done = sysctl.apply(pending)
+        changes += done
+
+    if spec.manage_firewall:
+        fw_spec = firewall.FirewallSpec(
+            bridge=spec.bridge,
+            subnet=spec.subnet,
+            drop_cidrs=spec.drop_cidrs,
+            drop_internal_access=spec.drop_internal_access,
+            vpc_cidrs=spec.vpc_cidrs,
+        )
+        changes += firewall.ensure(fw_spec, dry_run=dry_run)
+
+    if dry_run:
+        return record, changes + cni.plan_conflist(spec.conflist, spec.bridge)
+    changes += cni.ensure_conflist(spec.conflist, spec.bridge)
+    updated = HostRecord(
+        bridge_created=record.bridge_created or bridge_plan.creates,
+        bridge_address=str(wanted.address),
+        # The first value recorded is the host's own; later runs only see ours.
+        sysctls_before={**before, **record.sysctls_before},
+    )
+    return updated, changes
+
+
+# A teardown step: a name for errors, what it would do, and doing it.
+_Step = tuple[str, Callable[[], list[str]], Callable[[], list[str]]]
+
+
+def _teardown_steps(
+    record: HostRecord, bridge_name: str, conflist: Path, manage_firewall: bool
+) -> list[_Step]:
+    def bridge_plan() -> bridge.BridgePlan:
+        return bridge.plan_teardown(
+            bridge_name, record.bridge_created, record.bridge_address, *bridge.read(bridge_name)
+        )
+
+    steps: list[_Step] = [
+        (
+            "lease routes",
+            lambda: routes.plan_flush(bridge_name),
+            lambda: routes.flush_routes(bridge_name),
+        ),
+    ]
+    if manage_firewall:
+        steps.append(("firewall", firewall.plan_removal, firewall.remove))
+    steps += [
+        (
+            "conflist",
+            lambda: cni.plan_remove_conflist(conflist),
+            lambda: cni.remove_conflist(conflist),
+        ),
+        # Before the bridge goes: its own rp_filter is restored while it still exists.
+        (
+            "sysctls",
+            lambda: [sysctl.describe(c) for c in sysctl.plan_restore(record.sysctls_before)],
+            lambda: sysctl.restore(record.sysctls_before),
+        ),
+        ("bridge", lambda: bridge.changes(bridge_plan()), lambda: bridge.apply(bridge_plan())),
+    ]
+    return steps
+
+
+def _run_teardown(steps: list[_Step], *, apply: bool) -> list[str]:
+    """Attempt every step, then report every failure in one error (CNI's cmdDel pattern)."""
+    changes: list[str] = []
+    errors: list[str] = []
+    for name, plan_step, apply_step in steps:
+        try:
+            done = apply_step() if apply else plan_step()
+        except CocoonError as exc:
+            errors.append(f"{name}: {exc}")
+            continue
+        if apply:  # logged as they happen: a later failure raises and drops the list
+            for line in done:
+                log.info("teardown: %s", line)
+        changes += done
+    if errors:
+        raise HostSetupError("teardown incomplete: " + "; ".join(errors))
+    return changes
+
+
+def plan_teardown(
+    record: HostRecord, bridge: str, conflist: Path, manage_firewall: bool
+) -> list[str]:
+    """What teardown would change; reads the host, changes nothing."""
+    return _run_teardown(_teardown_steps(record, bridge, conflist, manage_firewall), apply=False)
+
+
+def teardown(record: HostRecord, bridge: str, conflist: Path, manage_firewall: bool) -> list[str]:
+    """Undo reconcile: lease routes, firewall (if ours), conflist, sysctls, bridge address/bridge.
+
+    Idempotent: a second run finds nothing to do and succeeds.
+    """
+    return _run_teardown(_teardown_steps(record, bridge, conflist, manage_firewall), apply=True)
