@@ -1,0 +1,380 @@
+"""The lease store's pure half: the Go-compatible snapshot, journal lines, the sidecar, replay.
+
+Bytes in, records and tables out, and back; no I/O. The file dance lives in store.py.
+
+leases.json (the snapshot) stays what the Go tool reads (spec §2.2): a JSON array of objects
+with "mac", "ip" and "expiry" (RFC 3339, whole seconds). We add "hostname" and "clientId",
+which Go's decoder ignores. We read what Go wrote: local-time offsets, `null` for no leases,
+and MACs of any length its parser accepts, of which we keep only 6-byte Ethernet ones.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from ipaddress import AddressValueError, IPv4Address
+from typing import Any
+
+from cocoon_net.dhcp.model import Lease
+
+# Forms of a 6-byte MAC that Go's net.ParseMAC accepts (colon, hyphen, Cisco dotted).
+_MAC_SEP = re.compile(r"^[0-9a-fA-F]{2}([:-])(?:[0-9a-fA-F]{2}\1){4}[0-9a-fA-F]{2}$")
+_MAC_DOT = re.compile(r"^[0-9a-fA-F]{4}\.[0-9a-fA-F]{4}\.[0-9a-fA-F]{4}$")
+_CANONICAL_MAC = re.compile(r"^[0-9a-f]{2}(?::[0-9a-f]{2}){5}$")
+
+
+def parse_mac(text: str) -> str | None:
+    """A 6-byte MAC as lower-case colon hex, or None for anything else (8/20-byte forms too)."""
+    if _MAC_SEP.match(text):
+        return text.lower().replace("-", ":")
+    if _MAC_DOT.match(text):
+        return bytes.fromhex(text.replace(".", "")).hex(":")
+    return None
+
+
+def is_canonical_mac(text: str) -> bool:
+    return bool(_CANONICAL_MAC.match(text))
+
+
+def format_expiry(ts: float) -> str:
+    # Go's format has whole seconds; round up so a reloaded lease never ends before the
+    # client's does.
+    return datetime.fromtimestamp(math.ceil(ts), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_expiry(text: str) -> float:
+    """RFC 3339 with any offset (the Go tool writes local time) to a UNIX timestamp."""
+    moment = datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        raise ValueError(f"expiry {text!r} has no time zone")
+    return moment.timestamp()
+
+
+def _ipv4(value: Any) -> IPv4Address:
+    if not isinstance(value, str):
+        raise ValueError(f"ip {value!r} is not a string")
+    try:
+        return IPv4Address(value)
+    except AddressValueError:
+        raise ValueError(f"ip {value!r} is not IPv4") from None
+
+
+def _str(raw: Mapping[str, Any], key: str) -> str:
+    value = raw.get(key) or ""
+    if not isinstance(value, str):
+        raise ValueError(f"{key} {value!r} is not a string")
+    return value
+
+
+# ---------------------------------------------------------------- snapshot (leases.json)
+
+
+def lease_to_json(lease: Lease) -> dict[str, str]:
+    return {
+        "mac": lease.mac,
+        "ip": str(lease.ip),
+        "expiry": format_expiry(lease.expires),
+        "hostname": lease.hostname,
+        "clientId": lease.client_id,
+    }
+
+
+def lease_from_json(raw: Any) -> Lease:
+    """One snapshot entry; ValueError names what is wrong with it."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"entry {raw!r} is not an object")
+    mac = parse_mac(_str(raw, "mac"))
+    if mac is None:
+        raise ValueError(f"mac {raw.get('mac')!r} is not a 6-byte Ethernet address")
+    return Lease(
+        mac=mac,
+        ip=_ipv4(raw.get("ip")),
+        expires=parse_expiry(_str(raw, "expiry")),
+        hostname=_str(raw, "hostname"),
+        client_id=_str(raw, "clientId"),
+    )
+
+
+def encode_snapshot(leases: Iterable[Lease]) -> bytes:
+    ordered = sorted(leases, key=lambda lease: lease.ip)
+    return json.dumps([lease_to_json(lease) for lease in ordered], indent=2).encode() + b"\n"
+
+
+@dataclass(frozen=True)
+class SnapshotRead:
+    leases: tuple[Lease, ...]
+    skipped: tuple[str, ...]  # one reason per entry left out
+
+
+def decode_snapshot(data: bytes) -> SnapshotRead:
+    """Parse leases.json. ValueError when the file as a whole is not a lease array.
+
+    Entries Go would skip are skipped and named. Two entries on one IP or one MAC (the Go tool
+    never de-duplicated, spec §9.3 #18) keep the one that expires last.
+    """
+    raw = json.loads(data)
+    if raw is None:
+        return SnapshotRead((), ())
+    if not isinstance(raw, list):
+        raise ValueError(f"expected a JSON array, found {type(raw).__name__}")
+    skipped: list[str] = []
+    by_mac: dict[str, Lease] = {}
+    for entry in raw:
+        try:
+            lease = lease_from_json(entry)
+        except ValueError as exc:
+            skipped.append(str(exc))
+            continue
+        held = by_mac.get(lease.mac)
+        if held is not None:
+            loser, by_mac[lease.mac] = sorted((held, lease), key=lambda x: x.expires)
+            skipped.append(f"mac {lease.mac}: duplicate entry for {loser.ip}")
+            continue
+        by_mac[lease.mac] = lease
+    by_ip: dict[IPv4Address, Lease] = {}
+    for lease in by_mac.values():
+        held = by_ip.get(lease.ip)
+        if held is None:
+            by_ip[lease.ip] = lease
+            continue
+        loser, by_ip[lease.ip] = sorted((held, lease), key=lambda x: x.expires)
+        skipped.append(f"ip {lease.ip}: also leased to {loser.mac}, kept the later expiry")
+    return SnapshotRead(tuple(by_ip.values()), tuple(skipped))
+
+
+# ---------------------------------------------------------------- journal lines
+
+
+class Op(enum.StrEnum):
+    """What a journal record does; each sets or deletes whole entries, so replay is idempotent."""
+
+    GRANT = "grant"  # new lease or renewal: replaces the MAC's lease and any lease on the IP
+    RELEASE = "release"  # DHCPRELEASE: deletes the MAC's lease if it is on that IP
+    EXPIRE = "expire"  # sweep: same effect as release, kept apart for the audit trail
+    QUARANTINE = "quarantine"  # DHCPDECLINE (RFC 2131 §4.3.3): the IP is unusable until `expires`
+    UNQUARANTINE = "unquarantine"  # probation over, or lifted by the operator
+
+
+@dataclass(frozen=True)
+class Record:
+    """One change to the lease table, as the table decided it and the journal stores it."""
+
+    op: Op
+    ip: IPv4Address
+    mac: str = ""
+    expires: float = 0.0  # GRANT: lease end; QUARANTINE: end of probation
+    hostname: str = ""
+    client_id: str = ""
+
+    @classmethod
+    def grant(cls, lease: Lease) -> Record:
+        return cls(Op.GRANT, lease.ip, lease.mac, lease.expires, lease.hostname, lease.client_id)
+
+    @classmethod
+    def release(cls, lease: Lease) -> Record:
+        return cls(Op.RELEASE, lease.ip, lease.mac)
+
+    @classmethod
+    def expire(cls, lease: Lease) -> Record:
+        return cls(Op.EXPIRE, lease.ip, lease.mac)
+
+    @classmethod
+    def quarantine(cls, ip: IPv4Address, until: float, mac: str = "") -> Record:
+        return cls(Op.QUARANTINE, ip, mac, until)
+
+    @classmethod
+    def unquarantine(cls, ip: IPv4Address) -> Record:
+        return cls(Op.UNQUARANTINE, ip)
+
+    def lease(self) -> Lease:
+        return Lease(self.mac, self.ip, self.expires, self.hostname, self.client_id)
+
+
+_NEEDS_MAC = frozenset({Op.GRANT, Op.RELEASE, Op.EXPIRE})
+
+
+def check_record(record: Record) -> None:
+    """Reject a record replay could not read back (a caller bug, not a disk problem)."""
+    if record.op in _NEEDS_MAC and not is_canonical_mac(record.mac):
+        raise ValueError(f"{record.op} record needs a lower-case 6-byte MAC, got {record.mac!r}")
+    if not math.isfinite(record.expires):
+        raise ValueError(f"{record.op} record has a non-finite time {record.expires!r}")
+
+
+def encode_record(record: Record, seq: int) -> bytes:
+    out: dict[str, Any] = {"seq": seq, "op": record.op.value, "ip": str(record.ip)}
+    if record.mac:
+        out["mac"] = record.mac
+    if record.op in (Op.GRANT, Op.QUARANTINE):
+        out["expires"] = record.expires
+    if record.hostname:
+        out["hostname"] = record.hostname
+    if record.client_id:
+        out["clientId"] = record.client_id
+    return json.dumps(out, separators=(",", ":")).encode() + b"\n"
+
+
+def decode_record(line: bytes) -> tuple[int, Record]:
+    """One journal line (without its newline) to (seq, record); ValueError if it is not one."""
+    raw = json.loads(line)
+    if not isinstance(raw, dict):
+        raise ValueError("journal line is not an object")
+    seq = raw.get("seq")
+    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
+        raise ValueError(f"bad seq {seq!r}")
+    expires = raw.get("expires", 0.0)
+    if not isinstance(expires, int | float) or isinstance(expires, bool):
+        raise ValueError(f"bad expires {expires!r}")
+    mac = _str(raw, "mac")
+    record = Record(
+        op=Op(str(raw.get("op"))),
+        ip=_ipv4(raw.get("ip")),
+        mac=mac,
+        expires=float(expires),
+        hostname=_str(raw, "hostname"),
+        client_id=_str(raw, "clientId"),
+    )
+    check_record(record)
+    return seq, record
+
+
+# ---------------------------------------------------------------- sidecar (leases.json.meta)
+
+
+@dataclass(frozen=True)
+class Meta:
+    """What leases.json cannot carry without confusing the Go tool.
+
+    `snapshot` is the sha256 of the leases.json this sidecar was written with and `previous`
+    that of the one it replaced (empty: there was none); see store.py for why both.
+    """
+
+    seq: int  # last journal sequence number folded into the snapshot
+    snapshot: str
+    previous: str
+    history: tuple[Lease, ...]  # last lease granted to each MAC, kept after release/expiry
+    quarantine: Mapping[IPv4Address, float]
+
+
+def encode_meta(meta: Meta) -> bytes:
+    out = {
+        "version": 1,
+        "seq": meta.seq,
+        "snapshot": meta.snapshot,
+        "previous": meta.previous,
+        "history": [lease_to_json(h) for h in sorted(meta.history, key=lambda h: h.mac)],
+        "quarantine": [
+            {"ip": str(ip), "until": format_expiry(until)}
+            for ip, until in sorted(meta.quarantine.items())
+        ],
+    }
+    return json.dumps(out, indent=2).encode() + b"\n"
+
+
+def decode_meta(data: bytes) -> Meta:
+    raw = json.loads(data)
+    if not isinstance(raw, dict) or raw.get("version") != 1:
+        raise ValueError("not a version 1 lease sidecar")
+    seq = raw.get("seq")
+    if not isinstance(seq, int) or seq < 0:
+        raise ValueError(f"bad seq {seq!r}")
+    quarantine: dict[IPv4Address, float] = {}
+    for entry in raw.get("quarantine") or []:
+        if not isinstance(entry, dict):
+            raise ValueError(f"quarantine entry {entry!r} is not an object")
+        quarantine[_ipv4(entry.get("ip"))] = parse_expiry(_str(entry, "until"))
+    return Meta(
+        seq=seq,
+        snapshot=_str(raw, "snapshot"),
+        previous=_str(raw, "previous"),
+        history=tuple(lease_from_json(h) for h in raw.get("history") or []),
+        quarantine=quarantine,
+    )
+
+
+# ---------------------------------------------------------------- replay
+
+
+@dataclass
+class LeaseState:
+    """What replay builds: leases by MAC, with each IP held by at most one MAC."""
+
+    leases: dict[str, Lease] = field(default_factory=dict)
+    history: dict[str, Lease] = field(default_factory=dict)  # last grant per MAC
+    quarantine: dict[IPv4Address, float] = field(default_factory=dict)
+    owners: dict[IPv4Address, str] = field(default_factory=dict)  # index of `leases` by IP
+
+    def apply(self, record: Record) -> bool:
+        """Apply one record; False when a release or unquarantine found nothing to remove."""
+        match record.op:
+            case Op.GRANT:
+                self._drop(self.leases.get(record.mac))
+                owner = self.owners.get(record.ip)
+                self._drop(self.leases.get(owner) if owner else None)
+                lease = record.lease()
+                self.leases[lease.mac] = lease
+                self.owners[lease.ip] = lease.mac
+                self.history[lease.mac] = lease
+            case Op.RELEASE | Op.EXPIRE:
+                held = self.leases.get(record.mac)
+                if held is None or held.ip != record.ip:
+                    return False
+                self._drop(held)
+            case Op.QUARANTINE:
+                self.quarantine[record.ip] = record.expires
+            case Op.UNQUARANTINE:
+                return self.quarantine.pop(record.ip, None) is not None
+        return True
+
+    def _drop(self, lease: Lease | None) -> None:
+        if lease is not None:
+            del self.leases[lease.mac]
+            del self.owners[lease.ip]
+
+    def copy(self) -> LeaseState:
+        return LeaseState(
+            dict(self.leases), dict(self.history), dict(self.quarantine), dict(self.owners)
+        )
+
+    def prune_history(self, before: float) -> int:
+        """Forget MACs whose last lease ended before `before` and that hold none now."""
+        stale = [m for m, h in self.history.items() if h.expires < before and m not in self.leases]
+        for mac in stale:
+            del self.history[mac]
+        return len(stale)
+
+
+@dataclass(frozen=True)
+class ReplayReport:
+    records: int = 0  # complete lines applied
+    noops: int = 0  # releases/expiries that matched no lease (normal after a crash replay)
+    corrupt: int = 0  # complete lines that did not decode
+    torn_tail: bool = False  # the last line had no newline: a write cut short by a crash
+    out_of_order: int = 0  # lines whose seq did not increase (file order still wins)
+    last_seq: int = 0
+
+
+def replay(snapshot: LeaseState, journal: bytes) -> tuple[LeaseState, ReplayReport]:
+    """Pure: the table after applying the journal's complete lines to a copy of snapshot."""
+    state = snapshot.copy()
+    *lines, tail = journal.split(b"\n")
+    applied = noops = corrupt = out_of_order = last_seq = 0
+    for line in lines:
+        try:
+            seq, record = decode_record(line)
+        except ValueError:
+            corrupt += 1
+            continue
+        applied += 1
+        if not state.apply(record):
+            noops += 1
+        if seq <= last_seq:
+            out_of_order += 1
+        last_seq = max(last_seq, seq)
+    report = ReplayReport(applied, noops, corrupt, bool(tail), out_of_order, last_seq)
+    return state, report

@@ -1,0 +1,541 @@
+"""The durable lease store: a journal of changes plus a Go-readable snapshot.
+
+Durability contract
+-------------------
+A grant, renewal, release, expiry or decline-quarantine is written and fdatasync'ed to the
+journal before `await store.commit(records)` returns; the server sends the ACK only after that
+(an ACK for an address we could forget is how the Go tool handed out duplicates, spec §9.3).
+If the write fails, commit() raises StateError and no ACK may leave. After a failed write or
+fsync the store stays failed: Linux may drop the unwritten pages and report success on a
+retried fsync, so only a restart, which replays what is really on disk, can be trusted.
+
+Group commit: one writer thread owns the journal. commit() queues its records and awaits a
+future; the writer takes everything queued, writes it with one write() and one fdatasync(),
+then resolves all those futures on their event loop. The loop never blocks on the disk.
+
+Files (Role), next to the lease file the caller names:
+
+    leases.json           SNAPSHOT  JSON array the Go tool can read (leasefile.py)
+    leases.json.meta      META      seq, snapshot digests, MAC history, quarantined IPs
+    leases.json.journal   JOURNAL   one JSON line per change since the snapshot
+    leases.json.lock      LOCK      flock: one store per lease file
+    .leases.json.*.tmp    temps of atomic_write; leases-<digits>.json are the Go tool's
+
+Journal lines (each sets or deletes whole entries, so replaying a line twice changes nothing):
+
+    {"seq":41,"op":"grant","ip":"172.20.100.7","mac":"52:54:00:12:34:56","expires":1775368800.0}
+    {"seq":42,"op":"quarantine","ip":"172.20.100.9","mac":"52:54:00:ab:cd:ef","expires":1775372400.0}
+    {"seq":43,"op":"release","ip":"172.20.100.7","mac":"52:54:00:12:34:56"}
+
+Replay: the snapshot, with history and quarantine from META, then every complete journal line
+in file order; the last record for a MAC or IP wins. A final line without its newline is a
+write torn by a crash: ignored and reported. Other bad lines are counted (over `max_corrupt`
+the store refuses to start) and the journal is copied aside before it is truncated.
+
+Compaction (in the writer thread, between batches, when the journal passes N records or bytes):
+
+    1. write META with digest(new snapshot) and digest(current snapshot): tmp, fsync, rename,
+       fsync dir
+    2. write SNAPSHOT the same way
+    3. truncate JOURNAL to zero and fsync it
+
+A crash before 3 leaves a snapshot that already holds some or all of the journal; replaying
+the journal over it gives the same table because records are idempotent. META names both the
+new and the old snapshot digest, so either snapshot is recognised as ours after a crash between
+1 and 2. A leases.json matching neither was written by someone else (the Go tool after a
+downgrade, an operator's edit): it wins, and the journal is set aside as stale.
+
+Startup: take LOCK, remove temps, read META, read SNAPSHOT (a corrupt or empty one is renamed
+to leases.json.corrupt-<UTC time>, never overwritten), replay JOURNAL, then compact at once so
+the journal starts empty and no torn line is ever followed by a new one. `LoadReport.complete`
+is False whenever the table may be missing leases; the daemon then also recovers from its
+kernel routes and hands out nothing it cannot prove free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import errno
+import hashlib
+import logging
+import os
+import re
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from ipaddress import IPv4Address
+from pathlib import Path
+
+from cocoon_net.dhcp.leasefile import (
+    LeaseState,
+    Meta,
+    Record,
+    ReplayReport,
+    check_record,
+    decode_meta,
+    decode_snapshot,
+    encode_meta,
+    encode_record,
+    encode_snapshot,
+    replay,
+)
+from cocoon_net.dhcp.model import Lease
+from cocoon_net.errors import CocoonError, StateError
+from cocoon_net.fsutil import atomic_write, fsync_dir, remove_stale_temps
+from cocoon_net.lock import StateLock
+
+log = logging.getLogger(__name__)
+
+_GO_TEMP = re.compile(r"^leases-\d+\.json$")  # os.CreateTemp(dir, "leases-*.json")
+
+
+class Role(enum.Enum):
+    """The store's files, as suffixes of the lease file name."""
+
+    SNAPSHOT = ""
+    META = ".meta"
+    JOURNAL = ".journal"
+    LOCK = ".lock"
+
+
+def role_path(path: Path, role: Role) -> Path:
+    return path.with_name(path.name + role.value)
+
+
+# ---------------------------------------------------------------- loading
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    snapshot_leases: int
+    skipped: tuple[str, ...]  # snapshot entries left out, one reason each
+    journal: ReplayReport
+    snapshot_lost: str  # why the snapshot could not be used, if it could not
+    meta_lost: str  # why history and quarantine could not be read, if they could not
+    foreign_snapshot: bool  # leases.json was written by someone else; journal set aside
+    set_aside: tuple[Path, ...]
+    removed_temps: tuple[Path, ...]
+
+    @property
+    def complete(self) -> bool:
+        """True when the table provably holds every lease and quarantine ever committed."""
+        return not (
+            self.snapshot_lost or self.meta_lost or self.foreign_snapshot or self.journal.corrupt
+        )
+
+
+@dataclass(frozen=True)
+class Recovered:
+    leases: Mapping[str, Lease]  # by MAC; includes leases that expired while we were down
+    history: Mapping[str, Lease]  # last lease of each MAC, for sticky addresses
+    quarantine: Mapping[IPv4Address, float]  # declined IP -> end of probation
+    seq: int  # last journal sequence number used
+    report: LoadReport
+
+
+def _digest(data: bytes | None) -> str:
+    return "" if data is None else hashlib.sha256(data).hexdigest()
+
+
+def _read(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+
+
+def _set_aside(path: Path, label: str, *, copy: bool = False) -> Path:
+    """Keep a file we cannot use under a new name; StateError if even that fails."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    target = path.with_name(f"{path.name}.{label}-{stamp}")
+    n = 0
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.{label}-{stamp}.{n}")
+    try:
+        if copy:
+            shutil.copyfile(path, target)
+            with open(target, "rb+") as fh:
+                os.fsync(fh.fileno())
+        else:
+            os.rename(path, target)
+        fsync_dir(path.parent)
+    except OSError as exc:
+        raise StateError(
+            f"cannot set aside {path} as {target.name}: {exc.strerror or exc}; "
+            "move it away by hand and restart"
+        ) from None
+    log.warning("store.set_aside %s -> %s", path, target)
+    return target
+
+
+def _remove_temps(path: Path) -> list[Path]:
+    removed = remove_stale_temps(path) + remove_stale_temps(role_path(path, Role.META))
+    if path.parent.is_dir():
+        for leftover in path.parent.iterdir():
+            if _GO_TEMP.match(leftover.name):
+                leftover.unlink(missing_ok=True)
+                removed.append(leftover)
+    return removed
+
+
+def load(path: Path, *, max_corrupt: int = 100) -> Recovered:
+    """Recover the lease table from the files of `path` (see the module docstring).
+
+    Changes files only to keep what it cannot use: corrupt files are renamed or copied aside,
+    temps removed. Raises StateError when the journal has more than max_corrupt bad lines or an
+    unusable file cannot be moved aside.
+    """
+    return _load(path, max_corrupt)[0]
+
+
+def _load(path: Path, max_corrupt: int) -> tuple[Recovered, LeaseState]:
+    try:
+        return _recover(path, max_corrupt)
+    except OSError as exc:
+        raise StateError(f"cannot read lease store {path}: {exc.strerror or exc}") from None
+
+
+def _recover(path: Path, max_corrupt: int) -> tuple[Recovered, LeaseState]:
+    removed = _remove_temps(path)
+    aside: list[Path] = []
+    meta_path, journal_path = role_path(path, Role.META), role_path(path, Role.JOURNAL)
+
+    meta: Meta | None = None
+    meta_lost = ""
+    raw_meta = _read(meta_path)
+    if raw_meta is not None:
+        try:
+            meta = decode_meta(raw_meta)
+        except ValueError as exc:
+            meta_lost = f"{meta_path.name}: {exc}"
+            aside.append(_set_aside(meta_path, "corrupt"))
+
+    state = LeaseState()
+    if meta is not None:
+        state.history.update((h.mac, h) for h in meta.history)
+        state.quarantine.update(meta.quarantine)
+
+    snapshot_lost, foreign = "", False
+    skipped: tuple[str, ...] = ()
+    raw = _read(path)
+    if raw is not None:
+        try:
+            read = decode_snapshot(raw)
+        except ValueError as exc:
+            snapshot_lost = f"{path.name}: {'empty file' if not raw.strip() else exc}"
+            aside.append(_set_aside(path, "corrupt"))
+        else:
+            skipped = read.skipped
+            for lease in read.leases:
+                state.apply(Record.grant(lease))
+    snapshot_leases = len(state.leases)
+    known = (meta.snapshot, meta.previous) if meta else ()
+    if meta is not None and not snapshot_lost and _digest(raw) not in known:
+        if raw is None:
+            snapshot_lost = f"{path.name}: missing"
+        else:
+            foreign = True
+    journal = _read(journal_path) or b""
+    if foreign and journal:
+        aside.append(_set_aside(journal_path, "stale"))
+        journal = b""
+
+    state, replayed = replay(state, journal)
+    if replayed.corrupt > max_corrupt:
+        raise StateError(
+            f"{journal_path}: {replayed.corrupt} corrupt lines (limit {max_corrupt}); "
+            "move the file aside to start without it, then check routes for lost leases"
+        )
+    if replayed.corrupt:
+        aside.append(_set_aside(journal_path, "corrupt", copy=True))
+
+    report = LoadReport(
+        snapshot_leases=snapshot_leases,
+        skipped=tuple(skipped),
+        journal=replayed,
+        snapshot_lost=snapshot_lost,
+        meta_lost=meta_lost,
+        foreign_snapshot=foreign,
+        set_aside=tuple(aside),
+        removed_temps=tuple(removed),
+    )
+    seq = max(meta.seq if meta else 0, replayed.last_seq)
+    copy = state.copy()
+    return Recovered(copy.leases, copy.history, copy.quarantine, seq, report), state
+
+
+# ---------------------------------------------------------------- the running store
+
+
+@dataclass(frozen=True)
+class StoreStats:
+    """Counters for metrics; one batch is one write and one fdatasync of the journal."""
+
+    batches: int
+    records: int
+    last_batch: int  # records in the latest batch
+    compactions: int
+    compaction_failures: int
+    journal_records: int  # since the last compaction
+    journal_bytes: int
+    failed: bool
+
+
+@dataclass(frozen=True)
+class _Pending:
+    records: tuple[Record, ...]
+    future: asyncio.Future[None]
+    loop: asyncio.AbstractEventLoop
+
+
+def _settle(futures: list[asyncio.Future[None]], error: str) -> None:
+    for future in futures:
+        if future.done():  # the awaiting task was cancelled; its records are written anyway
+            continue
+        if error:
+            future.set_exception(StateError(error))
+        else:
+            future.set_result(None)
+
+
+class LeaseStore:
+    """The journal writer. open() recovers and starts it; commit() from the event loop.
+
+    Shut down with `await asyncio.to_thread(store.close)`: close() waits for queued commits.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        max_journal_records: int = 10_000,
+        max_journal_bytes: int = 4 << 20,
+        history_retention: float = 30 * 86400,
+        max_corrupt: int = 100,
+        observe_fsync: Callable[[float], None] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.path = path
+        self.journal_path = role_path(path, Role.JOURNAL)
+        self.max_journal_records = max_journal_records
+        self.max_journal_bytes = max_journal_bytes
+        self.history_retention = history_retention
+        self.max_corrupt = max_corrupt
+        self._observe_fsync = observe_fsync
+        self._clock = clock
+        self._cond = threading.Condition()
+        self._queue: list[_Pending] = []
+        self._closing = False
+        self._error = ""
+        self._thread: threading.Thread | None = None
+        self._lock: StateLock | None = None
+        self._fd = -1
+        # Owned by the writer thread while it runs; by open() and close() otherwise.
+        self._state = LeaseState()
+        self._seq = 0
+        self._snapshot_digest = ""
+        self._due = (max_journal_records, max_journal_bytes)
+        self._stats = StoreStats(0, 0, 0, 0, 0, 0, 0, False)
+
+    def open(self) -> Recovered:
+        """Lock, recover, compact, start the writer. LockHeldError or StateError on failure."""
+        lock = StateLock(role_path(self.path, Role.LOCK), "cocoon-net daemon lease store")
+        lock.acquire()
+        try:
+            recovered, self._state = _load(self.path, self.max_corrupt)
+            self._seq = recovered.seq
+            self._snapshot_digest = _digest(_read(self.path))
+            self._fd = os.open(
+                self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644
+            )
+            self._compact()
+        except OSError as exc:
+            self._release(lock)
+            raise StateError(f"cannot open {self.journal_path}: {exc.strerror or exc}") from None
+        except CocoonError as exc:
+            self._release(lock)
+            raise StateError(f"cannot start the lease store: {exc}") from None
+        self._lock = lock
+        self._thread = threading.Thread(target=self._run, name="lease-journal", daemon=True)
+        self._thread.start()
+        return recovered
+
+    async def commit(self, records: Iterable[Record]) -> None:
+        """Return once records are on disk; StateError if they may not be (then do not ACK).
+
+        Cancelling the caller does not take the records back: they may still be written.
+        """
+        batch = tuple(records)
+        for record in batch:
+            check_record(record)
+        if not batch:
+            return
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        with self._cond:
+            if self._error:
+                raise StateError(self._error)
+            if self._thread is None or self._closing:
+                raise StateError(f"lease store {self.path} is not open")
+            self._queue.append(_Pending(batch, future, loop))
+            self._cond.notify()
+        await future
+
+    def stats(self) -> StoreStats:
+        with self._cond:
+            return self._stats
+
+    def close(self, *, compact: bool = True) -> None:
+        """Write what is queued, stop the writer, fold the journal into leases.json, unlock."""
+        with self._cond:
+            thread, self._closing = self._thread, True
+            self._cond.notify()
+        if thread is None:
+            return
+        thread.join()
+        self._thread = None
+        if compact and not self._error:
+            try:
+                self._compact()
+            except (CocoonError, OSError) as exc:
+                # Swallowed on purpose: the journal still holds every change and the next
+                # start replays it; only the Go tool would see an older leases.json meanwhile.
+                log.warning("store.compact.failed at close: %s", exc)
+        if self._lock is not None:
+            self._release(self._lock)
+            self._lock = None
+
+    def _release(self, lock: StateLock) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        lock.release()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closing:
+                    self._cond.wait()
+                batch, self._queue = self._queue, []
+            if not batch:
+                return
+            try:
+                self._append(batch)
+                if self._compaction_due():
+                    self._try_compact()
+            except OSError as exc:
+                self._fail(f"lease journal {self.journal_path}: {exc.strerror or exc}", batch)
+                return
+            except Exception as exc:
+                # A bug here must not leave commits waiting forever.
+                log.exception("store.failed unexpected error in the journal writer")
+                self._fail(f"lease journal writer crashed: {exc!r}", batch)
+                return
+
+    def _append(self, batch: list[_Pending]) -> None:
+        lines = []
+        for pending in batch:
+            for record in pending.records:
+                self._seq += 1
+                lines.append(encode_record(record, self._seq))
+        data = memoryview(b"".join(lines))
+        size = len(data)
+        while data:
+            data = data[os.write(self._fd, data) :]
+        started = time.perf_counter()
+        os.fdatasync(self._fd)
+        took = time.perf_counter() - started
+        # A journal unlinked under us (its directory removed) takes writes and fsyncs
+        # without complaint, and loses them all at the next start.
+        if os.fstat(self._fd).st_nlink == 0:
+            raise OSError(errno.ENOENT, "deleted while in use")
+        for pending in batch:
+            for record in pending.records:
+                self._state.apply(record)
+        count = len(lines)
+        with self._cond:
+            s = self._stats
+            self._stats = replace(
+                s,
+                batches=s.batches + 1,
+                records=s.records + count,
+                last_batch=count,
+                journal_records=s.journal_records + count,
+                journal_bytes=s.journal_bytes + size,
+            )
+        self._resolve(batch, "")
+        if self._observe_fsync is not None:
+            try:
+                self._observe_fsync(took)
+            except Exception:
+                # A metrics bug must not stop the journal; it is logged and the batch stands.
+                log.exception("store.metrics observe_fsync failed")
+
+    def _resolve(self, batch: list[_Pending], error: str) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
+        for pending in batch:
+            by_loop.setdefault(pending.loop, []).append(pending.future)
+        for loop, futures in by_loop.items():
+            # A closed loop has nobody left waiting on these futures.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_settle, futures, error)
+
+    def _fail(self, error: str, batch: list[_Pending]) -> None:
+        log.error("store.failed %s; no lease can be granted until the daemon restarts", error)
+        with self._cond:
+            self._error = error
+            batch = batch + self._queue
+            self._queue = []
+            self._stats = replace(self._stats, failed=True)
+        self._resolve(batch, error)
+
+    def _compaction_due(self) -> bool:
+        s = self._stats
+        return s.journal_records >= self._due[0] or s.journal_bytes >= self._due[1]
+
+    def _try_compact(self) -> None:
+        try:
+            self._compact()
+        except CocoonError as exc:
+            # The journal is intact and keeps every change; try again after as much again.
+            log.error("store.compact.failed %s; retrying later", exc)
+            s = self._stats
+            self._due = (
+                s.journal_records + self.max_journal_records,
+                s.journal_bytes + self.max_journal_bytes,
+            )
+            with self._cond:
+                self._stats = replace(s, compaction_failures=s.compaction_failures + 1)
+
+    def _compact(self) -> None:
+        """Steps 1-3 of the module docstring. HostSetupError: nothing lost, journal untouched."""
+        self._state.prune_history(self._clock() - self.history_retention)
+        snapshot = encode_snapshot(self._state.leases.values())
+        digest = _digest(snapshot)
+        meta = Meta(
+            seq=self._seq,
+            snapshot=digest,
+            previous=self._snapshot_digest,
+            # A leased MAC's history is its lease, which the snapshot already holds.
+            history=tuple(
+                h for mac, h in self._state.history.items() if self._state.leases.get(mac) != h
+            ),
+            quarantine=dict(self._state.quarantine),
+        )
+        atomic_write(role_path(self.path, Role.META), encode_meta(meta))
+        atomic_write(self.path, snapshot)
+        self._snapshot_digest = digest
+        os.ftruncate(self._fd, 0)
+        os.fsync(self._fd)
+        self._due = (self.max_journal_records, self.max_journal_bytes)
+        with self._cond:
+            s = self._stats
+            self._stats = replace(
+                s, compactions=s.compactions + 1, journal_records=0, journal_bytes=0
+            )
