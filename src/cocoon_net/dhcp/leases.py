@@ -1,0 +1,585 @@
+"""The lease table: the one in-memory owner of who holds which address.
+
+One writer. The server calls this from its event loop only, and every check-and-act is one
+method call (`offer`, `grant`, `release`, `decline`, `expire`), so nothing can happen between
+"is it free?" and "take it" (the Go tool's races, spec §9.4, cannot be written here). No I/O,
+no clock, no randomness: `now` is an argument and every change is returned as a Change record
+that the store makes durable and the route reconciler applies.
+
+What it holds, all keyed by MAC (chaddr) — option 61 is recorded, never an identity:
+- the pool, in ascending order; nothing outside it is ever offered or granted;
+- active leases (by MAC and by address) and offers (held `offer_hold` seconds);
+- quarantined addresses (after a DECLINE, until a time);
+- reservations (MAC -> address, honoured while the address is in the pool);
+- history: for each address, its last binding (a Lease whose `expires` is when it ended, or
+  will end). A returning MAC gets its last address back whenever it is free, also after a
+  restart: the store persists history and `load` takes it back;
+- recovered addresses: in use according to the kernel (our /32 routes) but unknown to the
+  lease records after a lost lease file; never offered, only confirmed to the VM that uses it.
+
+Allocation order for a MAC (`offer`): its reservation; its active lease; its unexpired offer;
+its last address if free; the address it asks for (option 50) if free and nobody else's; then
+the free address unused for the longest time: never-used ones first in ascending order, then
+by when they were last released, so a just-freed address is the last one handed to a new VM.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
+from ipaddress import IPv4Address
+from typing import ClassVar
+
+from cocoon_net.dhcp.model import Lease
+
+# ---------------------------------------------------------------------------- changes
+
+
+@dataclass(frozen=True)
+class Grant:
+    """A MAC was bound to an address: persist it, add the /32 route."""
+
+    op: ClassVar[str] = "grant"
+    lease: Lease
+
+
+@dataclass(frozen=True)
+class Renew:
+    """A MAC's binding was extended (same address): persist the new expiry."""
+
+    op: ClassVar[str] = "renew"
+    lease: Lease
+
+
+@dataclass(frozen=True)
+class Release:
+    """The client gave the address back. `lease.expires` is when it ended; the route goes."""
+
+    op: ClassVar[str] = "release"
+    lease: Lease
+
+
+@dataclass(frozen=True)
+class Expire:
+    """The lease ran out without renewal; the route goes."""
+
+    op: ClassVar[str] = "expire"
+    lease: Lease
+
+
+@dataclass(frozen=True)
+class Quarantine:
+    """A DECLINE: `ip` is kept out of allocation until `until`; `lease`, if any, ended."""
+
+    op: ClassVar[str] = "quarantine"
+    ip: IPv4Address
+    until: float
+    lease: Lease | None
+
+
+@dataclass(frozen=True)
+class Revoke:
+    """We ended a lease: pool change, duplicate at load, or the MAC moved to a new address."""
+
+    op: ClassVar[str] = "revoke"
+    lease: Lease
+    reason: str
+
+
+@dataclass(frozen=True)
+class Withdraw:
+    """An offer was dropped before it expired (the client chose another server)."""
+
+    op: ClassVar[str] = "withdraw"
+    mac: str
+    ip: IPv4Address
+
+
+Change = Grant | Renew | Release | Expire | Quarantine | Revoke | Withdraw
+
+
+# ---------------------------------------------------------------------------- records
+
+
+class Standing(enum.Enum):
+    """Where an address stands for one MAC (see LeaseTable.standing)."""
+
+    # The address is this MAC's.
+    LEASED = "leased"
+    OFFERED = "offered"
+    RESERVED = "reserved"
+    REMEMBERED = "remembered"  # its last address, free now
+    RECOVERED_MINE = "recovered_mine"  # in use per the kernel, and the MAC is known to be this one
+    # Free, no claim by anyone.
+    UNKNOWN = "unknown"  # never bound
+    RECOVERED = "recovered"  # in use per the kernel, owner unknown (lease file lost)
+    # Someone else's, or not ours to give.
+    USED = "used"  # free, but last bound to another binding
+    HELD_BY_OTHER = "held_by_other"
+    RESERVED_FOR_OTHER = "reserved_for_other"
+    QUARANTINED = "quarantined"
+    OUTSIDE_POOL = "outside_pool"
+
+    @property
+    def mine(self) -> bool:
+        return self in _MINE
+
+
+_MINE = frozenset(
+    {
+        Standing.LEASED,
+        Standing.OFFERED,
+        Standing.RESERVED,
+        Standing.REMEMBERED,
+        Standing.RECOVERED_MINE,
+    }
+)
+# What grant() accepts; anything else means the caller skipped its checks.
+_GRANTABLE = _MINE | {Standing.UNKNOWN, Standing.RECOVERED, Standing.USED}
+
+
+@dataclass(frozen=True)
+class Offer:
+    mac: str
+    ip: IPv4Address
+    until: float
+
+
+@dataclass(frozen=True)
+class _Recovered:
+    mac: str  # "" when the kernel only told us the address
+    until: float
+
+
+@dataclass(frozen=True)
+class _Quarantined:
+    until: float
+    mac: str  # who declined it ("" after a reload)
+
+
+@dataclass(frozen=True)
+class TableSnapshot:
+    """Everything the store needs to write (offers and recovered addresses are not durable)."""
+
+    leases: tuple[Lease, ...]
+    history: tuple[Lease, ...]
+    quarantine: Mapping[IPv4Address, float]
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    total: int
+    leased: int
+    offered: int
+    quarantined: int
+    free: int
+
+
+# ---------------------------------------------------------------------------- the table
+
+
+class LeaseTable:
+    def __init__(
+        self,
+        pool: Iterable[IPv4Address],
+        *,
+        reservations: Mapping[str, IPv4Address] | None = None,
+        offer_hold: float = 60.0,
+    ) -> None:
+        self.offer_hold = offer_hold
+        self._pool: tuple[IPv4Address, ...] = ()
+        self._in_pool: frozenset[IPv4Address] = frozenset()
+        self._reserved: dict[str, IPv4Address] = {}
+        self._reserved_for: dict[IPv4Address, str] = {}
+        self._leases: dict[str, Lease] = {}
+        self._lease_at: dict[IPv4Address, Lease] = {}
+        self._offers: dict[str, Offer] = {}
+        self._offer_at: dict[IPv4Address, Offer] = {}
+        self._quarantine: dict[IPv4Address, _Quarantined] = {}
+        self._history: dict[IPv4Address, Lease] = {}
+        self._last_ip: dict[str, IPv4Address] = {}
+        self._recovered: dict[IPv4Address, _Recovered] = {}
+        # The earliest time anything above can expire: expire() is free before it.
+        self._next_deadline = math.inf
+        self._set_pool(pool)
+        self.set_reservations(reservations or {})
+
+    # ------------------------------------------------------------------ queries
+
+    @property
+    def pool(self) -> tuple[IPv4Address, ...]:
+        return self._pool
+
+    def lease_of(self, mac: str, now: float) -> Lease | None:
+        lease = self._leases.get(mac)
+        return lease if lease is not None and lease.expires > now else None
+
+    def offer_of(self, mac: str, now: float) -> Offer | None:
+        offer = self._offers.get(mac)
+        return offer if offer is not None and offer.until > now else None
+
+    def holder(self, ip: IPv4Address, now: float) -> str | None:
+        """The MAC holding `ip` by an active lease or an unexpired offer."""
+        lease = self._lease_at.get(ip)
+        if lease is not None and lease.expires > now:
+            return lease.mac
+        offer = self._offer_at.get(ip)
+        if offer is not None and offer.until > now:
+            return offer.mac
+        return None
+
+    def is_quarantined(self, ip: IPv4Address, now: float) -> bool:
+        q = self._quarantine.get(ip)
+        return q is not None and q.until > now
+
+    def known_address(self, mac: str, now: float) -> IPv4Address | None:
+        """The address the table would give this MAC without being asked, if it has one."""
+        return next(iter(self._own_candidates(mac, now)), None)
+
+    def standing(self, mac: str, ip: IPv4Address, now: float) -> Standing:
+        """Where `ip` stands for `mac`, first match wins (the order is the precedence)."""
+        if ip not in self._in_pool:
+            return Standing.OUTSIDE_POOL
+        if self.is_quarantined(ip, now):
+            return Standing.QUARANTINED
+        lease = self._lease_at.get(ip)
+        if lease is not None and lease.expires > now:
+            return Standing.LEASED if lease.mac == mac else Standing.HELD_BY_OTHER
+        offer = self._offer_at.get(ip)
+        if offer is not None and offer.until > now:
+            return Standing.OFFERED if offer.mac == mac else Standing.HELD_BY_OTHER
+        reserved_for = self._reserved_for.get(ip)
+        if reserved_for is not None:
+            return Standing.RESERVED if reserved_for == mac else Standing.RESERVED_FOR_OTHER
+        recovered = self._recovered.get(ip)
+        if recovered is not None and recovered.until > now:
+            if recovered.mac == mac:
+                return Standing.RECOVERED_MINE
+            if recovered.mac:
+                return Standing.HELD_BY_OTHER
+        last = self._history.get(ip)
+        if last is not None:
+            return Standing.REMEMBERED if self._last_ip.get(mac) == ip else Standing.USED
+        if recovered is not None and recovered.until > now:
+            return Standing.RECOVERED
+        return Standing.UNKNOWN
+
+    def leases(self, now: float) -> list[Lease]:
+        return sorted((le for le in self._leases.values() if le.expires > now), key=_ip_key)
+
+    def stats(self, now: float) -> PoolStats:
+        leased = sum(1 for le in self._leases.values() if le.expires > now)
+        offered = sum(1 for o in self._offers.values() if o.until > now)
+        quarantined = sum(1 for q in self._quarantine.values() if q.until > now)
+        free = sum(1 for ip in self._pool if self._free_for_new(ip, now))
+        return PoolStats(len(self._pool), leased, offered, quarantined, free)
+
+    def snapshot(self) -> TableSnapshot:
+        return TableSnapshot(
+            leases=tuple(sorted(self._leases.values(), key=_ip_key)),
+            history=tuple(sorted(self._history.values(), key=_ip_key)),
+            quarantine={ip: q.until for ip, q in sorted(self._quarantine.items())},
+        )
+
+    # ------------------------------------------------------------------ allocation
+
+    def _own_candidates(self, mac: str, now: float) -> Iterable[IPv4Address]:
+        """This MAC's own addresses in allocation order, each only if usable right now."""
+        reserved = self._reserved.get(mac)
+        if reserved is not None and self.standing(mac, reserved, now) is Standing.RESERVED:
+            yield reserved
+        lease = self.lease_of(mac, now)
+        if lease is not None:
+            yield lease.ip
+        offer = self.offer_of(mac, now)
+        if offer is not None:
+            yield offer.ip
+        last = self._last_ip.get(mac)
+        if last is not None and self.standing(mac, last, now) is Standing.REMEMBERED:
+            yield last
+        for ip, rec in self._recovered.items():
+            if rec.mac == mac and self.standing(mac, ip, now) is Standing.RECOVERED_MINE:
+                yield ip
+
+    def _free_for_new(self, ip: IPv4Address, now: float) -> bool:
+        """Free to hand to a MAC that has no claim on it (step 6 of the allocation order)."""
+        return (
+            self.holder(ip, now) is None
+            and not self.is_quarantined(ip, now)
+            and ip not in self._reserved_for
+            and not (ip in self._recovered and self._recovered[ip].until > now)
+        )
+
+    def _choose(self, mac: str, now: float, requested: IPv4Address | None) -> IPv4Address | None:
+        for ip in self._own_candidates(mac, now):
+            return ip
+        if requested is not None and self.standing(mac, requested, now) is Standing.UNKNOWN:
+            return requested
+        best: IPv4Address | None = None
+        best_key: tuple[float, int] = (math.inf, 0)
+        for ip in self._pool:
+            if not self._free_for_new(ip, now):
+                continue
+            last = self._history.get(ip)
+            if last is None:
+                return ip  # the pool is ascending: the first never-used address wins
+            key = (last.expires, int(ip))
+            if key < best_key:
+                best, best_key = ip, key
+        return best
+
+    # ------------------------------------------------------------------ mutations
+
+    def offer(
+        self, mac: str, now: float, requested: IPv4Address | None = None
+    ) -> tuple[IPv4Address | None, list[Change]]:
+        """Choose an address for `mac` and hold it for offer_hold seconds; None: pool exhausted."""
+        changes = self.expire(now)
+        ip = self._choose(mac, now, requested)
+        if ip is None:
+            return None, changes
+        self._drop_offer(mac)
+        offer = Offer(mac, ip, now + self.offer_hold)
+        self._offers[mac] = offer
+        self._offer_at[ip] = offer
+        self._next_deadline = min(self._next_deadline, offer.until)
+        return ip, changes
+
+    def grant(
+        self,
+        mac: str,
+        ip: IPv4Address,
+        now: float,
+        lease_time: float,
+        *,
+        hostname: str = "",
+        client_id: str = "",
+    ) -> list[Change]:
+        """Bind `ip` to `mac` until now + lease_time (a renewal when it already holds it).
+
+        Raises ValueError if the address is someone else's or not in the pool: the policy
+        checks standing() first, so that is a bug, never a client's doing.
+        """
+        changes = self.expire(now)
+        standing = self.standing(mac, ip, now)
+        if standing not in _GRANTABLE:
+            raise ValueError(f"cannot grant {ip} to {mac}: address is {standing.value}")
+        old = self._leases.get(mac)
+        lease = Lease(
+            mac,
+            ip,
+            now + lease_time,
+            hostname or (old.hostname if old else ""),
+            client_id or (old.client_id if old else ""),
+        )
+        if old is not None and old.ip == ip:
+            changes.append(Renew(lease))
+        else:
+            if old is not None:
+                changes.append(Revoke(self._end_lease(old, now), "moved"))
+            changes.append(Grant(lease))
+        self._drop_offer(mac)
+        self._recovered.pop(ip, None)
+        self._leases[mac] = lease
+        self._lease_at[ip] = lease
+        self._remember(lease)
+        self._next_deadline = min(self._next_deadline, lease.expires)
+        return changes
+
+    def release(self, mac: str, ip: IPv4Address, now: float) -> list[Change]:
+        """End `mac`'s lease on `ip` (RFC 2131 §4.3.4); nothing happens for anyone else."""
+        changes = self.expire(now)
+        lease = self._leases.get(mac)
+        if lease is not None and lease.ip == ip:
+            changes.append(Release(self._end_lease(lease, now)))
+        return changes
+
+    def decline(self, mac: str, ip: IPv4Address, now: float, hold: float) -> list[Change]:
+        """`mac` found `ip` in use (RFC 2131 §4.3.3): end its binding, keep the address out.
+
+        Only the MAC holding `ip` (lease or offer) can decline it. Each MAC keeps at most one
+        address in quarantine: a further DECLINE while one is running ends the binding but
+        quarantines nothing, so a VM declining in a loop cannot drain the pool.
+        """
+        changes = self.expire(now)
+        lease = self._leases.get(mac)
+        holds_lease = lease is not None and lease.ip == ip
+        offer = self._offers.get(mac)
+        holds_offer = offer is not None and offer.ip == ip
+        if not (holds_lease or holds_offer):
+            return changes
+        ended = self._end_lease(lease, now) if lease is not None and holds_lease else None
+        if holds_offer:
+            self._drop_offer(mac)
+        # The address is nobody's to come back to; it goes last in the reuse order.
+        self._remember(Lease("", ip, now))
+        already = any(q.mac == mac and q.until > now for q in self._quarantine.values())
+        if already:
+            if ended is not None:
+                changes.append(Release(ended))
+            return changes
+        until = now + hold
+        self._quarantine[ip] = _Quarantined(until, mac)
+        self._next_deadline = min(self._next_deadline, until)
+        changes.append(Quarantine(ip, until, ended))
+        return changes
+
+    def withdraw(self, mac: str, now: float) -> list[Change]:
+        """Drop `mac`'s offer: it chose another server (RFC 2131 §4.3.2)."""
+        changes = self.expire(now)
+        offer = self._offers.get(mac)
+        if offer is not None:
+            self._drop_offer(mac)
+            changes.append(Withdraw(mac, offer.ip))
+        return changes
+
+    def expire(self, now: float) -> list[Change]:
+        """End what ran out by `now`: leases (returned), offers, quarantines, recovered marks."""
+        if now < self._next_deadline:
+            return []
+        changes: list[Change] = []
+        for lease in [le for le in self._leases.values() if le.expires <= now]:
+            self._end_lease(lease, lease.expires)
+            changes.append(Expire(lease))
+        for offer in [o for o in self._offers.values() if o.until <= now]:
+            self._drop_offer(offer.mac)
+        self._quarantine = {ip: q for ip, q in self._quarantine.items() if q.until > now}
+        self._recovered = {ip: r for ip, r in self._recovered.items() if r.until > now}
+        self._reset_deadline()
+        return changes
+
+    def set_pool(self, ips: Iterable[IPv4Address], now: float) -> list[Change]:
+        """Replace the pool (SIGHUP): leases outside it end, the rest outside is forgotten."""
+        changes = self.expire(now)
+        self._set_pool(ips)
+        for lease in [le for le in self._leases.values() if le.ip not in self._in_pool]:
+            changes.append(Revoke(self._end_lease(lease, now), "outside_pool"))
+        for offer in [o for o in self._offers.values() if o.ip not in self._in_pool]:
+            self._drop_offer(offer.mac)
+            changes.append(Withdraw(offer.mac, offer.ip))
+        self._quarantine = {ip: q for ip, q in self._quarantine.items() if ip in self._in_pool}
+        self._recovered = {ip: r for ip, r in self._recovered.items() if ip in self._in_pool}
+        for ip in [ip for ip in self._history if ip not in self._in_pool]:
+            self._forget(ip)
+        return changes
+
+    def set_reservations(self, reservations: Mapping[str, IPv4Address]) -> None:
+        """Replace the reservations; one that is leased to another MAC waits until it is free."""
+        self._reserved = dict(reservations)
+        self._reserved_for = {ip: mac for mac, ip in reservations.items()}
+
+    def load(
+        self,
+        leases: Iterable[Lease],
+        history: Iterable[Lease],
+        quarantine: Mapping[IPv4Address, float],
+        now: float,
+        *,
+        in_use: Mapping[IPv4Address, str] | None = None,
+        recovery_hold: float = 86400.0,
+    ) -> list[Change]:
+        """Rebuild from the store, replacing everything but the pool and reservations.
+
+        Returns what was not taken as-is: leases outside the pool (Revoke "outside_pool"),
+        an address or MAC listed twice (the later expiry wins, the other is Revoke
+        "duplicate_ip" / "duplicate_mac"), leases that ran out while we were down (Expire).
+        `in_use` maps addresses the kernel shows in use (our /32 routes) to a MAC if known
+        (else ""); those without a lease are held out of allocation for `recovery_hold`
+        seconds and confirmed only to a VM that asks for them (policy.py: lease-loss rules).
+        """
+        self._leases.clear()
+        self._lease_at.clear()
+        self._offers.clear()
+        self._offer_at.clear()
+        self._history.clear()
+        self._last_ip.clear()
+        self._recovered.clear()
+        self._quarantine = {
+            ip: _Quarantined(until, "")
+            for ip, until in quarantine.items()
+            if ip in self._in_pool and until > now
+        }
+        for past in sorted(history, key=lambda le: le.expires):
+            if past.ip in self._in_pool:
+                self._remember(past)
+        changes: list[Change] = []
+        for lease in sorted(leases, key=lambda le: le.expires, reverse=True):
+            if lease.ip not in self._in_pool:
+                changes.append(Revoke(lease, "outside_pool"))
+            elif lease.ip in self._lease_at:
+                changes.append(Revoke(lease, "duplicate_ip"))
+            elif lease.mac in self._leases:
+                changes.append(Revoke(lease, "duplicate_mac"))
+            elif lease.expires <= now:
+                self._lease_at[lease.ip] = lease  # claims the address against older duplicates
+                self._remember_if_newer(lease)
+                changes.append(Expire(lease))
+            else:
+                self._leases[lease.mac] = lease
+                self._lease_at[lease.ip] = lease
+                self._remember_if_newer(lease)
+        # Expired leases only blocked older duplicates above; they hold nothing now.
+        self._lease_at = {le.ip: le for le in self._leases.values()}
+        for ip, mac in (in_use or {}).items():
+            if ip in self._in_pool and ip not in self._lease_at:
+                self._recovered[ip] = _Recovered(mac, now + recovery_hold)
+        self._reset_deadline()
+        return changes
+
+    # ------------------------------------------------------------------ internals
+
+    def _set_pool(self, ips: Iterable[IPv4Address]) -> None:
+        self._pool = tuple(sorted(set(ips)))
+        self._in_pool = frozenset(self._pool)
+
+    def _reset_deadline(self) -> None:
+        self._next_deadline = min(
+            [le.expires for le in self._leases.values()]
+            + [o.until for o in self._offers.values()]
+            + [q.until for q in self._quarantine.values()]
+            + [r.until for r in self._recovered.values()],
+            default=math.inf,
+        )
+
+    def _end_lease(self, lease: Lease, at: float) -> Lease:
+        """Remove `lease` from the active set; the returned record says when it ended."""
+        ended = replace(lease, expires=min(lease.expires, at))
+        del self._leases[lease.mac]
+        if self._lease_at.get(lease.ip) is lease:
+            del self._lease_at[lease.ip]
+        self._remember(ended)
+        return ended
+
+    def _drop_offer(self, mac: str) -> None:
+        offer = self._offers.pop(mac, None)
+        if offer is not None and self._offer_at.get(offer.ip) is offer:
+            del self._offer_at[offer.ip]
+
+    def _remember(self, lease: Lease) -> None:
+        """Make `lease` the last binding of its address (and its MAC's last address)."""
+        previous = self._history.get(lease.ip)
+        if (
+            previous is not None
+            and previous.mac != lease.mac
+            and self._last_ip.get(previous.mac) == lease.ip
+        ):
+            del self._last_ip[previous.mac]
+        self._history[lease.ip] = lease
+        if lease.mac:
+            self._last_ip[lease.mac] = lease.ip
+
+    def _remember_if_newer(self, lease: Lease) -> None:
+        known = self._history.get(lease.ip)
+        if known is None or known.expires <= lease.expires:
+            self._remember(lease)
+
+    def _forget(self, ip: IPv4Address) -> None:
+        last = self._history.pop(ip)
+        if self._last_ip.get(last.mac) == ip:
+            del self._last_ip[last.mac]
+
+
+def _ip_key(lease: Lease) -> int:
+    return int(lease.ip)
