@@ -1,0 +1,250 @@
+"""Ethernet II / IPv4 / UDP framing for the server's AF_PACKET socket on the bridge.
+
+The server reads requests as layer-2 frames and writes replies as layer-2 frames: a client that
+has no address yet can then be answered by unicast to its MAC and offered address (RFC 2131
+§4.1), without the ARP-cache injection that caps dnsmasq at the neighbour-table size.
+
+    Ethernet: dst(6) src(6) type(2) | IPv4: 20-60 octets | UDP: 8 octets | DHCP payload
+
+parse_frame() ignores what is not IPv4/UDP to our port (returns None) and raises MalformedPacket
+for broken IPv4/UDP framing. build_frame() writes a reply frame with both checksums.
+A classic BPF program lets the kernel drop everything else before it reaches Python.
+
+802.1Q: cni0 carries untagged traffic only. The kernel strips a VLAN tag before a packet socket
+sees the frame, so parse_frame never meets one; the filter drops frames that carried a VLAN ID
+(see BPF_DHCP_SERVER) rather than serving a client on a VLAN we do not route.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import socket
+import struct
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+
+from cocoon_net.dhcp.packet import MalformedPacket
+
+ETH_P_IP = 0x0800
+ETH_HEADER_SIZE = 14
+IP_MIN_HEADER_SIZE = 20
+UDP_HEADER_SIZE = 8
+IPPROTO_UDP = 17
+SERVER_PORT = 67  # RFC 2131 §4.1
+CLIENT_PORT = 68
+BROADCAST_MAC = b"\xff" * 6
+_IP_FLAG_MF = 0x2000
+_IP_FRAG_OFFSET = 0x1FFF
+_DEFAULT_TTL = 64
+
+_ETH = struct.Struct("!6s6sH")
+# version/IHL, TOS, total length, id, flags/fragment offset, TTL, protocol, checksum, src, dst
+_IPV4 = struct.Struct("!BBHHHBBHII")
+_UDP = struct.Struct("!HHHH")
+_PSEUDO = struct.Struct("!IIxBH")  # RFC 768 pseudo-header: src, dst, zero, protocol, UDP length
+
+
+@dataclass(frozen=True)
+class UdpFrame:
+    """One received or sent IPv4/UDP frame. `payload` is the UDP data (the DHCP message)."""
+
+    src_mac: bytes
+    dst_mac: bytes
+    src_ip: IPv4Address
+    dst_ip: IPv4Address
+    src_port: int
+    dst_port: int
+    payload: bytes
+
+
+def _ones_complement_sum(data: bytes) -> int:
+    """RFC 1071 sum of 16-bit words, folded to 16 bits.
+
+    2**16 is 1 modulo 0xFFFF, so the end-around-carry sum of the words equals the whole string
+    read as one big integer, modulo 0xFFFF; CPython does that in C, far faster than a word loop.
+    The only ambiguity is 0 versus 0xFFFF (the two ones'-complement zeros): a non-zero string
+    sums to 0xFFFF.
+    """
+    if len(data) & 1:
+        data += b"\0"  # RFC 768: pad an odd length with a zero octet for the sum
+    total = int.from_bytes(data, "big") % 0xFFFF
+    if total == 0 and data.count(0) != len(data):
+        return 0xFFFF
+    return total
+
+
+def _checksum(data: bytes) -> int:
+    return ~_ones_complement_sum(data) & 0xFFFF
+
+
+def udp_checksum(src_ip: IPv4Address, dst_ip: IPv4Address, segment: bytes) -> int:
+    """UDP checksum over the pseudo-header and `segment` (header with checksum 0, then data).
+
+    A computed 0 is sent as 0xFFFF, since 0 on the wire means "no checksum" (RFC 768).
+    """
+    pseudo = _PSEUDO.pack(int(src_ip), int(dst_ip), IPPROTO_UDP, len(segment))
+    return _checksum(pseudo + segment) or 0xFFFF
+
+
+def parse_frame(frame: bytes, port: int = SERVER_PORT) -> UdpFrame | None:
+    """Return the UDP datagram to `port` that `frame` carries, or None if it carries none.
+
+    Raises MalformedPacket (reasons too_short, bad_ip_header, bad_ip_checksum, fragment,
+    bad_udp_length) for an IPv4/UDP frame whose framing is broken. The UDP checksum is not
+    verified: a frame from a local veth may still carry the partial checksum of
+    CHECKSUM_PARTIAL offload, which would make a correct packet look corrupt.
+    """
+    size = len(frame)
+    if size < ETH_HEADER_SIZE:
+        raise MalformedPacket("too_short", f"{size}-octet frame has no Ethernet header")
+    dst_mac, src_mac, ethertype = _ETH.unpack_from(frame)
+    if ethertype != ETH_P_IP:
+        return None
+    if size < ETH_HEADER_SIZE + IP_MIN_HEADER_SIZE:
+        raise MalformedPacket("bad_ip_header", f"{size}-octet frame cannot hold an IPv4 header")
+    (ver_ihl, _tos, total, _ident, frag, _ttl, proto, _csum, src_ip, dst_ip) = _IPV4.unpack_from(
+        frame, ETH_HEADER_SIZE
+    )
+    ihl = (ver_ihl & 0x0F) * 4
+    # RFC 791 §3.1: version 4, header 5-15 words, total length covers the header. Frames may
+    # be longer than the datagram (Ethernet pads to 60 octets), never shorter.
+    if ver_ihl >> 4 != 4 or ihl < IP_MIN_HEADER_SIZE:
+        raise MalformedPacket("bad_ip_header", f"version/IHL octet {ver_ihl:#04x}")
+    if not ihl <= total <= size - ETH_HEADER_SIZE:
+        raise MalformedPacket(
+            "bad_ip_header",
+            f"total length {total}, header {ihl}, frame {size} octets",
+        )
+    if proto != IPPROTO_UDP:
+        return None
+    # DHCP messages are never fragmented by a client (RFC 2131 §2: 576 fits every link);
+    # reassembly is the kernel's job on a UDP socket and we do not redo it here.
+    if frag & (_IP_FLAG_MF | _IP_FRAG_OFFSET):
+        raise MalformedPacket("fragment", f"IPv4 fragment (flags/offset {frag:#06x})")
+    ip_end = ETH_HEADER_SIZE + ihl
+    if _ones_complement_sum(frame[ETH_HEADER_SIZE:ip_end]) != 0xFFFF:
+        raise MalformedPacket("bad_ip_checksum", "IPv4 header checksum does not match")
+    if total < ihl + UDP_HEADER_SIZE:
+        raise MalformedPacket("bad_udp_length", f"IPv4 total length {total} leaves no UDP header")
+    src_port, dst_port, udp_len, _ucsum = _UDP.unpack_from(frame, ip_end)
+    if dst_port != port:
+        return None
+    # RFC 768: the UDP length counts header and data and must fit in the IP datagram.
+    if not UDP_HEADER_SIZE <= udp_len <= total - ihl:
+        raise MalformedPacket(
+            "bad_udp_length", f"UDP length {udp_len} in a {total - ihl}-octet IP payload"
+        )
+    data_start = ip_end + UDP_HEADER_SIZE
+    return UdpFrame(
+        src_mac=src_mac,
+        dst_mac=dst_mac,
+        src_ip=IPv4Address(src_ip),
+        dst_ip=IPv4Address(dst_ip),
+        src_port=src_port,
+        dst_port=dst_port,
+        payload=frame[data_start : ip_end + udp_len],
+    )
+
+
+def build_frame(
+    src_mac: bytes,
+    dst_mac: bytes,
+    src_ip: IPv4Address,
+    dst_ip: IPv4Address,
+    src_port: int,
+    dst_port: int,
+    payload: bytes,
+) -> bytes:
+    """An Ethernet II frame carrying one UDP datagram, with IPv4 and UDP checksums filled in.
+
+    TTL 64, DF clear, identification 0 (the datagram is never fragmented, so the id is unused,
+    RFC 6864 §4.1). No Ethernet padding: the kernel pads short frames on transmit.
+    """
+    udp_len = UDP_HEADER_SIZE + len(payload)
+    total = IP_MIN_HEADER_SIZE + udp_len
+    if total > 0xFFFF:
+        raise ValueError(f"UDP payload of {len(payload)} octets does not fit in one IPv4 datagram")
+    segment = _UDP.pack(src_port, dst_port, udp_len, 0) + payload
+    ucsum = udp_checksum(src_ip, dst_ip, segment)
+    ip_header = _IPV4.pack(
+        0x45, 0, total, 0, 0, _DEFAULT_TTL, IPPROTO_UDP, 0, int(src_ip), int(dst_ip)
+    )
+    ip_csum = _checksum(ip_header)
+    return b"".join(
+        (
+            _ETH.pack(dst_mac, src_mac, ETH_P_IP),
+            ip_header[:10],
+            ip_csum.to_bytes(2, "big"),
+            ip_header[12:],
+            segment[:6],
+            ucsum.to_bytes(2, "big"),
+            segment[UDP_HEADER_SIZE:],
+        )
+    )
+
+
+# --- Kernel-side filter (classic BPF, see Documentation/networking/filter.rst) ---------------
+
+# Opcodes, from linux/bpf_common.h.
+_LD_W_ABS = 0x20
+_LD_H_ABS = 0x28
+_LD_B_ABS = 0x30
+_LD_H_IND = 0x48
+_LDX_B_MSH = 0xB1  # X = 4 * (pkt[k] & 0x0f): the IPv4 header length
+_JEQ_K = 0x15
+_JGT_K = 0x25
+_JSET_K = 0x45
+_RET_K = 0x06
+_SKF_AD_PKTTYPE = 0xFFFFF000 + 4  # ancillary load SKF_AD_OFF + SKF_AD_PKTTYPE (linux/filter.h)
+_PACKET_BROADCAST = 1  # PACKET_HOST is 0 (linux/if_packet.h)
+_ACCEPT_LENGTH = 0x40000
+
+# Accept IPv4 UDP to port 67 that is not a fragment and was sent to us: to the bridge's MAC or
+# to broadcast. That leaves out our own transmissions (PACKET_OUTGOING), frames flooded to
+# other MACs, and frames with an 802.1Q VLAN ID, which reach an ETH_P_IP packet socket untagged
+# but marked PACKET_OTHERHOST (net/core/dev.c). Jump offsets count from the next instruction;
+# instruction 11 accepts, 12 drops.
+BPF_DHCP_SERVER: tuple[tuple[int, int, int, int], ...] = (
+    (_LD_W_ABS, 0, 0, _SKF_AD_PKTTYPE),  # 0
+    (_JGT_K, 10, 0, _PACKET_BROADCAST),  # 1  not HOST or BROADCAST: drop
+    (_LD_H_ABS, 0, 0, 12),  # 2  ethertype
+    (_JEQ_K, 0, 8, ETH_P_IP),  # 3
+    (_LD_B_ABS, 0, 0, 23),  # 4  IPv4 protocol
+    (_JEQ_K, 0, 6, IPPROTO_UDP),  # 5
+    (_LD_H_ABS, 0, 0, 20),  # 6  IPv4 flags and fragment offset
+    (_JSET_K, 4, 0, _IP_FLAG_MF | _IP_FRAG_OFFSET),  # 7
+    (_LDX_B_MSH, 0, 0, ETH_HEADER_SIZE),  # 8
+    (_LD_H_IND, 0, 0, ETH_HEADER_SIZE + 2),  # 9  UDP destination port
+    (_JEQ_K, 0, 1, SERVER_PORT),  # 10
+    (_RET_K, 0, 0, _ACCEPT_LENGTH),  # 11 accept
+    (_RET_K, 0, 0, 0),  # 12 drop
+)
+
+_SO_ATTACH_FILTER = 26  # asm-generic/socket.h; the socket module does not export it
+_BPF_INSN = struct.Struct("=HBBI")  # struct sock_filter
+
+
+def attach_filter(
+    sock: socket.socket, program: tuple[tuple[int, int, int, int], ...] = BPF_DHCP_SERVER
+) -> None:
+    """Attach a classic BPF program to `sock` (SO_ATTACH_FILTER). The kernel copies it."""
+    insns = ctypes.create_string_buffer(b"".join(_BPF_INSN.pack(*insn) for insn in program))
+    # struct sock_fprog { unsigned short len; struct sock_filter *filter; }, native alignment.
+    fprog = struct.pack("@HP", len(program), ctypes.addressof(insns))
+    sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, fprog)
+
+
+def open_server_socket(ifname: str) -> socket.socket:
+    """An AF_PACKET socket on `ifname` that receives only DHCP-server traffic and can send frames.
+
+    The socket is created with protocol 0, which receives nothing, and bound to IPv4 only after
+    the filter is attached: otherwise frames queued in between would bypass the filter.
+    """
+    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0)
+    try:
+        attach_filter(sock)
+        sock.bind((ifname, ETH_P_IP))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
