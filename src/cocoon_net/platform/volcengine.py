@@ -1,0 +1,678 @@
+"""The `volcengine` platform: a VM subnet, secondary ENIs and their secondary IPs.
+
+What init makes, in order, each recorded in pool.json["cloud"] the moment it exists:
+
+1. the VM subnet (`--subnet`): reused when the VPC has it, else created as `<node>-vms`,
+   tagged `cocoon-net:node=<node>`, and waited for until Available;
+2. an ingress rule in the instance's own security group (or `--security-group`) accepting all
+   traffic from the VPC CIDR, when no rule already does;
+3. ENIs `<node>-eni-<n>` tagged for this node, one per 20 addresses of `--pool-size` (at most
+   7: EBM instances take 1 primary + 7 ENIs of 20 secondary IPs each), each created, attached,
+   given its IPs and brought up by MAC in its own thread; statuses are polled, never slept on.
+
+"Ours" means tagged for this node or recorded in pool.json; nothing else on the instance is
+reused or touched (the Go tool took and deleted every non-primary ENI, spec §9.7 #37).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network
+from typing import Any
+
+from cocoon_net import proc
+from cocoon_net.errors import CloudError, CloudNotFound, HostSetupError, UsageError
+from cocoon_net.node import nic
+from cocoon_net.platform import volc_api
+from cocoon_net.platform.base import NodeRequest, ProvisionResult, ResourceRecorder, StatusLine
+from cocoon_net.platform.http import RetryPolicy
+from cocoon_net.platform.volc_api import (
+    InstanceInfo,
+    PollPolicy,
+    VpcApi,
+    indexed,
+    tag_filter_params,
+    tag_params,
+    tags_of,
+    wait_for,
+)
+from cocoon_net.state import PoolState
+
+TAG_NODE = "cocoon-net:node"
+MAX_ENIS = 7  # secondary ENIs per EBM instance (cloud-apis.md E3, "Platform limits")
+IPS_PER_ENI = 20  # secondary IPs per ENI on the same instances
+MAX_POOL = MAX_ENIS * IPS_PER_ENI
+
+
+@dataclass(frozen=True)
+class Eni:
+    """An ENI as DescribeNetworkInterfaces reports it."""
+
+    id: str
+    name: str
+    status: str
+    mac: str
+    device_id: str
+    subnet_id: str
+    secondary: tuple[IPv4Address, ...]
+    tags: Mapping[str, str] = field(default_factory=dict)
+    primary: bool = False
+    security_groups: tuple[str, ...] = ()
+
+    @classmethod
+    def from_api(cls, raw: Mapping[str, Any]) -> Eni:
+        ips = (raw.get("PrivateIpSets") or {}).get("PrivateIpSet") or ()
+        return cls(
+            id=str(raw["NetworkInterfaceId"]),
+            name=str(raw.get("NetworkInterfaceName", "")),
+            status=str(raw.get("Status", "")),
+            mac=str(raw.get("MacAddress", "")).lower(),
+            device_id=str(raw.get("DeviceId") or ""),
+            subnet_id=str(raw.get("SubnetId", "")),
+            secondary=tuple(
+                IPv4Address(ip["PrivateIpAddress"]) for ip in ips if not ip.get("Primary")
+            ),
+            tags=tags_of(raw),
+            primary=raw.get("Type") == "primary",
+            security_groups=tuple(str(sg) for sg in raw.get("SecurityGroupIds") or ()),
+        )
+
+
+# --- pure decisions -----------------------------------------------------------------------
+
+
+def eni_name(node: str, slot: int) -> str:
+    return f"{node}-eni-{slot}"
+
+
+def slot_of(node: str, name: str) -> int | None:
+    prefix = f"{node}-eni-"
+    rest = name.removeprefix(prefix)
+    return int(rest) if name.startswith(prefix) and rest.isdigit() else None
+
+
+def ip_targets(pool_size: int) -> list[int]:
+    """Secondary IPs wanted on ENI slot 1, 2, ...: full ENIs first (50 -> [20, 20, 10])."""
+    if not 1 <= pool_size <= MAX_POOL:
+        raise UsageError(
+            f"invalid --pool-size {pool_size}: a Volcengine node holds 1 to {MAX_POOL} "
+            f"addresses ({MAX_ENIS} ENIs x {IPS_PER_ENI} secondary IPs)"
+        )
+    full, rest = divmod(pool_size, IPS_PER_ENI)
+    return [IPS_PER_ENI] * full + ([rest] if rest else [])
+
+
+def is_ours(eni: Eni, node: str, recorded: set[str]) -> bool:
+    return eni.tags.get(TAG_NODE) == node or eni.id in recorded
+
+
+def rule_covers(rule: Mapping[str, Any], vpc: IPv4Network) -> bool:
+    """An ingress accept rule for every protocol from a range holding the whole VPC."""
+    try:
+        source = IPv4Network(str(rule.get("CidrIp", "")), strict=False)
+    except ValueError:
+        return False
+    return (
+        rule.get("Direction", "ingress") == "ingress"
+        and rule.get("Policy", "accept") == "accept"
+        and rule.get("Protocol") == "all"
+        and vpc.subnet_of(source)
+    )
+
+
+def pool_ips(enis: list[Eni], subnet: IPv4Network, gateway: IPv4Address) -> list[IPv4Address]:
+    """Exactly the secondary IPs of enis inside subnet, the gateway excluded, sorted."""
+    found = {ip for eni in enis for ip in eni.secondary if ip in subnet and ip != gateway}
+    return sorted(found)
+
+
+# --- the platform -------------------------------------------------------------------------
+
+
+def _link_up(mac: str, *, policy: PollPolicy) -> str:
+    """The OS interface of an attached ENI, found by MAC once hot-plug made it appear."""
+    name = wait_for(
+        lambda: nic.link_by_mac(mac),
+        lambda found: found is not None,
+        what=f"network interface with MAC {mac} to appear",
+        policy=policy,
+    )
+    assert name is not None
+    proc.run(["ip", "link", "set", "dev", name, "up"])
+    return name
+
+
+class VolcenginePlatform:
+    name = "volcengine"
+
+    def __init__(
+        self,
+        environ: Mapping[str, str],
+        *,
+        retry: RetryPolicy | None = None,
+        poll: PollPolicy | None = None,
+    ) -> None:
+        self._settings = volc_api.settings(environ)
+        self._environ = dict(environ)
+        self._retry = retry
+        self._poll = poll or PollPolicy()
+        self._info: InstanceInfo | None = None
+        self._api: VpcApi | None = None
+
+    # Credentials and metadata are read on first use, so a missing key fails the command
+    # that needs the cloud with a clear message, and plan_teardown needs neither.
+    def _instance(self) -> InstanceInfo:
+        if self._info is None:
+            self._info = volc_api.read_metadata(self._settings.metadata_url, retry=self._retry)
+        return self._info
+
+    def _vpc(self) -> VpcApi:
+        if self._api is None:
+            creds = volc_api.load_credentials(self._environ, self._settings.config_path)
+            if not creds.region:
+                creds = dataclasses.replace(creds, region=self._instance().region)
+            self._api = VpcApi(self._settings.endpoint, creds, retry=self._retry)
+        return self._api
+
+    def _describe(self, **filters: str) -> list[Eni]:
+        return [
+            Eni.from_api(raw)
+            for raw in self._vpc().pages(
+                "DescribeNetworkInterfaces", filters, "NetworkInterfaceSets"
+            )
+        ]
+
+    def _describe_one(self, eni_id: str) -> Eni | None:
+        found = self._describe(**indexed("NetworkInterfaceIds", [eni_id]))
+        return found[0] if found else None
+
+    def _wait_eni(self, eni_id: str, what: str, done: Callable[[Eni], bool]) -> Eni:
+        def fetch() -> Eni:
+            eni = self._describe_one(eni_id)
+            if eni is None:
+                raise CloudNotFound(f"Volcengine ENI {eni_id} disappeared while waiting")
+            return eni
+
+        return wait_for(fetch, done, what=f"ENI {eni_id} {what}", policy=self._poll)
+
+    def _our_enis(self, node: str, recorded: set[str]) -> list[Eni]:
+        """Ours: tagged for node anywhere, or recorded by an earlier run and still there."""
+        tagged = self._describe(**tag_filter_params({TAG_NODE: node}))
+        known = {eni.id for eni in tagged}
+        rest = sorted(recorded - known)
+        extra = self._describe(**indexed("NetworkInterfaceIds", rest)) if rest else []
+        return [eni for eni in tagged + extra if is_ours(eni, node, recorded)]
+
+    # --- provision ----------------------------------------------------------------------
+
+    def provision(self, request: NodeRequest, record: ResourceRecorder) -> ProvisionResult:
+        targets = ip_targets(request.pool_size)  # before any cloud call
+        return _Provision(self, request, record).run(targets)
+
+    def adopt(self, request: NodeRequest) -> ProvisionResult:
+        """The pool is the secondary IPs the VPC already routes to this instance's ENIs
+        inside --subnet (the Go tool pooled sequential addresses instead, §9.5 #28)."""
+        info = self._instance()
+        enis = [
+            eni
+            for eni in self._describe(InstanceId=info.instance_id)
+            if not eni.primary and eni.status == "InUse"
+        ]
+        ips = pool_ips(enis, request.subnet, request.gateway)[: request.pool_size]
+        if not ips:
+            raise CloudError(
+                f"no secondary IPs inside {request.subnet} on the ENIs of {info.instance_id}: "
+                "nothing to adopt (run 'cocoon-net init' to create them)"
+            )
+        used = [eni for eni in enis if any(ip in ips for ip in eni.secondary)]
+        nics = [name for eni in used if (name := nic.link_by_mac(eni.mac))]
+        return ProvisionResult(
+            ips=ips,
+            secondary_nics=nics,
+            vpc_cidrs=[self.vpc_cidr(info.vpc_id)],
+            eni_ids=[eni.id for eni in used],
+            cloud={"instanceId": info.instance_id, "adoptedEnis": [eni.id for eni in used]},
+        )
+
+    def vpc_cidr(self, vpc_id: str) -> IPv4Network:
+        raw = self._vpc().call("DescribeVpcAttributes", {"VpcId": vpc_id})
+        try:
+            return IPv4Network(str(raw.get("CidrBlock", "")))
+        except ValueError:
+            raise CloudError(f"Volcengine VPC {vpc_id}: no usable CidrBlock") from None
+
+    # --- status and teardown ------------------------------------------------------------
+
+    def status(self, state: PoolState) -> list[StatusLine]:
+        cloud = state.cloud
+        recorded = {str(e.get("id")) for e in cloud.get("enis") or () if isinstance(e, dict)}
+        lines: list[StatusLine] = []
+        subnet = cloud.get("subnet") or {}
+        if subnet.get("id"):
+            found = self._vpc().call("DescribeSubnets", indexed("SubnetIds", [subnet["id"]]))
+            rows = found.get("Subnets") or []
+            state_text = (
+                f"{rows[0].get('Status')}, {rows[0].get('AvailableIpAddressCount')} free"
+                if rows
+                else "missing"
+            )
+            owner = "created by cocoon-net" if subnet.get("created") else "pre-existing"
+            lines.append(
+                StatusLine(
+                    "SubnetID", f"{subnet['id']} {subnet.get('cidr', '')} ({state_text}; {owner})"
+                )
+            )
+        enis = sorted(self._our_enis(state.node_name, recorded), key=lambda e: e.name)
+        lines.append(StatusLine("ENIs", str(len(enis))))
+        for eni in enis:
+            ifname = nic.link_by_mac(eni.mac) or "-"
+            lines.append(
+                StatusLine(
+                    f"  {eni.id}",
+                    f"{eni.name} mac {eni.mac} if {ifname} {eni.status} {len(eni.secondary)} IPs",
+                )
+            )
+        return lines
+
+    def plan_teardown(self, state: PoolState) -> list[str]:
+        cloud = state.cloud
+        lines = [
+            f"detach and delete ENI {e.get('id')} ({e.get('name')}, {len(e.get('ips') or [])} IPs)"
+            for e in cloud.get("enis") or ()
+            if isinstance(e, dict)
+        ]
+        lines.append(f"and any other ENI tagged {TAG_NODE}={state.node_name}")
+        sg = cloud.get("securityGroup") or {}
+        if sg.get("ruleCreated"):
+            lines.append(f"revoke the VPC ingress rule {sg.get('cidr')} in {sg.get('id')}")
+        subnet = cloud.get("subnet") or {}
+        if subnet.get("created"):
+            lines.append(f"delete subnet {subnet.get('id')} ({subnet.get('cidr')})")
+        return lines
+
+    def teardown(self, state: PoolState, record: ResourceRecorder) -> None:
+        _Teardown(self, state, record).run()
+
+
+def _combined(failures: list[tuple[str, Exception]]) -> Exception:
+    """One error for several threads' failures, of the first failure's kind."""
+    first = failures[0][1]
+    if len(failures) == 1:
+        return first
+    text = "; ".join(f"{what}: {exc}" for what, exc in failures)
+    kind = type(first) if isinstance(first, CloudError | HostSetupError) else CloudError
+    return kind(text)
+
+
+class _Provision:
+    """One run of init. Every create is recorded before the next step, so a crash anywhere
+    leaves pool.json naming what exists; a rerun finds it (record or tag) and carries on."""
+
+    def __init__(
+        self, platform: VolcenginePlatform, request: NodeRequest, record: ResourceRecorder
+    ) -> None:
+        self.p = platform
+        self.req = request
+        self._record = record
+        self._lock = threading.Lock()  # ENI threads record concurrently
+        prev = request.cloud
+        self.subnet: dict[str, Any] = dict(prev.get("subnet") or {})
+        self.enis: dict[str, dict[str, Any]] = {
+            str(e["id"]): dict(e) for e in prev.get("enis") or () if isinstance(e, dict)
+        }
+
+    def _save_eni(self, eni: Eni) -> None:
+        with self._lock:
+            self.enis[eni.id] = {
+                "id": eni.id,
+                "name": eni.name,
+                "mac": eni.mac,
+                "subnetId": eni.subnet_id,
+                "ips": [str(ip) for ip in sorted(eni.secondary)],
+            }
+            self._record({"enis": _eni_records(self.enis)})
+
+    def run(self, targets: list[int]) -> ProvisionResult:
+        info = self.p._instance()
+        self._record({"instanceId": info.instance_id, "vpcId": info.vpc_id})
+        vpc = self.p.vpc_cidr(info.vpc_id)
+        if not self.req.subnet.subnet_of(vpc):
+            raise CloudError(
+                f"--subnet {self.req.subnet} is outside VPC {info.vpc_id} ({vpc}): "
+                "pick a free range inside the VPC"
+            )
+        subnet_id = self._ensure_subnet(info)
+        sg_record = self._ensure_rule(info, vpc)
+        done = self._ensure_enis(info, subnet_id, sg_record["id"], targets)
+        enis = [eni for eni, _ in done]
+        cloud = {
+            "instanceId": info.instance_id,
+            "vpcId": info.vpc_id,
+            "subnet": self.subnet,
+            "securityGroup": sg_record,
+            "enis": _eni_records(self.enis),
+        }
+        return ProvisionResult(
+            ips=pool_ips(enis, self.req.subnet, self.req.gateway),
+            secondary_nics=[ifname for _, ifname in done],
+            vpc_cidrs=[vpc],
+            subnet_id=subnet_id,
+            eni_ids=[eni.id for eni in enis],
+            cloud=cloud,
+        )
+
+    def _ensure_subnet(self, info: InstanceInfo) -> str:
+        api, node, cidr = self.p._vpc(), self.req.node_name, self.req.subnet
+        subnets = list(api.pages("DescribeSubnets", {"VpcId": info.vpc_id}, "Subnets"))
+        # Compared as networks, not strings: "172.20.100.0/24" is "172.20.100.5/24".
+        match = next((s for s in subnets if _network(s) == cidr), None)
+        if match is not None:
+            subnet_id = str(match["SubnetId"])
+            created = bool(
+                (self.subnet.get("id") == subnet_id and self.subnet.get("created"))
+                or tags_of(match).get(TAG_NODE) == node
+            )
+            if match.get("ZoneId") != info.zone:
+                raise CloudError(
+                    f"subnet {subnet_id} ({cidr}) is in zone {match.get('ZoneId')} but this "
+                    f"instance is in {info.zone}: ENIs need a subnet in the instance's zone"
+                )
+        else:
+            clash = next((s for s in subnets if (n := _network(s)) and n.overlaps(cidr)), None)
+            if clash is not None:
+                raise CloudError(
+                    f"--subnet {cidr} overlaps subnet {clash.get('SubnetId')} "
+                    f"({clash.get('CidrBlock')}) of VPC {info.vpc_id}: pick a free range"
+                )
+            params = {
+                "VpcId": info.vpc_id,
+                "ZoneId": info.zone,
+                "CidrBlock": str(cidr),
+                "SubnetName": f"{node}-vms",
+                "Description": f"cocoon-net VM subnet of node {node}",
+                **tag_params({TAG_NODE: node}),
+            }
+            subnet_id = str(api.create("CreateSubnet", params)["SubnetId"])
+            created = True
+        self.subnet = {"id": subnet_id, "cidr": str(cidr), "created": created}
+        self._record({"subnet": self.subnet})
+        wait_for(
+            lambda: api.call("DescribeSubnets", indexed("SubnetIds", [subnet_id])),
+            lambda r: any(s.get("Status") == "Available" for s in r.get("Subnets") or ()),
+            what=f"subnet {subnet_id} to become Available",
+            policy=self.p._poll,
+        )
+        return subnet_id
+
+    def _ensure_rule(self, info: InstanceInfo, vpc: IPv4Network) -> dict[str, Any]:
+        """The VPC-internal ingress rule the Volcengine docs require, in the instance's own
+        security group (the Go tool took the VPC's first group, §9.7 #38)."""
+        api, node = self.p._vpc(), self.req.node_name
+        sg = self.req.options.get("security_group", "")
+        if not sg:
+            primary = [e for e in self.p._describe(InstanceId=info.instance_id) if e.primary]
+            if not primary or not primary[0].security_groups:
+                raise CloudError(
+                    f"cannot find the security group of {info.instance_id}'s primary ENI: "
+                    "pass --security-group"
+                )
+            sg = primary[0].security_groups[0]
+        perms = api.call("DescribeSecurityGroupAttributes", {"SecurityGroupId": sg})
+        rules = [r for r in perms.get("Permissions") or () if isinstance(r, dict)]
+        description = f"cocoon-net {node}: VPC-internal traffic"
+        covering = [r for r in rules if rule_covers(r, vpc)]
+        if not covering:
+            api.create(
+                "AuthorizeSecurityGroupIngress",
+                {
+                    "SecurityGroupId": sg,
+                    "Protocol": "all",
+                    "PortStart": "-1",
+                    "PortEnd": "-1",
+                    "CidrIp": str(vpc),
+                    "Policy": "accept",
+                    "Priority": "1",
+                    "Description": description,
+                },
+            )
+        created = not covering or any(r.get("Description") == description for r in covering)
+        record = {"id": sg, "cidr": str(vpc), "ruleCreated": created}
+        self._record({"securityGroup": record})
+        return record
+
+    def _ensure_enis(
+        self, info: InstanceInfo, subnet_id: str, sg: str, targets: list[int]
+    ) -> list[tuple[Eni, str]]:
+        node = self.req.node_name
+        by_slot: dict[int, Eni] = {}
+        for eni in self.p._our_enis(node, set(self.enis)):
+            self._save_eni(eni)
+            slot = slot_of(node, eni.name)
+            if eni.device_id not in ("", info.instance_id):
+                raise CloudError(
+                    f"ENI {eni.id} ({eni.name}) is tagged for {node} but attached to "
+                    f"{eni.device_id}: detach it there or remove its {TAG_NODE} tag"
+                )
+            if slot is not None and slot not in by_slot:
+                by_slot[slot] = eni
+        # Slots beyond --pool-size keep their ENI with no secondary IPs, so the pool is
+        # exactly what was asked for; teardown removes them.
+        plan = dict(enumerate(targets, start=1))
+        plan.update({slot: 0 for slot in by_slot if slot > len(targets)})
+        failures: list[tuple[str, Exception]] = []
+        results: dict[int, tuple[Eni, str]] = {}
+        with ThreadPoolExecutor(max_workers=len(plan), thread_name_prefix="eni") as pool:
+            futures = {
+                slot: pool.submit(self._slot, info, subnet_id, sg, slot, n, by_slot.get(slot))
+                for slot, n in plan.items()
+            }
+            for slot, future in sorted(futures.items()):
+                try:
+                    results[slot] = future.result()
+                except (CloudError, HostSetupError) as exc:
+                    failures.append((eni_name(node, slot), exc))
+        if failures:
+            raise _combined(failures)
+        return [results[slot] for slot in sorted(results)]
+
+    def _slot(
+        self, info: InstanceInfo, subnet_id: str, sg: str, slot: int, target: int, eni: Eni | None
+    ) -> tuple[Eni, str]:
+        """One ENI from nothing (or from wherever a previous run stopped) to an OS link that is
+        up with `target` secondary IPs."""
+        api, name = self.p._vpc(), eni_name(self.req.node_name, slot)
+        if eni is None:
+            params = {
+                "SubnetId": subnet_id,
+                **indexed("SecurityGroupIds", [sg]),
+                "NetworkInterfaceName": name,
+                "Description": f"cocoon-net VM addresses of node {self.req.node_name}",
+                **tag_params({TAG_NODE: self.req.node_name}),
+            }
+            eni_id = str(api.create("CreateNetworkInterface", params)["NetworkInterfaceId"])
+            with self._lock:
+                self.enis[eni_id] = {"id": eni_id, "name": name, "mac": "", "ips": []}
+                self._record({"enis": _eni_records(self.enis)})
+            eni = self.p._wait_eni(eni_id, "to be created", lambda e: e.status != "Creating")
+        if eni.subnet_id != subnet_id:
+            raise CloudError(
+                f"ENI {eni.id} ({name}) is in subnet {eni.subnet_id}, not {subnet_id}: "
+                "run 'cocoon-net teardown' before changing --subnet"
+            )
+        if eni.status in ("Creating", "Detaching"):
+            eni = self.p._wait_eni(eni.id, "to become Available", _settled)
+        if eni.status == "Available":
+            api.call(
+                "AttachNetworkInterface",
+                {"NetworkInterfaceId": eni.id, "InstanceId": info.instance_id},
+            )
+        if eni.status != "InUse":
+            eni = self.p._wait_eni(eni.id, f"to attach to {info.instance_id}", _attached)
+        self._save_eni(eni)
+        have = len(eni.secondary)
+        if have < target:
+            api.create(
+                "AssignPrivateIpAddresses",
+                {
+                    "NetworkInterfaceId": eni.id,
+                    "SecondaryPrivateIpAddressCount": str(target - have),
+                },
+            )
+        elif have > target:
+            extra = [str(ip) for ip in sorted(eni.secondary)[target:]]
+            api.call(
+                "UnassignPrivateIpAddresses",
+                {"NetworkInterfaceId": eni.id, **indexed("PrivateIpAddress", extra)},
+            )
+        if have != target:
+            eni = self.p._describe_one(eni.id) or eni
+            self._save_eni(eni)
+        return eni, _link_up(eni.mac, policy=self.p._poll)
+
+
+def _settled(eni: Eni) -> bool:
+    return eni.status in ("Available", "InUse")
+
+
+def _attached(eni: Eni) -> bool:
+    if eni.status == "Available":
+        # The attach was accepted, then undone by the cloud: say so instead of waiting out
+        # the deadline. The ENI stays recorded, so a rerun attaches it again.
+        raise CloudError(f"attaching ENI {eni.id} failed (it is Available again); re-run init")
+    return eni.status == "InUse"
+
+
+def _network(subnet: Mapping[str, Any]) -> IPv4Network | None:
+    try:
+        return IPv4Network(str(subnet.get("CidrBlock", "")), strict=False)
+    except ValueError:
+        return None
+
+
+def _eni_records(enis: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    # A list, so merging into pool.json["cloud"] replaces it whole and a deletion sticks.
+    return [dict(e) for e in sorted(enis.values(), key=lambda e: (str(e.get("name")), e["id"]))]
+
+
+class _Teardown:
+    """Remove what init made, every step attempted, each success recorded at once; what
+    could not be removed is raised as one CloudError, and a rerun finishes the job."""
+
+    def __init__(
+        self, platform: VolcenginePlatform, state: PoolState, record: ResourceRecorder
+    ) -> None:
+        self.p = platform
+        self.state = state
+        self._record = record
+        self._lock = threading.Lock()
+        cloud = state.cloud
+        self.enis: dict[str, dict[str, Any]] = {
+            str(e["id"]): dict(e) for e in cloud.get("enis") or () if isinstance(e, dict)
+        }
+
+    def run(self) -> None:
+        cloud, node = self.state.cloud, self.state.node_name
+        instance_id = str(cloud.get("instanceId") or self.p._instance().instance_id)
+        failures: list[str] = []
+        found = self.p._our_enis(node, set(self.enis))
+        with self._lock:  # forget recorded ENIs that are already gone, learn unrecorded ones
+            self.enis = {e.id: self.enis.get(e.id, {"id": e.id, "name": e.name}) for e in found}
+            self._record({"enis": _eni_records(self.enis)})
+        if found:
+            with ThreadPoolExecutor(max_workers=len(found), thread_name_prefix="eni") as pool:
+                futures = {eni.id: pool.submit(self._remove_eni, eni, instance_id) for eni in found}
+                for eni_id, future in futures.items():
+                    try:
+                        future.result()
+                    except CloudError as exc:
+                        failures.append(f"ENI {eni_id}: {exc}")
+        failures += self._remove_rule(cloud.get("securityGroup") or {})
+        failures += self._remove_subnet(cloud.get("subnet") or {}, cloud.get("vpcId"))
+        if failures:
+            raise CloudError(
+                "Volcengine teardown incomplete: "
+                + "; ".join(failures)
+                + " (re-run 'cocoon-net teardown' to finish)"
+            )
+
+    def _remove_eni(self, eni: Eni, instance_id: str) -> None:
+        api = self.p._vpc()
+        if eni.device_id and eni.device_id != instance_id:
+            raise CloudError(f"attached to another instance ({eni.device_id}); left alone")
+        if eni.status not in ("Available", "InUse"):
+            eni = self.p._wait_eni(eni.id, "to settle", _settled)
+        if eni.status == "InUse":
+            if eni.secondary:
+                api.call(
+                    "UnassignPrivateIpAddresses",
+                    {
+                        "NetworkInterfaceId": eni.id,
+                        **indexed("PrivateIpAddress", [str(ip) for ip in eni.secondary]),
+                    },
+                )
+            api.call(
+                "DetachNetworkInterface", {"NetworkInterfaceId": eni.id, "InstanceId": instance_id}
+            )
+            self.p._wait_eni(eni.id, "to detach", lambda e: e.status == "Available")
+        with contextlib.suppress(CloudNotFound):  # an earlier attempt's answer was lost
+            api.call("DeleteNetworkInterface", {"NetworkInterfaceId": eni.id})
+        with self._lock:
+            self.enis.pop(eni.id, None)
+            self._record({"enis": _eni_records(self.enis)})
+
+    def _remove_rule(self, sg: Mapping[str, Any]) -> list[str]:
+        if not sg.get("ruleCreated"):
+            return []
+        try:
+            self.p._vpc().call(
+                "RevokeSecurityGroupIngress",
+                {
+                    "SecurityGroupId": str(sg["id"]),
+                    "Protocol": "all",
+                    "PortStart": "-1",
+                    "PortEnd": "-1",
+                    "CidrIp": str(sg["cidr"]),
+                    "Policy": "accept",
+                    "Priority": "1",
+                },
+            )
+        except CloudError as exc:
+            return [f"security group rule in {sg['id']}: {exc}"]
+        self._record({"securityGroup": {**sg, "ruleCreated": False}})
+        return []
+
+    def _remove_subnet(self, subnet: Mapping[str, Any], vpc_id: Any) -> list[str]:
+        subnet_id = str(subnet.get("id") or "")
+        api = self.p._vpc()
+        if not subnet.get("created") and vpc_id:
+            # A crash between CreateSubnet and its record leaves only the tag to go by.
+            tagged = [
+                s
+                for s in api.pages("DescribeSubnets", {"VpcId": str(vpc_id)}, "Subnets")
+                if tags_of(s).get(TAG_NODE) == self.state.node_name
+            ]
+            subnet_id = str(tagged[0]["SubnetId"]) if tagged else ""
+        if not subnet_id or not (subnet.get("created") or subnet_id != subnet.get("id", "")):
+            return []
+        try:
+            api.call("DeleteSubnet", {"SubnetId": subnet_id})
+        except CloudNotFound:
+            pass
+        except CloudError as exc:
+            return [f"subnet {subnet_id}: {exc}"]
+        self._record({"subnet": {}})
+        return []
+
+
+def create(
+    environ: Mapping[str, str],
+    *,
+    retry: RetryPolicy | None = None,
+    poll: PollPolicy | None = None,
+) -> VolcenginePlatform:
+    return VolcenginePlatform(environ, retry=retry, poll=poll)

@@ -1,0 +1,620 @@
+"""A Volcengine VPC OpenAPI and metadata server for tests, on 127.0.0.1:0 in a thread.
+
+It speaks `GET /?Action=...&Version=2020-04-01` with the OpenAPI envelope, rejects requests
+whose HMAC-SHA256 signature does not verify (wrong key, tampered query), keeps state (one VPC
+with its instance, subnets, security groups and rules, ENIs whose status changes over time),
+honours ClientToken, and injects faults. Metadata lives under /latest/meta-data/.
+
+    emu = VolcEmulator()
+    base = emu.start()                       # or emu.start(netns="cnt-x"): listen in a netns
+    emu.inject("AttachNetworkInterface", "InternalError", times=2)
+    emu.attach_delay = 3.0                   # a slow attach
+    emu.on_attach = lambda mac, eni: ...     # hot-plug: create the OS interface
+    emu.stop()
+
+Error codes are those the real API documents where known (SignatureDoesNotMatch,
+InvalidAccessKey, AccountFlowLimitExceeded, InternalError, InsufficientIpInSubnet); the
+others follow its "<Kind>.<Resource>" pattern.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+import json
+import re
+import secrets
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from ipaddress import IPv4Address, IPv4Network
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from cocoon_net.platform.volc_sign import Credentials, sign
+
+_STATUS = {
+    "AccountFlowLimitExceeded": 429,
+    "InternalError": 500,
+    "ServiceUnavailable": 503,
+    "SignatureDoesNotMatch": 403,
+    "InvalidAccessKey": 401,
+    "MissingAuthenticationToken": 401,
+}
+
+
+class ApiError(Exception):
+    def __init__(self, code: str, message: str, status: int = 400) -> None:
+        super().__init__(code)
+        self.code, self.message, self.status = code, message, _STATUS.get(code, status)
+
+
+@dataclass
+class Fault:
+    action: str  # "*" matches every action
+    code: str
+    times: int
+    after_commit: bool  # do the work, then answer with the error (a lost answer)
+
+
+@dataclass
+class Subnet:
+    id: str
+    name: str
+    cidr: IPv4Network
+    zone: str
+    tags: dict[str, str]
+    status: str = "Pending"
+    used: set[IPv4Address] = field(default_factory=set)
+
+    def free(self) -> list[IPv4Address]:
+        # The API keeps the network, the first host (gateway) and the last three addresses.
+        hosts = list(self.cidr.hosts())[1:-2]
+        return [ip for ip in hosts if ip not in self.used]
+
+
+@dataclass
+class Eni:
+    id: str
+    name: str
+    subnet_id: str
+    mac: str
+    primary_ip: IPv4Address
+    security_groups: list[str]
+    tags: dict[str, str]
+    type: str = "secondary"
+    status: str = "Creating"
+    device_id: str = ""
+    secondary: list[IPv4Address] = field(default_factory=list)
+
+
+class VolcEmulator:
+    def __init__(
+        self,
+        *,
+        access_key: str = "AKLTtest",
+        secret_key: str = "secret-test-key",
+        region: str = "cn-beijing",
+        zone: str = "cn-beijing-a",
+        vpc_cidr: str = "172.20.0.0/16",
+        eni_limit: int = 8,  # per instance, the primary included (EBM: 1 + 7)
+        ip_limit: int = 20,  # secondary IPs per ENI
+    ) -> None:
+        self.access_key, self.secret_key, self.region, self.zone = (
+            access_key,
+            secret_key,
+            region,
+            zone,
+        )
+        self.vpc_id = "vpc-" + secrets.token_hex(6)
+        self.vpc_cidr = IPv4Network(vpc_cidr)
+        self.instance_id = "i-" + secrets.token_hex(6)
+        self.eni_limit, self.ip_limit = eni_limit, ip_limit
+        self.create_delay = 0.05  # Creating -> Available
+        self.attach_delay = 0.1  # Attaching -> InUse
+        self.detach_delay = 0.1  # Detaching -> Available
+        self.subnet_delay = 0.05  # Pending -> Available
+        self.on_attach: Callable[[str, str], None] | None = None  # (mac, eni_id)
+        self.on_detach: Callable[[str, str], None] | None = None
+        self.calls: list[str] = []
+        self.faults: list[Fault] = []
+        self.failing_attaches = 0  # attaches that end back in Available
+        self.lock = threading.RLock()
+        self.subnets: dict[str, Subnet] = {}
+        self.enis: dict[str, Eni] = {}
+        self.rules: dict[str, list[dict[str, Any]]] = {}
+        self.tokens: dict[str, dict[str, Any]] = {}
+        self._timers: list[threading.Timer] = []
+        self._macs = (
+            f"fa:16:3e:{i >> 16 & 255:02x}:{i >> 8 & 255:02x}:{i & 255:02x}"
+            for i in itertools.count(secrets.randbelow(1 << 20))
+        )
+        # The instance's own world: a default subnet, its security group, its primary ENI.
+        self.default_sg = "sg-" + secrets.token_hex(6)
+        self.other_sg = "sg-" + secrets.token_hex(6)
+        self.rules = {self.default_sg: [], self.other_sg: []}
+        base = self._add_subnet("default", IPv4Network("172.20.0.0/24"), {}, ready=True)
+        self.primary = self._add_eni("primary", base, [self.default_sg], {}, status="InUse")
+        self.primary.type, self.primary.device_id = "primary", self.instance_id
+        self._server: ThreadingHTTPServer | None = None
+
+    # --- test controls -------------------------------------------------------------------
+
+    def inject(self, action: str, code: str, *, times: int = 1, after_commit: bool = False) -> None:
+        with self.lock:
+            self.faults.append(Fault(action, code, times, after_commit))
+
+    def add_foreign_eni(self, *, attach: bool = True, name: str = "") -> Eni:
+        """An ENI someone else made on this instance, in the default subnet, untagged."""
+        with self.lock:
+            subnet = next(s for s in self.subnets.values() if s.name == "default")
+            eni = self._add_eni(
+                name or "foreign", subnet, [self.default_sg], {}, status="Available"
+            )
+            if attach:
+                eni.status, eni.device_id = "InUse", self.instance_id
+            eni.secondary = subnet.free()[:3]
+            subnet.used.update(eni.secondary)
+            return eni
+
+    def snapshot(self) -> dict[str, Any]:
+        """Every resource and its state, to compare before init and after teardown."""
+        with self.lock:
+            return {
+                "subnets": {
+                    s.id: (str(s.cidr), s.status, len(s.used)) for s in self.subnets.values()
+                },
+                "enis": {
+                    e.id: (e.status, e.device_id, sorted(map(str, e.secondary)))
+                    for e in self.enis.values()
+                },
+                "rules": {k: sorted(map(json.dumps, v)) for k, v in self.rules.items()},
+            }
+
+    def metadata_url(self) -> str:
+        return self.base_url + "/latest/meta-data"
+
+    def environ(self) -> dict[str, str]:
+        """Everything the platform needs to talk to this emulator and nothing real."""
+        return {
+            "VOLCENGINE_ACCESS_KEY_ID": self.access_key,
+            "VOLCENGINE_SECRET_ACCESS_KEY": self.secret_key,
+            "COCOON_NET_VOLCENGINE_ENDPOINT": self.base_url,
+            "COCOON_NET_VOLCENGINE_METADATA_URL": self.metadata_url(),
+            "COCOON_NET_VOLCENGINE_CONFIG": "/nonexistent/volcengine-config.json",
+        }
+
+    # --- server --------------------------------------------------------------------------
+
+    def start(self, netns: str | None = None) -> str:
+        """Serve on 127.0.0.1:0, inside network namespace netns when given (the socket is
+        made by a thread that joined it, and stays there)."""
+        sock_box: list[socket.socket] = []
+        errors: list[BaseException] = []
+
+        def bind() -> None:
+            try:
+                if netns:
+                    from cocoon_net import netns as netns_mod
+
+                    netns_mod.enter(netns)
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind(("127.0.0.1", 0))
+                sock_box.append(sock)
+            except BaseException as exc:
+                errors.append(exc)
+
+        binder = threading.Thread(target=bind)
+        binder.start()
+        binder.join()
+        if errors:
+            raise errors[0]
+        emulator = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                emulator._handle(self)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler, bind_and_activate=False)
+        server.socket.close()
+        server.socket = sock_box[0]
+        server.server_address = server.socket.getsockname()
+        server.server_activate()
+        server.daemon_threads = True
+        self._server = server
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        self.base_url = f"http://127.0.0.1:{server.server_address[1]}"
+        return self.base_url
+
+    def stop(self) -> None:
+        for timer in self._timers:
+            timer.cancel()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+
+    def _handle(self, req: BaseHTTPRequestHandler) -> None:
+        parts = urlsplit(req.path)
+        if parts.path.startswith("/latest/meta-data/"):
+            self._metadata(req, parts.path.removeprefix("/latest/meta-data/"))
+            return
+        query = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
+        action = query.get("Action", "")
+        meta: dict[str, Any] = {
+            "RequestId": secrets.token_hex(8),
+            "Action": action,
+            "Version": query.get("Version", ""),
+            "Service": "vpc",
+            "Region": self.region,
+        }
+        try:
+            self._verify(req, parts.path, parts.query)
+            with self.lock:
+                self.calls.append(action)
+                result = self._dispatch(action, query)
+            status, body = 200, {"ResponseMetadata": meta, "Result": result}
+        except ApiError as exc:
+            meta["Error"] = {"Code": exc.code, "Message": exc.message}
+            status, body = exc.status, {"ResponseMetadata": meta}
+        self._send(req, status, json.dumps(body).encode(), "application/json")
+
+    @staticmethod
+    def _send(req: BaseHTTPRequestHandler, status: int, data: bytes, ctype: str) -> None:
+        req.send_response(status)
+        req.send_header("Content-Type", ctype)
+        req.send_header("Content-Length", str(len(data)))
+        req.end_headers()
+        req.wfile.write(data)
+
+    def _metadata(self, req: BaseHTTPRequestHandler, path: str) -> None:
+        values = {
+            "instance-id": self.instance_id,
+            "vpc-id": self.vpc_id,
+            "placement/availability-zone": self.zone,
+            "mac": self.primary.mac,
+        }
+        if path in values:
+            self._send(req, 200, values[path].encode(), "text/plain")
+        else:
+            self._send(req, 404, b"not found", "text/plain")
+
+    def _verify(self, req: BaseHTTPRequestHandler, path: str, raw_query: str) -> None:
+        """Recompute the signature from what arrived, as the API gateway does."""
+        auth = req.headers.get("Authorization", "")
+        match = re.fullmatch(
+            r"HMAC-SHA256 Credential=([^/]+)/(\d{8})/([^/]+)/vpc/request, "
+            r"SignedHeaders=([a-z0-9;-]+), Signature=([0-9a-f]{64})",
+            auth,
+        )
+        if not match:
+            raise ApiError("MissingAuthenticationToken", "the request is not signed")
+        access_key, _date, region, signed_names, signature = match.groups()
+        if access_key != self.access_key:
+            raise ApiError("InvalidAccessKey", f"access key {access_key} does not exist")
+        names = signed_names.split(";")
+        headers = {
+            name: req.headers.get(name, "")
+            for name in names
+            if name not in ("host", "x-date", "x-content-sha256", "x-security-token")
+        }
+        creds = Credentials(
+            self.access_key,
+            self.secret_key,
+            region,
+            session_token=req.headers.get("X-Security-Token", ""),
+        )
+        x_date = req.headers.get("X-Date", "")
+        try:
+            now = datetime.strptime(x_date, "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+        except ValueError:
+            raise ApiError("SignatureDoesNotMatch", "bad X-Date") from None
+        query = parse_qs(raw_query, keep_blank_values=True)
+        host = req.headers.get("Host", "")
+        expected = sign("GET", f"http://{host}{path}", query, headers, b"", creds, now)
+        if expected["Authorization"].rsplit("Signature=", 1)[1] != signature:
+            raise ApiError(
+                "SignatureDoesNotMatch",
+                "the request signature we calculated does not match the signature you provided",
+            )
+
+    # --- actions -------------------------------------------------------------------------
+
+    def _dispatch(self, action: str, q: dict[str, str]) -> dict[str, Any]:
+        fault = next((f for f in self.faults if f.action in (action, "*") and f.times > 0), None)
+        if fault is not None:
+            fault.times -= 1
+            if not fault.after_commit:
+                raise ApiError(fault.code, f"injected {fault.code}")
+        handler = getattr(self, "_a_" + action, None)
+        if handler is None:
+            raise ApiError("InvalidAction", f"unknown action {action!r}", 404)
+        token = q.get("ClientToken", "")
+        if token and token in self.tokens:
+            return self.tokens[token]
+        result: dict[str, Any] = handler(q)
+        if token:
+            self.tokens[token] = result
+        if fault is not None:
+            raise ApiError(fault.code, f"injected {fault.code} after the work was done")
+        return result
+
+    def _later(self, delay: float, fn: Callable[[], None]) -> None:
+        def run() -> None:
+            with self.lock:
+                fn()
+
+        timer = threading.Timer(delay, run)
+        timer.daemon = True
+        self._timers.append(timer)
+        timer.start()
+
+    def _add_subnet(
+        self, name: str, cidr: IPv4Network, tags: dict[str, str], *, ready: bool = False
+    ) -> Subnet:
+        subnet = Subnet("subnet-" + secrets.token_hex(6), name, cidr, self.zone, tags)
+        self.subnets[subnet.id] = subnet
+        if ready:
+            subnet.status = "Available"
+        else:
+            self._later(self.subnet_delay, lambda: setattr(subnet, "status", "Available"))
+        return subnet
+
+    def _add_eni(
+        self, name: str, subnet: Subnet, sgs: list[str], tags: dict[str, str], *, status: str
+    ) -> Eni:
+        free = subnet.free()
+        if not free:
+            raise ApiError("InsufficientIpInSubnet", f"no free address in {subnet.id}")
+        eni = Eni(
+            "eni-" + secrets.token_hex(6), name, subnet.id, next(self._macs), free[0], sgs, tags
+        )
+        subnet.used.add(free[0])
+        eni.status = status
+        self.enis[eni.id] = eni
+        return eni
+
+    @staticmethod
+    def _list(q: dict[str, str], name: str) -> list[str]:
+        keys = [k for k in q if re.fullmatch(re.escape(name) + r"\.\d+", k)]
+        return [q[k] for k in sorted(keys, key=lambda k: int(k.rsplit(".", 1)[1]))]
+
+    @staticmethod
+    def _tags(q: dict[str, str]) -> dict[str, str]:
+        out = {}
+        for key, value in q.items():
+            if m := re.fullmatch(r"Tags\.(\d+)\.Key", key):
+                out[value] = q.get(f"Tags.{m.group(1)}.Value", "")
+        return out
+
+    @staticmethod
+    def _page(q: dict[str, str], items: list[dict[str, Any]], key: str) -> dict[str, Any]:
+        size = min(int(q.get("PageSize", "20")), 100)
+        number = int(q.get("PageNumber", "1"))
+        chunk = items[(number - 1) * size : number * size]
+        return {key: chunk, "TotalCount": len(items), "PageNumber": number, "PageSize": size}
+
+    def _subnet(self, q: dict[str, str]) -> Subnet:
+        subnet = self.subnets.get(q.get("SubnetId", ""))
+        if subnet is None:
+            raise ApiError("InvalidSubnet.NotFound", f"subnet {q.get('SubnetId')} not found", 404)
+        return subnet
+
+    def _eni(self, q: dict[str, str]) -> Eni:
+        eni = self.enis.get(q.get("NetworkInterfaceId", ""))
+        if eni is None:
+            raise ApiError(
+                "InvalidEni.NotFound", f"ENI {q.get('NetworkInterfaceId')} not found", 404
+            )
+        return eni
+
+    def _a_DescribeVpcAttributes(self, q: dict[str, str]) -> dict[str, Any]:
+        if q.get("VpcId") != self.vpc_id:
+            raise ApiError("InvalidVpc.NotFound", f"VPC {q.get('VpcId')} not found", 404)
+        return {"VpcId": self.vpc_id, "CidrBlock": str(self.vpc_cidr), "Status": "Available"}
+
+    def _a_DescribeSubnets(self, q: dict[str, str]) -> dict[str, Any]:
+        ids = self._list(q, "SubnetIds")
+        items = [
+            {
+                "SubnetId": s.id,
+                "SubnetName": s.name,
+                "CidrBlock": str(s.cidr),
+                "ZoneId": s.zone,
+                "VpcId": self.vpc_id,
+                "Status": s.status,
+                "AvailableIpAddressCount": len(s.free()),
+                "Tags": [{"Key": k, "Value": v} for k, v in s.tags.items()],
+            }
+            for s in self.subnets.values()
+            if (not ids or s.id in ids) and q.get("VpcId", self.vpc_id) == self.vpc_id
+        ]
+        return self._page(q, items, "Subnets")
+
+    def _a_CreateSubnet(self, q: dict[str, str]) -> dict[str, Any]:
+        try:
+            cidr = IPv4Network(q.get("CidrBlock", ""))
+        except ValueError:
+            raise ApiError("InvalidParameter.CidrBlock", "bad CidrBlock") from None
+        if not cidr.subnet_of(self.vpc_cidr):
+            raise ApiError("InvalidSubnet.CidrBlock", f"{cidr} is not inside {self.vpc_cidr}")
+        if any(cidr.overlaps(s.cidr) for s in self.subnets.values()):
+            raise ApiError("InvalidSubnet.Conflict", f"{cidr} overlaps an existing subnet")
+        if q.get("ZoneId") != self.zone:
+            raise ApiError("InvalidZone.NotFound", f"zone {q.get('ZoneId')} not found", 404)
+        return {"SubnetId": self._add_subnet(q.get("SubnetName", ""), cidr, self._tags(q)).id}
+
+    def _a_DeleteSubnet(self, q: dict[str, str]) -> dict[str, Any]:
+        subnet = self._subnet(q)
+        if any(e.subnet_id == subnet.id for e in self.enis.values()):
+            raise ApiError("DependencyViolation.NetworkInterface", f"{subnet.id} has ENIs")
+        del self.subnets[subnet.id]
+        return {}
+
+    def _a_DescribeSecurityGroups(self, q: dict[str, str]) -> dict[str, Any]:
+        items = [{"SecurityGroupId": sg, "VpcId": self.vpc_id} for sg in self.rules]
+        return self._page(q, items, "SecurityGroups")
+
+    def _sg(self, q: dict[str, str]) -> list[dict[str, Any]]:
+        rules = self.rules.get(q.get("SecurityGroupId", ""))
+        if rules is None:
+            raise ApiError("InvalidSecurityGroup.NotFound", "security group not found", 404)
+        return rules
+
+    def _a_DescribeSecurityGroupAttributes(self, q: dict[str, str]) -> dict[str, Any]:
+        return {"SecurityGroupId": q["SecurityGroupId"], "Permissions": list(self._sg(q))}
+
+    @staticmethod
+    def _rule(q: dict[str, str]) -> dict[str, Any]:
+        return {
+            "Direction": "ingress",
+            "Protocol": q.get("Protocol", ""),
+            "PortStart": int(q.get("PortStart", "-1")),
+            "PortEnd": int(q.get("PortEnd", "-1")),
+            "CidrIp": q.get("CidrIp", ""),
+            "Policy": q.get("Policy", "accept"),
+            "Priority": int(q.get("Priority", "1")),
+        }
+
+    def _a_AuthorizeSecurityGroupIngress(self, q: dict[str, str]) -> dict[str, Any]:
+        rules, rule = self._sg(q), self._rule(q)
+        if any({k: r[k] for k in rule} == rule for r in rules):
+            raise ApiError("InvalidSecurityRule.Conflict", "the rule already exists")
+        rules.append({**rule, "Description": q.get("Description", "")})
+        return {}
+
+    def _a_RevokeSecurityGroupIngress(self, q: dict[str, str]) -> dict[str, Any]:
+        rules, rule = self._sg(q), self._rule(q)
+        rules[:] = [r for r in rules if {k: r[k] for k in rule} != rule]
+        return {}
+
+    def _eni_json(self, e: Eni) -> dict[str, Any]:
+        ips = [{"PrivateIpAddress": str(e.primary_ip), "Primary": True}]
+        ips += [{"PrivateIpAddress": str(ip), "Primary": False} for ip in e.secondary]
+        return {
+            "NetworkInterfaceId": e.id,
+            "NetworkInterfaceName": e.name,
+            "Type": e.type,
+            "Status": e.status,
+            "MacAddress": e.mac,
+            "DeviceId": e.device_id,
+            "SubnetId": e.subnet_id,
+            "VpcId": self.vpc_id,
+            "ZoneId": self.zone,
+            "PrimaryIpAddress": str(e.primary_ip),
+            "PrivateIpSets": {"PrivateIpSet": ips},
+            "SecurityGroupIds": list(e.security_groups),
+            "Tags": [{"Key": k, "Value": v} for k, v in e.tags.items()],
+        }
+
+    def _a_DescribeNetworkInterfaces(self, q: dict[str, str]) -> dict[str, Any]:
+        ids = self._list(q, "NetworkInterfaceIds")
+        filters = {}
+        for key, value in q.items():
+            if m := re.fullmatch(r"TagFilters\.(\d+)\.Key", key):
+                filters[value] = q.get(f"TagFilters.{m.group(1)}.Values.1", "")
+        items = [
+            self._eni_json(e)
+            for e in self.enis.values()
+            if (not ids or e.id in ids)
+            and q.get("InstanceId", e.device_id) == e.device_id
+            and q.get("SubnetId", e.subnet_id) == e.subnet_id
+            and all(e.tags.get(k) == v for k, v in filters.items())
+        ]
+        return self._page(q, items, "NetworkInterfaceSets")
+
+    def _a_CreateNetworkInterface(self, q: dict[str, str]) -> dict[str, Any]:
+        subnet = self._subnet(q)
+        sgs = self._list(q, "SecurityGroupIds")
+        if not sgs or any(sg not in self.rules for sg in sgs):
+            raise ApiError("InvalidSecurityGroup.NotFound", "security group not found", 404)
+        eni = self._add_eni(
+            q.get("NetworkInterfaceName", ""), subnet, sgs, self._tags(q), status="Creating"
+        )
+        self._later(self.create_delay, lambda: setattr(eni, "status", "Available"))
+        return {"NetworkInterfaceId": eni.id}
+
+    def _a_AttachNetworkInterface(self, q: dict[str, str]) -> dict[str, Any]:
+        eni = self._eni(q)
+        if q.get("InstanceId") != self.instance_id:
+            raise ApiError("InvalidInstance.NotFound", "instance not found", 404)
+        if eni.status != "Available":
+            raise ApiError("InvalidEni.InvalidStatus", f"{eni.id} is {eni.status}")
+        attached = [e for e in self.enis.values() if e.device_id == self.instance_id]
+        if len(attached) >= self.eni_limit:
+            raise ApiError(
+                "LimitExceeded.NetworkInterfacesPerInstance",
+                f"an instance takes at most {self.eni_limit} ENIs",
+            )
+        eni.status, eni.device_id = "Attaching", self.instance_id
+        failing = self.failing_attaches > 0
+        self.failing_attaches -= failing
+
+        def finish() -> None:
+            if failing:
+                eni.status, eni.device_id = "Available", ""
+                return
+            eni.status = "InUse"
+            if self.on_attach:
+                self.on_attach(eni.mac, eni.id)
+
+        self._later(self.attach_delay, finish)
+        return {}
+
+    def _a_DetachNetworkInterface(self, q: dict[str, str]) -> dict[str, Any]:
+        eni = self._eni(q)
+        if eni.type == "primary":
+            raise ApiError("OperationDenied.PrimaryNetworkInterface", "cannot detach a primary ENI")
+        if eni.status != "InUse" or eni.device_id != q.get("InstanceId"):
+            raise ApiError("InvalidEni.InvalidStatus", f"{eni.id} is {eni.status}")
+        eni.status = "Detaching"
+        if self.on_detach:
+            self.on_detach(eni.mac, eni.id)
+
+        def finish() -> None:
+            eni.status, eni.device_id = "Available", ""
+
+        self._later(self.detach_delay, finish)
+        return {}
+
+    def _a_DeleteNetworkInterface(self, q: dict[str, str]) -> dict[str, Any]:
+        eni = self._eni(q)
+        if eni.status != "Available":
+            raise ApiError("InvalidEni.InvalidStatus", f"{eni.id} is {eni.status}")
+        subnet = self.subnets[eni.subnet_id]
+        subnet.used.difference_update([eni.primary_ip, *eni.secondary])
+        del self.enis[eni.id]
+        return {}
+
+    def _a_AssignPrivateIpAddresses(self, q: dict[str, str]) -> dict[str, Any]:
+        eni = self._eni(q)
+        if eni.status not in ("Available", "InUse"):
+            raise ApiError("InvalidEni.InvalidStatus", f"{eni.id} is {eni.status}")
+        subnet = self.subnets[eni.subnet_id]
+        wanted = [IPv4Address(ip) for ip in self._list(q, "PrivateIpAddress")]
+        count = int(q.get("SecondaryPrivateIpAddressCount", "0")) or len(wanted)
+        if len(eni.secondary) + count > self.ip_limit:
+            raise ApiError(
+                "QuotaExceeded.PrivateIpAddress",
+                f"an ENI takes at most {self.ip_limit} secondary addresses",
+            )
+        free = subnet.free()
+        picked = wanted or free[:count]
+        if len(picked) < count or any(ip not in free for ip in picked):
+            raise ApiError("InsufficientIpInSubnet", f"not enough free addresses in {subnet.id}")
+        eni.secondary.extend(picked)
+        subnet.used.update(picked)
+        return {"NetworkInterfaceId": eni.id, "PrivateIpSet": [str(ip) for ip in picked]}
+
+    def _a_UnassignPrivateIpAddresses(self, q: dict[str, str]) -> dict[str, Any]:
+        eni = self._eni(q)
+        drop = {ipaddress.IPv4Address(ip) for ip in self._list(q, "PrivateIpAddress")}
+        eni.secondary = [ip for ip in eni.secondary if ip not in drop]
+        self.subnets[eni.subnet_id].used.difference_update(drop)
+        return {}

@@ -1,0 +1,294 @@
+"""Volcengine init/teardown against the emulator, with hot-plugged ENIs as veth links.
+
+The platform runs inside a test namespace (Netns.call); the emulator listens in the same
+namespace and creates a link with the ENI's MAC when an attach completes, as the
+hypervisor's hot-plug would, and deletes it on detach.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cocoon_net.errors import CloudError, CloudQuotaError
+from cocoon_net.platform import volcengine
+from cocoon_net.platform.base import NodeRequest, ProvisionResult
+from cocoon_net.platform.http import RetryPolicy
+from cocoon_net.platform.volc_api import PollPolicy
+from cocoon_net.state import PoolState
+from tests.emulators.volcengine import VolcEmulator
+from tests.support.netns import Netns
+
+pytestmark = pytest.mark.netns
+
+NODE = "node-a"
+SUBNET = IPv4Network("172.20.100.0/24")
+FAST_RETRY = RetryPolicy(attempts=4, deadline=20.0, base_delay=0.01, max_delay=0.05)
+FAST_POLL = PollPolicy(timeout=20.0, first=0.02, interval=0.1)
+
+
+class Cloud:
+    def __init__(self, ns: Netns, emu: VolcEmulator, pool_file: Path) -> None:
+        self.ns, self.emu, self.pool_file = ns, emu, pool_file
+
+    def recorded(self) -> dict[str, Any]:
+        return json.loads(self.pool_file.read_text()) if self.pool_file.exists() else {}
+
+    def init(self, pool_size: int = 140, **options: str) -> ProvisionResult:
+        result: ProvisionResult = self.ns.call(
+            _provision, self.emu.environ(), self.pool_file, pool_size, options
+        )
+        return result
+
+    def teardown(self) -> None:
+        self.ns.call(_teardown, self.emu.environ(), self.pool_file)
+
+    def ours(self) -> list[Any]:
+        return [e for e in self.emu.enis.values() if e.tags.get(volcengine.TAG_NODE) == NODE]
+
+
+def _recorder(pool_file: Path) -> Any:
+    def record(mapping: Mapping[str, Any]) -> None:
+        cloud = json.loads(pool_file.read_text()) if pool_file.exists() else {}
+        cloud.update(mapping)  # the CLI merges the same way into pool.json["cloud"]
+        pool_file.write_text(json.dumps(cloud))
+
+    return record
+
+
+def _platform(environ: dict[str, str]) -> volcengine.VolcenginePlatform:
+    return volcengine.create(environ, retry=FAST_RETRY, poll=FAST_POLL)
+
+
+def _provision(
+    environ: dict[str, str], pool_file: Path, pool_size: int, options: dict[str, str]
+) -> ProvisionResult:
+    cloud = json.loads(pool_file.read_text()) if pool_file.exists() else {}
+    request = NodeRequest(
+        node_name=NODE,
+        subnet=SUBNET,
+        gateway=SUBNET.network_address + 1,
+        pool_size=pool_size,
+        primary_nic="eth0",
+        cloud=cloud,
+        options=options,
+    )
+    return _platform(environ).provision(request, _recorder(pool_file))
+
+
+def _teardown(environ: dict[str, str], pool_file: Path) -> None:
+    cloud = json.loads(pool_file.read_text()) if pool_file.exists() else {}
+    state = PoolState(
+        platform="volcengine",
+        node_name=NODE,
+        subnet=str(SUBNET),
+        gateway=str(SUBNET.network_address + 1),
+        cloud=cloud,
+    )
+    _platform(environ).teardown(state, _recorder(pool_file))
+
+
+def _link_name(eni_id: str) -> str:
+    return "e" + eni_id[-10:]
+
+
+@pytest.fixture
+def cloud(make_netns: Any, tmp_path: Path) -> Iterator[Cloud]:
+    ns = make_netns("volc")
+    emu = VolcEmulator()
+    # A veth end stands in for the hot-plugged NIC (this kernel has no dummy driver).
+    emu.on_attach = lambda mac, eni: ns.ip(
+        "link",
+        "add",
+        _link_name(eni),
+        "address",
+        mac,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "p" + eni[-10:],
+    )
+    emu.on_detach = lambda mac, eni: ns.ip("link", "del", _link_name(eni), check=False)
+    emu.start(netns=ns.name)
+    try:
+        yield Cloud(ns, emu, tmp_path / "cloud.json")
+    finally:
+        emu.stop()
+
+
+def _assigned(enis: list[Any]) -> list[IPv4Address]:
+    return sorted(ip for eni in enis for ip in eni.secondary)
+
+
+def test_init_creates_subnet_enis_and_exactly_the_assigned_ips(cloud: Cloud) -> None:
+    before = cloud.emu.snapshot()
+    result = cloud.init()
+    ours = cloud.ours()
+    assert len(ours) == 7
+    assert all(e.status == "InUse" and e.device_id == cloud.emu.instance_id for e in ours)
+    assert result.ips == _assigned(ours)
+    assert len(result.ips) == 140 and all(ip in SUBNET for ip in result.ips)
+    assert sorted(result.eni_ids) == sorted(e.id for e in ours)
+    # Interfaces were found by MAC and brought up, whatever their names.
+    assert sorted(result.secondary_nics) == sorted(_link_name(e.id) for e in ours)
+    for name in result.secondary_nics:
+        assert "UP" in cloud.ns.ip("-o", "link", "show", name)
+    subnet = next(s for s in cloud.emu.subnets.values() if s.cidr == SUBNET)
+    assert result.subnet_id == subnet.id and subnet.status == "Available"
+    assert result.vpc_cidrs == [cloud.emu.vpc_cidr]
+    assert [r["CidrIp"] for r in cloud.emu.rules[cloud.emu.default_sg]] == [str(cloud.emu.vpc_cidr)]
+    recorded = cloud.recorded()
+    assert recorded["subnet"] == {"id": subnet.id, "cidr": str(SUBNET), "created": True}
+    assert recorded["securityGroup"]["ruleCreated"] is True
+    by_id = {e["id"]: e for e in recorded["enis"]}
+    for eni in ours:
+        assert by_id[eni.id]["mac"] == eni.mac
+        assert by_id[eni.id]["ips"] == [str(ip) for ip in sorted(eni.secondary)]
+    assert result.cloud["enis"] == recorded["enis"]
+
+    cloud.teardown()
+    assert cloud.emu.snapshot() == before
+    assert cloud.recorded()["enis"] == [] and cloud.recorded()["subnet"] == {}
+
+
+def test_init_twice_changes_nothing(cloud: Cloud) -> None:
+    first = cloud.init(pool_size=45)
+    snapshot = cloud.emu.snapshot()
+    calls = len(cloud.emu.calls)
+    second = cloud.init(pool_size=45)
+    assert cloud.emu.snapshot() == snapshot
+    assert second.ips == first.ips and sorted(second.eni_ids) == sorted(first.eni_ids)
+    made = [c for c in cloud.emu.calls[calls:] if not c.startswith("Describe")]
+    assert made == []
+
+
+def test_foreign_eni_is_never_touched(cloud: Cloud) -> None:
+    foreign = cloud.emu.add_foreign_eni(name=f"{NODE}-eni-1")  # even with our name
+    loose = cloud.emu.add_foreign_eni(attach=False)
+    before = cloud.emu.snapshot()
+    result = cloud.init(pool_size=25)
+    assert foreign.id not in result.eni_ids and loose.id not in result.eni_ids
+    assert not set(result.ips) & set(foreign.secondary)
+    assert cloud.emu.snapshot()["enis"][foreign.id] == before["enis"][foreign.id]
+    cloud.teardown()
+    assert cloud.emu.snapshot() == before
+
+
+def test_pool_size_50_yields_50_addresses_on_3_enis(cloud: Cloud) -> None:
+    result = cloud.init(pool_size=50)
+    assert len(result.ips) == 50
+    assert sorted(len(e.secondary) for e in cloud.ours()) == [10, 20, 20]
+    # Shrinking the pool releases addresses instead of keeping them unused.
+    smaller = cloud.init(pool_size=30)
+    assert len(smaller.ips) == 30 and set(smaller.ips) <= set(result.ips)
+    assert len(_assigned(cloud.ours())) == 30
+
+
+def test_an_existing_subnet_and_rule_are_reused_and_kept(cloud: Cloud) -> None:
+    emu = cloud.emu
+    subnet = emu._add_subnet("shared", SUBNET, {}, ready=True)
+    emu.rules[emu.other_sg].append(
+        {
+            "Direction": "ingress",
+            "Protocol": "all",
+            "PortStart": -1,
+            "PortEnd": -1,
+            "CidrIp": "0.0.0.0/0",
+            "Policy": "accept",
+            "Priority": 1,
+            "Description": "",
+        }
+    )
+    before = emu.snapshot()
+    result = cloud.init(pool_size=20, security_group=emu.other_sg)
+    assert result.subnet_id == subnet.id
+    assert all(e.security_groups == [emu.other_sg] for e in cloud.ours())
+    assert cloud.recorded()["subnet"]["created"] is False
+    assert cloud.recorded()["securityGroup"] == {
+        "id": emu.other_sg,
+        "cidr": str(emu.vpc_cidr),
+        "ruleCreated": False,
+    }
+    cloud.teardown()
+    assert emu.snapshot() == before
+
+
+# (action, code, times, after_commit, expected error or None for success after retries)
+FAULTS = [
+    ("DescribeSubnets", "AccountFlowLimitExceeded", 2, False, None),
+    ("CreateSubnet", "InternalError", 1, True, None),
+    ("CreateSubnet", "InternalError", 99, False, CloudError),
+    ("AuthorizeSecurityGroupIngress", "ServiceUnavailable", 1, True, None),
+    ("CreateNetworkInterface", "InternalError", 1, True, None),
+    ("CreateNetworkInterface", "QuotaExceeded.NetworkInterface", 1, False, CloudQuotaError),
+    ("AttachNetworkInterface", "InternalError", 2, False, None),
+    ("AttachNetworkInterface", "InternalError", 99, False, CloudError),
+    ("AssignPrivateIpAddresses", "InternalError", 1, True, None),
+    ("AssignPrivateIpAddresses", "InsufficientIpInSubnet", 1, False, CloudQuotaError),
+    ("DescribeNetworkInterfaces", "AccountFlowLimitExceeded", 3, False, None),
+    ("DescribeVpcAttributes", "InternalError", 99, False, CloudError),
+]
+
+
+@pytest.mark.parametrize(("action", "code", "times", "after_commit", "error"), FAULTS)
+def test_each_init_fault_is_retried_or_fails_clearly_and_rerun_and_teardown_recover(
+    cloud: Cloud,
+    action: str,
+    code: str,
+    times: int,
+    after_commit: bool,
+    error: type[Exception] | None,
+) -> None:
+    before = cloud.emu.snapshot()
+    cloud.emu.inject(action, code, times=times, after_commit=after_commit)
+    if error is None:
+        result = cloud.init(pool_size=45)
+    else:
+        with pytest.raises(error, match=code):
+            cloud.init(pool_size=45)
+        cloud.emu.faults.clear()
+        result = cloud.init(pool_size=45)
+    ours = cloud.ours()
+    assert len(ours) == 3  # a retried create never made a second ENI
+    assert result.ips == _assigned(ours) and len(result.ips) == 45
+    cloud.teardown()
+    assert cloud.emu.snapshot() == before
+
+
+def test_failed_and_slow_attaches(cloud: Cloud) -> None:
+    before = cloud.emu.snapshot()
+    cloud.emu.failing_attaches = 1
+    with pytest.raises(CloudError, match="Available again"):
+        cloud.init(pool_size=45)
+    cloud.emu.attach_delay = 1.0
+    result = cloud.init(pool_size=45)
+    assert len(result.ips) == 45
+    cloud.teardown()
+    assert cloud.emu.snapshot() == before
+
+
+@pytest.mark.parametrize(
+    "action",
+    [
+        "UnassignPrivateIpAddresses",
+        "DetachNetworkInterface",
+        "DeleteNetworkInterface",
+        "RevokeSecurityGroupIngress",
+        "DeleteSubnet",
+    ],
+)
+def test_teardown_reports_what_remains_and_a_rerun_finishes(cloud: Cloud, action: str) -> None:
+    before = cloud.emu.snapshot()
+    cloud.init(pool_size=25)
+    cloud.emu.inject(action, "InternalError", times=99)
+    with pytest.raises(CloudError, match="teardown incomplete"):
+        cloud.teardown()
+    cloud.emu.faults.clear()
+    cloud.teardown()
+    assert cloud.emu.snapshot() == before
