@@ -211,6 +211,7 @@ def test_cleanup_after_exception_kills_processes_and_removes_everything(tmp_path
         {"vms": 0},
         {"subnet": "172.20.100.0/33"},
         {"gateway": "10.1.1.1"},
+        {"gateway": "172.20.100.255"},
         {"uplink": "172.20.100.0/28"},
         {"uplink": "10.99.0.0/31"},
     ],
@@ -246,6 +247,12 @@ def test_clients_lease_renew_release_and_stop_against_dnsmasq(
         for c, ip in zip(clients, ips, strict=True):
             sb.run(c.vm.netns, ["ping", "-c1", "-W2", str(sb.peer_ip)])
             sb.run(sb.peer, ["ping", "-c1", "-W2", str(ip)])
+            assert sb.source_seen_by_peer(c.vm.netns) == ip
+        # ...and the probe tells a masquerading node apart.
+        masq = ["-s", str(sb.subnet), "-o", "uplink", "-j", "MASQUERADE"]
+        sb.run(sb.node, ["iptables", "-t", "nat", "-A", "POSTROUTING", *masq])
+        assert sb.source_seen_by_peer(sb.vms[0].netns) == sb.node_uplink.ip
+        sb.run(sb.node, ["iptables", "-t", "nat", "-D", "POSTROUTING", *masq])
 
         acks = {c.vm.mac: server.count("DHCPACK", c.vm.mac) for c in clients}
         assert in_parallel(lambda c: c.renew(), clients) == ips

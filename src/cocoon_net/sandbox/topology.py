@@ -21,6 +21,7 @@ import secrets
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -34,7 +35,7 @@ from cocoon_net import proc
 from cocoon_net.errors import HostSetupError, UsageError
 
 NAME_PREFIX = "cnt-"
-IFNAMSIZ = 15  # netns names are not limited by the kernel, but we keep them usable as ifnames
+MAX_VMS = 9999  # keeps "cnt-<6 hex>v<index>" within 15 characters, like every name we create
 VM_IFNAME = "eth0"
 UPLINK = "uplink"
 
@@ -44,6 +45,20 @@ UPLINK = "uplink"
 # copy, and only then do we raise them: never the host's.
 NEIGH_GC_THRESH = {"gc_thresh1": 1024, "gc_thresh2": 8192, "gc_thresh3": 16384}
 NEIGH_SYSCTL_DIR = "/proc/sys/net/ipv4/neigh/default"
+
+# Run in the peer: print the bound port, then the source address of the first datagram.
+_UDP_SOURCE_PROBE = """\
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], 0))
+s.settimeout(float(sys.argv[2]))
+print(s.getsockname()[1], flush=True)
+print(s.recvfrom(64)[1][0], flush=True)
+"""
+_UDP_SEND = """\
+import socket, sys
+socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"?", (sys.argv[1], int(sys.argv[2])))
+"""
 
 
 def vm_mac(index: int) -> str:
@@ -103,14 +118,17 @@ class Sandbox:
             self.gateway = IPv4Address(gateway) if gateway else next(self.subnet.hosts())
         except (ValueError, StopIteration) as exc:
             raise UsageError(f"sandbox addresses: {exc}") from None
-        if self.gateway not in self.subnet:
-            raise UsageError(f"sandbox gateway {self.gateway} is outside {self.subnet}")
+        if self.gateway not in self.subnet or self.gateway in (
+            self.subnet.network_address,
+            self.subnet.broadcast_address,
+        ):
+            raise UsageError(f"sandbox gateway {self.gateway} is not a host of {self.subnet}")
         if self.subnet.overlaps(uplink_net) or uplink_net.num_addresses < 4:
             raise UsageError(
                 f"sandbox uplink {uplink_net} must be a /30 or larger apart from {subnet}"
             )
-        if not 0 < vms <= 9999:
-            raise UsageError(f"sandbox VM count {vms} out of range 1..9999")
+        if not 0 < vms <= MAX_VMS:
+            raise UsageError(f"sandbox VM count {vms} out of range 1..{MAX_VMS}")
         token = secrets.token_hex(3)
         self.node = f"{NAME_PREFIX}{token}n"
         self.peer = f"{NAME_PREFIX}{token}p"
@@ -187,10 +205,11 @@ class Sandbox:
         self._ip(b, "link", "set", b_if, "up")
 
     def _raise_neigh_limits(self) -> int | None:
-        """Raise the node's ARP table limits if it has its own; return gc_thresh3 or None."""
+        """Raise the node's ARP table limits if it has its own and may change them; return
+        the resulting gc_thresh3, or None where the kernel keeps one limit for the machine."""
         script = (
             f'[ -d {NEIGH_SYSCTL_DIR} ] || exit 3; for kv in "$@"; do '
-            f'echo "${{kv#*=}}" > {NEIGH_SYSCTL_DIR}/"${{kv%%=*}}" || exit 1; done; '
+            f'echo "${{kv#*=}}" > {NEIGH_SYSCTL_DIR}/"${{kv%%=*}}" || exit 3; done; '
             f"cat {NEIGH_SYSCTL_DIR}/gc_thresh3"
         )
         pairs = [f"{k}={v}" for k, v in NEIGH_GC_THRESH.items()]
@@ -221,6 +240,25 @@ class Sandbox:
         )
         self._procs.append(child)
         return child
+
+    def source_seen_by_peer(self, netns: str, *, timeout: float = 5.0) -> IPv4Address:
+        """Send one UDP datagram from netns to the VPC peer; return the source address the peer
+        sees: the VM's own address when the node routes, the node's when it masquerades."""
+        listener = self.popen(
+            self.peer,
+            [sys.executable, "-c", _UDP_SOURCE_PROBE, str(self.peer_ip), str(timeout)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        assert listener.stdout is not None
+        port = listener.stdout.readline().strip()
+        if port:
+            self.run(netns, [sys.executable, "-c", _UDP_SEND, str(self.peer_ip), port])
+        seen, _ = listener.communicate(timeout=timeout + 5)
+        if listener.returncode != 0 or not seen.strip():
+            raise HostSetupError(f"no datagram from {netns} reached the peer within {timeout:g} s")
+        return IPv4Address(seen.strip())
 
     def _check_ours(self, netns: str) -> None:
         if netns not in self._created:
