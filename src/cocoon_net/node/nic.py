@@ -41,7 +41,7 @@ def _link_from_json(raw: dict[str, Any]) -> Link:
     )
 
 
-def show(argv: Sequence[str], name: str) -> list[dict[str, Any]]:
+def show_dev(argv: Sequence[str], name: str) -> list[dict[str, Any]]:
     """Run an `ip -json ... dev NAME` query; an absent device reads as an empty answer.
 
     iproute2 exits 1 and prints 'Device "NAME" does not exist.' (link, addr) or
@@ -62,7 +62,7 @@ def show(argv: Sequence[str], name: str) -> list[dict[str, Any]]:
 
 
 def link(name: str) -> Link | None:
-    found = show(["ip", "-json", "-details", "link", "show"], name)
+    found = show_dev(["ip", "-json", "-details", "link", "show"], name)
     return _link_from_json(found[0]) if found else None
 
 
@@ -84,7 +84,7 @@ def link_mtu(name: str) -> int | None:
 def addresses(name: str) -> tuple[IPv4Interface, ...]:
     """The IPv4 addresses of a link as address/prefix; empty when the link is absent."""
     out: list[IPv4Interface] = []
-    for entry in show(["ip", "-json", "-4", "addr", "show"], name):
+    for entry in show_dev(["ip", "-json", "-4", "addr", "show"], name):
         for info in entry.get("addr_info", ()):
             if info.get("family") == "inet":
                 out.append(IPv4Interface(f"{info['local']}/{info['prefixlen']}"))

@@ -45,7 +45,7 @@ def list_routes(bridge: str, proto: int = config.ROUTE_PROTO) -> set[IPv4Address
     """Host (/32) routes with protocol proto on bridge in the main table; empty if no bridge."""
     found: set[IPv4Address] = set()
     argv = ["ip", "-json", "-4", "route", "show", "table", "main", "proto", str(proto)]
-    for route in nic.show(argv, bridge):
+    for route in nic.show_dev(argv, bridge):
         dst = str(route.get("dst", ""))
         if dst == "default":
             continue
@@ -89,14 +89,16 @@ def del_route(ip: IPv4Address, bridge: str) -> None:
     apply_routes(RouteDiff(remove=(ip,)), bridge)
 
 
-def plan_flush(bridge: str, proto: int = config.ROUTE_PROTO) -> list[str]:
-    present = list_routes(bridge, proto)
+def _describe_flush(present: set[IPv4Address], bridge: str, proto: int) -> list[str]:
     return [f"remove {len(present)} lease routes (proto {proto}) from {bridge}"] if present else []
+
+
+def plan_flush(bridge: str, proto: int = config.ROUTE_PROTO) -> list[str]:
+    return _describe_flush(list_routes(bridge, proto), bridge, proto)
 
 
 def flush_routes(bridge: str, proto: int = config.ROUTE_PROTO) -> list[str]:
     """Remove every /32 route with protocol proto on bridge (teardown)."""
-    changes = plan_flush(bridge, proto)
-    if changes:
-        apply_routes(plan_routes((), list_routes(bridge, proto)), bridge, proto)
-    return changes
+    present = list_routes(bridge, proto)
+    apply_routes(plan_routes((), present), bridge, proto)
+    return _describe_flush(present, bridge, proto)
