@@ -357,3 +357,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write(f"{PROG}: interrupted\n")
         return 130
+    except Exception as exc:  # a bug: one line for the operator, the traceback in debug logs
+        log.debug("internal error", exc_info=True)
+        sys.stderr.write(
+            f"{PROG}: internal error: {type(exc).__name__}: {exc} "
+            "(rerun with --log-level debug for the traceback)\n"
+        )
+        return 1

@@ -52,10 +52,29 @@ class Netns:
         ).stdout
 
     def iptables_save(self) -> str:
-        """iptables-save without the comment lines and packet counters that change per run."""
+        """iptables-save without comments and counters, and without tables that hold nothing.
+
+        With the nf_tables backend a table stays once any rule was added, even after every
+        rule and chain of ours is gone; an empty table with ACCEPT policies filters nothing,
+        so it counts as absent.
+        """
         out = self.run("iptables-save").stdout
-        lines = (re.sub(r" \[\d+:\d+\]$", "", line) for line in out.splitlines())
-        return "\n".join(line for line in lines if not line.startswith("#"))
+        lines = [re.sub(r" \[\d+:\d+\]$", "", line) for line in out.splitlines()]
+        kept: list[str] = []
+        table: list[str] = []
+        for line in lines:
+            if line.startswith("#"):
+                continue
+            table.append(line)
+            if line == "COMMIT":
+                empty = all(
+                    entry.startswith("*") or entry == "COMMIT" or entry.endswith(" ACCEPT")
+                    for entry in table
+                ) and not any(entry.startswith("-A") for entry in table)
+                if not empty:
+                    kept += table
+                table = []
+        return "\n".join(kept + table)
 
     def sysctl(self, key: str) -> str:
         return self.run("cat", "/proc/sys/" + key.replace(".", "/")).stdout.strip()
@@ -112,6 +131,10 @@ def netns(tag: str = "") -> Iterator[Netns]:
     subprocess.run(["ip", "netns", "add", ns.name], check=True)
     try:
         ns.ip("link", "set", "lo", "up")
+        # IPv6 link-local addresses and routes appear a moment after a link comes up, which
+        # would make before/after snapshots of a namespace differ for no reason of ours.
+        for scope in ("all", "default"):
+            ns.run("sh", "-c", f"echo 1 > /proc/sys/net/ipv6/conf/{scope}/disable_ipv6")
         yield ns
     finally:
         ns.close()
