@@ -25,7 +25,7 @@ from cocoon_net.dhcp.frames import (
     udp_checksum,
 )
 from cocoon_net.dhcp.model import DhcpMessage, MessageType, Op, Opt
-from cocoon_net.dhcp.packet import MalformedPacket, decode, encode, reply_size_limit
+from cocoon_net.dhcp.packet import MalformedPacket, decode, encode
 from tests.support.netns import Netns, link_pair
 from tests.unit.test_dhcp_packet import DHCLIENT_DISCOVER_FRAME, UDHCPC_DISCOVER_FRAME
 
@@ -346,7 +346,7 @@ def serve_udhcpc(client_ns: str, script: str) -> tuple[list[DhcpMessage], str]:
                     Opt.ROUTER: GATEWAY.packed,
                 },
             )
-            payload = encode(reply, max_size=reply_size_limit(request))
+            payload = encode(reply)
             # Unicast to the client's MAC and offered address: it has no address yet.
             sock.send(build_frame(SERVER_MAC, request.chaddr, GATEWAY, offered, 67, 68, payload))
         out, _ = client.communicate(timeout=10)

@@ -15,7 +15,6 @@ from cocoon_net.dhcp.packet import (
     MessageTooLarge,
     decode,
     encode,
-    reply_size_limit,
 )
 
 # DHCPDISCOVER frames captured on this kind of machine: the client ran in one network namespace
@@ -81,7 +80,7 @@ def test_udhcpc_discover() -> None:
     assert msg.message_type is MessageType.DISCOVER
     assert (msg.ciaddr, msg.giaddr, msg.flags) == (IPv4Address(0), IPv4Address(0), 0)
     assert list(msg.options) == [53, 57, 55, 60, 61]
-    assert reply_size_limit(msg) == 576
+    assert msg.options[Opt.MAX_MESSAGE_SIZE] == (576).to_bytes(2, "big")
     assert msg.options[Opt.PARAM_REQUEST_LIST] == bytes([1, 3, 6, 12, 15, 28, 42])
     assert msg.options[Opt.VENDOR_CLASS] == b"udhcp 1.35.0"
     assert msg.options[Opt.CLIENT_ID] == b"\x01" + MAC
@@ -226,12 +225,12 @@ def test_replies_are_padded_to_300_octets() -> None:
     assert data[241:] == bytes(59)
 
 
-def test_size_limit_counts_ip_and_udp_headers() -> None:
+def test_default_size_limit_leaves_room_for_ip_and_udp_headers() -> None:
     # 576 - 28 = 548 octets: 240 + option 53 (3) + 43 (2 + 255) + 44 (2 + 45) + END (1).
     assert len(encode(request(o43=bytes(255), o44=bytes(45)))) == 548
     with pytest.raises(MessageTooLarge):
         encode(request(o43=bytes(255), o44=bytes(46)))
-    assert len(encode(request(o43=bytes(255), o44=bytes(46)), max_size=577)) == 549
+    assert len(encode(request(o43=bytes(255), o44=bytes(46)), max_size=549)) == 549
 
 
 @pytest.mark.parametrize("code", [0, 52, 255, 256, -1])
@@ -243,20 +242,6 @@ def test_encode_refuses_framing_codes(code: int) -> None:
 def test_encode_refuses_fields_that_would_be_truncated() -> None:
     with pytest.raises(ValueError, match="longer than"):
         encode(DhcpMessage(op=Op.BOOTREPLY, xid=1, chaddr=MAC, sname=b"s" * 65))
-
-
-@pytest.mark.parametrize(
-    ("raw", "mtu", "limit"),
-    [
-        (None, 1500, 576),
-        (b"\x05\xdc", 1500, 1500),
-        (b"\x23\x28", 1500, 1500),
-        (b"\x01\x2c", 1500, 576),
-    ],
-)
-def test_reply_size_limit(raw: bytes | None, mtu: int, limit: int) -> None:
-    msg = request() if raw is None else request(o57=raw)
-    assert reply_size_limit(msg, mtu) == limit
 
 
 # --- properties ------------------------------------------------------------------------------
@@ -321,6 +306,6 @@ messages = st.builds(
 
 @given(messages)
 def test_round_trip(msg: DhcpMessage) -> None:
-    data = encode(msg, max_size=MAX_MESSAGE_SIZE + 28)
+    data = encode(msg, max_size=MAX_MESSAGE_SIZE)
     assert len(data) >= 300
     assert decode(data) == msg

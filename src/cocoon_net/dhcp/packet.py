@@ -42,10 +42,10 @@ MAX_MESSAGE_SIZE = 4096
 # A BOOTP message with its 64-octet vendor field is 300 octets (RFC 951); RFC 1542 §2.1 notes
 # that some clients and relays drop anything shorter, so every reply is padded to this size.
 MIN_REPLY_SIZE = 300
-# RFC 2131 §2: every client accepts a 576-octet IP datagram; RFC 2132 §9.10 makes 576 the
-# minimum legal option 57. Our sizes count the IP and UDP headers, as option 57 does.
-MIN_DATAGRAM_SIZE = 576
-IP_UDP_OVERHEAD = 28
+# RFC 2131 §2: every client accepts a 576-octet IP datagram, which leaves 576 - 20 (IP) - 8 (UDP)
+# octets for the DHCP message. The policy raises this from the client's option 57
+# (options.budget); encode() only enforces the number it is given.
+DEFAULT_MAX_SIZE = 548
 
 # Options whose length RFC 2132 fixes and which the policy reads; a wrong length here means the
 # packet is malformed, not that the option is absent. §9.1 (50), §9.2 (51), §9.3 (52),
@@ -224,14 +224,14 @@ def _put_option(out: bytearray, code: int, value: bytes) -> None:
         out += chunk
 
 
-def encode(msg: DhcpMessage, *, max_size: int = MIN_DATAGRAM_SIZE) -> bytes:
+def encode(msg: DhcpMessage, *, max_size: int = DEFAULT_MAX_SIZE) -> bytes:
     """Serialise a message: header, cookie, options, END, padding to 300 octets.
 
     Options go out in the dict's order, except that option 53 always goes first: RFC 2131 does
     not require it, but some client stacks look for the message type at the start of the field.
-    `max_size` is the largest IP datagram the client accepts (its option 57, RFC 2132 §9.10;
-    576 when it sent none), so the message itself may use max_size - 28 octets. Raises
-    MessageTooLarge when the message does not fit, ValueError for fields that cannot be encoded.
+    `max_size` is the largest DHCP message (UDP payload) the client accepts: its option 57
+    less the IP and UDP headers, as options.budget() computes it. Raises MessageTooLarge when
+    the message does not fit, ValueError for fields that cannot be encoded.
     """
     if len(msg.chaddr) > 16 or len(msg.sname) > 64 or len(msg.file) > 128:
         # struct would silently truncate these.
@@ -269,18 +269,6 @@ def encode(msg: DhcpMessage, *, max_size: int = MIN_DATAGRAM_SIZE) -> bytes:
     out.append(Opt.END)
     if len(out) < MIN_REPLY_SIZE:
         out += bytes(MIN_REPLY_SIZE - len(out))
-    limit = max_size - IP_UDP_OVERHEAD
-    if len(out) > limit:
-        raise MessageTooLarge(f"reply is {len(out)} octets, the client accepts {limit}")
+    if len(out) > max_size:
+        raise MessageTooLarge(f"reply is {len(out)} octets, the client accepts {max_size}")
     return bytes(out)
-
-
-def reply_size_limit(request: DhcpMessage, mtu: int = 1500) -> int:
-    """The max_size to encode a reply to `request` with: its option 57, within [576, mtu].
-
-    A value below 576 is illegal (RFC 2132 §9.10) and is read as 576, which every client must
-    accept anyway (RFC 2131 §2); a value above the link MTU would need IP fragmentation.
-    """
-    raw = request.options.get(Opt.MAX_MESSAGE_SIZE)
-    asked = MIN_DATAGRAM_SIZE if raw is None else int.from_bytes(raw, "big")
-    return max(MIN_DATAGRAM_SIZE, min(asked, mtu))
