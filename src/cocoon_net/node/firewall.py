@@ -132,76 +132,40 @@ def parse_save(text: str) -> Ruleset:
     return Ruleset(tuple(chains), tuple(rules))
 
 
+def _chain(table: str, name: str, specs: list[tuple[str, ...]]) -> Chain:
+    return Chain(table, name, tuple(Rule(table, name, spec) for spec in specs))
+
+
 def desired_chains(spec: FirewallSpec) -> tuple[Chain, ...]:
     """Our three chains for spec. Token order is iptables-save's, so plans compare exactly."""
     br, subnet = spec.bridge, str(spec.subnet)
-    drops = list(
-        dict.fromkeys([*spec.drop_cidrs, *([spec.subnet] if spec.drop_internal_access else [])])
-    )
+    internal = [spec.subnet] if spec.drop_internal_access else []
     forward = [
-        Rule(
-            "filter",
-            "COCOON-FORWARD",
-            ("-d", str(cidr), "-i", br, *_comment(DROP_TAG), "-j", "DROP"),
-        )
-        for cidr in drops
+        ("-d", str(cidr), "-i", br, *_comment(DROP_TAG), "-j", "DROP")
+        for cidr in dict.fromkeys([*spec.drop_cidrs, *internal])
     ]
     # ACCEPT after the drops, and before whatever follows our jump: a FORWARD policy of DROP
     # (Docker, kube) would otherwise drop VM traffic.
     forward += [
-        Rule(
-            "filter",
-            "COCOON-FORWARD",
-            ("-s", subnet, "-i", br, *_comment("cocoon-net:vm-egress"), "-j", "ACCEPT"),
-        ),
-        Rule(
-            "filter",
-            "COCOON-FORWARD",
-            ("-d", subnet, "-o", br, *_comment("cocoon-net:vm-ingress"), "-j", "ACCEPT"),
-        ),
+        ("-s", subnet, "-i", br, *_comment("cocoon-net:vm-egress"), "-j", "ACCEPT"),
+        ("-d", subnet, "-o", br, *_comment("cocoon-net:vm-ingress"), "-j", "ACCEPT"),
     ]
     # VMs get their address over DHCP from us: let it in when INPUT defaults to DROP.
-    inp = [
-        Rule(
-            "filter",
-            "COCOON-INPUT",
-            (
-                "-i",
-                br,
-                "-p",
-                "udp",
-                "-m",
-                "udp",
-                "--dport",
-                "67",
-                *_comment("cocoon-net:dhcp"),
-                "-j",
-                "ACCEPT",
-            ),
-        ),
-    ]
+    dhcp = ("-i", br, "-p", "udp", "-m", "udp", "--dport", "67", *_comment("cocoon-net:dhcp"))
     # Traffic to the VPC keeps the VM's own address (that is what VPC-native means). ACCEPT,
     # not RETURN: RETURN would fall back into POSTROUTING, where a later MASQUERADE of Docker
     # or ip-masq-agent could still hide the VM; ACCEPT ends NAT for the connection.
     post = [
-        Rule(
-            "nat",
-            "COCOON-POSTROUTING",
-            ("-s", subnet, "-d", str(cidr), *_comment("cocoon-net:vpc-native"), "-j", "ACCEPT"),
-        )
+        ("-s", subnet, "-d", str(cidr), *_comment("cocoon-net:vpc-native"), "-j", "ACCEPT")
         for cidr in dict.fromkeys(spec.vpc_cidrs)
     ]
     post.append(
-        Rule(
-            "nat",
-            "COCOON-POSTROUTING",
-            ("-s", subnet, "!", "-o", br, *_comment("cocoon-net:masquerade"), "-j", "MASQUERADE"),
-        )
+        ("-s", subnet, "!", "-o", br, *_comment("cocoon-net:masquerade"), "-j", "MASQUERADE")
     )
     return (
-        Chain("filter", "COCOON-FORWARD", tuple(forward)),
-        Chain("filter", "COCOON-INPUT", tuple(inp)),
-        Chain("nat", "COCOON-POSTROUTING", tuple(post)),
+        _chain("filter", "COCOON-FORWARD", forward),
+        _chain("filter", "COCOON-INPUT", [(*dhcp, "-j", "ACCEPT")]),
+        _chain("nat", "COCOON-POSTROUTING", post),
     )
 
 
