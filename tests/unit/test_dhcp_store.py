@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from cocoon_net.dhcp.leasefile import Record, encode_record
+from cocoon_net.dhcp.leasefile import LeaseState, Record, encode_record, replay
 from cocoon_net.dhcp.model import Lease
 from cocoon_net.dhcp.store import LeaseStore, Recovered, Role, load, role_path
 from cocoon_net.errors import LockHeldError, StateError
@@ -105,7 +105,8 @@ def test_snapshot_plus_temps_of_a_crashed_write(path: Path) -> None:
     theirs.write_bytes(b"")
     keep = path.parent / "leases-backup.json"
     keep.write_bytes(b"[]")
-    got = load(path)
+    assert load(path).report.removed_temps == ()  # read-only unless repairing
+    got = load(path, repair=True)
     assert ips(got) == {lease(1).mac: "10.0.0.1"}
     assert set(got.report.removed_temps) == {ours, theirs}
     assert files(path) == {"leases.json", "leases-backup.json"}
@@ -366,3 +367,37 @@ def test_kill_9_loses_no_acknowledged_commit(path: Path, round_: int) -> None:
     on_disk = {int(x.ip) - 0x0A000000 for x in got.leases.values()}
     assert set(acked) <= on_disk
     assert got.report.journal.corrupt == 0
+
+
+def test_failed_compaction_keeps_the_journal_and_is_retried(path: Path) -> None:
+    s = LeaseStore(path, max_journal_records=5)
+    s.open()
+    path.unlink()
+    path.mkdir()  # leases.json cannot be replaced now: the snapshot rename fails
+
+    async def grant(first: int, last: int) -> None:
+        for n in range(first, last):
+            await s.commit([Record.grant(lease(n))])
+
+    asyncio.run(grant(1, 8))
+    assert s.stats().compaction_failures >= 1
+    held, _ = replay(LeaseState(), role_path(path, Role.JOURNAL).read_bytes())
+    assert len(held.leases) == 7  # nothing was truncated before a snapshot held it
+    path.rmdir()
+    asyncio.run(grant(8, 20))
+    stats = s.stats()
+    s.close(compact=False)
+    assert stats.compactions >= 2 and stats.journal_records < 12
+    assert len(load(path).leases) == 19
+
+
+def test_corrupt_sidecar_is_kept_aside_and_reported(path: Path, store: LeaseStore) -> None:
+    asyncio.run(store.commit([Record.grant(lease(1))]))
+    store.close()
+    role_path(path, Role.META).write_bytes(b'{"version": 1, "seq": "x"}')
+    assert load(path).report.set_aside == ()  # read-only: nothing moved
+    got = reopen(path)
+    assert ips(got) == {lease(1).mac: "10.0.0.1"}
+    assert got.report.meta_lost and not got.report.complete
+    (aside,) = got.report.set_aside
+    assert aside.name.startswith("leases.json.meta.corrupt-")

@@ -184,26 +184,31 @@ def _remove_temps(path: Path) -> list[Path]:
     return removed
 
 
-def load(path: Path, *, max_corrupt: int = 100) -> Recovered:
+def load(path: Path, *, max_corrupt: int = 100, repair: bool = False) -> Recovered:
     """Recover the lease table from the files of `path` (see the module docstring).
 
-    Changes files only to keep what it cannot use: corrupt files are renamed or copied aside,
-    temps removed. Raises StateError when the journal has more than max_corrupt bad lines or an
-    unusable file cannot be moved aside.
+    Read-only unless `repair`: then unusable files are renamed or copied aside and temps are
+    removed, which only the holder of LOCK may do (LeaseStore.open). StateError when the
+    journal has more than max_corrupt bad lines or an unusable file cannot be moved aside.
     """
-    return _load(path, max_corrupt)[0]
+    return _load(path, max_corrupt, repair)[0]
 
 
-def _load(path: Path, max_corrupt: int) -> tuple[Recovered, LeaseState]:
+def _load(path: Path, max_corrupt: int, repair: bool) -> tuple[Recovered, LeaseState]:
     try:
-        return _recover(path, max_corrupt)
+        return _recover(path, max_corrupt, repair)
     except OSError as exc:
         raise StateError(f"cannot read lease store {path}: {exc.strerror or exc}") from None
 
 
-def _recover(path: Path, max_corrupt: int) -> tuple[Recovered, LeaseState]:
-    removed = _remove_temps(path)
+def _recover(path: Path, max_corrupt: int, repair: bool) -> tuple[Recovered, LeaseState]:
+    removed = _remove_temps(path) if repair else []
     aside: list[Path] = []
+
+    def keep_aside(unusable: Path, label: str, *, copy: bool = False) -> None:
+        if repair:
+            aside.append(_set_aside(unusable, label, copy=copy))
+
     meta_path, journal_path = role_path(path, Role.META), role_path(path, Role.JOURNAL)
 
     meta: Meta | None = None
@@ -214,7 +219,7 @@ def _recover(path: Path, max_corrupt: int) -> tuple[Recovered, LeaseState]:
             meta = decode_meta(raw_meta)
         except ValueError as exc:
             meta_lost = f"{meta_path.name}: {exc}"
-            aside.append(_set_aside(meta_path, "corrupt"))
+            keep_aside(meta_path, "corrupt")
 
     state = LeaseState()
     if meta is not None:
@@ -229,7 +234,7 @@ def _recover(path: Path, max_corrupt: int) -> tuple[Recovered, LeaseState]:
             read = decode_snapshot(raw)
         except ValueError as exc:
             snapshot_lost = f"{path.name}: {'empty file' if not raw.strip() else exc}"
-            aside.append(_set_aside(path, "corrupt"))
+            keep_aside(path, "corrupt")
         else:
             skipped = read.skipped
             for lease in read.leases:
@@ -243,7 +248,7 @@ def _recover(path: Path, max_corrupt: int) -> tuple[Recovered, LeaseState]:
             foreign = True
     journal = _read(journal_path) or b""
     if foreign and journal:
-        aside.append(_set_aside(journal_path, "stale"))
+        keep_aside(journal_path, "stale")
         journal = b""
 
     state, replayed = replay(state, journal)
@@ -253,7 +258,7 @@ def _recover(path: Path, max_corrupt: int) -> tuple[Recovered, LeaseState]:
             "move the file aside to start without it, then check routes for lost leases"
         )
     if replayed.corrupt:
-        aside.append(_set_aside(journal_path, "corrupt", copy=True))
+        keep_aside(journal_path, "corrupt", copy=True)
 
     report = LoadReport(
         snapshot_leases=snapshot_leases,
@@ -346,9 +351,14 @@ class LeaseStore:
     def open(self) -> Recovered:
         """Lock, recover, compact, start the writer. LockHeldError or StateError on failure."""
         lock = StateLock(role_path(self.path, Role.LOCK), "cocoon-net daemon lease store")
-        lock.acquire()
         try:
-            recovered, self._state = _load(self.path, self.max_corrupt)
+            self.path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StateError(f"cannot create {self.path.parent}: {exc.strerror or exc}") from None
+        lock.acquire()
+        self._closing = False
+        try:
+            recovered, self._state = _load(self.path, self.max_corrupt, repair=True)
             self._seq = recovered.seq
             self._snapshot_digest = _digest(_read(self.path))
             self._fd = os.open(
@@ -358,7 +368,10 @@ class LeaseStore:
         except OSError as exc:
             self._release(lock)
             raise StateError(f"cannot open {self.journal_path}: {exc.strerror or exc}") from None
-        except CocoonError as exc:
+        except StateError:
+            self._release(lock)
+            raise
+        except CocoonError as exc:  # the first compaction could not write
             self._release(lock)
             raise StateError(f"cannot start the lease store: {exc}") from None
         self._lock = lock
