@@ -229,7 +229,9 @@ class VolcEmulator:
         server.server_activate()
         server.daemon_threads = True
         self._server = server
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+        threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        ).start()
         self.base_url = f"http://127.0.0.1:{server.server_address[1]}"
         return self.base_url
 

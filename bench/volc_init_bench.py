@@ -1,0 +1,76 @@
+"""How long Volcengine init takes with slow attaches, against the Go tool's fixed sleeps.
+
+The Go tool slept 2 s after each create and 4 s after each attach, one ENI after the other:
+7 x (2 s + 4 s) = 42 s before any API latency. Here the emulator takes ATTACH seconds per
+attach and CREATE seconds per create, and init polls the 7 ENIs in parallel threads.
+
+    sudo .venv/bin/python bench/volc_init_bench.py [ATTACH [CREATE]]
+
+Needs root: the platform runs in a throw-away network namespace where the emulator's
+"hot-plug" creates a link per attached ENI.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from ipaddress import IPv4Network
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.emulators.volcengine import VolcEmulator
+from tests.support.netns import netns
+
+from cocoon_net.platform import volcengine
+from cocoon_net.platform.base import NodeRequest, ProvisionResult
+
+GO_FIXED_SLEEP = 7 * (2.0 + 4.0)
+SUBNET = IPv4Network("172.20.100.0/24")
+
+
+def provision(environ: dict[str, str]) -> tuple[ProvisionResult, float]:
+    request = NodeRequest(
+        node_name="bench",
+        subnet=SUBNET,
+        gateway=SUBNET.network_address + 1,
+        pool_size=140,
+        primary_nic="eth0",
+    )
+    start = time.monotonic()
+    result = volcengine.create(environ).provision(request, lambda _mapping: None)
+    return result, time.monotonic() - start
+
+
+def main() -> None:
+    attach = float(sys.argv[1]) if len(sys.argv) > 1 else 3.0
+    create = float(sys.argv[2]) if len(sys.argv) > 2 else 1.0
+    with netns("bench") as ns, tempfile.TemporaryDirectory():
+        emu = VolcEmulator()
+        emu.attach_delay, emu.create_delay = attach, create
+        emu.on_attach = lambda mac, eni: ns.ip(
+            "link",
+            "add",
+            "e" + eni[-10:],
+            "address",
+            mac,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "p" + eni[-10:],
+        )
+        emu.start(netns=ns.name)
+        try:
+            result, seconds = ns.call(provision, emu.environ())
+        finally:
+            emu.stop()
+    print(f"emulated create {create:.1f} s, attach {attach:.1f} s per ENI")
+    print(f"init: {len(result.eni_ids)} ENIs, {len(result.ips)} IPs in {seconds:.1f} s")
+    print(f"Go tool fixed sleeps alone: {GO_FIXED_SLEEP:.0f} s")
+    print(f"ratio: {seconds / GO_FIXED_SLEEP:.2f} ({GO_FIXED_SLEEP / seconds:.1f}x faster)")
+
+
+if __name__ == "__main__":
+    main()
