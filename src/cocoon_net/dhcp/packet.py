@@ -29,7 +29,6 @@ _HEADER = struct.Struct("!BBBBIHHIIII16s64s128s")
 HEADER_SIZE = _HEADER.size  # 236
 MAGIC_COOKIE = b"\x63\x82\x53\x63"  # 99.130.83.99, RFC 2131 §3
 OPTIONS_OFFSET = HEADER_SIZE + len(MAGIC_COOKIE)  # 240
-_CHADDR = slice(28, 44)
 _SNAME = slice(44, 108)
 _FILE = slice(108, 236)
 
@@ -48,8 +47,8 @@ MIN_REPLY_SIZE = 300
 DEFAULT_MAX_SIZE = 548
 
 # Options whose length RFC 2132 fixes and which the policy reads; a wrong length here means the
-# packet is malformed, not that the option is absent. §9.1 (50), §9.2 (51), §9.3 (52),
-# §9.6 (53), §9.7 (54), §9.10 (57).
+# packet is malformed, not that the option is absent: §9.6 (53), §9.1 (50), §9.7 (54),
+# §9.2 (51), §9.10 (57). Option 52 (§9.3) is checked where it is read.
 _FIXED_LENGTHS = (
     (Opt.MESSAGE_TYPE, 1),
     (Opt.REQUESTED_IP, 4),
