@@ -39,6 +39,10 @@ Compaction (in the writer thread, between batches, when the journal passes N rec
     2. write SNAPSHOT the same way
     3. truncate JOURNAL to zero and fsync it
 
+The snapshot built in 1-2 drops the history of MACs whose last lease ended more than
+`history_retention` ago, so VM churn does not grow META without bound. If 1 or 2 fails, the
+journal is untouched and the compaction is retried after as many records again.
+
 A crash before 3 leaves a snapshot that already holds some or all of the journal; replaying
 the journal over it gives the same table because records are idempotent. META names both the
 new and the old snapshot digest, so either snapshot is recognised as ours after a crash between
