@@ -244,7 +244,7 @@ def reconcile_host(
         pool.host = record
         state.save(pool_path, pool)
 
-    record, changes = hostsetup.reconcile(spec, pool.host)
+    record, changes = hostsetup.reconcile(spec, pool.host, on_progress=save_record)
     if record != pool.host:
         save_record(record)
     return list(changes)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
 
@@ -52,27 +52,45 @@ def _bridge_spec(spec: HostSpec, primary: str | None) -> bridge.BridgeSpec:
 
 
 def reconcile(
-    spec: HostSpec, record: HostRecord, *, dry_run: bool = False
+    spec: HostSpec,
+    record: HostRecord,
+    *,
+    dry_run: bool = False,
+    on_progress: Callable[[HostRecord], None] | None = None,
 ) -> tuple[HostRecord, list[str]]:
     """Bring the host to spec; return the updated record and the changes made.
 
     Order matters: the bridge must exist before its rp_filter can be set. The first error
-    aborts (the caller's command fails); what was done so far is in the record on the next
-    run, because every step is idempotent. With dry_run nothing is changed, the record comes
-    back as given and the changes are what a real run would do.
+    aborts (the caller's command fails). `on_progress` receives the record as soon as a step
+    changed what teardown must undo (a bridge we created, our address, the sysctls' old
+    values), so a caller that persists it can undo a half-applied setup. With dry_run
+    nothing is changed, the record comes back as given and the changes are what a real run
+    would do.
     """
     primary = spec.primary_nic or nic.primary_nic()
     wanted = _bridge_spec(spec, primary)
     bridge_plan = bridge.plan(wanted, *bridge.read(spec.bridge), record.bridge_address)
     changes = bridge.changes(bridge_plan) if dry_run else bridge.apply(bridge_plan)
+    if not dry_run:
+        record = _progress(
+            record,
+            replace(
+                record,
+                bridge_created=record.bridge_created or bridge_plan.creates,
+                bridge_address=str(wanted.address),
+            ),
+            on_progress,
+        )
 
     pending = sysctl.plan(sysctl.desired(spec.bridge, primary, spec.secondary_nics))
-    before: dict[str, str] = {}
     if dry_run:
         changes += [sysctl.describe(change) for change in pending]
     else:
         before, done = sysctl.apply(pending)
         changes += done
+        # The first value recorded is the host's own; later runs only see ours.
+        merged = {**before, **record.sysctls_before}
+        record = _progress(record, replace(record, sysctls_before=merged), on_progress)
 
     if spec.manage_firewall:
         fw_spec = firewall.FirewallSpec(
@@ -87,13 +105,15 @@ def reconcile(
     if dry_run:
         return record, changes + cni.plan_conflist(spec.conflist, spec.bridge)
     changes += cni.ensure_conflist(spec.conflist, spec.bridge)
-    updated = HostRecord(
-        bridge_created=record.bridge_created or bridge_plan.creates,
-        bridge_address=str(wanted.address),
-        # The first value recorded is the host's own; later runs only see ours.
-        sysctls_before={**before, **record.sysctls_before},
-    )
-    return updated, changes
+    return record, changes
+
+
+def _progress(
+    old: HostRecord, new: HostRecord, on_progress: Callable[[HostRecord], None] | None
+) -> HostRecord:
+    if new != old and on_progress is not None:
+        on_progress(new)
+    return new
 
 
 # A teardown step: a name for errors, what it would do, and doing it.
