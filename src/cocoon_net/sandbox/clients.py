@@ -166,7 +166,8 @@ class DhcpClient(ABC):
             lines = self.events_file.read_text().splitlines()
         except FileNotFoundError:
             return []
-        return [(parts[0], parts[1] if len(parts) > 1 else "") for parts in map(str.split, lines)]
+        rows = [line.split(maxsplit=1) for line in lines if line.strip()]
+        return [(row[0], row[1] if len(row) > 1 else "") for row in rows]
 
     def _launch(self) -> None:
         with self.log_file.open("ab") as log:
