@@ -339,10 +339,11 @@ class VolcEmulator:
             raise ApiError("InvalidAction", f"unknown action {action!r}", 404)
         token = q.get("ClientToken", "")
         if token and token in self.tokens:
-            return self.tokens[token]
-        result: dict[str, Any] = handler(q)
-        if token:
-            self.tokens[token] = result
+            result: dict[str, Any] = self.tokens[token]  # the same answer, nothing made twice
+        else:
+            result = handler(q)
+            if token:
+                self.tokens[token] = result
         if fault is not None:
             raise ApiError(fault.code, f"injected {fault.code} after the work was done")
         return result

@@ -224,6 +224,9 @@ FAULTS = [
     ("DescribeSubnets", "AccountFlowLimitExceeded", 2, False, None),
     ("CreateSubnet", "InternalError", 1, True, None),
     ("CreateSubnet", "InternalError", 99, False, CloudError),
+    # Made, but every answer lost: only the tag tells the rerun and teardown it is ours.
+    ("CreateSubnet", "InternalError", 99, True, CloudError),
+    ("CreateNetworkInterface", "InternalError", 99, True, CloudError),
     ("AuthorizeSecurityGroupIngress", "ServiceUnavailable", 1, True, None),
     ("CreateNetworkInterface", "InternalError", 1, True, None),
     ("CreateNetworkInterface", "QuotaExceeded.NetworkInterface", 1, False, CloudQuotaError),
@@ -292,3 +295,47 @@ def test_teardown_reports_what_remains_and_a_rerun_finishes(cloud: Cloud, action
     cloud.emu.faults.clear()
     cloud.teardown()
     assert cloud.emu.snapshot() == before
+
+
+def test_status_lists_our_enis_and_the_subnet(cloud: Cloud) -> None:
+    cloud.emu.add_foreign_eni()
+    result = cloud.init(pool_size=25)
+    lines = cloud.ns.call(_status, cloud.emu.environ(), cloud.pool_file)
+    text = "\n".join(f"{label}: {value}" for label, value in lines)
+    assert f"SubnetID: {result.subnet_id} {SUBNET} (Available" in text
+    assert "ENIs: 2" in text
+    for eni in cloud.ours():
+        assert f"{eni.id}: {eni.name} mac {eni.mac} if {_link_name(eni.id)} InUse" in text
+        assert f"{len(eni.secondary)} IPs" in text
+
+
+def test_adopt_pools_the_secondary_ips_the_vpc_routes_here(cloud: Cloud) -> None:
+    made = cloud.init(pool_size=45)
+    calls = len(cloud.emu.calls)
+    adopted = cloud.ns.call(_adopt, cloud.emu.environ(), 253)
+    assert adopted.ips == made.ips  # the ENIs' addresses, not sequential guesses
+    assert sorted(adopted.secondary_nics) == sorted(made.secondary_nics)
+    assert all(c.startswith("Describe") for c in cloud.emu.calls[calls:])
+    assert len(cloud.ns.call(_adopt, cloud.emu.environ(), 10).ips) == 10
+
+
+def _status(environ: dict[str, str], pool_file: Path) -> list[tuple[str, str]]:
+    state = PoolState(
+        platform="volcengine",
+        node_name=NODE,
+        subnet=str(SUBNET),
+        gateway=str(SUBNET.network_address + 1),
+        cloud=json.loads(pool_file.read_text()),
+    )
+    return [(line.label.strip(), line.value) for line in _platform(environ).status(state)]
+
+
+def _adopt(environ: dict[str, str], pool_size: int) -> ProvisionResult:
+    request = NodeRequest(
+        node_name=NODE,
+        subnet=SUBNET,
+        gateway=SUBNET.network_address + 1,
+        pool_size=pool_size,
+        primary_nic="eth0",
+    )
+    return _platform(environ).adopt(request)
