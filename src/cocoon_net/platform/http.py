@@ -8,7 +8,7 @@ dropped connections are retried with exponential backoff and full jitter, bounde
 of attempts and by an overall deadline. A cloud plugs in two hooks: `sign` is called for every
 attempt afresh (signatures carry timestamps, tokens expire), and `classify` reads clouds that
 report errors inside a 200 response's JSON envelope. HTTP statuses and transport failures
-become errors.py's CloudError subclasses in one place, `_status_error` and `_transport_error`;
+become errors.py's CloudError subclasses in one place, `status_error` and `_transport_error`;
 messages name the method and the URL with secret-looking query values redacted.
 
 Mutations are retried like reads, so callers must make them idempotent (GCE `requestId`,
@@ -199,26 +199,29 @@ class HttpClient:
         return None, False
 
     def _status_error(self, where: str, response: requests.Response) -> CloudError:
-        """The one mapping from an HTTP error status to the CloudError an operator sees."""
-        status = response.status_code
-        detail = error_detail(response)
-        text = f"{where}: HTTP {status}" + (f": {detail}" if detail else "")
-        if status in (401, 403):
-            if _is_quota(detail):
-                return CloudQuotaError(f"{text} (raise the quota or free resources)")
-            hint = self.auth_hint or "check the credentials' roles and scopes"
-            return CloudAuthError(f"{text} (missing role or scope? {hint})")
-        if status == 404:
-            return CloudNotFound(text)
-        if status in (409, 412):
-            return CloudConflict(text)
-        if status == 429 or _is_quota(detail):
-            return CloudQuotaError(f"{text} (throttled or over quota; retry later)")
-        return CloudError(text)
+        return status_error(where, response.status_code, error_detail(response), self.auth_hint)
+
+
+def status_error(where: str, status: int, detail: str, auth_hint: str = "") -> CloudError:
+    """The one mapping from an HTTP error status (of a response, or of a failed long-running
+    operation) to the CloudError an operator sees."""
+    text = f"{where}: HTTP {status}" + (f": {detail}" if detail else "")
+    if status in (401, 403):
+        if _is_quota(detail):
+            return CloudQuotaError(f"{text} (raise the quota or free resources)")
+        hint = auth_hint or "check the credentials' roles and scopes"
+        return CloudAuthError(f"{text} (missing role or scope? {hint})")
+    if status == 404:
+        return CloudNotFound(text)
+    if status in (409, 412):
+        return CloudConflict(text)
+    if status == 429 or _is_quota(detail):
+        return CloudQuotaError(f"{text} (throttled or over quota; retry later)")
+    return CloudError(text)
 
 
 def _is_quota(detail: str) -> bool:
-    return bool(re.search(r"quota|rateLimitExceeded|limit exceeded", detail, re.IGNORECASE))
+    return bool(re.search(r"quota|rate ?limit|limit exceeded", detail, re.IGNORECASE))
 
 
 def error_detail(response: requests.Response) -> str:

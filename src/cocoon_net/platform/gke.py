@@ -1,0 +1,321 @@
+"""The `gke` platform: a routed alias IP range on nic0 of a GCE/GKE VM, over Compute REST.
+
+provision, in order (each step reads the cloud first, so a rerun continues where a crash or a
+failure stopped, and a second run changes nothing):
+  1. metadata: instance name, zone, project, nic0 MAC and MTU;
+  2. instances.get: nic0's subnetwork URL (its own project: the host project under Shared VPC);
+  3. subnetworks.get: reuse the shared range `cocoon-pods` when it covers --subnet, refuse when
+     it does not (before any change), create it at --subnet when absent;
+  4. updateNetworkInterface: add `cocoon-pods:<--subnet>` to nic0, keeping every other alias;
+  5. the guest agent: turn its alias routes off in its config and delete the local route.
+Everything teardown needs is recorded before the change that needs undoing is made.
+
+teardown removes our alias from nic0 and restores the agent config; the shared range is left
+alone (other nodes' aliases live in it; the operator owns it).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import time
+from collections.abc import Callable, Mapping
+from ipaddress import IPv4Network
+from typing import Any
+
+from cocoon_net import config
+from cocoon_net.errors import (
+    CloudConflict,
+    CloudError,
+    CloudNotFound,
+    CocoonError,
+    HostSetupError,
+)
+from cocoon_net.node import nic as host_nic
+from cocoon_net.platform import gce_compute, gce_metadata, localroute
+from cocoon_net.platform.base import NodeRequest, ProvisionResult, ResourceRecorder, StatusLine
+from cocoon_net.platform.gce_compute import NIC, RANGE_NAME, Compute, Nic, SubnetRef
+from cocoon_net.platform.gce_metadata import InstanceInfo, Metadata
+from cocoon_net.platform.http import HttpClient, RetryPolicy
+from cocoon_net.state import PoolState
+
+log = logging.getLogger("cocoon_net.platform.gke")
+
+
+class GkePlatform:
+    name = "gke"
+
+    def __init__(
+        self,
+        environ: Mapping[str, str],
+        *,
+        timeout: float = 30.0,
+        retry: RetryPolicy | None = None,
+        operation_deadline: float = 600.0,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.environ = dict(environ)
+        self.agent_config = localroute.agent_config_path(environ)
+        self._timeout = timeout
+        self._retry = retry
+        self._operation_deadline = operation_deadline
+        self._sleep = sleep
+        self._clock = clock
+        self._metadata: Metadata | None = None
+        self._compute: Compute | None = None
+
+    # Clients are built on first use: `status` of another platform and `--help` never pay
+    # for importing requests and google-auth.
+    @property
+    def metadata(self) -> Metadata:
+        if self._metadata is None:
+            self._metadata = Metadata(self.environ, sleep=self._sleep, clock=self._clock)
+        return self._metadata
+
+    @property
+    def compute(self) -> Compute:
+        if self._compute is None:
+            token = gce_metadata.token_source(self.environ, self.metadata)
+            http = HttpClient(
+                service="Compute Engine",
+                timeout=self._timeout,
+                retry=self._retry,
+                sign=lambda *_: {"Authorization": f"Bearer {token()}"},
+                auth_hint=gce_compute.AUTH_HINT,
+                sleep=self._sleep,
+                clock=self._clock,
+            )
+            base = self.environ.get(gce_compute.ENV_COMPUTE_URL) or gce_compute.DEFAULT_COMPUTE_URL
+            self._compute = Compute(
+                http,
+                base,
+                operation_deadline=self._operation_deadline,
+                sleep=self._sleep,
+                clock=self._clock,
+            )
+        return self._compute
+
+    # ------------------------------------------------------------------ Platform
+
+    def provision(self, request: NodeRequest, record: ResourceRecorder) -> ProvisionResult:
+        subnet = request.subnet
+        inst = self.metadata.instance()
+        record(_where(inst, subnet))
+        nic = self.compute.get_nic(inst.project, inst.zone, inst.name)
+        ref = SubnetRef.from_url(nic.subnetwork)
+        subnetwork = self._ensure_range(ref, subnet, record)
+        self._ensure_alias(inst, subnet)
+        agent = self._quiet_guest_agent(request, subnet, record)
+        return ProvisionResult(
+            ips=config.first_hosts(subnet, request.gateway, request.pool_size),
+            vpc_cidrs=_vpc_cidrs(subnetwork),
+            mtu=inst.mtu,
+            alias_range_name=RANGE_NAME,
+            subnet_id=ref.path,
+            cloud={**_where(inst, subnet), "subnetwork": ref.path, **agent},
+        )
+
+    def adopt(self, request: NodeRequest) -> ProvisionResult:
+        inst = self.metadata.instance()
+        nic = self.compute.get_nic(inst.project, inst.zone, inst.name)
+        alias = gce_compute.find_alias(nic.aliases, request.subnet)
+        if alias is None:
+            raise CloudNotFound(
+                f"no alias IP range on {NIC} of instance {inst.name} covers {request.subnet} "
+                f"(aliases: {_aliases_text(nic)}); run 'cocoon-net init' to create it"
+            )
+        ref = SubnetRef.from_url(nic.subnetwork)
+        subnetwork = self.compute.get_subnetwork(ref)
+        return ProvisionResult(
+            ips=config.first_hosts(request.subnet, request.gateway, request.pool_size),
+            vpc_cidrs=_vpc_cidrs(subnetwork),
+            mtu=inst.mtu,
+            alias_range_name=alias.range_name,
+            subnet_id=ref.path,
+            cloud={
+                **_where(inst, request.subnet),
+                "aliasRangeName": alias.range_name,
+                "aliasCidr": alias.cidr,
+                "subnetwork": ref.path,
+            },
+        )
+
+    def status(self, state: PoolState) -> list[StatusLine]:
+        inst = self.metadata.instance()
+        nic = self.compute.get_nic(inst.project, inst.zone, inst.name)
+        name, subnet = _ours(state)
+        present = gce_compute.plan_alias_remove(nic.aliases, name, subnet) is not None
+        return [
+            StatusLine("Aliases", _aliases_text(nic)),
+            StatusLine(
+                "Alias",
+                f"{name}:{subnet} " + ("present" if present else f"MISSING from {NIC}"),
+            ),
+        ]
+
+    def plan_teardown(self, state: PoolState) -> list[str]:
+        name, subnet = _ours(state)
+        where = state.cloud.get("instance") or "this instance"
+        lines = [f"remove alias {name}:{subnet} from {NIC} of {where} (other aliases kept)"]
+        if "agentIpAliasesBefore" in state.cloud:
+            lines.append(f"restore [IpForwarding] ip_aliases in {self.agent_config}")
+        return lines
+
+    def teardown(self, state: PoolState, record: ResourceRecorder) -> None:
+        failures: list[str] = []
+        name, subnet = _ours(state)
+        try:
+            inst = self.metadata.instance()
+            self._rmw_aliases(
+                inst, lambda aliases: gce_compute.plan_alias_remove(aliases, name, subnet)
+            )
+            record({"aliasRemoved": True})
+        except CocoonError as exc:
+            failures.append(str(exc))
+        if "agentIpAliasesBefore" in state.cloud:
+            try:
+                localroute.set_agent_ip_aliases(
+                    self.agent_config, state.cloud["agentIpAliasesBefore"]
+                )
+                record({"agentIpAliasesBefore": None, "agentConfigRestored": True})
+            except CocoonError as exc:
+                failures.append(str(exc))
+        if failures:
+            raise CloudError("gke teardown incomplete: " + " | ".join(failures))
+
+    # ------------------------------------------------------------------ steps
+
+    def primary_nic(self) -> str:
+        """The host interface with nic0's MAC from metadata, else the default route's device
+        (never a fixed 'ens4': newer images name it differently)."""
+        name = host_nic.link_by_mac(self.metadata.instance().mac) or host_nic.primary_nic()
+        if not name:
+            raise HostSetupError(
+                f"cannot tell which interface is {NIC}: no link has its metadata MAC and there "
+                "is no default route; pass --primary-nic"
+            )
+        return name
+
+    def _ensure_range(
+        self, ref: SubnetRef, subnet: IPv4Network, record: ResourceRecorder
+    ) -> gce_compute.Subnetwork:
+        """The subnetwork, with `cocoon-pods` covering subnet (created when absent)."""
+        last: CloudConflict | None = None
+        for attempt in range(gce_compute.FINGERPRINT_ATTEMPTS + 1):
+            subnetwork = self.compute.get_subnetwork(ref)
+            if not gce_compute.plan_range(subnetwork, RANGE_NAME, subnet):
+                return subnetwork
+            if attempt == gce_compute.FINGERPRINT_ATTEMPTS:
+                break
+            log.info("creating secondary range %s=%s on %s", RANGE_NAME, subnet, ref.path)
+            record({"subnetwork": ref.path, "rangeCreated": str(subnet)})
+            try:
+                self.compute.patch_secondary_ranges(
+                    subnetwork, gce_compute.with_range(subnetwork, RANGE_NAME, subnet)
+                )
+            except CloudConflict as exc:
+                # Another node (or the operator) changed the ranges since our read: read
+                # again, and reuse the range if it now exists and covers us (two first inits
+                # racing end with one creating and the other reusing).
+                log.info("subnetwork changed concurrently, re-reading: %s", exc)
+                last = exc
+        raise CloudConflict(
+            f"secondary ranges of {ref.path} kept changing during "
+            f"{gce_compute.FINGERPRINT_ATTEMPTS} read-modify-write rounds; re-run ({last})"
+        )
+
+    def _ensure_alias(self, inst: InstanceInfo, subnet: IPv4Network) -> None:
+        self._rmw_aliases(
+            inst, lambda aliases: gce_compute.plan_alias_add(aliases, RANGE_NAME, subnet)
+        )
+
+    def _rmw_aliases(
+        self,
+        inst: InstanceInfo,
+        plan: Callable[[tuple[dict[str, Any], ...]], list[dict[str, Any]] | None],
+    ) -> None:
+        """Read nic0, compute the new alias list, write it with the fingerprint; on a 412
+        (the list changed since our read) start over. Nothing to change: no write at all."""
+        last: CloudConflict | None = None
+        for _ in range(gce_compute.FINGERPRINT_ATTEMPTS):
+            nic = self.compute.get_nic(inst.project, inst.zone, inst.name)
+            desired = plan(nic.aliases)
+            if desired is None:
+                return
+            try:
+                self.compute.update_aliases(inst.project, inst.zone, inst.name, nic, desired)
+                return
+            except CloudConflict as exc:
+                log.info("%s changed concurrently, re-reading: %s", NIC, exc)
+                last = exc
+        assert last is not None
+        raise CloudConflict(
+            f"{NIC} of {inst.name} kept changing during {gce_compute.FINGERPRINT_ATTEMPTS} "
+            f"read-modify-write rounds; re-run ({last})"
+        )
+
+    def _quiet_guest_agent(
+        self, request: NodeRequest, subnet: IPv4Network, record: ResourceRecorder
+    ) -> dict[str, Any]:
+        """Stop the guest agent from claiming the alias range as local (spec §5.4).
+
+        The agent config's original value is recorded before it is changed, and only on the
+        first run: a rerun finds our own 'false' there and must not record that as original.
+        """
+        agent: dict[str, Any] = {}
+        if "agentIpAliasesBefore" in request.cloud:
+            agent["agentIpAliasesBefore"] = request.cloud["agentIpAliasesBefore"]
+        try:
+            if not agent:
+                agent["agentIpAliasesBefore"] = localroute.read_agent_ip_aliases(self.agent_config)
+                record(agent)
+            localroute.set_agent_ip_aliases(self.agent_config, "false")
+        except HostSetupError as exc:
+            log.warning("could not turn off the guest agent's alias routes: %s", exc)
+        try:
+            for route in localroute.remove_guest_agent_routes(subnet):
+                log.info("removed guest-agent route: %s", route)
+        except HostSetupError as exc:
+            log.warning("guest-agent route check failed (the daemon retries): %s", exc)
+        return agent
+
+
+def _where(inst: InstanceInfo, subnet: IPv4Network) -> dict[str, Any]:
+    return {
+        "project": inst.project,
+        "zone": inst.zone,
+        "instance": inst.name,
+        "aliasRangeName": RANGE_NAME,
+        "aliasCidr": str(subnet),
+    }
+
+
+def _ours(state: PoolState) -> tuple[str, IPv4Network]:
+    """Our alias: the recorded range name (Go state: aliasRangeName, default cocoon-pods)."""
+    name = state.alias_range_name or str(state.cloud.get("aliasRangeName") or RANGE_NAME)
+    cidr = state.cloud.get("aliasCidr") or state.subnet
+    return name, IPv4Network(cidr, strict=False)
+
+
+def _aliases_text(nic: Nic) -> str:
+    parts = [str(gce_compute.Alias.from_json(a)) for a in nic.aliases]
+    return ", ".join(parts) if parts else "(none)"
+
+
+def _vpc_cidrs(subnetwork: gce_compute.Subnetwork) -> list[IPv4Network]:
+    """The node's subnetwork ranges: VMs reach them without masquerade."""
+    cidrs = [subnetwork.cidr] + [str(r.get("ipCidrRange", "")) for r in subnetwork.secondary]
+    out: list[IPv4Network] = []
+    for text in cidrs:
+        try:
+            net = ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            continue
+        if isinstance(net, IPv4Network) and net not in out:
+            out.append(net)
+    return out
+
+
+def create(environ: Mapping[str, str]) -> GkePlatform:
+    return GkePlatform(environ)
