@@ -155,6 +155,8 @@ def test_topology_links_routes_and_port_isolation(tmp_path: Path) -> None:
             assert ipv4_addresses(vm.netns, "eth0") == []
             port = json.loads(sb.run(sb.node, ["ip", "-j", "link", "show", vm.port]).stdout)[0]
             assert "master" not in port
+        with pytest.raises(HostSetupError):  # no address, no route: nothing reaches the peer
+            sb.source_seen_by_peer(sb.vms[0].netns, timeout=1)
 
         # No ARP-table limits of its own on this kernel means None, never the host's values.
         has_own = sb.run(

@@ -244,18 +244,21 @@ class Sandbox:
     def source_seen_by_peer(self, netns: str, *, timeout: float = 5.0) -> IPv4Address:
         """Send one UDP datagram from netns to the VPC peer; return the source address the peer
         sees: the VM's own address when the node routes, the node's when it masquerades."""
-        listener = self.popen(
+        with self.popen(
             self.peer,
             [sys.executable, "-c", _UDP_SOURCE_PROBE, str(self.peer_ip), str(timeout)],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
-        )
-        assert listener.stdout is not None
-        port = listener.stdout.readline().strip()
-        if port:
-            self.run(netns, [sys.executable, "-c", _UDP_SEND, str(self.peer_ip), port])
-        seen, _ = listener.communicate(timeout=timeout + 5)
+        ) as listener:
+            assert listener.stdout is not None  # stdout=PIPE
+            try:
+                port = listener.stdout.readline().strip()
+                if port:
+                    self.run(netns, [sys.executable, "-c", _UDP_SEND, str(self.peer_ip), port])
+                seen, _ = listener.communicate(timeout=timeout + 5)
+            finally:
+                listener.kill()  # a no-op once it has exited; leaving the block reaps it
         if listener.returncode != 0 or not seen.strip():
             raise HostSetupError(f"no datagram from {netns} reached the peer within {timeout:g} s")
         return IPv4Address(seen.strip())
