@@ -1,0 +1,375 @@
+"""The lease table: allocation order, stickiness, quarantine, reload, and its invariants."""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from cocoon_net.dhcp.leases import (
+    Expire,
+    Grant,
+    LeaseTable,
+    Quarantine,
+    Release,
+    Renew,
+    Revoke,
+    Standing,
+    Withdraw,
+)
+from cocoon_net.dhcp.model import Lease
+
+A = IPv4Address
+NET = "172.20.100."
+POOL = [A(NET + str(i)) for i in range(2, 8)]  # .2 .. .7
+DAY = 86400.0
+
+
+def mac(n: int) -> str:
+    return f"02:00:00:00:00:{n:02x}"
+
+
+def ip(n: int) -> IPv4Address:
+    return A(NET + str(n))
+
+
+def dora(table: LeaseTable, m: str, now: float, requested: IPv4Address | None = None) -> Lease:
+    addr, _ = table.offer(m, now, requested)
+    assert addr is not None
+    table.grant(m, addr, now, DAY)
+    lease = table.lease_of(m, now)
+    assert lease is not None
+    return lease
+
+
+def test_new_clients_get_never_used_addresses_in_ascending_order() -> None:
+    table = LeaseTable(reversed(POOL))
+    got = [table.offer(mac(i), 0.0)[0] for i in range(len(POOL))]
+    assert got == POOL
+    assert table.offer(mac(99), 0.0) == (None, [])  # exhausted
+
+
+def test_least_recently_used_address_is_reused_first() -> None:
+    table = LeaseTable(POOL[:3])
+    for i, when in ((1, 10.0), (2, 20.0), (3, 30.0)):
+        dora(table, mac(i), when)
+    table.release(mac(3), ip(4), 40.0)
+    table.release(mac(1), ip(2), 50.0)
+    table.release(mac(2), ip(3), 60.0)
+    # A stranger gets the address freed longest ago, .4 (released at 40).
+    assert table.offer(mac(9), 70.0)[0] == ip(4)
+
+
+def test_sticky_after_expiry() -> None:
+    table = LeaseTable(POOL)
+    first = dora(table, mac(1), 0.0).ip
+    changes = table.expire(DAY + 1)
+    assert changes == [Expire(Lease(mac(1), first, DAY))]
+    assert table.expire(DAY + 2) == []  # reported once
+    other = dora(table, mac(2), DAY + 5).ip
+    assert other != first  # a never-used address before someone's old one
+    assert dora(table, mac(1), DAY + 10).ip == first
+
+
+def test_sticky_after_reload_from_snapshot() -> None:
+    table = LeaseTable(POOL)
+    dora(table, mac(1), 0.0)
+    gone = dora(table, mac(2), 0.0).ip
+    table.release(mac(2), gone, 10.0)
+    snap = table.snapshot()
+    fresh = LeaseTable(POOL)
+    assert fresh.load(snap.leases, snap.history, snap.quarantine, 20.0) == []
+    assert fresh.snapshot() == snap
+    assert fresh.lease_of(mac(1), 20.0) == table.lease_of(mac(1), 20.0)
+    assert fresh.offer(mac(3), 30.0)[0] not in {ip(2), gone}
+    assert fresh.offer(mac(2), 30.0)[0] == gone
+
+
+def test_requested_address_only_when_nobody_else_claims_it() -> None:
+    table = LeaseTable(POOL, reservations={mac(8): ip(5)})
+    assert table.offer(mac(1), 0.0, ip(4))[0] == ip(4)
+    assert table.offer(mac(2), 0.0, ip(5))[0] == ip(2)  # reserved for mac 8
+    assert table.offer(mac(3), 0.0, ip(4))[0] == ip(3)  # offered to mac 1
+    assert table.offer(mac(4), 0.0, A("10.9.9.9"))[0] == ip(6)  # not in the pool
+    table.withdraw(mac(1), 1.0)
+    table.grant(mac(5), ip(4), 1.0, 10.0)
+    table.expire(20.0)  # .4 is now free but remembered for mac 5
+    assert table.offer(mac(6), 20.0, ip(4))[0] == ip(7)
+
+
+def test_reservation_first_and_waits_while_someone_else_holds_it() -> None:
+    table = LeaseTable(POOL)
+    dora(table, mac(1), 0.0)  # takes .2
+    table.set_reservations({mac(2): ip(2), mac(3): ip(6)})
+    assert table.offer(mac(3), 1.0)[0] == ip(6)
+    assert table.offer(mac(2), 1.0)[0] == ip(3)  # .2 is leased to mac 1 until it ends
+    table.release(mac(1), ip(2), 2.0)
+    assert table.offer(mac(2), 3.0)[0] == ip(2)
+
+
+def test_offer_holds_an_address_for_offer_hold_seconds() -> None:
+    table = LeaseTable(POOL[:1], offer_hold=60.0)
+    assert table.offer(mac(1), 0.0)[0] == ip(2)
+    assert table.offer(mac(2), 59.0)[0] is None
+    assert table.offer(mac(1), 59.0)[0] == ip(2)  # re-DISCOVER refreshes it
+    assert table.offer(mac(2), 100.0)[0] is None
+    assert table.offer(mac(2), 119.0)[0] == ip(2)
+
+
+def test_grant_renew_and_move() -> None:
+    table = LeaseTable(POOL)
+    [grant] = table.grant(mac(1), ip(3), 0.0, 100.0, hostname="vm1", client_id="01ab")
+    assert grant == Grant(Lease(mac(1), ip(3), 100.0, "vm1", "01ab"))
+    [renew] = table.grant(mac(1), ip(3), 50.0, 100.0)
+    assert renew == Renew(Lease(mac(1), ip(3), 150.0, "vm1", "01ab"))  # names kept
+    moved = table.grant(mac(1), ip(4), 60.0, 100.0)
+    assert moved == [
+        Revoke(Lease(mac(1), ip(3), 60.0, "vm1", "01ab"), "moved"),
+        Grant(Lease(mac(1), ip(4), 160.0, "vm1", "01ab")),
+    ]
+    assert table.holder(ip(3), 61.0) is None
+
+
+def test_grant_refuses_what_is_not_grantable() -> None:
+    table = LeaseTable(POOL, reservations={mac(9): ip(7)})
+    table.grant(mac(1), ip(2), 0.0, 100.0)
+    table.offer(mac(2), 0.0)
+    for addr in (ip(2), ip(3), ip(7), A("10.0.0.1")):
+        with pytest.raises(ValueError, match="cannot grant"):
+            table.grant(mac(5), addr, 1.0, 100.0)
+
+
+def test_release_only_by_the_holder_of_that_address() -> None:
+    table = LeaseTable(POOL)
+    lease = dora(table, mac(1), 0.0)
+    assert table.release(mac(2), lease.ip, 1.0) == []
+    assert table.release(mac(1), ip(7), 1.0) == []
+    assert table.lease_of(mac(1), 1.0) == lease
+    [rel] = table.release(mac(1), lease.ip, 2.0)
+    assert rel == Release(Lease(mac(1), lease.ip, 2.0))
+    assert table.lease_of(mac(1), 2.0) is None
+
+
+def test_decline_quarantines_and_the_address_comes_back_last() -> None:
+    table = LeaseTable(POOL[:2])
+    lease = dora(table, mac(1), 0.0)
+    assert table.decline(mac(2), lease.ip, 1.0, 600.0) == []  # not the holder
+    [q] = table.decline(mac(1), lease.ip, 1.0, 600.0)
+    assert q == Quarantine(lease.ip, 601.0, Lease(mac(1), lease.ip, 1.0))
+    assert table.standing(mac(1), lease.ip, 2.0) is Standing.QUARANTINED
+    assert dora(table, mac(1), 2.0).ip == ip(3)  # not its old address
+    assert table.offer(mac(2), 3.0)[0] is None  # .2 quarantined, .3 offered
+    assert table.snapshot().quarantine == {lease.ip: 601.0}
+    assert table.offer(mac(2), 602.0)[0] == lease.ip
+
+
+def test_one_quarantine_per_mac_so_a_decline_loop_cannot_drain_the_pool() -> None:
+    table = LeaseTable(POOL)
+    first = dora(table, mac(1), 0.0)
+    table.decline(mac(1), first.ip, 1.0, 600.0)
+    second = dora(table, mac(1), 2.0)
+    assert table.decline(mac(1), second.ip, 3.0, 600.0) == [Release(Lease(mac(1), second.ip, 3.0))]
+    assert table.stats(4.0).quarantined == 1
+    assert table.standing(mac(2), second.ip, 4.0) is Standing.USED
+
+
+def test_declining_an_offer() -> None:
+    table = LeaseTable(POOL)
+    addr, _ = table.offer(mac(1), 0.0)
+    assert addr is not None
+    assert table.decline(mac(1), addr, 1.0, 60.0) == [Quarantine(addr, 61.0, None)]
+    assert table.offer_of(mac(1), 1.0) is None
+
+
+def test_withdraw_drops_the_offer() -> None:
+    table = LeaseTable(POOL[:1])
+    addr, _ = table.offer(mac(1), 0.0)
+    assert table.withdraw(mac(1), 1.0) == [Withdraw(mac(1), ip(2))]
+    assert table.withdraw(mac(1), 1.0) == []
+    assert table.offer(mac(2), 1.0)[0] == addr
+
+
+def test_set_pool_revokes_leases_outside_and_forgets_the_rest() -> None:
+    table = LeaseTable(POOL)
+    inside = dora(table, mac(1), 0.0)
+    outside = dora(table, mac(2), 0.0)
+    table.offer(mac(3), 0.0)  # .4
+    changes = table.set_pool([inside.ip, ip(7)], 10.0)
+    assert changes == [
+        Revoke(Lease(mac(2), outside.ip, 10.0), "outside_pool"),
+        Withdraw(mac(3), ip(4)),
+    ]
+    assert table.pool == (inside.ip, ip(7))
+    assert all(le.ip in table.pool for le in table.snapshot().history)
+    assert table.offer(mac(2), 11.0)[0] == ip(7)
+
+
+def test_load_reports_duplicates_outside_and_expired() -> None:
+    table = LeaseTable(POOL)
+    early = Lease(mac(1), ip(2), 500.0)
+    late = Lease(mac(2), ip(2), 900.0)
+    twice_old = Lease(mac(3), ip(3), 400.0)
+    twice_new = Lease(mac(3), ip(4), 800.0)
+    foreign = Lease(mac(4), A("10.0.0.9"), 900.0)
+    stale = Lease(mac(5), ip(5), 50.0)
+    changes = table.load([early, late, twice_old, twice_new, foreign, stale], [], {}, 100.0)
+    assert set(changes) == {
+        Revoke(early, "duplicate_ip"),
+        Revoke(twice_old, "duplicate_mac"),
+        Revoke(foreign, "outside_pool"),
+        Expire(stale),
+    }
+    assert table.leases(100.0) == [late, twice_new]
+    assert table.standing(mac(5), ip(5), 100.0) is Standing.REMEMBERED
+    assert table.holder(ip(3), 100.0) is None
+
+
+def test_load_keeps_running_quarantine_only() -> None:
+    table = LeaseTable(POOL)
+    table.load([], [], {ip(2): 200.0, ip(3): 50.0, A("10.0.0.1"): 900.0}, 100.0)
+    assert table.snapshot().quarantine == {ip(2): 200.0}
+
+
+def test_recovered_addresses_are_never_offered_but_can_be_confirmed() -> None:
+    table = LeaseTable(POOL)
+    table.load([], [], {}, 0.0, in_use={ip(2): "", ip(3): mac(7)}, recovery_hold=1000.0)
+    assert table.standing(mac(1), ip(2), 1.0) is Standing.RECOVERED
+    assert table.standing(mac(7), ip(3), 1.0) is Standing.RECOVERED_MINE
+    assert table.standing(mac(1), ip(3), 1.0) is Standing.HELD_BY_OTHER
+    assert table.offer(mac(1), 1.0)[0] == ip(4)
+    assert table.offer(mac(7), 1.0)[0] == ip(3)  # its own, known from the neighbour table
+    table.grant(mac(8), ip(2), 2.0, DAY)
+    assert table.lease_of(mac(8), 2.0) is not None
+    # The hold is over: .3 is an ordinary never-used address again, the lowest free one.
+    assert table.standing(mac(1), ip(3), 1001.0) is Standing.UNKNOWN
+    assert table.offer(mac(9), 1001.0)[0] == ip(3)
+
+
+def test_stats() -> None:
+    table = LeaseTable(POOL, reservations={mac(9): ip(7)})
+    dora(table, mac(1), 0.0)
+    table.offer(mac(2), 0.0)
+    stats = table.stats(1.0)
+    assert (stats.total, stats.leased, stats.offered, stats.free) == (6, 1, 1, 3)
+
+
+# ---------------------------------------------------------------------------- invariants
+
+MACS = st.integers(1, 8).map(mac)
+ADDRS = st.sampled_from([*POOL, ip(9), A("10.0.0.1")])
+
+
+class TableMachine(RuleBasedStateMachine):
+    """Random sequences of everything the server and the store can do to the table."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reservations = {mac(8): ip(7), mac(7): ip(9)}  # .9 is outside the pool
+        self.table = LeaseTable(POOL, reservations=self.reservations, offer_hold=60.0)
+        self.now = 0.0
+
+    @rule(dt=st.sampled_from([0.0, 1.0, 30.0, 61.0, 500.0, 3600.0]))
+    def advance(self, dt: float) -> None:
+        self.now += dt
+
+    @rule(m=MACS, requested=st.none() | ADDRS)
+    def offer(self, m: str, requested: IPv4Address | None) -> None:
+        addr, _ = self.table.offer(m, self.now, requested)
+        if addr is None:
+            return
+        assert addr in POOL
+        assert not self.table.is_quarantined(addr, self.now)
+        owner = self.table._reserved_for.get(addr)
+        assert owner in (None, m), f"{addr} reserved for {owner} offered to {m}"
+        assert self.table.offer_of(m, self.now) is not None
+
+    @rule(m=MACS, addr=ADDRS, lease_time=st.sampled_from([10.0, 600.0, DAY]))
+    def grant(self, m: str, addr: IPv4Address, lease_time: float) -> None:
+        standing = self.table.standing(m, addr, self.now)
+        refused = {
+            Standing.HELD_BY_OTHER,
+            Standing.RESERVED_FOR_OTHER,
+            Standing.QUARANTINED,
+            Standing.OUTSIDE_POOL,
+        }
+        if standing in refused:
+            with pytest.raises(ValueError):
+                self.table.grant(m, addr, self.now, lease_time)
+        else:
+            self.table.grant(m, addr, self.now, lease_time)
+            lease = self.table.lease_of(m, self.now)
+            assert lease is not None
+            assert lease.ip == addr
+
+    @rule(m=MACS, addr=ADDRS)
+    def release(self, m: str, addr: IPv4Address) -> None:
+        before = self.table.lease_of(m, self.now)
+        self.table.release(m, addr, self.now)
+        if before is not None and before.ip == addr:
+            assert self.table.lease_of(m, self.now) is None
+
+    @rule(m=MACS, addr=ADDRS)
+    def decline(self, m: str, addr: IPv4Address) -> None:
+        holder = self.table.holder(addr, self.now)
+        changes = self.table.decline(m, addr, self.now, 600.0)
+        if holder != m:
+            assert all(isinstance(c, Expire) for c in changes)
+        else:
+            assert self.table.holder(addr, self.now) is None
+
+    @rule(m=MACS)
+    def withdraw(self, m: str) -> None:
+        self.table.withdraw(m, self.now)
+        assert self.table.offer_of(m, self.now) is None
+
+    @rule(keep=st.sets(st.sampled_from(POOL)))
+    def set_pool(self, keep: set[IPv4Address]) -> None:
+        self.table.set_pool(keep | set(POOL[:2]), self.now)
+        self.table.set_pool(POOL, self.now)
+
+    @rule()
+    def reload(self) -> None:
+        snap = self.table.snapshot()
+        before = self.table.leases(self.now)
+        fresh = LeaseTable(POOL, reservations=self.reservations)
+        changes = fresh.load(snap.leases, snap.history, snap.quarantine, self.now)
+        assert all(isinstance(c, Expire) for c in changes)
+        assert fresh.leases(self.now) == before
+        self.table = fresh
+
+    @invariant()
+    def one_holder_per_address_and_all_in_pool(self) -> None:
+        t, now = self.table, self.now
+        held: dict[IPv4Address, set[str]] = {}
+        for lease in t.leases(now):
+            held.setdefault(lease.ip, set()).add(lease.mac)
+        for m in map(mac, range(1, 9)):
+            offer = t.offer_of(m, now)
+            if offer is not None:
+                held.setdefault(offer.ip, set()).add(m)
+        for addr, macs in held.items():
+            assert len(macs) == 1, f"{addr} held by {macs}"
+            assert addr in POOL
+            assert not t.is_quarantined(addr, now)
+            owner = t._reserved_for.get(addr)
+            assert owner in (None, *macs), f"{addr} reserved for {owner} held by {macs}"
+
+    @invariant()
+    def indexes_agree(self) -> None:
+        t = self.table
+        assert {le.ip: le for le in t._leases.values()} == t._lease_at
+        assert {o.ip: o for o in t._offers.values()} == t._offer_at
+        for m, addr in t._last_ip.items():
+            assert t._history[addr].mac == m
+
+
+TableMachine.TestCase.settings = settings(
+    max_examples=150,
+    stateful_step_count=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+test_table_invariants = TableMachine.TestCase
