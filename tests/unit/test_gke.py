@@ -189,8 +189,11 @@ def test_stale_alias_of_our_range_is_replaced(gce: GceEmulator, tmp_path: Path) 
 
 def test_teardown_is_safe_to_rerun_and_status_reports(gce: GceEmulator, tmp_path: Path) -> None:
     gce.set_aliases([OPERATOR_ALIAS])
+    cfg = tmp_path / "agent.cfg"
+    cfg.write_text("[IpForwarding]\nip_aliases = true\n")
     node = Node(gce, tmp_path)
     node.init()
+    assert cfg.read_text() == "[IpForwarding]\nip_aliases = false\n"
     lines = node.platform().status(node.state())
     assert lines[0].value == f"10.128.0.64/28, cocoon-pods:{SUBNET}"
     assert lines[1].value == f"cocoon-pods:{SUBNET} present"
@@ -200,6 +203,12 @@ def test_teardown_is_safe_to_rerun_and_status_reports(gce: GceEmulator, tmp_path
     assert gce.state.mutations_applied == applied
     assert gce.nic0["aliasIpRanges"] == [OPERATOR_ALIAS]
     assert "MISSING" in node.platform().status(node.state())[1].value
+    assert cfg.read_text() == "[IpForwarding]\nip_aliases = true\n"  # restored once, kept
+    assert node.platform().plan_teardown(node.state())[1:] == []
+    # init after teardown takes the restored value as the original again
+    node.init()
+    node.teardown()
+    assert cfg.read_text() == "[IpForwarding]\nip_aliases = true\n"
 
 
 def test_shared_vpc_uses_the_subnetworks_own_project(tmp_path: Path) -> None:

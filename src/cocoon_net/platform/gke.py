@@ -158,7 +158,7 @@ class GkePlatform:
         name, subnet = _ours(state)
         where = state.cloud.get("instance") or "this instance"
         lines = [f"remove alias {name}:{subnet} from {NIC} of {where} (other aliases kept)"]
-        if "agentIpAliasesBefore" in state.cloud:
+        if _agent_to_restore(state.cloud):
             lines.append(f"restore [IpForwarding] ip_aliases in {self.agent_config}")
         return lines
 
@@ -173,12 +173,12 @@ class GkePlatform:
             record({"aliasRemoved": True})
         except CocoonError as exc:
             failures.append(str(exc))
-        if "agentIpAliasesBefore" in state.cloud:
+        if _agent_to_restore(state.cloud):
             try:
                 localroute.set_agent_ip_aliases(
                     self.agent_config, state.cloud["agentIpAliasesBefore"]
                 )
-                record({"agentIpAliasesBefore": None, "agentConfigRestored": True})
+                record({"agentConfigRestored": True})
             except CocoonError as exc:
                 failures.append(str(exc))
         if failures:
@@ -264,11 +264,14 @@ class GkePlatform:
         first run: a rerun finds our own 'false' there and must not record that as original.
         """
         agent: dict[str, Any] = {}
-        if "agentIpAliasesBefore" in request.cloud:
+        if _agent_to_restore(request.cloud):
             agent["agentIpAliasesBefore"] = request.cloud["agentIpAliasesBefore"]
         try:
             if not agent:
-                agent["agentIpAliasesBefore"] = localroute.read_agent_ip_aliases(self.agent_config)
+                agent = {
+                    "agentIpAliasesBefore": localroute.read_agent_ip_aliases(self.agent_config),
+                    "agentConfigRestored": False,
+                }
                 record(agent)
             localroute.set_agent_ip_aliases(self.agent_config, "false")
         except HostSetupError as exc:
@@ -289,6 +292,12 @@ def _where(inst: InstanceInfo, subnet: IPv4Network) -> dict[str, Any]:
         "aliasRangeName": RANGE_NAME,
         "aliasCidr": str(subnet),
     }
+
+
+def _agent_to_restore(cloud: Mapping[str, Any]) -> bool:
+    """The agent config holds our 'false' and the recorded original is still to be put back
+    (once: a second teardown must not put back what the first one already restored)."""
+    return "agentIpAliasesBefore" in cloud and not cloud.get("agentConfigRestored")
 
 
 def _ours(state: PoolState) -> tuple[str, IPv4Network]:
