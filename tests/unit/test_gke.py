@@ -242,6 +242,18 @@ def test_adopt_records_the_existing_alias_without_changes(gce: GceEmulator, tmp_
     assert gce.nic0["aliasIpRanges"] == []
 
 
+def test_adopted_primary_range_alias_is_the_one_teardown_removes(
+    gce: GceEmulator, tmp_path: Path
+) -> None:
+    node = Node(gce, tmp_path, IPv4Network("10.128.0.64/28"))
+    gce.set_aliases([{"ipCidrRange": "10.128.0.64/28"}, {"ipCidrRange": "10.128.0.96/28"}])
+    node.record(node.platform().adopt(node.request()).cloud)
+    state = node.state()
+    state.alias_range_name = ""
+    node.platform().teardown(state, node.record)
+    assert gce.nic0["aliasIpRanges"] == [{"ipCidrRange": "10.128.0.96/28"}]
+
+
 def test_adopt_without_an_alias_says_so(gce: GceEmulator, tmp_path: Path) -> None:
     node = Node(gce, tmp_path)
     with pytest.raises(CloudNotFound, match="no alias IP range on nic0 of instance node-1 covers"):

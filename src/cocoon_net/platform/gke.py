@@ -302,7 +302,8 @@ def _agent_to_restore(cloud: Mapping[str, Any]) -> bool:
 
 def _ours(state: PoolState) -> tuple[str, IPv4Network]:
     """Our alias: the recorded range name (Go state: aliasRangeName, default cocoon-pods)."""
-    name = state.alias_range_name or str(state.cloud.get("aliasRangeName") or RANGE_NAME)
+    # "" is a real name: an adopted alias taken from the subnetwork's primary range
+    name = state.alias_range_name or str(state.cloud.get("aliasRangeName", RANGE_NAME))
     cidr = state.cloud.get("aliasCidr") or state.subnet
     return name, IPv4Network(cidr, strict=False)
 
