@@ -1,0 +1,1 @@
+"""Reproducible benchmarks of cocoon-net against ISC Kea and dnsmasq (see bench/README.md)."""

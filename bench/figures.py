@@ -1,0 +1,155 @@
+"""Figures beyond the ladder, each beside a baseline taken in the same run.
+
+- Start to ready with N leases on disk (254: a full /24 node; 60,000: a /16): every server is
+  given the same leases in its own file format and timed from exec to its own "ready" signal
+  and to the first OFFER a probe DISCOVER gets back; cocoon-net also reports how many /32
+  routes it had installed when it said ready. Kea and dnsmasq install no routes.
+- `cocoon-net status` wall time next to `ip route show` and a bare interpreter as floors.
+- Resident memory right after start with those leases loaded (idle RSS).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+
+from bench.bed import Bed
+from bench.ladder import REPO, loadgen_argv
+from bench.procstat import memory_kib
+from bench.servers import LEASE_SECONDS, ServerFailed, ServerUnderTest
+from cocoon_net.dhcp.model import Lease
+
+OURS = "cocoon-net"
+
+
+@dataclass(frozen=True)
+class Startup:
+    server: str
+    leases: int
+    status: str  # "ok", "skipped: ...", "failed: ..."
+    ready_ms: float | None = None  # exec to the server's own readiness signal
+    first_offer_ms: float | None = None  # exec to the first OFFER a probe received
+    routes: int | None = None  # cocoon-net's /32 routes when it said ready
+    rss_kib: int | None = None  # resident right after ready
+    status_ms: float | None = None  # median `cocoon-net status` wall time while it runs
+
+
+@dataclass(frozen=True)
+class Timing:
+    command: str
+    min_ms: float
+    median_ms: float
+
+
+def make_leases(pool: Sequence[IPv4Address], count: int) -> list[Lease]:
+    """`count` live leases on the first addresses of the pool, from random client MACs."""
+    expires = time.time() + LEASE_SECONDS
+    return [
+        Lease(mac=(bytes([0x02]) + secrets.token_bytes(5)).hex(":"), ip=ip, expires=expires)
+        for ip in pool[:count]
+    ]
+
+
+def time_command(argv: Sequence[str], repeat: int) -> Timing:
+    samples = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        subprocess.run(list(argv), capture_output=True, check=True, timeout=60)
+        samples.append((time.perf_counter() - start) * 1000)
+    return Timing(" ".join(argv), min(samples), statistics.median(samples))
+
+
+def status_argv(bed: Bed) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "cocoon_net",
+        "--netns",
+        bed.node,
+        "status",
+        "--no-cloud",
+        "--state-dir",
+        str(bed.paths.state_dir),
+        "--run-dir",
+        str(bed.paths.run_dir),
+    ]
+
+
+def floors(bed: Bed, repeat: int) -> list[Timing]:
+    """What any command costs here: an interpreter start, and one `ip` call in the node."""
+    return [
+        time_command([sys.executable, "-c", "pass"], repeat),
+        time_command(["ip", "-n", bed.node, "route", "show"], repeat),
+    ]
+
+
+def measure_startup(
+    bed: Bed, server: ServerUnderTest, leases: Sequence[Lease], timeout: float, repeat: int
+) -> Startup:
+    name, count = server.name, len(leases)
+    reason = server.missing()
+    if reason is not None:
+        return Startup(name, count, f"skipped: {reason}")
+    bed.forget_clients()
+    server.write_leases(leases)
+    probe = bed.in_loadgen(
+        loadgen_argv(bed, "--probe", "--timeout", str(timeout)),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert probe.stdout is not None
+        if probe.stdout.readline().strip() != "armed":
+            raise RuntimeError(f"probe did not start: {probe.communicate(timeout=10)[1]}")
+        start_ns = time.time_ns()
+        server.start()
+        ready = server.wait_ready(timeout)
+        routes = bed.route_count() if name == OURS else None
+        rss = memory_kib(server.pid)[0]
+        out, _ = probe.communicate(timeout=timeout + 10)
+        stamp = json.loads(out.splitlines()[-1])["first_offer_ns"]
+        status_ms = time_command(status_argv(bed), repeat).median_ms if name == OURS else None
+        return Startup(
+            name,
+            count,
+            "ok",
+            ready_ms=ready * 1000,
+            first_offer_ms=None if stamp is None else (stamp - start_ns) / 1e6,
+            routes=routes,
+            rss_kib=rss,
+            status_ms=status_ms,
+        )
+    except ServerFailed as exc:
+        return Startup(name, count, f"failed: {exc}")
+    finally:
+        server.stop()
+        if probe.poll() is None:
+            probe.kill()
+            probe.wait()
+
+
+def startup_lines(results: Sequence[Startup], timings: Sequence[Timing]) -> list[str]:
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{value:.0f}"
+
+    lines = ["server        leases  ready ms  first OFFER ms  routes  RSS MB  status ms  note"]
+    for r in results:
+        rss = "-" if r.rss_kib is None else f"{r.rss_kib / 1024:.1f}"
+        routes = "-" if r.routes is None else str(r.routes)
+        note = "" if r.status == "ok" else r.status[:70]
+        lines.append(
+            f"{r.server:<12}  {r.leases:>6}  {ms(r.ready_ms):>8}  {ms(r.first_offer_ms):>14}  "
+            f"{routes:>6}  {rss:>6}  {ms(r.status_ms):>9}  {note}"
+        )
+    lines += [
+        f"floor: {t.command}: min {t.min_ms:.0f} ms, median {t.median_ms:.0f} ms" for t in timings
+    ]
+    return lines

@@ -1,0 +1,156 @@
+"""One server through a ladder of DORA rates, measured from both sides.
+
+The load generator runs in the load namespace as its own process, pinned to one CPU, and
+reports what the clients saw; this process reads the server's CPU time and memory from /proc
+over exactly the same window (the generator prints "go" and "done" around the load).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.bed import Bed
+from bench.procstat import CpuWindow, memory_kib
+from bench.servers import ServerFailed, ServerUnderTest
+
+REPO = Path(__file__).resolve().parent.parent
+SATURATED_DROPS_PCT = 50.0  # a step this lossy ends the ladder: higher rates only repeat it
+LOSSLESS_DROPS_PCT = 1.0
+
+
+@dataclass(frozen=True)
+class LadderConfig:
+    rates: tuple[float, ...]
+    seconds: float  # of load per step: clients = rate x seconds
+    min_clients: int
+    grace: float  # seconds to wait for the last replies
+    ready_timeout: float
+
+
+@dataclass(frozen=True)
+class Step:
+    """One rung: the clients' view (loadgen) and the server's CPU and memory over it."""
+
+    loadgen: dict[str, Any]
+    server_cpu_pct: float
+    server_rss_kib: int
+    server_hwm_kib: int
+
+    @property
+    def drops_pct(self) -> float:
+        return float(self.loadgen["drops_pct"])
+
+
+@dataclass
+class ServerRun:
+    """Everything measured for one server; `status` is "ok", or why it has no figures."""
+
+    name: str
+    status: str = "ok"
+    ready_seconds: float | None = None
+    idle_rss_kib: int | None = None
+    steps: list[Step] = field(default_factory=list)
+
+    @property
+    def lossless_rate(self) -> float | None:
+        """Highest target rate completed with at most 1 % drops."""
+        ok = [s.loadgen["target_rate"] for s in self.steps if s.drops_pct <= LOSSLESS_DROPS_PCT]
+        return max(ok) if ok else None
+
+    @property
+    def peak_rss_kib(self) -> int | None:
+        return max((s.server_hwm_kib for s in self.steps), default=None)
+
+
+def loadgen_argv(bed: Bed, *extra: str) -> list[str]:
+    cpu = bed.cpus.loadgen
+    return [
+        sys.executable,
+        "-m",
+        "bench.loadgen",
+        "--ifname",
+        bed.loadgen_if,
+        "--cpu",
+        str(-1 if cpu is None else cpu),
+        *extra,
+    ]
+
+
+def _expect(proc: subprocess.Popen[str], word: str, what: str) -> None:
+    assert proc.stdout is not None
+    line = proc.stdout.readline().strip()
+    if line != word:
+        _, err = proc.communicate(timeout=10)
+        raise RuntimeError(f"load generator ({what}): {err.strip().splitlines()[-1:] or line}")
+
+
+def run_step(bed: Bed, server: ServerUnderTest, rate: float, clients: int, grace: float) -> Step:
+    proc = bed.in_loadgen(
+        loadgen_argv(bed, "--rate", str(rate), "--clients", str(clients), "--grace", str(grace)),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        _expect(proc, "go", "start")
+        window = CpuWindow.begin(server.pid, time.monotonic())
+        _expect(proc, "done", "load")
+        cpu = window.percent(time.monotonic())
+        rss, hwm = memory_kib(server.pid)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if proc.returncode != 0:
+        raise RuntimeError(f"load generator failed: {err.strip()}")
+    return Step(json.loads(out), cpu, rss, hwm)
+
+
+def run_ladder(bed: Bed, server: ServerUnderTest, cfg: LadderConfig, log: Any = print) -> ServerRun:
+    """Start the server on a clean bridge, climb the rates, stop it. Never raises for a
+    server's own failure: the run records it and the bench goes on with the next server."""
+    result = ServerRun(server.name)
+    reason = server.missing()
+    if reason is not None:
+        result.status = f"skipped: {reason}"
+        log(f"{server.name}: skipped ({reason})")
+        return result
+    bed.forget_clients()
+    try:
+        server.start()
+        result.ready_seconds = server.wait_ready(cfg.ready_timeout)
+        result.idle_rss_kib = memory_kib(server.pid)[0]
+        for rate in cfg.rates:
+            clients = max(cfg.min_clients, round(rate * cfg.seconds))
+            step = run_step(bed, server, rate, clients, cfg.grace)
+            result.steps.append(step)
+            log(_progress(server.name, step))
+            if step.drops_pct > SATURATED_DROPS_PCT:
+                break
+    except ServerFailed as exc:
+        result.status = f"failed: {exc}"
+        log(f"{server.name}: {exc}")
+    finally:
+        server.stop()
+    return result
+
+
+def _progress(name: str, step: Step) -> str:
+    lg = step.loadgen
+    return (
+        f"{name}: {lg['target_rate']:g}/s x {lg['clients']}: {lg['achieved_rate']:.0f} DORA/s, "
+        f"{lg['drops_pct']:.1f} % drops, p99 {lg['offer_latency']['p99_ms']:.2f}/"
+        f"{lg['ack_latency']['p99_ms']:.2f} ms, cpu {step.server_cpu_pct:.0f} %"
+    )
+
+
+def clients_per_server(cfg: LadderConfig) -> int:
+    """Addresses one server may hand out in a full ladder (every client is new)."""
+    return sum(max(cfg.min_clients, round(rate * cfg.seconds)) for rate in cfg.rates)

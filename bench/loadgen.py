@@ -1,0 +1,388 @@
+"""Direct-path DHCP load: many clients on the bridge, each talking from its own MAC.
+
+    python -m bench.loadgen --ifname eth0 --rate 500 --clients 1500 [--cpu 0]
+    python -m bench.loadgen --ifname eth0 --probe --timeout 10
+
+Runs inside the load namespace, whose one interface is a port of the node's bridge. Every
+client sends what dhclient, udhcpc and dhcpcd send (testbed-facts #8): a DISCOVER, then on the
+OFFER a REQUEST for the offered address naming the server (RFC 2131 §4.4.1, SELECTING), as
+Ethernet broadcast from the client's own MAC, giaddr 0, broadcast flag off. A server must then
+answer by unicast to the client's MAC (RFC 2131 §4.1), which one promiscuous packet socket
+sees for every client at once. perfdhcp cannot do this: it always acts as a relay (#1).
+
+Each client makes one attempt, with no retransmission, so a lost or late message is a drop.
+DISCOVERs start at the target rate; a REQUEST leaves as soon as its OFFER is read. Latencies use
+the kernel's receive timestamp (SO_TIMESTAMPNS), so time this process spends behind on its own
+queue is not charged to the server. Prints one JSON object on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import secrets
+import select
+import socket
+import struct
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from ipaddress import IPv4Address
+
+from cocoon_net.dhcp.frames import (
+    BROADCAST_MAC,
+    CLIENT_PORT,
+    ETH_HEADER_SIZE,
+    ETH_P_IP,
+    IPPROTO_UDP,
+    SERVER_PORT,
+    attach_filter,
+    build_frame,
+    parse_frame,
+)
+from cocoon_net.dhcp.model import ZERO_IP, DhcpMessage, MessageType, Op, Opt
+from cocoon_net.dhcp.packet import MalformedPacket, decode, encode
+
+BROADCAST_IP = IPv4Address("255.255.255.255")
+# linux/if_packet.h and asm-generic/socket.h; the socket module exports neither.
+SOL_PACKET = 263
+PACKET_ADD_MEMBERSHIP = 1
+PACKET_MR_PROMISC = 1
+SO_TIMESTAMPNS = 35
+SO_RCVBUFFORCE = 33
+_TIMESPEC = struct.Struct("@qq")
+# What dhclient asks for (subnet mask, broadcast, router, DNS, domain, hostname, MTU, NTP).
+PARAM_REQUEST_LIST = bytes([1, 28, 3, 6, 15, 12, 26, 42])
+
+# Accept IPv4 UDP to port 68 that is not a fragment; frames we send go to port 67. Same
+# instruction set as frames.BPF_DHCP_SERVER (jump offsets count from the next instruction).
+_BPF_DHCP_CLIENT: tuple[tuple[int, int, int, int], ...] = (
+    (0x28, 0, 0, 12),  # 0 ldh ethertype
+    (0x15, 0, 8, ETH_P_IP),  # 1
+    (0x30, 0, 0, 23),  # 2 ldb IPv4 protocol
+    (0x15, 0, 6, IPPROTO_UDP),  # 3
+    (0x28, 0, 0, 20),  # 4 ldh flags/fragment offset
+    (0x45, 4, 0, 0x3FFF),  # 5 jset MF | offset: drop
+    (0xB1, 0, 0, ETH_HEADER_SIZE),  # 6 ldxb 4*(ip[0]&0xf)
+    (0x48, 0, 0, ETH_HEADER_SIZE + 2),  # 7 ldh [x+16]: UDP destination port
+    (0x15, 0, 1, CLIENT_PORT),  # 8
+    (0x06, 0, 0, 0x40000),  # 9 accept
+    (0x06, 0, 0, 0),  # 10 drop
+)
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Summary of one exchange's latencies, in milliseconds."""
+
+    count: int
+    avg_ms: float
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+
+    @classmethod
+    def of(cls, samples_ns: list[int]) -> Latency:
+        if not samples_ns:
+            return cls(0, 0.0, 0.0, 0.0, 0.0)
+        ordered = sorted(samples_ns)
+        n = len(ordered)
+
+        def pick(q: float) -> float:
+            # Nearest-rank percentile: the smallest sample with at least q of them at or below.
+            return ordered[max(0, math.ceil(q * n) - 1)] / 1e6
+
+        return cls(n, sum(ordered) / n / 1e6, pick(0.50), pick(0.99), ordered[-1] / 1e6)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one step of load produced, as the load namespace saw it."""
+
+    target_rate: float
+    clients: int
+    discovers: int
+    offers: int
+    requests: int
+    acks: int
+    naks: int
+    duplicates: int  # a second OFFER or ACK for the same exchange (Kea on two addresses, #9)
+    malformed: int
+    send_seconds: float  # first DISCOVER to last DISCOVER
+    busy_seconds: float  # first DISCOVER to last ACK
+    achieved_rate: float  # ACKs per busy second
+    drops_pct: float  # clients without an ACK
+    offer_latency: Latency  # DISCOVER -> OFFER
+    ack_latency: Latency  # REQUEST -> ACK
+    loadgen_cpu_seconds: float
+
+
+class PacketPort:
+    """One promiscuous AF_PACKET socket on the load interface: sends any frame, reads replies."""
+
+    def __init__(self, ifname: str) -> None:
+        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0)
+        try:
+            attach_filter(sock, _BPF_DHCP_CLIENT)
+            sock.bind((ifname, ETH_P_IP))
+            ifindex = socket.if_nametoindex(ifname)
+            # struct packet_mreq: replies go to the clients' MACs, not to this interface's.
+            mreq = struct.pack("@iHH8s", ifindex, PACKET_MR_PROMISC, 0, b"")
+            sock.setsockopt(SOL_PACKET, PACKET_ADD_MEMBERSHIP, mreq)
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 32 << 20)
+            sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+        self._ancbuf = socket.CMSG_SPACE(_TIMESPEC.size)
+
+    def send(self, frame: bytes) -> int:
+        """Send a frame; return the wall-clock send time in ns (the clock SO_TIMESTAMPNS uses)."""
+        stamp = time.time_ns()
+        self.sock.send(frame)
+        return stamp
+
+    def receive(self) -> tuple[bytes, int] | None:
+        """One queued frame and its kernel receive time in ns, or None when the queue is empty."""
+        try:
+            data, ancdata, _flags, _addr = self.sock.recvmsg(2048, self._ancbuf)
+        except BlockingIOError:
+            return None
+        for level, kind, value in ancdata:
+            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+                sec, nsec = _TIMESPEC.unpack_from(value)
+                return data, sec * 1_000_000_000 + nsec
+        return data, time.time_ns()
+
+    def wait(self, seconds: float) -> None:
+        select.select([self.sock], [], [], max(0.0, seconds))
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def client_macs(count: int) -> list[bytes]:
+    """Distinct random locally administered unicast MACs (testbed-facts #7: sequential MACs
+    make dnsmasq offer one address twice and NAK the second REQUEST)."""
+    macs: set[bytes] = set()
+    while len(macs) < count:
+        first = (secrets.randbits(8) & 0xFC) | 0x02  # unicast, locally administered
+        macs.add(bytes([first]) + secrets.token_bytes(5))
+    return list(macs)
+
+
+def _frame(mac: bytes, msg: DhcpMessage) -> bytes:
+    return build_frame(
+        mac, BROADCAST_MAC, ZERO_IP, BROADCAST_IP, CLIENT_PORT, SERVER_PORT, encode(msg)
+    )
+
+
+def discover_frame(mac: bytes, xid: int) -> bytes:
+    msg = DhcpMessage(
+        op=Op.BOOTREQUEST,
+        xid=xid,
+        chaddr=mac,
+        options={
+            Opt.MESSAGE_TYPE: bytes([MessageType.DISCOVER]),
+            Opt.CLIENT_ID: b"\x01" + mac,
+            Opt.PARAM_REQUEST_LIST: PARAM_REQUEST_LIST,
+        },
+    )
+    return _frame(mac, msg)
+
+
+def request_frame(mac: bytes, xid: int, offered: IPv4Address, server_id: bytes) -> bytes:
+    msg = DhcpMessage(
+        op=Op.BOOTREQUEST,
+        xid=xid,
+        chaddr=mac,
+        options={
+            Opt.MESSAGE_TYPE: bytes([MessageType.REQUEST]),
+            Opt.CLIENT_ID: b"\x01" + mac,
+            Opt.REQUESTED_IP: offered.packed,
+            Opt.SERVER_ID: server_id,
+            Opt.PARAM_REQUEST_LIST: PARAM_REQUEST_LIST,
+        },
+    )
+    return _frame(mac, msg)
+
+
+def _reply(data: bytes) -> DhcpMessage | None:
+    """The DHCP reply a frame carries, or None; raises MalformedPacket for broken ones."""
+    frame = parse_frame(data, port=CLIENT_PORT)
+    if frame is None:
+        return None
+    msg = decode(frame.payload)
+    return msg if msg.op == Op.BOOTREPLY else None
+
+
+def run_step(
+    port: PacketPort,
+    rate: float,
+    clients: int,
+    grace: float,
+    on_start: Callable[[], None] = lambda: None,
+) -> StepResult:
+    """Drive `clients` DORA exchanges at `rate` DISCOVERs per second; wait `grace` seconds
+    after the last DISCOVER for the last replies. `on_start` runs just before the first one."""
+    macs = client_macs(clients)
+    xid_base = secrets.randbits(32)
+    xids = [(xid_base + i) & 0xFFFFFFFF for i in range(clients)]
+    index = {xid: i for i, xid in enumerate(xids)}
+    # Built before the clock starts: the DISCOVERs do not depend on anything the server says.
+    discovers = [discover_frame(mac, xid) for mac, xid in zip(macs, xids, strict=True)]
+    sent_discover = [0] * clients
+    sent_request = [0] * clients
+    offer_ns: list[int] = []
+    ack_ns: list[int] = []
+    acked_at = [0] * clients
+    counts = {"offers": 0, "requests": 0, "acks": 0, "naks": 0, "duplicates": 0, "malformed": 0}
+
+    def handle(data: bytes, stamp: int) -> None:
+        try:
+            msg = _reply(data)
+        except MalformedPacket:
+            counts["malformed"] += 1
+            return
+        if msg is None:
+            return
+        i = index.get(msg.xid)
+        if i is None or msg.chaddr != macs[i]:
+            return  # another step's straggler, or not ours
+        kind = msg.message_type
+        if kind == MessageType.OFFER:
+            if sent_request[i]:
+                counts["duplicates"] += 1
+                return
+            server_id = msg.options.get(Opt.SERVER_ID)
+            if server_id is None or len(server_id) != 4:
+                counts["malformed"] += 1
+                return
+            counts["offers"] += 1
+            offer_ns.append(stamp - sent_discover[i])
+            sent_request[i] = port.send(request_frame(macs[i], msg.xid, msg.yiaddr, server_id))
+            counts["requests"] += 1
+        elif kind == MessageType.ACK and sent_request[i]:
+            if acked_at[i]:
+                counts["duplicates"] += 1
+                return
+            counts["acks"] += 1
+            acked_at[i] = stamp
+            ack_ns.append(stamp - sent_request[i])
+        elif kind == MessageType.NAK:
+            counts["naks"] += 1
+
+    on_start()
+    cpu_start = time.process_time()
+    start = time.monotonic()
+    sent = 0
+    last_send = start
+    while True:
+        now = time.monotonic()
+        due = min(clients, int((now - start) * rate) + 1)
+        while sent < due:
+            sent_discover[sent] = port.send(discovers[sent])
+            sent += 1
+            last_send = now
+        while (item := port.receive()) is not None:
+            handle(*item)
+        now = time.monotonic()
+        if sent == clients:
+            if counts["acks"] + counts["naks"] >= clients or now >= last_send + grace:
+                break
+            port.wait(min(0.05, last_send + grace - now))
+        else:
+            port.wait(start + sent / rate - now)
+    cpu = time.process_time() - cpu_start
+
+    first_ns = sent_discover[0] if clients else 0
+    last_ack = max(acked_at, default=0)
+    busy = (last_ack - first_ns) / 1e9 if counts["acks"] else 0.0
+    return StepResult(
+        target_rate=rate,
+        clients=clients,
+        discovers=sent,
+        offers=counts["offers"],
+        requests=counts["requests"],
+        acks=counts["acks"],
+        naks=counts["naks"],
+        duplicates=counts["duplicates"],
+        malformed=counts["malformed"],
+        send_seconds=last_send - start,
+        busy_seconds=busy,
+        # N completions span N - 1 intervals.
+        achieved_rate=(counts["acks"] - 1) / busy if busy > 0 else 0.0,
+        drops_pct=100.0 * (clients - counts["acks"]) / clients if clients else 0.0,
+        offer_latency=Latency.of(offer_ns),
+        ack_latency=Latency.of(ack_ns),
+        loadgen_cpu_seconds=cpu,
+    )
+
+
+def probe(port: PacketPort, timeout: float, interval: float = 0.01) -> int | None:
+    """DISCOVER from a fresh MAC every `interval` until an OFFER comes back; return the wall
+    time (ns) the first OFFER arrived, or None after `timeout` seconds. Prints "armed" first,
+    so the caller can start the server only once the probe is already asking."""
+    print("armed", flush=True)
+    deadline = time.monotonic() + timeout
+    pending: dict[int, bytes] = {}
+    while time.monotonic() < deadline:
+        mac = client_macs(1)[0]
+        xid = secrets.randbits(32)
+        pending[xid] = mac
+        port.send(discover_frame(mac, xid))
+        wake = time.monotonic() + interval
+        while (now := time.monotonic()) < wake:
+            port.wait(wake - now)
+            while (item := port.receive()) is not None:
+                data, stamp = item
+                try:
+                    msg = _reply(data)
+                except MalformedPacket:
+                    continue
+                if (
+                    msg is not None
+                    and msg.message_type == MessageType.OFFER
+                    and pending.get(msg.xid) == msg.chaddr
+                ):
+                    return stamp
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ifname", required=True, help="the load namespace's bridge port")
+    parser.add_argument("--rate", type=float, default=100.0, help="DISCOVERs per second")
+    parser.add_argument("--clients", type=int, default=100, help="distinct clients (MACs)")
+    parser.add_argument("--grace", type=float, default=2.0, help="seconds to wait for stragglers")
+    parser.add_argument("--cpu", type=int, default=-1, help="pin to this CPU (-1: do not pin)")
+    parser.add_argument("--probe", action="store_true", help="wait for the first OFFER instead")
+    parser.add_argument("--timeout", type=float, default=10.0, help="probe timeout in seconds")
+    args = parser.parse_args(argv)
+    if args.cpu >= 0:
+        os.sched_setaffinity(0, {args.cpu})
+    port = PacketPort(args.ifname)
+    try:
+        if args.probe:
+            stamp = probe(port, args.timeout)
+            out: dict[str, object] = {"first_offer_ns": stamp}
+        else:
+            # "go" and "done" bracket the load, so the caller measures the server over it.
+            result = run_step(
+                port, args.rate, args.clients, args.grace, lambda: print("go", flush=True)
+            )
+            print("done", flush=True)
+            out = asdict(result)
+    finally:
+        port.close()
+    sys.stdout.write(json.dumps(out) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""The bench's printed table and its raw JSON: pure functions over the measured runs."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from bench.ladder import ServerRun
+
+OURS = "cocoon-net"
+COLUMNS = (
+    ("server", "{}"),
+    ("target/s", "{:g}"),
+    ("clients", "{}"),
+    ("DORA/s", "{:.0f}"),
+    ("drops %", "{:.1f}"),
+    ("D-O avg", "{:.2f}"),
+    ("D-O p99", "{:.2f}"),
+    ("R-A avg", "{:.2f}"),
+    ("R-A p99", "{:.2f}"),
+    ("NAKs", "{}"),
+    ("cpu %", "{:.0f}"),
+    ("RSS MB", "{:.1f}"),
+)
+
+
+def _mb(kib: int | None) -> str:
+    return "-" if kib is None else f"{kib / 1024:.1f}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    fmt = "  ".join(f"{{:>{w}}}" for w in widths)
+    return [fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [
+        fmt.format(*row) for row in rows
+    ]
+
+
+def ladder_table(runs: Sequence[ServerRun]) -> list[str]:
+    """One row per step: latencies in ms, CPU as % of one core, RSS = peak (VmHWM) so far."""
+    rows: list[list[str]] = []
+    for run in runs:
+        for step in run.steps:
+            lg = step.loadgen
+            values = (
+                run.name,
+                lg["target_rate"],
+                lg["clients"],
+                lg["achieved_rate"],
+                lg["drops_pct"],
+                lg["offer_latency"]["avg_ms"],
+                lg["offer_latency"]["p99_ms"],
+                lg["ack_latency"]["avg_ms"],
+                lg["ack_latency"]["p99_ms"],
+                lg["naks"],
+                step.server_cpu_pct,
+                step.server_hwm_kib / 1024,
+            )
+            rows.append([fmt.format(v) for (_, fmt), v in zip(COLUMNS, values, strict=True)])
+        if not run.steps:
+            rows.append([run.name, run.status[:60], *([""] * (len(COLUMNS) - 2))])
+    return _table([name for name, _ in COLUMNS], rows)
+
+
+def summary_table(runs: Sequence[ServerRun]) -> list[str]:
+    rows = [
+        [
+            run.name,
+            "-" if run.lossless_rate is None else f"{run.lossless_rate:g}",
+            "-" if run.ready_seconds is None else f"{run.ready_seconds * 1000:.0f}",
+            _mb(run.idle_rss_kib),
+            _mb(run.peak_rss_kib),
+            run.status if run.status != "ok" else "",
+        ]
+        for run in runs
+    ]
+    header = ["server", "lossless DORA/s", "start ms", "idle RSS MB", "peak RSS MB", "note"]
+    return _table(header, rows)
+
+
+def _p99_at(run: ServerRun, rate: float) -> float | None:
+    for step in run.steps:
+        if step.loadgen["target_rate"] == rate and step.drops_pct <= 1.0:
+            lg = step.loadgen
+            return float(max(lg["offer_latency"]["p99_ms"], lg["ack_latency"]["p99_ms"]))
+    return None
+
+
+def _ratio(ours: float | None, theirs: float | None) -> str:
+    if ours is None or theirs is None or theirs == 0:
+        return "-"
+    return f"{ours / theirs:.2f}x"
+
+
+def ratio_lines(runs: Sequence[ServerRun], p99_rate: float = 500) -> list[str]:
+    """cocoon-net over each peer: lossless rate (higher is better), worst p99 at `p99_rate`
+    and peak RSS (lower is better)."""
+    ours = next((r for r in runs if r.name == OURS and r.steps), None)
+    if ours is None:
+        return [f"ratios: no {OURS} figures in this run"]
+    lines = []
+    for peer in runs:
+        if peer is ours or not peer.steps:
+            continue
+        lines.append(
+            f"{OURS} / {peer.name}: lossless rate "
+            f"{_ratio(ours.lossless_rate, peer.lossless_rate)}, worst p99 at {p99_rate:g}/s "
+            f"{_ratio(_p99_at(ours, p99_rate), _p99_at(peer, p99_rate))}, peak RSS "
+            f"{_ratio(ours.peak_rss_kib, peer.peak_rss_kib)}"
+        )
+    return lines
+
+
+def to_json(runs: Sequence[ServerRun], extra: dict[str, Any]) -> dict[str, Any]:
+    return {
+        **extra,
+        "servers": [
+            {**asdict(run), "lossless_rate": run.lossless_rate, "peak_rss_kib": run.peak_rss_kib}
+            for run in runs
+        ],
+    }
+
+
+def write_results(directory: Path, stamp: str, document: dict[str, Any]) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{stamp}.json"
+    path.write_text(json.dumps(document, indent=2) + "\n")
+    return path

@@ -1,0 +1,209 @@
+"""Benchmark cocoon-net's DHCP server against ISC Kea and dnsmasq, in namespaces of its own.
+
+    .venv/bin/python -m bench [--smoke] [--servers kea,dnsmasq,...] [--relay] [--no-figures]
+
+Builds a node (cni0, a /16 pool adopted with `cocoon-net adopt --platform static`) and a load
+namespace on the bridge, runs each server in turn on the same pool through a ladder of DORA
+rates with the direct-path load generator, prints the tables, and writes the raw results to
+bench/results/<stamp>.json. Namespaces and files it made are removed on exit, also after an
+error, Ctrl-C or SIGTERM. Needs root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from ipaddress import IPv4Network
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+if __package__ in {None, ""}:  # run as a script: bench/run.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import figures, report
+from bench.bed import Bed
+from bench.ladder import REPO, LadderConfig, ServerRun, clients_per_server, run_ladder
+from bench.servers import SERVERS
+
+DEFAULT_SERVERS = ("kea", "dnsmasq", "dnsmasq-ping", "cocoon-net")
+FULL_RATES = (100, 250, 500, 1000, 2000, 4000)
+SMOKE_RATES = (50,)
+# Debian packages of the peers; perfdhcp comes with kea-admin (testbed-facts #3).
+PACKAGES = {
+    "kea-dhcp4": "kea-dhcp4-server",
+    "dnsmasq": "dnsmasq-base",
+    "perfdhcp": "kea-admin",
+}
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="bench", description=__doc__.splitlines()[0])
+    p.add_argument("--smoke", action="store_true", help="a few seconds per server (tests, CI)")
+    p.add_argument(
+        "--servers",
+        default=",".join(DEFAULT_SERVERS),
+        help=f"comma-separated, run in this order (default {','.join(DEFAULT_SERVERS)})",
+    )
+    p.add_argument("--rates", default="", help="DORA/s ladder, e.g. 100,500,2000")
+    p.add_argument("--seconds", type=float, default=3.0, help="seconds of load per step")
+    p.add_argument("--subnet", default="172.20.0.0/16", help="the pool's subnet (a /16)")
+    p.add_argument("--relay", action="store_true", help="also run perfdhcp on the relay path")
+    p.add_argument("--no-figures", action="store_true", help="ladder only: skip start-up etc.")
+    p.add_argument("--no-install", action="store_true", help="never apt-get missing peers")
+    p.add_argument("--results-dir", type=Path, default=REPO / "bench" / "results")
+    return p.parse_args(argv)
+
+
+def ensure_packages(binaries: Sequence[str], log: Any) -> None:
+    """apt-get install the peers that are missing; a failure only means they get skipped."""
+    missing = sorted({PACKAGES[b] for b in binaries if shutil.which(b) is None})
+    if not missing or shutil.which("apt-get") is None:
+        return
+    log(f"installing {' '.join(missing)}")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing]
+    if subprocess.run(install, env=env, check=False, capture_output=True).returncode != 0:
+        subprocess.run(["apt-get", "update", "-q"], env=env, check=False, capture_output=True)
+        subprocess.run(install, env=env, check=False, capture_output=True)
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.partition(":")[2].strip()
+            break
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": model,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+    }
+
+
+def versions() -> dict[str, str]:
+    out = {}
+    for binary, flag in (("kea-dhcp4", "-v"), ("dnsmasq", "-v"), ("perfdhcp", "-v")):
+        if shutil.which(binary):
+            done = subprocess.run([binary, flag], capture_output=True, text=True, check=False)
+            text = (done.stdout or done.stderr).strip().splitlines()
+            out[binary] = text[0] if text else "?"
+    return out
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+
+    if os.geteuid() != 0:
+        log("bench: needs root (it creates network namespaces)")
+        return 2
+    names = [n.strip() for n in args.servers.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SERVERS]
+    if unknown:
+        log(f"bench: unknown server {', '.join(unknown)} (known: {', '.join(SERVERS)})")
+        return 2
+    rates = tuple(float(r) for r in args.rates.split(",") if r) or (
+        SMOKE_RATES if args.smoke else FULL_RATES
+    )
+    cfg = LadderConfig(
+        rates=rates,
+        seconds=1.0 if args.smoke else args.seconds,
+        min_clients=20 if args.smoke else 200,
+        grace=1.0 if args.smoke else 2.0,
+        ready_timeout=10.0,
+    )
+    if not args.no_install and not args.smoke:
+        ensure_packages([SERVERS[n].binary for n in names if n != "cocoon-net"], log)
+    # SIGTERM unwinds like Ctrl-C, through every cleanup below.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    subnet = IPv4Network(args.subnet)
+    pool_size = min(subnet.num_addresses - 3 - 256, 65000)
+    if clients_per_server(cfg) > pool_size:
+        log(
+            f"bench: the ladder needs {clients_per_server(cfg)} addresses, the pool has {pool_size}"
+        )
+        return 2
+
+    runs: list[ServerRun] = []
+    startups: list[figures.Startup] = []
+    timings: list[figures.Timing] = []
+    try:
+        with (
+            tempfile.TemporaryDirectory(prefix="cocoon-bench-") as tmp,
+            Bed(subnet, pool_size, Path(tmp)) as bed,
+        ):
+            log(
+                f"bench: node {bed.node}, load {bed.loadgen_ns}, pool {len(bed.pool)} on {subnet}, "
+                f"cpus loadgen={bed.cpus.loadgen} server={bed.cpus.server}, "
+                f"neighbour limit {bed.neigh_limit}"
+            )
+            site = bed.site(relay=args.relay)
+            for name in names:
+                server = SERVERS[name](site, Path(tmp) / f"{name}-ladder")
+                runs.append(run_ladder(bed, server, cfg, log))
+            if not args.no_figures:
+                counts = (254,) if args.smoke else (254, 60_000)
+                for count in counts:
+                    leases = figures.make_leases(bed.pool, count)
+                    for name in names:
+                        server = SERVERS[name](site, Path(tmp) / f"{name}-start-{count}")
+                        startups.append(
+                            figures.measure_startup(
+                                bed, server, leases, 30.0, 3 if args.smoke else 10
+                            )
+                        )
+                timings = figures.floors(bed, 3 if args.smoke else 10)
+            neigh = bed.neigh_limit
+    except KeyboardInterrupt:
+        log("bench: interrupted; namespaces removed")
+        return 130
+
+    lines = [
+        "",
+        "ladder (latency in ms; cpu = % of one core; RSS = peak VmHWM)",
+        *report.ladder_table(runs),
+        "",
+        *report.summary_table(runs),
+        "",
+        *report.ratio_lines(runs),
+    ]
+    if startups:
+        lines += ["", "start to ready, idle RSS, status", *figures.startup_lines(startups, timings)]
+    log("\n".join(lines))
+    document = report.to_json(
+        runs,
+        {
+            "stamp": stamp,
+            "machine": machine(),
+            "versions": versions(),
+            "neighbour_limit": neigh,
+            "ladder": asdict(cfg),
+            "startup": [asdict(s) for s in startups],
+            "floors": [asdict(t) for t in timings],
+        },
+    )
+    path = report.write_results(args.results_dir, stamp, document)
+    log(f"\nraw results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
