@@ -79,6 +79,10 @@ class Bed:
         return self._sandbox.node
 
     @property
+    def namespaces(self) -> list[str]:
+        return self._sandbox.namespaces
+
+    @property
     def loadgen_ns(self) -> str:
         return self._sandbox.vms[0].netns
 

@@ -150,6 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             tempfile.TemporaryDirectory(prefix="cocoon-bench-") as tmp,
             Bed(subnet, pool_size, Path(tmp)) as bed,
         ):
+            log(f"bench: namespaces {' '.join(bed.namespaces)}")
             log(
                 f"bench: node {bed.node}, load {bed.loadgen_ns}, pool {len(bed.pool)} on {subnet}, "
                 f"cpus loadgen={bed.cpus.loadgen} server={bed.cpus.server}, "
