@@ -364,6 +364,11 @@ class TableMachine(RuleBasedStateMachine):
         assert {o.ip: o for o in t._offers.values()} == t._offer_at
         for m, addr in t._last_ip.items():
             assert t._history[addr].mac == m
+        # Every pool address is exactly one of: never bound, bound before and idle, leased.
+        parts = [set(t._fresh), set(t._idle), set(t._lease_at)]
+        assert sum(map(len, parts)) == len(POOL)
+        assert set().union(*parts) == set(POOL)
+        assert not set(t._fresh) & set(t._history)
 
 
 TableMachine.TestCase.settings = settings(

@@ -201,9 +201,14 @@ class LeaseTable:
         self._history: dict[IPv4Address, Lease] = {}
         self._last_ip: dict[str, IPv4Address] = {}
         self._recovered: dict[IPv4Address, _Recovered] = {}
+        # Step 6 of the allocation order, kept ready so a DISCOVER does not scan the pool:
+        # never-bound addresses in ascending order, then unleased ones oldest-ended first.
+        self._fresh: dict[IPv4Address, None] = {}
+        self._idle: dict[IPv4Address, None] = {}
         # The earliest time anything above can expire: expire() is free before it.
         self._next_deadline = math.inf
         self._set_pool(pool)
+        self._rebuild_order()
         self.set_reservations(reservations or {})
 
     # ------------------------------------------------------------------ queries
@@ -266,6 +271,13 @@ class LeaseTable:
             return Standing.RECOVERED
         return Standing.UNKNOWN
 
+    def recovered_addresses(self, now: float) -> set[IPv4Address]:
+        """Addresses the kernel showed in use at start that no lease covers yet: their VMs
+        keep their routes until they confirm them or the hold ends."""
+        return {
+            ip for ip, r in self._recovered.items() if r.until > now and ip not in self._lease_at
+        }
+
     def leases(self, now: float) -> list[Lease]:
         return sorted((le for le in self._leases.values() if le.expires > now), key=_ip_key)
 
@@ -317,18 +329,13 @@ class LeaseTable:
             return ip
         if requested is not None and self.standing(mac, requested, now) is Standing.UNKNOWN:
             return requested
-        best: IPv4Address | None = None
-        best_key: tuple[float, int] = (math.inf, 0)
-        for ip in self._pool:
-            if not self._free_for_new(ip, now):
-                continue
-            last = self._history.get(ip)
-            if last is None:
-                return ip  # the pool is ascending: the first never-used address wins
-            key = (last.expires, int(ip))
-            if key < best_key:
-                best, best_key = ip, key
-        return best
+        for ip in self._fresh:
+            if self._free_for_new(ip, now):
+                return ip
+        for ip in self._idle:
+            if self._free_for_new(ip, now):
+                return ip
+        return None
 
     # ------------------------------------------------------------------ mutations
 
@@ -385,6 +392,8 @@ class LeaseTable:
         self._leases[mac] = lease
         self._lease_at[ip] = lease
         self._remember(lease)
+        self._fresh.pop(ip, None)
+        self._idle.pop(ip, None)
         self._next_deadline = min(self._next_deadline, lease.expires)
         return changes
 
@@ -415,6 +424,7 @@ class LeaseTable:
             self._drop_offer(mac)
         # The address is nobody's to come back to; it goes last in the reuse order.
         self._remember(Lease("", ip, now))
+        self._idle_last(ip)
         already = any(q.mac == mac and q.until > now for q in self._quarantine.values())
         if already:
             if ended is not None:
@@ -440,7 +450,8 @@ class LeaseTable:
         if now < self._next_deadline:
             return []
         changes: list[Change] = []
-        for lease in [le for le in self._leases.values() if le.expires <= now]:
+        ended = sorted((le for le in self._leases.values() if le.expires <= now), key=_end_key)
+        for lease in ended:
             self._end_lease(lease, lease.expires)
             changes.append(Expire(lease))
         for offer in [o for o in self._offers.values() if o.until <= now]:
@@ -463,6 +474,7 @@ class LeaseTable:
         self._recovered = {ip: r for ip, r in self._recovered.items() if ip in self._in_pool}
         for ip in [ip for ip in self._history if ip not in self._in_pool]:
             self._forget(ip)
+        self._rebuild_order()
         return changes
 
     def set_reservations(self, reservations: Mapping[str, IPv4Address]) -> None:
@@ -525,6 +537,7 @@ class LeaseTable:
         for ip, mac in (in_use or {}).items():
             if ip in self._in_pool and ip not in self._lease_at:
                 self._recovered[ip] = _Recovered(mac, now + recovery_hold)
+        self._rebuild_order()
         self._reset_deadline()
         return changes
 
@@ -533,6 +546,17 @@ class LeaseTable:
     def _set_pool(self, ips: Iterable[IPv4Address]) -> None:
         self._pool = tuple(sorted(set(ips)))
         self._in_pool = frozenset(self._pool)
+
+    def _rebuild_order(self) -> None:
+        self._fresh = {ip: None for ip in self._pool if ip not in self._history}
+        idle = [le for ip, le in self._history.items() if ip not in self._lease_at]
+        self._idle = {le.ip: None for le in sorted(idle, key=_end_key)}
+
+    def _idle_last(self, ip: IPv4Address) -> None:
+        """`ip` just became free after use: the last to go to a new client."""
+        self._fresh.pop(ip, None)
+        self._idle.pop(ip, None)
+        self._idle[ip] = None
 
     def _reset_deadline(self) -> None:
         self._next_deadline = min(
@@ -550,6 +574,7 @@ class LeaseTable:
         if self._lease_at.get(lease.ip) is lease:
             del self._lease_at[lease.ip]
         self._remember(ended)
+        self._idle_last(lease.ip)
         return ended
 
     def _drop_offer(self, mac: str) -> None:
@@ -583,3 +608,7 @@ class LeaseTable:
 
 def _ip_key(lease: Lease) -> int:
     return int(lease.ip)
+
+
+def _end_key(lease: Lease) -> tuple[float, int]:
+    return (lease.expires, int(lease.ip))
