@@ -241,11 +241,14 @@ def test_recovered_addresses_are_never_offered_but_can_be_confirmed() -> None:
     assert table.standing(mac(1), ip(3), 1.0) is Standing.HELD_BY_OTHER
     assert table.offer(mac(1), 1.0)[0] == ip(4)
     assert table.offer(mac(7), 1.0)[0] == ip(3)  # its own, known from the neighbour table
+    assert table.recovered_addresses(1.0) == {ip(2), ip(3)}
     table.grant(mac(8), ip(2), 2.0, DAY)
     assert table.lease_of(mac(8), 2.0) is not None
+    assert table.recovered_addresses(2.0) == {ip(3)}  # confirmed: a lease now, not a hold
     # The hold is over: .3 is an ordinary never-used address again, the lowest free one.
     assert table.standing(mac(1), ip(3), 1001.0) is Standing.UNKNOWN
     assert table.offer(mac(9), 1001.0)[0] == ip(3)
+    assert table.recovered_addresses(1001.0) == set()
 
 
 def test_stats() -> None:
