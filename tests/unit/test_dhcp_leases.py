@@ -110,6 +110,17 @@ def test_reservation_first_and_waits_while_someone_else_holds_it() -> None:
     assert table.offer(mac(2), 3.0)[0] == ip(2)
 
 
+def test_a_new_reservation_moves_a_leased_client_and_stays_put() -> None:
+    table = LeaseTable(POOL)
+    dora(table, mac(1), 0.0)  # .2
+    table.set_reservations({mac(1): ip(6)})
+    assert table.offer(mac(1), 1.0)[0] == ip(6)
+    assert table.offer(mac(1), 2.0)[0] == ip(6)  # a second DISCOVER: still the reservation
+    changes = table.grant(mac(1), ip(6), 3.0, DAY)
+    assert [type(c) for c in changes] == [Revoke, Grant]
+    assert table.offer(mac(1), 4.0)[0] == ip(6)
+
+
 def test_offer_holds_an_address_for_offer_hold_seconds() -> None:
     table = LeaseTable(POOL[:1], offer_hold=60.0)
     assert table.offer(mac(1), 0.0)[0] == ip(2)

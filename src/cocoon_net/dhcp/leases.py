@@ -26,6 +26,7 @@ by when they were last released, so a just-freed address is the last one handed 
 from __future__ import annotations
 
 import enum
+import itertools
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
@@ -300,7 +301,8 @@ class LeaseTable:
     def _own_candidates(self, mac: str, now: float) -> Iterable[IPv4Address]:
         """This MAC's own addresses in allocation order, each only if usable right now."""
         reserved = self._reserved.get(mac)
-        if reserved is not None and self.standing(mac, reserved, now) is Standing.RESERVED:
+        # Reserved, or already leased/offered to it: not while someone else still holds it.
+        if reserved is not None and self.standing(mac, reserved, now).mine:
             yield reserved
         lease = self.lease_of(mac, now)
         if lease is not None:
@@ -325,17 +327,13 @@ class LeaseTable:
         )
 
     def _choose(self, mac: str, now: float, requested: IPv4Address | None) -> IPv4Address | None:
-        for ip in self._own_candidates(mac, now):
-            return ip
+        own = self.known_address(mac, now)
+        if own is not None:
+            return own
         if requested is not None and self.standing(mac, requested, now) is Standing.UNKNOWN:
             return requested
-        for ip in self._fresh:
-            if self._free_for_new(ip, now):
-                return ip
-        for ip in self._idle:
-            if self._free_for_new(ip, now):
-                return ip
-        return None
+        candidates = itertools.chain(self._fresh, self._idle)
+        return next((ip for ip in candidates if self._free_for_new(ip, now)), None)
 
     # ------------------------------------------------------------------ mutations
 
