@@ -144,10 +144,10 @@ STATES: dict[tuple[bool, bool, bool], ClientState | None] = {
 
 _S = ClientState
 _ALL = tuple(ClientState)
-_MINE = (Standing.LEASED, Standing.OFFERED, Standing.RESERVED, Standing.REMEMBERED)
 # Where the address stands -> verdict per state (SELECTING, INIT-REBOOT, RENEWING, REBINDING).
 RULES: dict[tuple[ClientState, Standing], Verdict] = {
-    **{(s, st): Verdict.ACK for s in _ALL for st in (*_MINE, Standing.RECOVERED_MINE)},
+    # The address is this MAC's (leased, offered, reserved, remembered, recovered as its own).
+    **{(s, st): Verdict.ACK for s in _ALL for st in Standing if st.mine},
     # Not offered by us; the client must DISCOVER again (RFC 2131 §4.3.2 "selecting").
     (_S.SELECTING, Standing.UNKNOWN): Verdict.NAK,
     (_S.SELECTING, Standing.RECOVERED): Verdict.NAK,
