@@ -225,6 +225,45 @@ def build_parser() -> argparse.ArgumentParser:
         default=str(config.DEFAULT_LEASE_SECONDS),
         help="DHCP lease time, e.g. 24h, 90m or 3600s (default 24h)",
     )
+    p.add_argument(
+        "--decline-quarantine",
+        default="10m",
+        help="how long an address a VM declined (found in use) is kept out of the pool "
+        "(default 10m)",
+    )
+    p.add_argument("--domain", default="", help="DHCP option 15: the VMs' domain name")
+    p.add_argument(
+        "--search", default="", help="DHCP option 119: comma-separated DNS search domains"
+    )
+    p.add_argument("--ntp", default="", help="DHCP option 42: comma-separated NTP servers")
+    p.add_argument(
+        "--classless-route",
+        action="append",
+        default=[],
+        metavar="CIDR=GATEWAY",
+        help="DHCP options 121 and 249 (Windows): a route for the VMs (repeatable)",
+    )
+    p.add_argument(
+        "--reservation",
+        action="append",
+        default=[],
+        metavar="MAC=IP",
+        help="always give this MAC this pool address (repeatable)",
+    )
+    p.add_argument(
+        "--relay-from",
+        action="append",
+        default=[],
+        metavar="IP",
+        help="answer relayed requests (giaddr set) from this relay agent (repeatable; "
+        "default: relayed requests are dropped)",
+    )
+
+    p = command("release", "end a VM's lease at once (the VM manager calls this on VM deletion)")
+    _add_run_dir(p)
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--mac", default="", help="the VM's MAC address")
+    who.add_argument("--ip", default="", help="the VM's address")
 
     p = command("status", "show the pool, leases and cloud resources")
     _add_state_dir(p)
@@ -313,16 +352,53 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_daemon(args: argparse.Namespace) -> int:
-    from cocoon_net.daemon import DaemonOptions, run
+    from cocoon_net.daemon import DaemonOptions, parse_routes, run
 
+    reservations = {}
+    for item in args.reservation:
+        mac, sep, ip = item.partition("=")
+        if not sep:
+            raise UsageError(f"invalid --reservation {item!r}: expected MAC=IP")
+        reservations[config.parse_mac(mac, flag="--reservation")] = config.parse_ipv4(
+            ip, flag="--reservation"
+        )
     opts = DaemonOptions(
         paths=_paths(args),
         skip_iptables=args.skip_iptables,
         metrics_addr=args.metrics_addr,
-        lease_seconds=config.parse_lease_seconds(args.lease_time),
+        lease_seconds=config.parse_duration(args.lease_time, flag="--lease-time"),
+        relay_from=tuple(config.parse_ipv4(ip, flag="--relay-from") for ip in args.relay_from),
+        domain=args.domain.strip(),
+        search=tuple(config.split_list(args.search)),
+        ntp=tuple(config.parse_ipv4(ip, flag="--ntp") for ip in config.split_list(args.ntp)),
+        classless_routes=parse_routes(args.classless_route),
+        reservations=reservations,
+        decline_quarantine=float(
+            config.parse_duration(args.decline_quarantine, flag="--decline-quarantine")
+        ),
     )
     _enter_netns(args)
     return run(opts)
+
+
+def _cmd_release(args: argparse.Namespace) -> int:
+    from cocoon_net import control
+
+    if args.mac:
+        request = {"cmd": "release", "mac": config.parse_mac(args.mac, flag="--mac")}
+    else:
+        request = {"cmd": "release", "ip": str(config.parse_ipv4(args.ip, flag="--ip"))}
+    _enter_netns(args)
+    answer = control.request(_paths_run(args), request)
+    released = answer.get("released") or []
+    if not released:
+        raise CocoonError(f"no active lease for {args.mac or args.ip}")
+    _print([f"released {ip}" for ip in released])
+    return 0
+
+
+def _paths_run(args: argparse.Namespace) -> Path:
+    return Path(args.run_dir) / config.CONTROL_SOCKET
 
 
 def _enter_netns(args: argparse.Namespace) -> None:
@@ -341,6 +417,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "init": _cmd_provision,
     "adopt": _cmd_provision,
     "daemon": _cmd_daemon,
+    "release": _cmd_release,
     "status": _cmd_status,
     "teardown": _cmd_teardown,
 }

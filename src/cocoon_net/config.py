@@ -205,14 +205,14 @@ def parse_mtu(value: int | None) -> int | None:
     return value
 
 
-def parse_lease_seconds(text: str) -> int:
-    """A duration such as 86400, 3600s, 90m, 24h or 7d."""
+def parse_duration(text: str, *, flag: str) -> int:
+    """Seconds from e.g. 86400, 3600s, 90m, 24h or 7d; at least MIN_LEASE_SECONDS."""
     match = re.fullmatch(r"\s*(\d+)\s*([smhd]?)\s*", text)
     if not match:
-        raise UsageError(f"invalid --lease-time {text!r}: expected e.g. 24h, 90m or 3600s")
+        raise UsageError(f"invalid {flag} {text!r}: expected e.g. 24h, 90m or 3600s")
     seconds = int(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
     if seconds < MIN_LEASE_SECONDS:
-        raise UsageError(f"invalid --lease-time {text!r}: must be at least {MIN_LEASE_SECONDS}s")
+        raise UsageError(f"invalid {flag} {text!r}: must be at least {MIN_LEASE_SECONDS}s")
     return seconds
 
 

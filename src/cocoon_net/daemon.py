@@ -1,20 +1,44 @@
 """The composition root of `cocoon-net daemon`: the only place long-lived objects are built.
 
-Start-up order: lock -> pool.json -> host setup -> ready. The daemon holds the state lock for
-its whole life, so init/adopt/teardown cannot change the node under it.
+Start-up: lock -> pool.json -> host setup -> lease recovery -> route reconcile -> bind ->
+ready. Lease recovery trusts the journal and snapshot (dhcp/store.py) and also every /32
+route of ours (and of the Go tool) on the bridge: an address with a route but no lease is
+held for a lease time and confirmed only to the VM that asks for it, so a lost lease file
+can never put one address on two VMs.
+
+The daemon holds the state lock for its whole life, so init/adopt/teardown cannot change
+the node under it. SIGTERM stops it gracefully (leases flushed, routes kept: VMs keep their
+traffic across a restart); SIGHUP re-reads pool.json.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
-import threading
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Any
 
-from cocoon_net import config, lifecycle, state
+from cocoon_net import config, control, lifecycle, state
+from cocoon_net.dhcp import effects
+from cocoon_net.dhcp.leases import Change, LeaseTable
+from cocoon_net.dhcp.server import Counters, DhcpServer
+from cocoon_net.dhcp.settings import DhcpSettings, Route
+from cocoon_net.dhcp.store import LeaseStore, Recovered
+from cocoon_net.errors import CocoonError
 from cocoon_net.lock import StateLock
+from cocoon_net.node import nic, routes, rtnl
+from cocoon_net.sdnotify import Notifier, watchdog_interval
+from cocoon_net.state import PoolState
 
 log = logging.getLogger("cocoon_net.daemon")
+
+SWEEP_SECONDS = 1.0  # lease expiry: cheap when nothing is due (LeaseTable.expire)
+RECONCILE_SECONDS = 30.0  # routes and bridge, besides netlink events
+EVENT_SETTLE_SECONDS = 0.3  # netlink events come in bursts; reconcile once per burst
 
 
 @dataclass(frozen=True)
@@ -23,23 +47,378 @@ class DaemonOptions:
     skip_iptables: bool
     metrics_addr: str
     lease_seconds: int
+    relay_from: tuple[IPv4Address, ...] = ()
+    domain: str = ""
+    search: tuple[str, ...] = ()
+    ntp: tuple[IPv4Address, ...] = ()
+    classless_routes: tuple[Route, ...] = ()
+    reservations: dict[str, IPv4Address] = field(default_factory=dict)
+    decline_quarantine: float = 600.0
 
 
 def run(opts: DaemonOptions) -> int:
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
-    state.load(opts.paths.pool_file)  # a bad pool.json fails before the lock file is made
+    # A bad pool.json or DHCP option fails here, before the lock file is made.
+    dhcp_settings(state.load(opts.paths.pool_file), opts, None)
     with StateLock(opts.paths.lock_file, "daemon"):
-        pool = state.load(opts.paths.pool_file)
-        changes = lifecycle.reconcile_host(
-            pool,
-            opts.paths.pool_file,
-            manage_firewall=pool.manage_iptables and not opts.skip_iptables,
+        return asyncio.run(Daemon(opts).main())
+
+
+def dhcp_settings(pool: PoolState, opts: DaemonOptions, bridge_mtu: int | None) -> DhcpSettings:
+    dns = tuple(IPv4Address(d) for d in pool.dns_servers) if pool.dns_servers else ()
+    settings = DhcpSettings(
+        server_id=pool.gateway_ip,
+        subnet=pool.network,
+        router=pool.gateway_ip,
+        dns=dns,
+        domain_name=opts.domain,
+        search=opts.search,
+        ntp=opts.ntp,
+        mtu=pool.mtu or bridge_mtu,
+        lease_time=opts.lease_seconds,
+        classless_routes=opts.classless_routes,
+        decline_quarantine=opts.decline_quarantine,
+        reservations=opts.reservations,
+        relay_allowed_from=frozenset(opts.relay_from),
+    )
+    settings.validate()
+    return settings
+
+
+class PromCounters(Counters):
+    def __init__(self, metrics: Any) -> None:
+        self.m = metrics
+
+    def packet(self, mtype: str, result: str) -> None:
+        self.m.packets.labels(mtype, result).inc()
+
+    def drop(self, reason: str) -> None:
+        self.m.drops.labels(reason).inc()
+
+    def lease(self, ok: bool) -> None:
+        self.m.lease_total.labels("ok" if ok else "failed").inc()
+
+    def route(self, op: str, ok: bool) -> None:
+        self.m.route_ops.labels(op, "ok" if ok else "failed").inc()
+
+
+class Daemon:
+    def __init__(self, opts: DaemonOptions) -> None:
+        self.opts = opts
+        self.notify = Notifier()
+        self.stop = asyncio.Event()
+        self.pool: PoolState
+        self.server: DhcpServer
+        self.store: LeaseStore
+        self.table: LeaseTable
+        self._reconcile_due = asyncio.Event()
+        self._reload_due = False
+
+    @property
+    def bridge(self) -> str:
+        return self.pool.bridge
+
+    # ------------------------------------------------------------------ start-up
+
+    async def main(self) -> int:
+        started = time.monotonic()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._request_reload)
+
+        self.pool = state.load(self.opts.paths.pool_file)
+        self._setup_host()
+        lease_file = self._lease_file()
+        settings = dhcp_settings(self.pool, self.opts, nic.link_mtu(self.bridge))
+        metrics = self._metrics()
+        self.store = LeaseStore(
+            lease_file,
+            observe_fsync=metrics.fsync_seconds.observe if metrics is not None else None,
+        )
+        recovered = await asyncio.to_thread(self.store.open)
+        try:
+            return await self._serve(settings, recovered, metrics, started)
+        finally:
+            await asyncio.to_thread(self.store.close)
+
+    async def _serve(
+        self, settings: DhcpSettings, recovered: Recovered, metrics: Any, started: float
+    ) -> int:
+        report = recovered.report
+        if not report.complete:
+            why = report.snapshot_lost or report.meta_lost or "journal damaged"
+            if report.foreign_snapshot:
+                why = "leases.json was written by another program"
+            log.warning(
+                "lease state may be incomplete (%s; %d corrupt journal lines): addresses "
+                "with a route are held until their VM confirms them",
+                why,
+                report.journal.corrupt,
+            )
+        now = time.time()
+        in_use = await asyncio.to_thread(self._routed_in_kernel)
+        self.table = LeaseTable(
+            self.pool.pool_ips, reservations=settings.reservations, offer_hold=settings.offer_hold
+        )
+        changes = self.table.load(
+            recovered.leases.values(),
+            recovered.history.values(),
+            recovered.quarantine,
+            now,
+            in_use=dict.fromkeys(in_use, ""),
+            recovery_hold=float(self.opts.lease_seconds),
         )
         for change in changes:
+            log.info("recovery: %s %s", change.op, getattr(change, "lease", change))
+        await self.store.commit(effects.records(changes))
+        route_sock = rtnl.RouteSocket()
+        counters = PromCounters(metrics) if metrics is not None else Counters()
+        self.server = DhcpServer(
+            bridge=self.bridge,
+            settings=settings,
+            table=self.table,
+            store=self.store,
+            routes=route_sock,
+            counters=counters,
+        )
+        self.server.route_extra = self.table.recovered_addresses
+        self.server.open()
+        await self._reconcile_routes(first=True)
+        control_server = await control.serve(self.opts.paths.control_socket, self._control)
+        metrics_server = self._start_metrics(metrics)
+        events = rtnl.EventSocket()
+        asyncio.get_running_loop().add_reader(events.fileno(), self._on_netlink, events)
+        stats = self.table.stats(now)
+        ready = (
+            f"serving {self.pool.subnet} on {self.bridge}: {stats.total} addresses, "
+            f"{stats.leased} leased"
+        )
+        log.info("ready in %.3f s: %s", time.monotonic() - started, ready)
+        self.notify.ready(ready)
+        tasks = [
+            asyncio.create_task(self._sweep_loop()),
+            asyncio.create_task(self._reconcile_loop()),
+            asyncio.create_task(self._watchdog_loop()),
+        ]
+        try:
+            await self.stop.wait()
+        finally:
+            log.info("stopping: finishing requests in flight, flushing leases; routes stay")
+            self.notify.stopping()
+            asyncio.get_running_loop().remove_reader(events.fileno())
+            events.close()
+            self.server.close_sockets()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self.server.drain()
+            control_server.close()
+            if metrics_server is not None:
+                metrics_server.stop()
+            route_sock.close()
+        return 0
+
+    def _setup_host(self) -> None:
+        manage = self.pool.manage_iptables and not self.opts.skip_iptables
+        for change in lifecycle.reconcile_host(
+            self.pool, self.opts.paths.pool_file, manage_firewall=manage
+        ):
             log.info("host setup: %s", change)
-        log.info("ready: %d addresses on %s via %s", len(pool.ips), pool.subnet, pool.bridge)
-        stop.wait()
-        log.info("stopping")
-    return 0
+
+    def _lease_file(self) -> Path:
+        if self.opts.paths.lease_file is not None:
+            return self.opts.paths.lease_file
+        if self.pool.lease_file:
+            return Path(self.pool.lease_file)
+        return self.opts.paths.default_lease_file()
+
+    def _metrics(self) -> Any:
+        if not self.opts.metrics_addr:
+            return None
+        from cocoon_net.metrics import Metrics, PoolCounts
+
+        def counts() -> PoolCounts:
+            s = self.table.stats(time.time())
+            return PoolCounts(s.total, s.free, s.leased, s.offered, s.quarantined)
+
+        return Metrics(counts)
+
+    def _start_metrics(self, metrics: Any) -> Any:
+        if metrics is None:
+            return None
+        from cocoon_net.metrics import MetricsServer
+
+        try:
+            server = MetricsServer(metrics, self.opts.metrics_addr, self.pool.network)
+        except OSError as exc:
+            log.error("metrics on %s: %s (continuing without)", self.opts.metrics_addr, exc)
+            return None
+        server.start()
+        log.info("metrics on http://%s:%d/metrics", *server.address[:2])
+        return server
+
+    # ------------------------------------------------------------------ routes
+
+    def _routed_in_kernel(self) -> set[IPv4Address]:
+        """/32 routes on the bridge that say a VM holds an address: ours and the Go tool's."""
+        subnet = self.pool.network
+        found = routes.list_routes(self.bridge) | routes.list_routes(
+            self.bridge, config.GO_ROUTE_PROTO
+        )
+        return {ip for ip in found if ip in subnet}
+
+    async def _reconcile_routes(self, *, first: bool = False) -> None:
+        """Routes = leases (+ recovered holds): missing ones added, ours without one removed,
+        anyone else's untouched. The Go tool's routes are taken over once ours exist."""
+        present = await asyncio.to_thread(routes.list_routes, self.bridge)
+        wanted = self.server.routed(time.time())
+        diff = routes.plan_routes(wanted, present)
+        if diff:
+            failed = self.server.sync_routes(set(diff.add) | set(diff.remove))
+            log.info(
+                "routes reconciled: %d added, %d removed%s",
+                len(diff.add), len(diff.remove), f", {len(failed)} failed" if failed else "",
+            )  # fmt: skip
+        if first:
+            for line in await asyncio.to_thread(
+                routes.flush_routes, self.bridge, config.GO_ROUTE_PROTO
+            ):
+                log.info("took over from the Go tool: %s", line)
+
+    async def _persist(self, changes: list[Change]) -> None:
+        if not changes:
+            return
+        await self.store.commit(effects.records(changes))
+        self.server.sync_routes(effects.touched(changes))
+
+    # ------------------------------------------------------------------ loops
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_SECONDS)
+            changes = self.table.expire(time.time())
+            for change in changes:
+                log.info("lease %s: %s", change.op, getattr(change, "lease", change))
+            try:
+                await self._persist(changes)
+            except CocoonError as exc:
+                log.error("expiry: %s", exc)
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._reconcile_due.wait(), RECONCILE_SECONDS)
+                await asyncio.sleep(EVENT_SETTLE_SECONDS)
+            except TimeoutError:
+                pass
+            self._reconcile_due.clear()
+            try:
+                if self._reload_due:
+                    self._reload_due = False
+                    await self._reload()
+                await self._check_bridge()
+                if self.server.bound:
+                    await self._reconcile_routes()
+            except CocoonError as exc:
+                log.error("reconcile: %s (retrying)", exc)
+
+    async def _watchdog_loop(self) -> None:
+        interval = watchdog_interval()
+        if interval is None:
+            return
+        while True:
+            self.notify.watchdog()
+            await asyncio.sleep(interval)
+
+    def _on_netlink(self, events: rtnl.EventSocket) -> None:
+        if events.drain():
+            self._reconcile_due.set()
+
+    def _request_reload(self) -> None:
+        self._reload_due = True
+        self._reconcile_due.set()
+
+    async def _check_bridge(self) -> None:
+        """Rebind when the bridge was deleted or recreated (its index changed)."""
+        index = rtnl.ifindex(self.bridge)
+        if self.server.bound and index == self.server.state.ifindex:
+            return
+        log.warning("bridge %s changed (index %s); setting it up again", self.bridge, index)
+        await asyncio.to_thread(self._setup_host)
+        self.server.open()
+
+    async def _reload(self) -> None:
+        """SIGHUP: re-read pool.json; leases outside a shrunk pool end and lose their routes."""
+        new = state.load(self.opts.paths.pool_file)
+        if new.network != self.pool.network or new.bridge != self.pool.bridge:
+            log.error(
+                "pool.json now says %s on %s; a new subnet or bridge needs a restart",
+                new.subnet, new.bridge,
+            )  # fmt: skip
+            return
+        self.pool = new
+        settings = dhcp_settings(new, self.opts, nic.link_mtu(self.bridge))
+        self.server.settings = settings
+        changes = self.table.set_pool(new.pool_ips, time.time())
+        await self._persist(changes)
+        log.info("reloaded %s: %d addresses", self.opts.paths.pool_file, len(new.ips))
+
+    # ------------------------------------------------------------------ control socket
+
+    async def _control(self, request: dict[str, Any]) -> dict[str, Any]:
+        cmd = request.get("cmd")
+        now = time.time()
+        if cmd == "leases":
+            present = await asyncio.to_thread(routes.list_routes, self.bridge)
+            stats = self.table.stats(now)
+            return {
+                "ok": True,
+                "pool": {
+                    "size": stats.total,
+                    "free": stats.free,
+                    "leased": stats.leased,
+                    "offered": stats.offered,
+                    "quarantined": stats.quarantined,
+                },
+                "leases": [
+                    {
+                        "ip": str(lease.ip),
+                        "mac": lease.mac,
+                        "hostname": lease.hostname,
+                        "expires": lease.expires,
+                        "route": lease.ip in present,
+                    }
+                    for lease in self.table.leases(now)
+                ],
+            }
+        if cmd == "release":
+            return await self._release(request, now)
+        raise ValueError(f"unknown command {cmd!r}")
+
+    async def _release(self, request: dict[str, Any], now: float) -> dict[str, Any]:
+        """The VM manager deleted a VM: its address returns to the pool at once."""
+        mac = str(request.get("mac") or "").lower()
+        ip_text = str(request.get("ip") or "")
+        released: list[str] = []
+        for lease in self.table.leases(now):
+            if (mac and lease.mac == mac) or (ip_text and str(lease.ip) == ip_text):
+                await self._persist(self.table.release(lease.mac, lease.ip, now))
+                released.append(str(lease.ip))
+                log.info("released %s <- %s by request", lease.ip, lease.mac)
+        return {"ok": True, "released": released}
+
+
+def parse_routes(items: list[str]) -> tuple[Route, ...]:
+    """--classless-route DEST=GATEWAY, e.g. 10.0.0.0/8=172.20.100.1."""
+    out: list[Route] = []
+    for item in items:
+        dest, sep, gw = item.partition("=")
+        if not sep:
+            raise CocoonError(f"invalid --classless-route {item!r}: expected CIDR=GATEWAY")
+        out.append(
+            (
+                config.parse_cidr_list([dest], flag="--classless-route")[0],
+                config.parse_ipv4(gw, flag="--classless-route"),
+            )
+        )
+    return tuple(out)

@@ -71,7 +71,7 @@ class _PoolCollector(Collector):
 
 class Metrics:
     def __init__(self, pool_counts: Callable[[], PoolCounts]) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry = CollectorRegistry(auto_describe=False)  # pool counts exist only at scrape
         self.registry.register(ProcessCollector(registry=None))
         self.registry.register(_PoolCollector(pool_counts))
         r = self.registry
@@ -113,7 +113,7 @@ class Metrics:
 def parse_listen(addr: str) -> tuple[str, int]:
     """':9092', '127.0.0.1:9092' or '[::1]:9092' -> (host, port)."""
     host, sep, port = addr.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not port.isdigit() or int(port) > 65535:
         raise UsageError(f"invalid --metrics-addr {addr!r}: expected [HOST]:PORT, e.g. :9092")
     return host.strip("[]"), int(port)
 

@@ -114,10 +114,10 @@ class RouteSocket:
             except OSError as exc:
                 raise HostSetupError(f"netlink send: {exc.strerror or exc}") from None
             for seq, error in self._acks(len(by_seq)):
-                op = by_seq.get(seq)
-                if op is None or error == 0 or (error == errno.ESRCH and not op.add):
+                acked = by_seq.get(seq)
+                if acked is None or error == 0 or (error == errno.ESRCH and not acked.add):
                     continue
-                failed[op] = os.strerror(error)
+                failed[acked] = os.strerror(error)
         return failed
 
     def _acks(self, count: int) -> Iterator[tuple[int, int]]:

@@ -1,0 +1,328 @@
+"""The DHCP server's I/O: frames in, policy, durable changes, routes, frames out.
+
+Requests are read at layer 2 from a packet socket on the bridge (as Kea does), so the server
+sees each frame's Ethernet source and the policy can refuse a chaddr that is not the sender's.
+Replies leave as layer-2 frames too: a client without an address yet is reached by unicast
+to its MAC, with no ARP entry needed. Relayed requests (from relays the operator allowed) are
+answered through a UDP socket bound to the gateway's port 67; that socket also keeps the
+kernel from answering unicast renewals with ICMP port-unreachable.
+
+Order for a REQUEST that binds an address: the table decides at once (one thread, so no two
+requests can take the same address), the journal records are fsync'ed (group commit), the
+/32 route is installed, and only then does the ACK leave. A failure at any step sends nothing:
+the client retries, and the periodic route reconcile repairs the kernel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address
+from typing import Any
+
+from cocoon_net.dhcp import effects, frames, packet, policy
+from cocoon_net.dhcp.leases import Change, LeaseTable
+from cocoon_net.dhcp.model import ZERO_IP, DhcpMessage
+from cocoon_net.dhcp.ratelimit import RateLimiter
+from cocoon_net.dhcp.settings import DhcpSettings
+from cocoon_net.dhcp.store import LeaseStore
+from cocoon_net.errors import CocoonError
+from cocoon_net.node import nic, rtnl
+
+log = logging.getLogger("cocoon_net.dhcp")
+
+BROADCAST_MAC = b"\xff" * 6
+_READ_BATCH = 64  # frames handled per wake-up before yielding to other tasks
+_SO_BINDTODEVICE = 25
+
+
+class Counters:
+    """Where the server reports what it did; the daemon plugs Prometheus in here."""
+
+    def packet(self, mtype: str, result: str) -> None:
+        pass
+
+    def drop(self, reason: str) -> None:
+        pass
+
+    def lease(self, ok: bool) -> None:
+        pass
+
+    def route(self, op: str, ok: bool) -> None:
+        pass
+
+
+@dataclass
+class ServerState:
+    """What the server keeps beside the table: the bridge it is bound to."""
+
+    ifindex: int = 0
+    mac: bytes = b""
+    exhausted_since: float | None = None  # start of the current pool-exhaustion burst
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+
+class DhcpServer:
+    def __init__(
+        self,
+        *,
+        bridge: str,
+        settings: DhcpSettings,
+        table: LeaseTable,
+        store: LeaseStore,
+        routes: rtnl.RouteSocket,
+        counters: Counters | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.bridge = bridge
+        self.settings = settings
+        self.table = table
+        self.store = store
+        self.routes = routes
+        self.counters = counters or Counters()
+        self.clock = clock
+        self.limiter = RateLimiter.from_settings(settings)
+        self.state = ServerState()
+        self.route_extra: Callable[[float], set[IPv4Address]] = lambda now: set()
+        self._packet_sock: socket.socket | None = None
+        self._udp_sock: socket.socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # ------------------------------------------------------------------ sockets
+
+    @property
+    def bound(self) -> bool:
+        return self._packet_sock is not None
+
+    def open(self) -> None:
+        """Bind to the bridge as it is now (called again after the bridge was recreated)."""
+        self.close_sockets()
+        self._loop = asyncio.get_running_loop()
+        ifindex = rtnl.ifindex(self.bridge)
+        if ifindex is None:
+            raise CocoonError(f"bridge {self.bridge} does not exist")
+        mac = _link_mac(self.bridge)
+        sock = frames.open_server_socket(self.bridge)
+        sock.setblocking(False)
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        try:
+            udp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            udp.setsockopt(socket.SOL_SOCKET, _SO_BINDTODEVICE, self.bridge.encode())
+            udp.bind((str(self.settings.server_id), policy.SERVER_PORT))
+        except OSError as exc:
+            sock.close()
+            udp.close()
+            raise CocoonError(
+                f"cannot bind {self.settings.server_id}:67 on {self.bridge}: "
+                f"{exc.strerror or exc} (is another DHCP server running?)"
+            ) from None
+        udp.setblocking(False)
+        self._packet_sock, self._udp_sock = sock, udp
+        self.state.ifindex, self.state.mac = ifindex, mac
+        self._loop.add_reader(sock.fileno(), self._on_frames)
+        self._loop.add_reader(udp.fileno(), self._drain_udp)
+        log.info("serving DHCP on %s (index %d)", self.bridge, ifindex)
+
+    def close_sockets(self) -> None:
+        for sock in (self._packet_sock, self._udp_sock):
+            if sock is None:
+                continue
+            if self._loop is not None:
+                self._loop.remove_reader(sock.fileno())
+            sock.close()
+        self._packet_sock = self._udp_sock = None
+
+    async def drain(self) -> None:
+        """Wait for every request in flight (commit, route, reply) to finish."""
+        while self.state.tasks:
+            await asyncio.gather(*list(self.state.tasks), return_exceptions=True)
+
+    def _drain_udp(self) -> None:
+        # Unicast renewals arrive here as well as on the packet socket, which handles them.
+        assert self._udp_sock is not None
+        for _ in range(_READ_BATCH):
+            try:
+                self._udp_sock.recv(2048)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+
+    def _on_frames(self) -> None:
+        sock = self._packet_sock
+        if sock is None:
+            return
+        for _ in range(_READ_BATCH):
+            try:
+                data = sock.recv(4096)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.ENETDOWN, errno.ENXIO, errno.ENODEV):
+                    log.warning("bridge %s went away: %s", self.bridge, exc.strerror)
+                    self.close_sockets()
+                    return
+                raise
+            self.handle_frame(data)
+
+    # ------------------------------------------------------------------ requests
+
+    def handle_frame(self, data: bytes) -> None:
+        try:
+            frame = frames.parse_frame(data)
+            if frame is None:
+                return
+            request = packet.decode(frame.payload)
+        except packet.MalformedPacket as exc:
+            self.counters.drop(exc.reason)
+            log.debug("dropped malformed packet: %s", exc)
+            return
+        now = self.clock()
+        ctx = policy.RequestContext(
+            src_mac=frame.src_mac.hex(":"),
+            src_ip=frame.src_ip,
+            dst_ip=frame.dst_ip,
+            broadcast=frame.dst_mac == BROADCAST_MAC or frame.dst_ip == policy.BROADCAST_IP,
+        )
+        decision = policy.handle(request, ctx, self.table, self.settings, now, limiter=self.limiter)
+        mtype = request.message_type
+        type_name = mtype.name.lower() if mtype is not None else "bootp"
+        self._note_exhaustion(decision, now)
+        records = effects.records(decision.changes)
+        touched = effects.touched(decision.changes)
+        if isinstance(decision, policy.Drop):
+            self.counters.drop(decision.reason)
+            self.counters.packet(type_name, decision.reason)
+            if records or touched:
+                self._spawn(self._persist(decision.changes, None, type_name))
+            return
+        if not records and not touched:
+            self._send(decision, type_name)  # OFFER, NAK, INFORM: nothing to make durable
+            return
+        self._spawn(self._persist(decision.changes, decision, type_name))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.state.tasks.add(task)
+        task.add_done_callback(self.state.tasks.discard)
+
+    async def _persist(
+        self, changes: tuple[Change, ...], reply: policy.Reply | None, type_name: str
+    ) -> None:
+        try:
+            await self.store.commit(effects.records(changes))
+        except CocoonError as exc:
+            log.error("lease store: %s; not answering", exc)
+            if reply is not None:
+                self.counters.packet(type_name, "store_failed")
+                self.counters.lease(False)
+            return
+        failed = self.sync_routes(effects.touched(changes))
+        if reply is None:
+            return
+        if failed & effects.grants(changes):
+            # No ACK for an address the VPC cannot reach; the client retries and the
+            # reconcile loop repairs the route (spec §10, decc2d4).
+            self.counters.packet(type_name, "route_failed")
+            self.counters.lease(False)
+            return
+        self._send(reply, type_name)
+
+    def sync_routes(self, ips: set[IPv4Address]) -> set[IPv4Address]:
+        """Make the routes of ips match the table; return the addresses that failed."""
+        if not ips or not self.bound:
+            return set(ips) if ips and not self.bound else set()
+        now = self.clock()
+        wanted = self.routed(now)
+        ops = [rtnl.RouteOp(ip in wanted, ip) for ip in sorted(ips)]
+        try:
+            failures = self.routes.apply(ops, self.state.ifindex)
+        except CocoonError as exc:
+            log.error("routes: %s", exc)
+            failures = {op: str(exc) for op in ops}
+        for op in ops:
+            self.counters.route("add" if op.add else "del", op not in failures)
+        for op, reason in failures.items():
+            log.error("route %s %s/32 dev %s: %s", "add" if op.add else "del", op.ip,
+                      self.bridge, reason)  # fmt: skip
+        return {op.ip for op in failures}
+
+    def routed(self, now: float) -> set[IPv4Address]:
+        """Addresses that must have a /32 route: active leases and recovered holds."""
+        return {lease.ip for lease in self.table.leases(now)} | self.route_extra(now)
+
+    def _note_exhaustion(self, decision: policy.Decision, now: float) -> None:
+        exhausted = isinstance(decision, policy.Drop) and decision.reason == "pool_exhausted"
+        if exhausted and self.state.exhausted_since is None:
+            self.state.exhausted_since = now
+            stats = self.table.stats(now)
+            log.warning(
+                "pool exhausted: %d addresses, %d leased, %d offered, %d quarantined; new "
+                "clients get no offer until one is free",
+                stats.total, stats.leased, stats.offered, stats.quarantined,
+            )  # fmt: skip
+        elif not exhausted and isinstance(decision, policy.Reply):
+            if self.state.exhausted_since is not None:
+                log.info("pool has free addresses again")
+            self.state.exhausted_since = None
+
+    # ------------------------------------------------------------------ replies
+
+    def _send(self, reply: policy.Reply, type_name: str) -> None:
+        message = reply.message
+        result = _result_name(message)
+        try:
+            payload = packet.encode(message, max_size=reply.max_size)
+        except (packet.MessageTooLarge, ValueError) as exc:
+            log.error("reply to %s does not fit: %s", message.mac, exc)
+            self.counters.packet(type_name, "too_large")
+            return
+        try:
+            if reply.dest.port == policy.SERVER_PORT:
+                assert self._udp_sock is not None
+                self._udp_sock.sendto(payload, (str(reply.dest.ip), policy.SERVER_PORT))
+            else:
+                assert self._packet_sock is not None
+                dst_mac = bytes.fromhex(reply.dest.mac.replace(":", ""))
+                frame = frames.build_frame(
+                    self.state.mac,
+                    dst_mac,
+                    self.settings.server_id,
+                    reply.dest.ip,
+                    policy.SERVER_PORT,
+                    reply.dest.port,
+                    payload,
+                )
+                self._packet_sock.send(frame)
+        except (OSError, AssertionError) as exc:
+            log.error("send %s to %s: %s", result, reply.dest.ip, exc)
+            self.counters.packet(type_name, "send_failed")
+            if result == "ack":
+                self.counters.lease(False)
+            return
+        self.counters.packet(type_name, result)
+        if result == "ack" and message.yiaddr != ZERO_IP:
+            self.counters.lease(True)
+            log.info("ACK %s -> %s", message.yiaddr, message.mac)
+        elif result == "nak":
+            self.counters.lease(False)
+            log.info("NAK -> %s", message.mac)
+
+
+def _result_name(message: DhcpMessage) -> str:
+    mtype = message.message_type
+    return mtype.name.lower() if mtype is not None else "reply"
+
+
+def _link_mac(name: str) -> bytes:
+    # Asked through netlink (`ip`), not /sys: /sys shows the namespace it was mounted in,
+    # not the one this process joined with --netns.
+    link = nic.link(name)
+    if link is None or not link.mac:
+        raise CocoonError(f"bridge {name} has no MAC address")
+    return bytes.fromhex(link.mac.replace(":", ""))
