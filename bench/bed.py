@@ -12,6 +12,7 @@ before the namespaces go.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -174,6 +175,23 @@ class Bed:
         """Between servers: no neighbour entries or /32 routes left from the previous one."""
         self.ip_node("neigh", "flush", "dev", BRIDGE)
         self.ip_node("route", "flush", "proto", str(config.ROUTE_PROTO), "dev", BRIDGE)
+
+    def socket_drops(self, pid: int) -> int:
+        """Datagrams the kernel dropped on pid's packet and UDP sockets in the node because
+        their receive queue was full (`ss` skmem d<N>): load the server did not read in time."""
+        out = self.ip_node_exec("ss", "-0", "-u", "-a", "-m", "-p", "-n", "-H")
+        # ss wraps a socket's skmem onto the next, indented line; rejoin them.
+        entries = re.split(r"\n(?=\S)", out)
+        owner = f"pid={pid},"
+        return sum(
+            int(m.group(1))
+            for entry in entries
+            if owner in entry
+            for m in re.finditer(r"skmem:\([^)]*?,d(\d+)\)", entry)
+        )
+
+    def ip_node_exec(self, *argv: str) -> str:
+        return self._sandbox.run(self.node, list(argv)).stdout
 
     def route_count(self) -> int:
         out = self.ip_node("route", "show", "proto", str(config.ROUTE_PROTO), "dev", BRIDGE)

@@ -23,6 +23,7 @@ from ipaddress import IPv4Address
 from bench.bed import Bed
 from bench.ladder import REPO, loadgen_argv
 from bench.procstat import memory_kib
+from bench.report import mb, ms, table
 from bench.servers import LEASE_SECONDS, ServerFailed, ServerUnderTest
 from cocoon_net.dhcp.model import Lease
 
@@ -137,19 +138,24 @@ def measure_startup(
 
 
 def startup_lines(results: Sequence[Startup], timings: Sequence[Timing]) -> list[str]:
-    def ms(value: float | None) -> str:
-        return "-" if value is None else f"{value:.0f}"
-
-    lines = ["server        leases  ready ms  first OFFER ms  routes  RSS MB  status ms  note"]
-    for r in results:
-        rss = "-" if r.rss_kib is None else f"{r.rss_kib / 1024:.1f}"
-        routes = "-" if r.routes is None else str(r.routes)
-        note = "" if r.status == "ok" else r.status[:70]
-        lines.append(
-            f"{r.server:<12}  {r.leases:>6}  {ms(r.ready_ms):>8}  {ms(r.first_offer_ms):>14}  "
-            f"{routes:>6}  {rss:>6}  {ms(r.status_ms):>9}  {note}"
-        )
-    lines += [
-        f"floor: {t.command}: min {t.min_ms:.0f} ms, median {t.median_ms:.0f} ms" for t in timings
+    rows = [
+        [
+            r.server,
+            str(r.leases),
+            ms(r.ready_ms),
+            ms(r.first_offer_ms),
+            "-" if r.routes is None else str(r.routes),
+            mb(r.rss_kib),
+            ms(r.status_ms),
+            "" if r.status == "ok" else r.status[:70],
+        ]
+        for r in results
     ]
-    return lines
+    header = ["server", "leases", "ready ms", "1st OFFER ms", "routes", "RSS MB", "status ms"]
+    return [
+        *table([*header, "note"], rows),
+        *(
+            f"floor: {t.command}: min {t.min_ms:.0f} ms, median {t.median_ms:.0f} ms"
+            for t in timings
+        ),
+    ]

@@ -41,6 +41,7 @@ class Step:
     server_cpu_pct: float
     server_rss_kib: int
     server_hwm_kib: int
+    server_socket_drops: int  # requests the server's sockets overflowed on
 
     @property
     def drops_pct(self) -> float:
@@ -91,6 +92,7 @@ def _expect(proc: subprocess.Popen[str], word: str, what: str) -> None:
 
 
 def run_step(bed: Bed, server: ServerUnderTest, rate: float, clients: int, grace: float) -> Step:
+    drops_before = bed.socket_drops(server.pid)
     proc = bed.in_loadgen(
         loadgen_argv(bed, "--rate", str(rate), "--clients", str(clients), "--grace", str(grace)),
         cwd=REPO,
@@ -103,6 +105,7 @@ def run_step(bed: Bed, server: ServerUnderTest, rate: float, clients: int, grace
         _expect(proc, "done", "load")
         cpu = window.percent(time.monotonic())
         rss, hwm = memory_kib(server.pid)
+        socket_drops = bed.socket_drops(server.pid) - drops_before
         out, err = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
@@ -110,7 +113,7 @@ def run_step(bed: Bed, server: ServerUnderTest, rate: float, clients: int, grace
             proc.wait()
     if proc.returncode != 0:
         raise RuntimeError(f"load generator failed: {err.strip()}")
-    return Step(json.loads(out), cpu, rss, hwm)
+    return Step(json.loads(out), cpu, rss, hwm, socket_drops)
 
 
 def run_ladder(bed: Bed, server: ServerUnderTest, cfg: LadderConfig, log: Any = print) -> ServerRun:
@@ -147,7 +150,8 @@ def _progress(name: str, step: Step) -> str:
     return (
         f"{name}: {lg['target_rate']:g}/s x {lg['clients']}: {lg['achieved_rate']:.0f} DORA/s, "
         f"{lg['drops_pct']:.1f} % drops, p99 {lg['offer_latency']['p99_ms']:.2f}/"
-        f"{lg['ack_latency']['p99_ms']:.2f} ms, cpu {step.server_cpu_pct:.0f} %"
+        f"{lg['ack_latency']['p99_ms']:.2f} ms, cpu {step.server_cpu_pct:.0f} %, socket drops "
+        f"server {step.server_socket_drops} loadgen {lg['loadgen_socket_drops']}"
     )
 
 

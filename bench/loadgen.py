@@ -53,6 +53,7 @@ PACKET_ADD_MEMBERSHIP = 1
 PACKET_MR_PROMISC = 1
 SO_TIMESTAMPNS = 35
 SO_RCVBUFFORCE = 33
+PACKET_STATISTICS = 6
 _TIMESPEC = struct.Struct("@qq")
 # What dhclient asks for (subnet mask, broadcast, router, DNS, domain, hostname, MTU, NTP).
 PARAM_REQUEST_LIST = bytes([1, 28, 3, 6, 15, 12, 26, 42])
@@ -118,6 +119,7 @@ class StepResult:
     offer_latency: Latency  # DISCOVER -> OFFER
     ack_latency: Latency  # REQUEST -> ACK
     loadgen_cpu_seconds: float
+    loadgen_socket_drops: int  # replies lost in our own receive queue: then we are the bottleneck
 
 
 class PacketPort:
@@ -158,6 +160,14 @@ class PacketPort:
                 sec, nsec = _TIMESPEC.unpack_from(value)
                 return data, sec * 1_000_000_000 + nsec
         return data, time.time_ns()
+
+    def drops(self) -> int:
+        """Replies the kernel dropped because this socket's queue was full (struct
+        tpacket_stats; reading it resets the counters)."""
+        _packets, dropped = struct.unpack(
+            "@II", self.sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8)
+        )
+        return int(dropped)
 
     def wait(self, seconds: float) -> None:
         select.select([self.sock], [], [], max(0.0, seconds))
@@ -277,6 +287,7 @@ def run_step(
         elif kind == MessageType.NAK:
             counts["naks"] += 1
 
+    port.drops()  # reset the counters
     on_start()
     cpu_start = time.process_time()
     start = time.monotonic()
@@ -321,6 +332,7 @@ def run_step(
         offer_latency=Latency.of(offer_ns),
         ack_latency=Latency.of(ack_ns),
         loadgen_cpu_seconds=cpu,
+        loadgen_socket_drops=port.drops(),
     )
 
 

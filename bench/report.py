@@ -27,11 +27,16 @@ COLUMNS = (
 )
 
 
-def _mb(kib: int | None) -> str:
+def mb(kib: int | None) -> str:
     return "-" if kib is None else f"{kib / 1024:.1f}"
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+def ms(value: float | None, digits: int = 0) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """Right-aligned columns under a header, as every table of the bench is printed."""
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     fmt = "  ".join(f"{{:>{w}}}" for w in widths)
     return [fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [
@@ -62,7 +67,7 @@ def ladder_table(runs: Sequence[ServerRun]) -> list[str]:
             rows.append([fmt.format(v) for (_, fmt), v in zip(COLUMNS, values, strict=True)])
         if not run.steps:
             rows.append([run.name, run.status[:60], *([""] * (len(COLUMNS) - 2))])
-    return _table([name for name, _ in COLUMNS], rows)
+    return table([name for name, _ in COLUMNS], rows)
 
 
 def summary_table(runs: Sequence[ServerRun]) -> list[str]:
@@ -71,14 +76,14 @@ def summary_table(runs: Sequence[ServerRun]) -> list[str]:
             run.name,
             "-" if run.lossless_rate is None else f"{run.lossless_rate:g}",
             "-" if run.ready_seconds is None else f"{run.ready_seconds * 1000:.0f}",
-            _mb(run.idle_rss_kib),
-            _mb(run.peak_rss_kib),
+            mb(run.idle_rss_kib),
+            mb(run.peak_rss_kib),
             run.status if run.status != "ok" else "",
         ]
         for run in runs
     ]
     header = ["server", "lossless DORA/s", "start ms", "idle RSS MB", "peak RSS MB", "note"]
-    return _table(header, rows)
+    return table(header, rows)
 
 
 def _p99_at(run: ServerRun, rate: float) -> float | None:

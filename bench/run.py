@@ -32,8 +32,16 @@ if __package__ in {None, ""}:  # run as a script: bench/run.py
 
 from bench import figures, report
 from bench.bed import Bed
-from bench.ladder import REPO, LadderConfig, ServerRun, clients_per_server, run_ladder
-from bench.servers import SERVERS
+from bench.ladder import (
+    REPO,
+    SATURATED_DROPS_PCT,
+    LadderConfig,
+    ServerRun,
+    clients_per_server,
+    run_ladder,
+)
+from bench.relay import RelayStep, relay_lines, run_perfdhcp
+from bench.servers import SERVERS, Site
 
 DEFAULT_SERVERS = ("kea", "dnsmasq", "dnsmasq-ping", "cocoon-net")
 FULL_RATES = (100, 250, 500, 1000, 2000, 4000)
@@ -101,6 +109,27 @@ def versions() -> dict[str, str]:
     return out
 
 
+def run_relay(
+    bed: Bed, site: Site, names: Sequence[str], cfg: LadderConfig, tmp: Path, log: Any
+) -> list[RelayStep]:
+    """perfdhcp through the ladder for each server, after everything on the direct path (the
+    relay address it needs stays on the load interface)."""
+    bed.add_relay_address()
+    steps = []
+    for name in names:
+        for rate in cfg.rates:
+            server = SERVERS[name](site, tmp / f"{name}-relay-{rate:g}")
+            step = run_perfdhcp(bed, server, rate, cfg.seconds, cfg.ready_timeout)
+            steps.append(step)
+            log(
+                f"{name} relay {rate:g}/s: {step.status}, {step.achieved_rate:.0f} DORA/s, "
+                f"{step.drops_pct:.1f} % drops"
+            )
+            if step.status != "ok" or step.drops_pct > SATURATED_DROPS_PCT:
+                break
+    return steps
+
+
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
@@ -145,6 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs: list[ServerRun] = []
     startups: list[figures.Startup] = []
     timings: list[figures.Timing] = []
+    relay_steps: list[RelayStep] = []
     try:
         with (
             tempfile.TemporaryDirectory(prefix="cocoon-bench-") as tmp,
@@ -172,6 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                             )
                         )
                 timings = figures.floors(bed, 3 if args.smoke else 10)
+            if args.relay:
+                relay_steps = run_relay(bed, site, names, cfg, Path(tmp), log)
             neigh = bed.neigh_limit
     except KeyboardInterrupt:
         log("bench: interrupted; namespaces removed")
@@ -188,6 +220,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
     if startups:
         lines += ["", "start to ready, idle RSS, status", *figures.startup_lines(startups, timings)]
+    if relay_steps:
+        lines += ["", f"relay path (perfdhcp -l {site.relay})", *relay_lines(relay_steps)]
     log("\n".join(lines))
     document = report.to_json(
         runs,
@@ -199,6 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "ladder": asdict(cfg),
             "startup": [asdict(s) for s in startups],
             "floors": [asdict(t) for t in timings],
+            "relay": [asdict(r) for r in relay_steps],
         },
     )
     path = report.write_results(args.results_dir, stamp, document)

@@ -183,8 +183,8 @@ class Kea(ServerUnderTest):
                         "id": 1,
                         "subnet": str(site.subnet),
                         "pools": [{"pool": f"{site.pool_first} - {site.pool_last}"}],
+                        # A relayed request's giaddr lies in this subnet, which selects it.
                         "option-data": [{"name": "routers", "data": str(site.gateway)}],
-                        **({"relay": {"ip-addresses": [str(site.relay)]}} if site.relay else {}),
                     }
                 ],
                 # Startup and errors only: per-lease logging would be charged to the server.
