@@ -189,13 +189,16 @@ class HttpClient:
             raise CloudError(f"{where}: the answer is not JSON") from None
 
     def _judge(self, where: str, response: requests.Response) -> tuple[CloudError | None, bool]:
-        if response.status_code >= 400:
-            return self._status_error(where, response), response.status_code in _RETRY_STATUSES
+        # The cloud's own verdict first, whatever the status: an error envelope says more
+        # than the status (Volcengine sends its code with 400, 429 and 500 alike).
         if self.classify is not None:
             verdict = self.classify(response)
             if isinstance(verdict, Retry):
                 return verdict.error, True
-            return verdict, False
+            if verdict is not None:
+                return verdict, False
+        if response.status_code >= 400:
+            return self._status_error(where, response), response.status_code in _RETRY_STATUSES
         return None, False
 
     def _status_error(self, where: str, response: requests.Response) -> CloudError:

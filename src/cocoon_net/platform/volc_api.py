@@ -243,19 +243,6 @@ def classify(response: requests.Response) -> CloudError | Retry | None:
     return None
 
 
-class _EnvelopeHttpClient(HttpClient):
-    # http.py asks `classify` only about 2xx answers, but Volcengine also sends its error
-    # code in the envelope of 4xx/5xx answers (throttling is 429, InternalError 500), and
-    # the code says more than the status: read the envelope first, whatever the status.
-    def _judge(self, where: str, response: requests.Response) -> tuple[CloudError | None, bool]:
-        verdict = classify(response)
-        if isinstance(verdict, Retry):
-            return verdict.error, True
-        if verdict is not None:
-            return verdict, False
-        return super()._judge(where, response)
-
-
 # --- parameters ---------------------------------------------------------------------------
 
 
@@ -307,7 +294,7 @@ class VpcApi:
         self.endpoint = endpoint
         self.creds = creds
         self._clock = clock
-        self._http = _EnvelopeHttpClient(
+        self._http = HttpClient(
             service="Volcengine VPC",
             retry=retry,
             sign=self._sign,
