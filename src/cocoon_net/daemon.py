@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -31,6 +32,8 @@ from cocoon_net.dhcp.store import LeaseStore, Recovered
 from cocoon_net.errors import CocoonError
 from cocoon_net.lock import StateLock
 from cocoon_net.node import nic, routes, rtnl
+from cocoon_net.platform import get_platform
+from cocoon_net.platform.base import Platform
 from cocoon_net.sdnotify import Notifier, watchdog_interval
 from cocoon_net.state import PoolState
 
@@ -112,6 +115,7 @@ class Daemon:
         self.table: LeaseTable
         self._reconcile_due = asyncio.Event()
         self._reload_due = False
+        self._platform: Platform | None = None
 
     @property
     def bridge(self) -> str:
@@ -224,6 +228,14 @@ class Daemon:
             self.pool, self.opts.paths.pool_file, manage_firewall=manage
         ):
             log.info("host setup: %s", change)
+        self._fix_host()
+
+    def _fix_host(self) -> None:
+        """What the cloud's agents did to the host behind our back, undone again."""
+        if self._platform is None:
+            self._platform = get_platform(self.pool.platform or "static", os.environ)
+        for change in self._platform.fix_host(self.pool):
+            log.info("host fix: %s", change)
 
     def _lease_file(self) -> Path:
         if self.opts.paths.lease_file is not None:
@@ -317,6 +329,7 @@ class Daemon:
                     self._reload_due = False
                     await self._reload()
                 await self._check_bridge()
+                await asyncio.to_thread(self._fix_host)
                 if self.server.bound:
                     await self._reconcile_routes()
             except CocoonError as exc:

@@ -187,6 +187,7 @@ def provision_node(opts: NodeOptions, environ: Mapping[str, str] | None = None) 
         _check_ownership(existing, opts, platform_name)
         pool = _pending_state(opts, platform_name, existing)
         platform = get_platform(platform_name, env)
+        pool.primary_nic = opts.primary_nic or platform.primary_nic() or ""
 
         def record(resources: Mapping[str, Any]) -> None:
             pool.cloud.update(resources)
@@ -197,7 +198,7 @@ def provision_node(opts: NodeOptions, environ: Mapping[str, str] | None = None) 
             subnet=opts.subnet,
             gateway=opts.gateway,
             pool_size=opts.pool_size,
-            primary_nic=opts.primary_nic or "",
+            primary_nic=pool.primary_nic,
             cloud=dict(pool.cloud),
             options=dict(opts.platform_options),
         )

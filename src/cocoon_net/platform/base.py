@@ -75,3 +75,13 @@ class Platform(Protocol):
         """Remove what provision created (never anything else); attempt every step and
         raise one CloudError listing all failures. Safe to re-run."""
         ...
+
+    def primary_nic(self) -> str | None:
+        """The host interface that carries the node's VPC traffic (never a guessed name)."""
+        ...
+
+    def fix_host(self, state: PoolState) -> list[str]:
+        """Undo what the cloud's own agents do to the host against us (the GCE guest agent's
+        local route for the alias range). The daemon calls it at start, on every netlink
+        event and periodically; returns what it changed."""
+        ...

@@ -186,6 +186,10 @@ class GkePlatform:
 
     # ------------------------------------------------------------------ steps
 
+    def fix_host(self, state: PoolState) -> list[str]:
+        # The guest agent re-adds `local <alias range>` whenever it resyncs (spec §9.6 #33).
+        return localroute.remove_guest_agent_routes(state.network)
+
     def primary_nic(self) -> str:
         """The host interface with nic0's MAC from metadata, else the default route's device
         (never a fixed 'ens4': newer images name it differently)."""

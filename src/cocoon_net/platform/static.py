@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from cocoon_net import config
+from cocoon_net.node import nic
 from cocoon_net.platform.base import NodeRequest, ProvisionResult, ResourceRecorder, StatusLine
 from cocoon_net.state import PoolState
 
@@ -33,6 +34,12 @@ class StaticPlatform:
 
     def teardown(self, state: PoolState, record: ResourceRecorder) -> None:
         return None
+
+    def primary_nic(self) -> str | None:
+        return nic.primary_nic()
+
+    def fix_host(self, state: PoolState) -> list[str]:
+        return []
 
 
 def create(environ: Mapping[str, str]) -> StaticPlatform:

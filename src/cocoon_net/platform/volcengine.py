@@ -279,6 +279,14 @@ class VolcenginePlatform:
             )
         return lines
 
+    def primary_nic(self) -> str | None:
+        """The link with the metadata's primary MAC, else the default route's device."""
+        mac = self._instance().mac
+        return (nic.link_by_mac(mac) if mac else None) or nic.primary_nic()
+
+    def fix_host(self, state: PoolState) -> list[str]:
+        return []
+
     def plan_teardown(self, state: PoolState) -> list[str]:
         cloud = state.cloud
         lines = [
