@@ -11,7 +11,6 @@ each direction::
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
@@ -19,9 +18,12 @@ import os
 import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cocoon_net.errors import CocoonError, StateError
+
+if TYPE_CHECKING:  # asyncio is the daemon's; `status` and `release` stay quick to start
+    import asyncio
 
 log = logging.getLogger("cocoon_net.control")
 
@@ -31,6 +33,8 @@ MAX_REQUEST = 64 * 1024
 
 async def serve(path: Path, handler: Handler) -> asyncio.AbstractServer:
     """Listen on path (replacing a stale socket file) and answer requests with handler."""
+    import asyncio
+
     path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
         path.unlink()

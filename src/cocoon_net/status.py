@@ -1,7 +1,8 @@
-"""`cocoon-net status`: what pool.json says, what the host has, and what the cloud reports.
+"""`cocoon-net status`: what pool.json says, the live leases, and what the cloud reports.
 
-It reads files and asks the kernel; it never takes the lock, so it answers while the daemon
-runs. Cloud modules are imported only when the platform is a cloud and --no-cloud is not set.
+It never takes the lock, so it answers while the daemon runs: live leases come from the
+daemon's control socket, or, when no daemon answers, from the lease files (read only).
+Cloud modules are imported only when the platform is a cloud and --no-cloud is not set.
 """
 
 from __future__ import annotations
@@ -9,10 +10,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
+from pathlib import Path
 from typing import Any
 
-from cocoon_net import config, state
-from cocoon_net.errors import CocoonError
+from cocoon_net import config, control, state
+from cocoon_net.errors import CocoonError, StateError
 
 log = logging.getLogger("cocoon_net.status")
 
@@ -33,9 +36,71 @@ def _pool_rows(pool: state.PoolState) -> list[tuple[str, str]]:
     ]
 
 
+def _live(paths: config.Paths, pool: state.PoolState) -> dict[str, Any]:
+    """Leases from the running daemon, else from the lease files; `source` says which."""
+    try:
+        answer = control.request(paths.control_socket, {"cmd": "leases"})
+        return {"source": "daemon", "pool": answer["pool"], "leases": answer["leases"]}
+    except StateError as exc:
+        daemon_error = str(exc)
+    lease_file = (
+        paths.lease_file or (Path(pool.lease_file) if pool.lease_file else None)
+    ) or paths.default_lease_file()
+    from cocoon_net.dhcp import store  # only when no daemon answers: it pulls in asyncio
+
+    now = time.time()
+    try:
+        recovered = store.load(lease_file)
+    except CocoonError as exc:
+        return {"source": "none", "error": f"{daemon_error}; {exc}", "leases": []}
+    leases = [
+        {
+            "ip": str(lease.ip),
+            "mac": lease.mac,
+            "hostname": lease.hostname,
+            "expires": lease.expires,
+            "route": None,
+        }
+        for lease in sorted(recovered.leases.values(), key=lambda le: le.ip)
+        if lease.expires > now
+    ]
+    return {"source": f"{lease_file} (daemon not running)", "leases": leases}
+
+
+def _lease_lines(live: dict[str, Any]) -> list[str]:
+    counts = live.get("pool")
+    lines = []
+    if counts:
+        lines.append(
+            f"{'Pool:':12}{counts['size']} addresses: {counts['leased']} leased, "
+            f"{counts['offered']} offered, {counts['quarantined']} quarantined, "
+            f"{counts['free']} free"
+        )
+    lines.append(f"{'Leases:':12}{len(live['leases'])} active (from {live['source']})")
+    if live.get("error"):
+        lines.append(f"{'':12}unavailable: {live['error']}")
+    if live["leases"]:
+        now = time.time()
+        lines.append(f"  {'IP':15} {'MAC':17} {'EXPIRES IN':>10}  {'ROUTE':5}  HOSTNAME")
+        for lease in live["leases"]:
+            route = {True: "yes", False: "NO", None: "?"}[lease["route"]]
+            left = _duration(lease["expires"] - now)
+            lines.append(
+                f"  {lease['ip']:15} {lease['mac']:17} {left:>10}  {route:5}  {lease['hostname']}"
+            )
+    return lines
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
 def show_status(paths: config.Paths, *, as_json: bool, ask_cloud: bool) -> list[str]:
     pool = state.load(paths.pool_file)
     rows = _pool_rows(pool)
+    live = _live(paths, pool)
     cloud_rows: list[tuple[str, str]] = []
     cloud_error = ""
     if ask_cloud and pool.platform not in ("", "static"):
@@ -52,6 +117,7 @@ def show_status(paths: config.Paths, *, as_json: bool, ask_cloud: bool) -> list[
             "pool": pool.to_json(),
             "poolFile": str(paths.pool_file),
             "cloud": dict(cloud_rows),
+            "leases": live,
         }
         if cloud_error:
             doc["cloudError"] = cloud_error
@@ -59,4 +125,4 @@ def show_status(paths: config.Paths, *, as_json: bool, ask_cloud: bool) -> list[
     lines = [f"{label + ':':12}{value}" for label, value in rows + cloud_rows]
     if cloud_error:
         lines.append(f"{'Cloud:':12}unavailable ({cloud_error})")
-    return lines
+    return lines + _lease_lines(live)
