@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -15,7 +16,6 @@ from tests.support.netns import is_root
 def test_demo_runs_end_to_end() -> None:
     if not is_root():
         pytest.skip("needs root")
-    before = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     proc = subprocess.run(
         [sys.executable, "-m", "cocoon_net.sandbox", "--vms", "3"],
         capture_output=True,
@@ -27,5 +27,7 @@ def test_demo_runs_end_to_end() -> None:
     assert "== demo OK" in proc.stdout
     assert proc.stdout.count("(its own address)") == 3
     assert "cocoon-net teardown complete (static)" in proc.stdout
-    after = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    assert after == before  # every namespace it made is gone
+    match = re.search(r"== node (cnt-[0-9a-f]{6})n", proc.stdout)
+    assert match, proc.stdout
+    left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True)
+    assert match.group(1) not in left.stdout  # every namespace the demo made is gone
