@@ -19,8 +19,36 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit
+
+T = TypeVar("T")
+
+
+def in_netns(netns: str | None, make: Callable[[], T]) -> T:
+    """make() in a thread that joined network namespace netns, so the sockets it creates
+    live there (a listening socket keeps its namespace whatever thread serves it). The
+    thread ends, and with it the switch: the test process itself never moves."""
+    if not netns:
+        return make()
+    box: list[T] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            from cocoon_net import netns as netns_mod
+
+            netns_mod.enter(netns)
+            box.append(make())
+        except BaseException as exc:  # re-raised in the caller's thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
+    return box[0]
 
 
 @dataclass(frozen=True)
@@ -69,12 +97,14 @@ Handler = Callable[[Request], Reply]
 
 
 class EmulatorServer:
-    def __init__(self, handler: Handler) -> None:
+    def __init__(self, handler: Handler, *, netns: str | None = None) -> None:
+        """Listen on 127.0.0.1:0, inside network namespace netns when given."""
         self.handler = handler
         self.log: list[Request] = []
         self._faults: list[Fault] = []
         self._lock = threading.Lock()
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._make_handler_class())
+        handler_class = self._make_handler_class()
+        self._httpd = in_netns(netns, lambda: ThreadingHTTPServer(("127.0.0.1", 0), handler_class))
         self._httpd.daemon_threads = True
         self._httpd.block_on_close = False
         self._thread = threading.Thread(

@@ -79,7 +79,7 @@ class GceState:
 
 
 class GceEmulator:
-    def __init__(self, **state: Any) -> None:
+    def __init__(self, *, netns: str | None = None, **state: Any) -> None:
         self.state = GceState(**state)
         self.lock = threading.RLock()
         self._op_ids = itertools.count(1)
@@ -93,7 +93,7 @@ class GceEmulator:
         self.add_subnetwork(self.subnet_path, s.subnet_cidr)
         self.instance_path = f"projects/{s.project}/zones/{s.zone}/instances/{s.instance}"
         self.add_instance(self.instance_path, self.subnet_path)
-        self.server = EmulatorServer(self.handle)
+        self.server = EmulatorServer(self.handle, netns=netns)
 
     # ------------------------------------------------------------------ set-up and views
 

@@ -24,7 +24,6 @@ import itertools
 import json
 import re
 import secrets
-import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from cocoon_net.platform.volc_sign import Credentials, sign
+from tests.emulators import in_netns
 
 _STATUS = {
     "AccountFlowLimitExceeded": 429,
@@ -192,27 +192,6 @@ class VolcEmulator:
     def start(self, netns: str | None = None) -> str:
         """Serve on 127.0.0.1:0, inside network namespace netns when given (the socket is
         made by a thread that joined it, and stays there)."""
-        sock_box: list[socket.socket] = []
-        errors: list[BaseException] = []
-
-        def bind() -> None:
-            try:
-                if netns:
-                    from cocoon_net import netns as netns_mod
-
-                    netns_mod.enter(netns)
-                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.bind(("127.0.0.1", 0))
-                sock_box.append(sock)
-            except BaseException as exc:
-                errors.append(exc)
-
-        binder = threading.Thread(target=bind)
-        binder.start()
-        binder.join()
-        if errors:
-            raise errors[0]
         emulator = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -222,11 +201,7 @@ class VolcEmulator:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler, bind_and_activate=False)
-        server.socket.close()
-        server.socket = sock_box[0]
-        server.server_address = server.socket.getsockname()
-        server.server_activate()
+        server = in_netns(netns, lambda: ThreadingHTTPServer(("127.0.0.1", 0), Handler))
         server.daemon_threads = True
         self._server = server
         threading.Thread(
