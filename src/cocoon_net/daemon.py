@@ -211,11 +211,11 @@ class Daemon:
             self.notify.stopping()
             asyncio.get_running_loop().remove_reader(events.fileno())
             events.close()
-            self.server.close_sockets()
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await self.server.drain()
+            self.server.close_sockets()
             control_server.close()
             if metrics_server is not None:
                 metrics_server.stop()

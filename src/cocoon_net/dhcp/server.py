@@ -138,7 +138,15 @@ class DhcpServer:
         self._packet_sock = self._udp_sock = None
 
     async def drain(self) -> None:
-        """Wait for every request in flight (commit, route, reply) to finish."""
+        """Stop reading requests and wait for those in flight (commit, route, reply) to finish.
+
+        The sockets stay open until close_sockets(): a request already made durable still
+        gets its route and its ACK during a graceful stop.
+        """
+        if self._loop is not None:
+            for sock in (self._packet_sock, self._udp_sock):
+                if sock is not None:
+                    self._loop.remove_reader(sock.fileno())
         while self.state.tasks:
             await asyncio.gather(*list(self.state.tasks), return_exceptions=True)
 
