@@ -171,9 +171,14 @@ class Bed:
     def ip_node(self, *argv: str) -> str:
         return self._sandbox.run(self.node, ["ip", *argv]).stdout
 
+    def flush_neighbours(self) -> None:
+        """Empty the node's ARP table on the bridge, so that every step starts with the room
+        dnsmasq's per-client ARP injection needs (#8): its limit is then per step, not per run."""
+        self.ip_node("neigh", "flush", "dev", BRIDGE)
+
     def forget_clients(self) -> None:
         """Between servers: no neighbour entries or /32 routes left from the previous one."""
-        self.ip_node("neigh", "flush", "dev", BRIDGE)
+        self.flush_neighbours()
         self.ip_node("route", "flush", "proto", str(config.ROUTE_PROTO), "dev", BRIDGE)
 
     def socket_drops(self, pid: int) -> int:

@@ -1,10 +1,12 @@
 """Figures beyond the ladder, each beside a baseline taken in the same run.
 
-- Start to ready with N leases on disk (254: a full /24 node; 60,000: a /16): every server is
+- Start to ready with N leases on disk (253: a full /24 node; 60,000: a /16): every server is
   given the same leases in its own file format and timed from exec to its own "ready" signal
-  and to the first OFFER a probe DISCOVER gets back; cocoon-net also reports how many /32
-  routes it had installed when it said ready. Kea and dnsmasq install no routes.
-- `cocoon-net status` wall time next to `ip route show` and a bare interpreter as floors.
+  and to the first OFFER a probe DISCOVER from one of the leased clients gets back (the pool
+  of a full /24 has no address for a new one); cocoon-net also reports how many /32 routes it
+  had installed when it said ready. Kea and dnsmasq install no routes.
+- `cocoon-net status` wall time while the daemon runs with those leases, next to `ip route
+  show` at the same moment (it lists the same routes) and a bare interpreter start as floors.
 - Resident memory right after start with those leases loaded (idle RSS).
 """
 
@@ -16,18 +18,20 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address
+from pathlib import Path
 
 from bench.bed import Bed
 from bench.ladder import REPO, loadgen_argv
 from bench.procstat import memory_kib
 from bench.report import mb, ms, table
-from bench.servers import LEASE_SECONDS, ServerFailed, ServerUnderTest
+from bench.servers import LEASE_SECONDS, SERVERS, ServerFailed, ServerUnderTest
 from cocoon_net.dhcp.model import Lease
 
 OURS = "cocoon-net"
+START_TIMEOUT = 60.0  # dnsmasq needs ~25 s to offer with 60,000 leases on this machine
 
 
 @dataclass(frozen=True)
@@ -36,10 +40,11 @@ class Startup:
     leases: int
     status: str  # "ok", "skipped: ...", "failed: ..."
     ready_ms: float | None = None  # exec to the server's own readiness signal
-    first_offer_ms: float | None = None  # exec to the first OFFER a probe received
+    first_offer_ms: float | None = None  # exec to the first OFFER to a leased client
     routes: int | None = None  # cocoon-net's /32 routes when it said ready
     rss_kib: int | None = None  # resident right after ready
     status_ms: float | None = None  # median `cocoon-net status` wall time while it runs
+    route_show_ms: float | None = None  # median `ip route show` at the same moment (floor)
 
 
 @dataclass(frozen=True)
@@ -83,12 +88,9 @@ def status_argv(bed: Bed) -> list[str]:
     ]
 
 
-def floors(bed: Bed, repeat: int) -> list[Timing]:
-    """What any command costs here: an interpreter start, and one `ip` call in the node."""
-    return [
-        time_command([sys.executable, "-c", "pass"], repeat),
-        time_command(["ip", "-n", bed.node, "route", "show"], repeat),
-    ]
+def interpreter_floor(repeat: int) -> Timing:
+    """What starting any Python command costs on this machine."""
+    return time_command([sys.executable, "-c", "pass"], repeat)
 
 
 def measure_startup(
@@ -101,7 +103,7 @@ def measure_startup(
     bed.forget_clients()
     server.write_leases(leases)
     probe = bed.in_loadgen(
-        loadgen_argv(bed, "--probe", "--timeout", str(timeout)),
+        loadgen_argv(bed, "--probe", "--mac", leases[0].mac, "--timeout", str(timeout)),
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -117,7 +119,11 @@ def measure_startup(
         rss = memory_kib(server.pid)[0]
         out, _ = probe.communicate(timeout=timeout + 10)
         stamp = json.loads(out.splitlines()[-1])["first_offer_ns"]
-        status_ms = time_command(status_argv(bed), repeat).median_ms if name == OURS else None
+        status_ms = route_show_ms = None
+        if name == OURS:
+            status_ms = time_command(status_argv(bed), repeat).median_ms
+            route_show = ["ip", "-n", bed.node, "route", "show"]
+            route_show_ms = time_command(route_show, repeat).median_ms
         return Startup(
             name,
             count,
@@ -127,6 +133,7 @@ def measure_startup(
             routes=routes,
             rss_kib=rss,
             status_ms=status_ms,
+            route_show_ms=route_show_ms,
         )
     except ServerFailed as exc:
         return Startup(name, count, f"failed: {exc}")
@@ -135,6 +142,28 @@ def measure_startup(
         if probe.poll() is None:
             probe.kill()
             probe.wait()
+
+
+def run_startups(
+    bed: Bed,
+    names: Sequence[str],
+    count: int,
+    workdir: Path,
+    repeat: int,
+    log: Callable[[str], None],
+) -> list[Startup]:
+    """Every server in turn, started on the same `count` leases."""
+    leases = make_leases(bed.pool, count)
+    out = []
+    for name in names:
+        server = SERVERS[name](bed.site(relay=False), workdir / f"{name}-start-{count}")
+        result = measure_startup(bed, server, leases, START_TIMEOUT, repeat)
+        log(
+            f"{name} start with {count} leases: {result.status}, ready "
+            f"{ms(result.ready_ms)} ms, first OFFER {ms(result.first_offer_ms)} ms"
+        )
+        out.append(result)
+    return out
 
 
 def startup_lines(results: Sequence[Startup], timings: Sequence[Timing]) -> list[str]:
@@ -147,11 +176,21 @@ def startup_lines(results: Sequence[Startup], timings: Sequence[Timing]) -> list
             "-" if r.routes is None else str(r.routes),
             mb(r.rss_kib),
             ms(r.status_ms),
+            ms(r.route_show_ms),
             "" if r.status == "ok" else r.status[:70],
         ]
         for r in results
     ]
-    header = ["server", "leases", "ready ms", "1st OFFER ms", "routes", "RSS MB", "status ms"]
+    header = [
+        "server",
+        "leases",
+        "ready ms",
+        "1st OFFER ms",
+        "routes",
+        "RSS MB",
+        "status ms",
+        "ip route ms",
+    ]
     return [
         *table([*header, "note"], rows),
         *(

@@ -132,6 +132,7 @@ def run_ladder(bed: Bed, server: ServerUnderTest, cfg: LadderConfig, log: Any = 
         result.idle_rss_kib = memory_kib(server.pid)[0]
         for rate in cfg.rates:
             clients = max(cfg.min_clients, round(rate * cfg.seconds))
+            bed.flush_neighbours()
             step = run_step(bed, server, rate, clients, cfg.grace)
             result.steps.append(step)
             log(_progress(server.name, step))

@@ -192,18 +192,13 @@ def _frame(mac: bytes, msg: DhcpMessage) -> bytes:
     )
 
 
-def discover_frame(mac: bytes, xid: int) -> bytes:
-    msg = DhcpMessage(
-        op=Op.BOOTREQUEST,
-        xid=xid,
-        chaddr=mac,
-        options={
-            Opt.MESSAGE_TYPE: bytes([MessageType.DISCOVER]),
-            Opt.CLIENT_ID: b"\x01" + mac,
-            Opt.PARAM_REQUEST_LIST: PARAM_REQUEST_LIST,
-        },
-    )
-    return _frame(mac, msg)
+def discover_frame(mac: bytes, xid: int, *, client_id: bool = True) -> bytes:
+    """A DISCOVER; without option 61 every server identifies the client by chaddr alone."""
+    options: dict[int, bytes] = {Opt.MESSAGE_TYPE: bytes([MessageType.DISCOVER])}
+    if client_id:
+        options[Opt.CLIENT_ID] = b"\x01" + mac
+    options[Opt.PARAM_REQUEST_LIST] = PARAM_REQUEST_LIST
+    return _frame(mac, DhcpMessage(op=Op.BOOTREQUEST, xid=xid, chaddr=mac, options=options))
 
 
 def request_frame(mac: bytes, xid: int, offered: IPv4Address, server_id: bytes) -> bytes:
@@ -336,18 +331,18 @@ def run_step(
     )
 
 
-def probe(port: PacketPort, timeout: float, interval: float = 0.01) -> int | None:
-    """DISCOVER from a fresh MAC every `interval` until an OFFER comes back; return the wall
-    time (ns) the first OFFER arrived, or None after `timeout` seconds. Prints "armed" first,
-    so the caller can start the server only once the probe is already asking."""
+def probe(port: PacketPort, mac: bytes, timeout: float, interval: float = 0.01) -> int | None:
+    """DISCOVER from `mac` every `interval` until an OFFER comes back; return the wall time
+    (ns) the first OFFER arrived, or None after `timeout` seconds. Prints "armed" first, so the
+    caller can start the server only once the probe is already asking. The client is one the
+    server has a lease for: a VM coming back after the restart, on a pool that may be full."""
     print("armed", flush=True)
     deadline = time.monotonic() + timeout
     pending: dict[int, bytes] = {}
     while time.monotonic() < deadline:
-        mac = client_macs(1)[0]
         xid = secrets.randbits(32)
         pending[xid] = mac
-        port.send(discover_frame(mac, xid))
+        port.send(discover_frame(mac, xid, client_id=False))
         wake = time.monotonic() + interval
         while (now := time.monotonic()) < wake:
             port.wait(wake - now)
@@ -374,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grace", type=float, default=2.0, help="seconds to wait for stragglers")
     parser.add_argument("--cpu", type=int, default=-1, help="pin to this CPU (-1: do not pin)")
     parser.add_argument("--probe", action="store_true", help="wait for the first OFFER instead")
+    parser.add_argument("--mac", default="", help="the probing client's MAC")
     parser.add_argument("--timeout", type=float, default=10.0, help="probe timeout in seconds")
     args = parser.parse_args(argv)
     if args.cpu >= 0:
@@ -381,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     port = PacketPort(args.ifname)
     try:
         if args.probe:
-            stamp = probe(port, args.timeout)
+            stamp = probe(port, bytes.fromhex(args.mac.replace(":", "")), args.timeout)
             out: dict[str, object] = {"first_offer_ns": stamp}
         else:
             # "go" and "done" bracket the load, so the caller measures the server over it.

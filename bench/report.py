@@ -8,7 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from bench.ladder import ServerRun
+from bench.ladder import LOSSLESS_DROPS_PCT, ServerRun, Step
 
 OURS = "cocoon-net"
 COLUMNS = (
@@ -86,12 +86,13 @@ def summary_table(runs: Sequence[ServerRun]) -> list[str]:
     return table(header, rows)
 
 
-def _p99_at(run: ServerRun, rate: float) -> float | None:
-    for step in run.steps:
-        if step.loadgen["target_rate"] == rate and step.drops_pct <= 1.0:
-            lg = step.loadgen
-            return float(max(lg["offer_latency"]["p99_ms"], lg["ack_latency"]["p99_ms"]))
-    return None
+def _lossless_steps(run: ServerRun) -> dict[float, Step]:
+    return {s.loadgen["target_rate"]: s for s in run.steps if s.drops_pct <= LOSSLESS_DROPS_PCT}
+
+
+def _worst_p99(step: Step) -> float:
+    lg = step.loadgen
+    return float(max(lg["offer_latency"]["p99_ms"], lg["ack_latency"]["p99_ms"]))
 
 
 def _ratio(ours: float | None, theirs: float | None) -> str:
@@ -100,20 +101,28 @@ def _ratio(ours: float | None, theirs: float | None) -> str:
     return f"{ours / theirs:.2f}x"
 
 
-def ratio_lines(runs: Sequence[ServerRun], p99_rate: float = 500) -> list[str]:
-    """cocoon-net over each peer: lossless rate (higher is better), worst p99 at `p99_rate`
-    and peak RSS (lower is better)."""
+def ratio_lines(runs: Sequence[ServerRun]) -> list[str]:
+    """cocoon-net over each peer: lossless rate (higher is better); worst p99 at the highest
+    rate both served losslessly, and peak RSS (lower is better)."""
     ours = next((r for r in runs if r.name == OURS and r.steps), None)
     if ours is None:
         return [f"ratios: no {OURS} figures in this run"]
+    our_steps = _lossless_steps(ours)
     lines = []
     for peer in runs:
         if peer is ours or not peer.steps:
             continue
+        peer_steps = _lossless_steps(peer)
+        common = max(our_steps.keys() & peer_steps.keys(), default=None)
+        p99 = (
+            "no rate both served losslessly"
+            if common is None
+            else f"worst p99 at {common:g}/s "
+            f"{_ratio(_worst_p99(our_steps[common]), _worst_p99(peer_steps[common]))}"
+        )
         lines.append(
             f"{OURS} / {peer.name}: lossless rate "
-            f"{_ratio(ours.lossless_rate, peer.lossless_rate)}, worst p99 at {p99_rate:g}/s "
-            f"{_ratio(_p99_at(ours, p99_rate), _p99_at(peer, p99_rate))}, peak RSS "
+            f"{_ratio(ours.lossless_rate, peer.lossless_rate)}, {p99}, peak RSS "
             f"{_ratio(ours.peak_rss_kib, peer.peak_rss_kib)}"
         )
     return lines

@@ -41,9 +41,14 @@ def run_bench(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> 
     return proc.stdout
 
 
-def made_namespaces(output: str) -> list[str]:
-    line = next(line for line in output.splitlines() if line.startswith("bench: namespaces "))
-    names = line.removeprefix("bench: namespaces ").split()
+def made_namespaces(output: str) -> set[str]:
+    prefix = "bench: namespaces "
+    names = {
+        name
+        for line in output.splitlines()
+        if line.startswith(prefix)
+        for name in line.removeprefix(prefix).split()
+    }
     assert names
     return names
 
@@ -62,7 +67,7 @@ def results(tmp_path: Path) -> dict[str, dict[str, object]]:
 
 def test_smoke_runs_every_server_and_cleans_up(tmp_path: Path) -> None:
     output = run_bench(tmp_path, "--servers", "kea,dnsmasq,cocoon-net")
-    assert not set(made_namespaces(output)) & existing_namespaces()
+    assert not made_namespaces(output) & existing_namespaces()
     servers = results(tmp_path)
     assert set(servers) == {"kea", "dnsmasq", "cocoon-net"}
     for name, binary in PEERS.items():
@@ -102,7 +107,7 @@ def test_missing_peer_is_skipped_with_a_clear_line(tmp_path: Path) -> None:
     )
     assert "kea: skipped (kea-dhcp4 not installed)" in output
     assert "dnsmasq: skipped (dnsmasq not installed)" in output
-    assert not set(made_namespaces(output)) & existing_namespaces()
+    assert not made_namespaces(output) & existing_namespaces()
     servers = results(results_dir)
     assert servers["kea"]["status"] == "skipped: kea-dhcp4 not installed"
     assert servers["kea"]["steps"] == []
