@@ -58,7 +58,6 @@ kernel routes and hands out nothing it cannot prove free.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import enum
 import errno
@@ -74,6 +73,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from ipaddress import IPv4Address
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cocoon_net.dhcp.leasefile import (
     LeaseState,
@@ -92,6 +92,9 @@ from cocoon_net.dhcp.model import Lease
 from cocoon_net.errors import CocoonError, StateError
 from cocoon_net.fsutil import atomic_write, fsync_dir, remove_stale_temps
 from cocoon_net.lock import StateLock
+
+if TYPE_CHECKING:  # the daemon's loop; `status` reads leases without importing asyncio
+    import asyncio
 
 log = logging.getLogger(__name__)
 
@@ -393,6 +396,8 @@ class LeaseStore:
             check_record(record)
         if not batch:
             return
+        import asyncio
+
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         with self._cond:
