@@ -59,33 +59,38 @@ def _add_globals(p: argparse.ArgumentParser, *, suppress: bool) -> None:
     )
 
 
-def _add_state_dir(p: argparse.ArgumentParser) -> None:
+def _add_dir(p: argparse.ArgumentParser, flag: str, env: str, default: Path, what: str) -> None:
     p.add_argument(
-        "--state-dir",
+        flag,
         type=Path,
-        default=config.env_path(os.environ, config.ENV_STATE_DIR, config.DEFAULT_STATE_DIR),
-        help=f"directory of pool.json (env {config.ENV_STATE_DIR}; default "
-        f"{config.DEFAULT_STATE_DIR})",
+        default=config.env_path(os.environ, env, default),
+        help=f"{what} (env {env}; default {default})",
+    )
+
+
+def _add_state_dir(p: argparse.ArgumentParser) -> None:
+    _add_dir(
+        p, "--state-dir", config.ENV_STATE_DIR, config.DEFAULT_STATE_DIR, "directory of pool.json"
     )
 
 
 def _add_run_dir(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
+    _add_dir(
+        p,
         "--run-dir",
-        type=Path,
-        default=config.env_path(os.environ, config.ENV_RUN_DIR, config.DEFAULT_RUN_DIR),
-        help=f"directory of the lock and control socket (env {config.ENV_RUN_DIR}; default "
-        f"{config.DEFAULT_RUN_DIR})",
+        config.ENV_RUN_DIR,
+        config.DEFAULT_RUN_DIR,
+        "directory of the lock and control socket",
     )
 
 
 def _add_cni_dir(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
+    _add_dir(
+        p,
         "--cni-conf-dir",
-        type=Path,
-        default=config.env_path(os.environ, config.ENV_CNI_CONF_DIR, config.DEFAULT_CNI_CONF_DIR),
-        help=f"where {config.CONFLIST_NAME} is written (env {config.ENV_CNI_CONF_DIR}; default "
-        f"{config.DEFAULT_CNI_CONF_DIR})",
+        config.ENV_CNI_CONF_DIR,
+        config.DEFAULT_CNI_CONF_DIR,
+        f"where {config.CONFLIST_NAME} is written",
     )
 
 
