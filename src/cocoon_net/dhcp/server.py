@@ -176,7 +176,11 @@ class DhcpServer:
                     self.close_sockets()
                     return
                 raise
-            self.handle_frame(data)
+            try:
+                self.handle_frame(data)
+            except Exception:  # a bug must cost one packet, never the server
+                self.counters.drop("internal_error")
+                log.exception("internal error handling a packet; dropped it")
 
     # ------------------------------------------------------------------ requests
 
