@@ -1,4 +1,4 @@
-"""Restarts and lost lease files: the daemon never puts one address on two VMs.
+"""Restarts, lost lease files, reloads and a lost bridge: no VM loses or shares an address.
 
 - 50 udhcpc clients churn (start, renew, release, stop, from threads) while the daemon is
   stopped with SIGTERM and with SIGKILL and started again. Afterwards every VM holds the one
@@ -7,6 +7,10 @@
 - The lease files are deleted while VMs hold leases: the daemon recovers the addresses from its
   own /32 routes, a new VM gets a free address, the old VMs keep theirs (RENEWING for udhcpc,
   INIT-REBOOT for dhclient, RFC 2131 §4.3.2).
+- SIGHUP with a shrunk pool.json ends the leases outside the new pool and their routes; their
+  VM is NAKed and starts over inside the pool.
+- The bridge is deleted under the running daemon: it recreates cni0, binds to the new one and
+  restores every lease's route.
 """
 
 from __future__ import annotations
@@ -23,9 +27,10 @@ from pathlib import Path
 
 import pytest
 
+from cocoon_net import proc, state
 from cocoon_net.errors import HostSetupError
 from cocoon_net.sandbox import Dhclient, DhcpClient, Sandbox, Udhcpc
-from tests.support.daemon import NodeDaemon, node_with_daemon
+from tests.support.daemon import NodeDaemon, node_with_daemon, wait_for
 from tests.support.netns import is_root
 
 pytestmark = [
@@ -37,6 +42,7 @@ pytestmark = [
 CHURN_VMS = 50
 CHURN_PHASE_S = 3.0  # churn before and between the restarts
 INCOMPLETE = "lease state may be incomplete"
+SHRUNK = 100
 
 
 class Churn:
@@ -191,3 +197,57 @@ def test_lost_lease_file_never_gives_an_address_twice(
         leases = {mac: row.ip for mac, row in daemon.leases().items()}
         assert leases == {**held, sandbox.vms[2].mac: fresh}
         assert daemon.routes_equal_leases() == set(leases.values())
+
+
+def test_sighup_with_a_shrunk_pool_ends_the_leases_outside_it(tmp_path: Path) -> None:
+    with node_with_daemon(3, tmp_path) as (sandbox, daemon):
+        clients = [Udhcpc(sandbox, vm) for vm in sandbox.vms]
+        held = {c.vm.mac: c.start() for c in clients}
+        outside = clients[1]
+        pool = state.load(daemon.paths.pool_file)
+        pool.ips = [ip for ip in pool.ips if ip != str(held[outside.vm.mac])][:SHRUNK]
+        state.save(daemon.paths.pool_file, pool)
+
+        daemon.signal(signal.SIGHUP)
+        wait_for(lambda: daemon.pool_counts()["size"] == SHRUNK or None, "the reload")
+        kept = {mac: ip for mac, ip in held.items() if mac != outside.vm.mac}
+        wait_for(
+            lambda: {m: r.ip for m, r in daemon.leases().items()} == kept or None,
+            "the lease outside the new pool to end",
+        )
+        assert daemon.routes_equal_leases() == set(kept.values())
+
+        # Its VM is refused on renewal (NAK) and starts over inside the new pool.
+        moved = outside.renew()
+        assert str(moved) in pool.ips
+        assert moved not in held.values()
+        assert {c.renew() for c in clients} == {*kept.values(), moved}
+        assert daemon.routes_equal_leases() == {*kept.values(), moved}
+
+
+def test_recreated_bridge_is_rebound_and_its_routes_restored(tmp_path: Path) -> None:
+    with node_with_daemon(2, tmp_path) as (sandbox, daemon):
+        clients = [Udhcpc(sandbox, vm) for vm in sandbox.vms]
+        held = {c.vm.mac: c.start() for c in clients}
+        index = ifindex(sandbox.node, "cni0")
+
+        # Deleting the bridge takes its routes with it; the daemon notices (netlink), sets the
+        # bridge up again, binds to the new one and puts every lease's route back.
+        sandbox.run(sandbox.node, ["ip", "link", "del", "cni0"])
+        wait_for(
+            lambda: (ifindex(sandbox.node, "cni0") not in (None, index)) or None,
+            "cni0 to be recreated",
+        )
+        wait_for(lambda: daemon.routes() == set(held.values()) or None, "the routes to come back")
+        sandbox.attach_vms("cni0")  # the CNI plugin's part: VM ports onto the new bridge
+
+        assert {c.vm.mac: c.renew() for c in clients} == held
+        for client in clients:
+            assert sandbox.source_seen_by_peer(client.vm.netns) == held[client.vm.mac]
+        assert daemon.routes_equal_leases() == set(held.values())
+        assert not daemon.errors()
+
+
+def ifindex(netns: str, name: str) -> int | None:
+    links = proc.run_json(["ip", "-n", netns, "-json", "link", "show"])
+    return next((int(link["ifindex"]) for link in links if link["ifname"] == name), None)
