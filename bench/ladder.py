@@ -42,6 +42,9 @@ class Step:
     server_rss_kib: int
     server_hwm_kib: int
     server_socket_drops: int  # requests the server's sockets overflowed on
+    # CPU used by everything but the server and the load generator: kernel packet work, and
+    # other processes on a shared machine. High values make a step's figures suspect.
+    other_cpu_pct: float
 
     @property
     def drops_pct(self) -> float:
@@ -101,9 +104,11 @@ def run_step(bed: Bed, server: ServerUnderTest, rate: float, clients: int, grace
     )
     try:
         _expect(proc, "go", "start")
-        window = CpuWindow.begin(server.pid, time.monotonic())
+        go = time.monotonic()
+        window = CpuWindow.begin(server.pid, go)
         _expect(proc, "done", "load")
-        cpu = window.percent(time.monotonic())
+        done = time.monotonic()
+        cpu, machine = window.percent(done)
         rss, hwm = memory_kib(server.pid)
         socket_drops = bed.socket_drops(server.pid) - drops_before
         out, err = proc.communicate(timeout=30)
@@ -113,7 +118,9 @@ def run_step(bed: Bed, server: ServerUnderTest, rate: float, clients: int, grace
             proc.wait()
     if proc.returncode != 0:
         raise RuntimeError(f"load generator failed: {err.strip()}")
-    return Step(json.loads(out), cpu, rss, hwm, socket_drops)
+    loadgen = json.loads(out)
+    other = machine - cpu - 100.0 * loadgen["loadgen_cpu_seconds"] / max(done - go, 1e-9)
+    return Step(loadgen, cpu, rss, hwm, socket_drops, max(0.0, other))
 
 
 def run_ladder(bed: Bed, server: ServerUnderTest, cfg: LadderConfig, log: Any = print) -> ServerRun:
@@ -151,7 +158,8 @@ def _progress(name: str, step: Step) -> str:
     return (
         f"{name}: {lg['target_rate']:g}/s x {lg['clients']}: {lg['achieved_rate']:.0f} DORA/s, "
         f"{lg['drops_pct']:.1f} % drops, p99 {lg['offer_latency']['p99_ms']:.2f}/"
-        f"{lg['ack_latency']['p99_ms']:.2f} ms, cpu {step.server_cpu_pct:.0f} %, socket drops "
+        f"{lg['ack_latency']['p99_ms']:.2f} ms, cpu {step.server_cpu_pct:.0f} % "
+        f"(other {step.other_cpu_pct:.0f} %), socket drops "
         f"server {step.server_socket_drops} loadgen {lg['loadgen_socket_drops']}"
     )
 

@@ -28,6 +28,14 @@ def memory_kib(pid: int) -> tuple[int, int]:
     return values.get("VmRSS", 0), values.get("VmHWM", 0)
 
 
+def machine_busy_seconds() -> float:
+    """CPU time all CPUs spent on anything but idle and iowait since boot (/proc/stat "cpu")."""
+    with open("/proc/stat") as stat:
+        fields = [int(v) for v in stat.readline().split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / _TICKS
+
+
 @dataclass(frozen=True)
 class CpuWindow:
     """CPU a process used over a stretch of wall time, as % of one CPU."""
@@ -35,11 +43,17 @@ class CpuWindow:
     pid: int
     wall_start: float
     cpu_start: float
+    machine_start: float
 
     @classmethod
     def begin(cls, pid: int, now: float) -> CpuWindow:
-        return cls(pid, now, cpu_seconds(pid))
+        return cls(pid, now, cpu_seconds(pid), machine_busy_seconds())
 
-    def percent(self, now: float) -> float:
+    def percent(self, now: float) -> tuple[float, float]:
+        """(the process's CPU, the whole machine's busy CPU), as % of one CPU."""
         wall = now - self.wall_start
-        return 100.0 * (cpu_seconds(self.pid) - self.cpu_start) / wall if wall > 0 else 0.0
+        if wall <= 0:
+            return 0.0, 0.0
+        own = cpu_seconds(self.pid) - self.cpu_start
+        machine = machine_busy_seconds() - self.machine_start
+        return 100.0 * own / wall, 100.0 * machine / wall

@@ -24,6 +24,7 @@ COLUMNS = (
     ("NAKs", "{}"),
     ("cpu %", "{:.0f}"),
     ("RSS MB", "{:.1f}"),
+    ("other %", "{:.0f}"),
 )
 
 
@@ -63,6 +64,7 @@ def ladder_table(runs: Sequence[ServerRun]) -> list[str]:
                 lg["naks"],
                 step.server_cpu_pct,
                 step.server_hwm_kib / 1024,
+                step.other_cpu_pct,
             )
             rows.append([fmt.format(v) for (_, fmt), v in zip(COLUMNS, values, strict=True)])
         if not run.steps:

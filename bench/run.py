@@ -97,6 +97,8 @@ def machine() -> dict[str, Any]:
         "cpu_model": model,
         "kernel": platform.release(),
         "python": platform.python_version(),
+        # Other work on the machine during the run makes every figure slower; look here first.
+        "loadavg": Path("/proc/loadavg").read_text().split()[:3],
     }
 
 
@@ -178,6 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # SIGTERM unwinds like Ctrl-C, through every cleanup below.
     signal.signal(signal.SIGTERM, _raise_interrupt)
     stamp = time.strftime("%Y%m%dT%H%M%S")
+    machine_at_start = machine()
     subnet = IPv4Network(args.subnet)
     pool_size = min(subnet.num_addresses - 3 - 256, 65000)
     if clients_per_server(cfg) > pool_size:
@@ -227,12 +230,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         lines += ["", "start to ready, idle RSS, status", *figures.startup_lines(startups, timings)]
     if relay_steps:
         lines += ["", "relay path (perfdhcp)", *relay_lines(relay_steps)]
+    lines += ["", f"load average at start {' '.join(machine_at_start['loadavg'])}"]
     log("\n".join(lines))
     document = report.to_json(
         runs,
         {
             "stamp": stamp,
-            "machine": machine(),
+            "machine": machine_at_start,
+            "loadavg_at_end": machine()["loadavg"],
             "versions": versions(),
             "neighbour_limit": neigh,
             "ladder": asdict(cfg),
