@@ -168,8 +168,12 @@ class Bed:
         finally:
             self._sandbox.close()
 
+    def node_exec(self, *argv: str) -> str:
+        """Run a command in the node namespace; return what it printed."""
+        return self._sandbox.run(self.node, list(argv)).stdout
+
     def ip_node(self, *argv: str) -> str:
-        return self._sandbox.run(self.node, ["ip", *argv]).stdout
+        return self.node_exec("ip", *argv)
 
     def flush_neighbours(self) -> None:
         """Empty the node's ARP table on the bridge, so that every step starts with the room
@@ -184,7 +188,7 @@ class Bed:
     def socket_drops(self, pid: int) -> int:
         """Datagrams the kernel dropped on pid's packet and UDP sockets in the node because
         their receive queue was full (`ss` skmem d<N>): load the server did not read in time."""
-        out = self.ip_node_exec("ss", "-0", "-u", "-a", "-m", "-p", "-n", "-H")
+        out = self.node_exec("ss", "-0", "-u", "-a", "-m", "-p", "-n", "-H")
         # ss wraps a socket's skmem onto the next, indented line; rejoin them.
         entries = re.split(r"\n(?=\S)", out)
         owner = f"pid={pid},"
@@ -195,9 +199,6 @@ class Bed:
             for m in re.finditer(r"skmem:\([^)]*?,d(\d+)\)", entry)
         )
 
-    def ip_node_exec(self, *argv: str) -> str:
-        return self._sandbox.run(self.node, list(argv)).stdout
-
     def route_count(self) -> int:
         out = self.ip_node("route", "show", "proto", str(config.ROUTE_PROTO), "dev", BRIDGE)
         return len(out.splitlines())
@@ -205,9 +206,6 @@ class Bed:
     def in_loadgen(self, argv: Sequence[str], **kwargs: object) -> subprocess.Popen[str]:
         """Start a process in the load namespace; it is killed on close at the latest."""
         return self._sandbox.popen(self.loadgen_ns, list(argv), text=True, **kwargs)
-
-    def run_in(self, netns: str, argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
-        return self._sandbox.run(netns, list(argv))
 
     def add_relay_address(self) -> IPv4Address:
         """Give the load namespace the relay address, for perfdhcp (#1)."""

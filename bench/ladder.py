@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -123,7 +124,9 @@ def run_step(bed: Bed, server: ServerUnderTest, rate: float, clients: int, grace
     return Step(loadgen, cpu, rss, hwm, socket_drops, max(0.0, other))
 
 
-def run_ladder(bed: Bed, server: ServerUnderTest, cfg: LadderConfig, log: Any = print) -> ServerRun:
+def run_ladder(
+    bed: Bed, server: ServerUnderTest, cfg: LadderConfig, log: Callable[[str], None] = print
+) -> ServerRun:
     """Start the server on a clean bridge, climb the rates, stop it. Never raises for a
     server's own failure: the run records it and the bench goes on with the next server."""
     result = ServerRun(server.name)

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from ipaddress import IPv4Network
 from pathlib import Path
@@ -73,7 +73,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def ensure_packages(binaries: Sequence[str], log: Any) -> None:
+def ensure_packages(binaries: Sequence[str], log: Callable[[str], None]) -> None:
     """apt-get install the peers that are missing; a failure only means they get skipped."""
     missing = sorted({PACKAGES[b] for b in binaries if shutil.which(b) is None})
     if not missing or shutil.which("apt-get") is None:
@@ -113,7 +113,9 @@ def versions() -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def open_bed(subnet: IPv4Network, pool_size: int, workdir: Path, log: Any) -> Iterator[Bed]:
+def open_bed(
+    subnet: IPv4Network, pool_size: int, workdir: Path, log: Callable[[str], None]
+) -> Iterator[Bed]:
     workdir.mkdir(parents=True)
     with Bed(subnet, pool_size, workdir) as bed:
         log(f"bench: namespaces {' '.join(bed.namespaces)}")
@@ -126,7 +128,7 @@ def open_bed(subnet: IPv4Network, pool_size: int, workdir: Path, log: Any) -> It
 
 
 def run_relay(
-    bed: Bed, names: Sequence[str], cfg: LadderConfig, tmp: Path, log: Any
+    bed: Bed, names: Sequence[str], cfg: LadderConfig, tmp: Path, log: Callable[[str], None]
 ) -> list[RelayStep]:
     """perfdhcp through the ladder for each server, after everything on the direct path (the
     relay address it needs stays on the load interface)."""

@@ -113,9 +113,15 @@ class ServerUnderTest(abc.ABC):
                 return time.monotonic() - self.started_at
         raise ServerFailed(f"{self.name} not ready within {timeout:g} s ({self.last_log_line()})")
 
-    @abc.abstractmethod
+    # A line the server logs once it serves; None where _is_ready is overridden.
+    ready_marker: str | None = None
+
     def _is_ready(self, wait: float) -> bool:
         """Poll readiness once, waiting at most `wait` seconds."""
+        if self.ready_marker is not None and self._log_contains(self.ready_marker):
+            return True
+        time.sleep(wait)
+        return False
 
     def _check_alive(self) -> None:
         if self._proc is not None and self._proc.poll() is not None:
@@ -157,6 +163,7 @@ class Kea(ServerUnderTest):
 
     name = "kea"
     binary = "kea-dhcp4"
+    ready_marker = "DHCP4_STARTED"
 
     @property
     def lease_file(self) -> Path:
@@ -212,12 +219,6 @@ class Kea(ServerUnderTest):
     def argv(self) -> list[str]:
         return self._netns_exec(self.binary, "-c", str(self.workdir / "kea-dhcp4.json"))
 
-    def _is_ready(self, wait: float) -> bool:
-        if self._log_contains("DHCP4_STARTED"):
-            return True
-        time.sleep(wait)
-        return False
-
     def write_leases(self, leases: Sequence[Lease]) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         header = (
@@ -236,6 +237,7 @@ class Dnsmasq(ServerUnderTest):
 
     name = "dnsmasq"
     binary = "dnsmasq"
+    ready_marker = "DHCP, IP range"  # logged once the DHCP socket is open
     ping_check = False
 
     @property
@@ -268,13 +270,6 @@ class Dnsmasq(ServerUnderTest):
         if not self.ping_check:
             argv.append("--no-ping")
         return self._netns_exec(*argv)
-
-    def _is_ready(self, wait: float) -> bool:
-        # Logged once the DHCP socket is open.
-        if self._log_contains("DHCP, IP range"):
-            return True
-        time.sleep(wait)
-        return False
 
     def write_leases(self, leases: Sequence[Lease]) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
