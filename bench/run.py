@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import os
 import platform
+import pstats
 import shutil
 import signal
 import subprocess
@@ -42,7 +44,7 @@ from bench.ladder import (
     run_ladder,
 )
 from bench.relay import RelayStep, relay_lines, run_perfdhcp
-from bench.servers import SERVERS
+from bench.servers import SERVERS, CocoonNet
 
 DEFAULT_SERVERS = ("kea", "dnsmasq", "dnsmasq-ping", "cocoon-net")
 FULL_RATES = (100, 250, 500, 1000, 2000, 4000)
@@ -68,6 +70,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--subnet", default="172.20.0.0/16", help="the pool's subnet (a /16)")
     p.add_argument("--relay", action="store_true", help="also run perfdhcp on the relay path")
     p.add_argument("--no-figures", action="store_true", help="ladder only: skip start-up etc.")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="run cocoon-net's ladder under cProfile; print its hot spots, keep the .prof",
+    )
     p.add_argument("--no-install", action="store_true", help="never apt-get missing peers")
     p.add_argument("--results-dir", type=Path, default=REPO / "bench" / "results")
     return p.parse_args(argv)
@@ -149,6 +156,15 @@ def run_relay(
     return steps
 
 
+def hot_spots(path: Path, count: int = 20) -> list[str]:
+    """The functions that took the most time of their own, as pstats prints them."""
+    out = io.StringIO()
+    pstats.Stats(str(path), stream=out).sort_stats("tottime").print_stats(count)
+    text = out.getvalue().splitlines()
+    start = next((i for i, line in enumerate(text) if line.lstrip().startswith("ncalls")), 0)
+    return [line for line in text[start:] if line.strip()]
+
+
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
@@ -203,6 +219,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 neigh = bed.neigh_limit
                 for name in names:
                     server = SERVERS[name](bed.site(relay=False), work / f"{name}-ladder")
+                    if args.profile and isinstance(server, CocoonNet):
+                        server.profile_to = args.results_dir / f"{stamp}-cocoon-net.prof"
+                        args.results_dir.mkdir(parents=True, exist_ok=True)
                     runs.append(run_ladder(bed, server, cfg, log))
                 if args.relay:
                     relay_steps = run_relay(bed, names, cfg, work, log)
@@ -232,6 +251,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         lines += ["", "start to ready, idle RSS, status", *figures.startup_lines(startups, timings)]
     if relay_steps:
         lines += ["", "relay path (perfdhcp)", *relay_lines(relay_steps)]
+    profile = args.results_dir / f"{stamp}-cocoon-net.prof"
+    if args.profile and profile.exists():
+        lines += ["", f"cocoon-net profile (ladder, main thread): {profile}", *hot_spots(profile)]
     lines += ["", f"load average at start {' '.join(machine_at_start['loadavg'])}"]
     log("\n".join(lines))
     document = report.to_json(

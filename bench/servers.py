@@ -290,10 +290,13 @@ class CocoonNet(ServerUnderTest):
     name = "cocoon-net"
     binary = "cocoon-net"
 
-    def __init__(self, site: Site, workdir: Path) -> None:
+    def __init__(self, site: Site, workdir: Path, *, profile_to: Path | None = None) -> None:
         super().__init__(site, workdir)
         self._notify: socket.socket | None = None
         self._stale_control: int | None = None
+        # cProfile of the main thread (the event loop: receive, decode, decide, reply), written
+        # when the daemon exits on SIGTERM. The store's writer thread is not in it.
+        self.profile_to = profile_to
 
     @property
     def lease_file(self) -> Path:
@@ -313,8 +316,10 @@ class CocoonNet(ServerUnderTest):
 
     def argv(self) -> list[str]:
         paths = self.site.paths
+        profiler = [] if self.profile_to is None else ["-m", "cProfile", "-o", str(self.profile_to)]
         argv = [
             sys.executable,
+            *profiler,
             "-m",
             "cocoon_net",
             "--netns",
