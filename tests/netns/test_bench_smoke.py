@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -111,3 +112,29 @@ def test_missing_peer_is_skipped_with_a_clear_line(tmp_path: Path) -> None:
     servers = results(results_dir)
     assert servers["kea"]["status"] == "skipped: kea-dhcp4 not installed"
     assert servers["kea"]["steps"] == []
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_bench_removes_its_namespaces(tmp_path: Path, signum: int) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench", "--smoke", "--results-dir", str(tmp_path)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        assert first.startswith("bench: namespaces "), first
+        proc.stdout.readline()  # the node line: the bed is built, a server is starting
+        proc.send_signal(signum)
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, rest
+    assert "bench: interrupted; namespaces removed" in rest
+    assert not made_namespaces(first) & existing_namespaces()
+    assert not list(tmp_path.glob("*.json"))
