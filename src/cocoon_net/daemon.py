@@ -319,7 +319,10 @@ class Daemon:
     async def _reconcile_loop(self) -> None:
         while True:
             try:
-                await asyncio.wait_for(self._reconcile_due.wait(), RECONCILE_SECONDS)
+                # Not asyncio.wait_for: on 3.11 it swallows a cancel that arrives just as the
+                # event is set (gh-86296), and then SIGTERM waits forever for this loop.
+                async with asyncio.timeout(RECONCILE_SECONDS):
+                    await self._reconcile_due.wait()
                 await asyncio.sleep(EVENT_SETTLE_SECONDS)
             except TimeoutError:
                 pass
