@@ -213,12 +213,14 @@ class NodeDaemon:
         return dict(self.status()["pool"])
 
     def route_list(self) -> list[IPv4Address]:
-        """Every proto-203 route destination in the node, with repeats if there are any."""
+        """Every proto-203 route in the node (each must be a /32 on cni0), repeats kept."""
         out = proc.run_json(
             ["ip", "-n", self.sandbox.node, "-4", "-json", "route", "show", "proto",
              str(config.ROUTE_PROTO)]
         )  # fmt: skip
-        return [IPv4Address(r["dst"].removesuffix("/32")) for r in out if r.get("dev") == "cni0"]
+        strays = [r for r in out if r.get("dev") != "cni0" or "/" in r["dst"]]
+        assert not strays, f"proto {config.ROUTE_PROTO} routes that are not /32 on cni0: {strays}"
+        return [IPv4Address(r["dst"]) for r in out]
 
     def routes(self) -> set[IPv4Address]:
         found = self.route_list()
