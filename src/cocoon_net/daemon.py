@@ -376,6 +376,8 @@ class Daemon:
         settings = dhcp_settings(new, self.opts, nic.link_mtu(self.bridge))
         self.server.settings = settings
         changes = self.table.set_pool(new.pool_ips, time.time())
+        for change in changes:
+            log.info("reload: %s %s", change.op, getattr(change, "lease", change))
         await self._persist(changes)
         log.info("reloaded %s: %d addresses", self.opts.paths.pool_file, len(new.ips))
 

@@ -6,6 +6,7 @@ A datagram to $NOTIFY_SOCKET; a leading '@' names an abstract socket. Without th
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 
@@ -22,7 +23,12 @@ class Notifier:
     def send(self, *fields: str) -> None:
         if not self._address:
             return
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        # Best effort, as systemd's own sd_notify: a manager that went away must not take
+        # the daemon down with it.
+        with (
+            contextlib.suppress(OSError),
+            socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock,
+        ):
             sock.sendto("\n".join(fields).encode(), self._address)
 
     def ready(self, status: str) -> None:
