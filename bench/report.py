@@ -72,11 +72,19 @@ def ladder_table(runs: Sequence[ServerRun]) -> list[str]:
     return table([name for name, _ in COLUMNS], rows)
 
 
-def summary_table(runs: Sequence[ServerRun]) -> list[str]:
+def _lossless(run: ServerRun, top_rate: float) -> str:
+    """The lossless rate; "≥" when it is the ladder's top, where the server's limit lies higher."""
+    rate = run.lossless_rate
+    if rate is None:
+        return "-"
+    return f"≥ {rate:g}" if rate >= top_rate else f"{rate:g}"
+
+
+def summary_table(runs: Sequence[ServerRun], top_rate: float) -> list[str]:
     rows = [
         [
             run.name,
-            "-" if run.lossless_rate is None else f"{run.lossless_rate:g}",
+            _lossless(run, top_rate),
             "-" if run.ready_seconds is None else f"{run.ready_seconds * 1000:.0f}",
             mb(run.idle_rss_kib),
             mb(run.peak_rss_kib),
@@ -103,7 +111,7 @@ def _ratio(ours: float | None, theirs: float | None) -> str:
     return f"{ours / theirs:.2f}x"
 
 
-def ratio_lines(runs: Sequence[ServerRun]) -> list[str]:
+def ratio_lines(runs: Sequence[ServerRun], top_rate: float) -> list[str]:
     """cocoon-net over each peer: lossless rate (higher is better); worst p99 at the highest
     rate both served losslessly, and peak RSS (lower is better)."""
     ours = next((r for r in runs if r.name == OURS and r.steps), None)
@@ -115,6 +123,8 @@ def ratio_lines(runs: Sequence[ServerRun]) -> list[str]:
         if peer is ours or not peer.steps:
             continue
         peer_steps = _lossless_steps(peer)
+        # A peer lossless at the top of the ladder may go faster: the ratio is an upper bound.
+        bound = "≤ " if (peer.lossless_rate or 0) >= top_rate else ""
         common = max(our_steps.keys() & peer_steps.keys(), default=None)
         p99 = (
             "no rate both served losslessly"
@@ -123,7 +133,7 @@ def ratio_lines(runs: Sequence[ServerRun]) -> list[str]:
             f"{_ratio(_worst_p99(our_steps[common]), _worst_p99(peer_steps[common]))}"
         )
         lines.append(
-            f"{OURS} / {peer.name}: lossless rate "
+            f"{OURS} / {peer.name}: lossless rate {bound}"
             f"{_ratio(ours.lossless_rate, peer.lossless_rate)}, {p99}, peak RSS "
             f"{_ratio(ours.peak_rss_kib, peer.peak_rss_kib)}"
         )

@@ -47,7 +47,7 @@ from bench.relay import RelayStep, relay_lines, run_perfdhcp
 from bench.servers import SERVERS, CocoonNet
 
 DEFAULT_SERVERS = ("kea", "dnsmasq", "dnsmasq-ping", "cocoon-net")
-FULL_RATES = (100, 250, 500, 1000, 2000, 4000)
+FULL_RATES = (100, 250, 500, 1000, 2000, 4000, 8000)
 SMOKE_RATES = (50,)
 # Debian packages of the peers; perfdhcp comes with kea-admin (testbed-facts #3).
 PACKAGES = {
@@ -243,9 +243,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ladder (latency in ms; cpu = % of one core; RSS = peak VmHWM)",
         *report.ladder_table(runs),
         "",
-        *report.summary_table(runs),
+        *report.summary_table(runs, max(cfg.rates)),
         "",
-        *report.ratio_lines(runs),
+        *report.ratio_lines(runs, max(cfg.rates)),
     ]
     if startups:
         lines += ["", "start to ready, idle RSS, status", *figures.startup_lines(startups, timings)]
