@@ -84,7 +84,7 @@ def test_release_command_ends_a_lease_at_once(node: tuple[Sandbox, NodeDaemon]) 
     client.stop()  # the VM is deleted without a word to the server
     assert daemon.leases()[vm.mac].ip == ip
 
-    assert daemon.release(vm.mac) == ["released", str(ip)]
+    assert daemon.release(vm.mac) == [str(ip)]
     assert vm.mac not in daemon.leases()
     assert ip not in daemon.routes()
 

@@ -179,8 +179,8 @@ def test_lost_lease_file_never_gives_an_address_twice(
         old = [Udhcpc(sandbox, sandbox.vms[0]), Dhclient(sandbox, sandbox.vms[1])]
         held = {c.vm.mac: c.start() for c in old}
         daemon.stop(signum)
-        removed = list(daemon.state.glob(lost))
-        assert removed, f"no {lost} in {daemon.state}"
+        removed = list(daemon.paths.state_dir.glob(lost))
+        assert removed, f"no {lost} in {daemon.paths.state_dir}"
         for path in removed:
             path.unlink()
 
@@ -208,7 +208,7 @@ def test_sighup_with_a_shrunk_pool_ends_the_leases_outside_it(tmp_path: Path) ->
         pool.ips = [ip for ip in pool.ips if ip != str(held[outside.vm.mac])][:SHRUNK]
         state.save(daemon.paths.pool_file, pool)
 
-        daemon.signal(signal.SIGHUP)
+        daemon.send_signal(signal.SIGHUP)
         wait_for(lambda: daemon.pool_counts()["size"] == SHRUNK or None, "the reload")
         kept = {mac: ip for mac, ip in held.items() if mac != outside.vm.mac}
         wait_for(

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from cocoon_net import config
@@ -26,10 +27,22 @@ STOP_TIMEOUT = 15.0
 
 
 class SandboxNode:
-    def __init__(self, sandbox: Sandbox, root: Path, *, lease_time: str = "1h") -> None:
+    def __init__(
+        self,
+        sandbox: Sandbox,
+        root: Path,
+        *,
+        lease_time: str = "1h",
+        metrics_addr: str = "127.0.0.1:9092",
+        log_level: str = "info",
+        extra: Sequence[str] = (),
+    ) -> None:
         self.sandbox = sandbox
         self.root = root
         self.lease_time = lease_time
+        self.metrics_addr = metrics_addr
+        self.log_level = log_level
+        self.extra = tuple(extra)  # more daemon flags, on every start
         self.paths = config.Paths(
             state_dir=root / "state", run_dir=root / "run", cni_conf_dir=root / "cni"
         )
@@ -41,15 +54,19 @@ class SandboxNode:
         flags = ["--state-dir", str(self.paths.state_dir), "--run-dir", str(self.paths.run_dir)]
         return flags + (["--cni-conf-dir", str(self.paths.cni_conf_dir)] if cni else [])
 
-    def cocoon(self, *argv: str) -> str:
-        """Run `cocoon-net --netns NODE ARGV`; its stdout, or HostSetupError with its stderr."""
-        result = subprocess.run(
+    def run(self, *argv: str) -> subprocess.CompletedProcess[str]:
+        """`cocoon-net --netns NODE ARGV`, as an operator runs it; the caller judges the result."""
+        return subprocess.run(
             [sys.executable, "-m", "cocoon_net", "--netns", self.sandbox.node, *argv],
             capture_output=True,
             text=True,
             timeout=120,
             check=False,
         )
+
+    def cocoon(self, *argv: str) -> str:
+        """run(), then its stdout, or HostSetupError with its stderr."""
+        result = self.run(*argv)
         if result.returncode != 0:
             raise HostSetupError(f"cocoon-net {argv[0]}: {result.stderr.strip()}")
         return result.stdout
@@ -70,6 +87,8 @@ class SandboxNode:
 
     def start(self, *extra: str) -> None:
         """Start the daemon and return once it reported READY=1."""
+        if self.running:
+            raise HostSetupError("the daemon already runs")
         self.root.mkdir(parents=True, exist_ok=True)
         notify_path = self.root / f"notify-{self._starts}.sock"
         self._starts += 1
@@ -80,8 +99,9 @@ class SandboxNode:
                 self.proc = subprocess.Popen(
                     [
                         sys.executable, "-m", "cocoon_net", "--netns", self.sandbox.node,
-                        "daemon", "--metrics-addr", "127.0.0.1:9092",
-                        "--lease-time", self.lease_time, *self._path_flags(), *extra,
+                        "--log-level", self.log_level, "daemon",
+                        "--metrics-addr", self.metrics_addr, "--lease-time", self.lease_time,
+                        *self._path_flags(), *self.extra, *extra,
                     ],
                     stdout=log,
                     stderr=subprocess.STDOUT,
@@ -97,7 +117,17 @@ class SandboxNode:
                     raise HostSetupError(f"daemon did not become ready:\n{self.log()}")
         notify_path.unlink()
 
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def send_signal(self, signum: signal.Signals) -> None:
+        if self.proc is None:
+            raise HostSetupError("the daemon does not run")
+        self.proc.send_signal(signum)
+
     def stop(self, signum: signal.Signals = signal.SIGTERM) -> int:
+        """Signal the daemon (SIGTERM: graceful; SIGKILL: a crash); its exit code."""
         if self.proc is None:
             return 0
         self.proc.send_signal(signum)
@@ -105,7 +135,7 @@ class SandboxNode:
             code = self.proc.wait(timeout=STOP_TIMEOUT)
         except subprocess.TimeoutExpired:
             self.kill()
-            raise HostSetupError(f"daemon ignored {signum.name}") from None
+            raise HostSetupError(f"daemon ignored {signum.name}:\n{self.log()}") from None
         self.proc = None
         return code
 
@@ -124,8 +154,10 @@ class SandboxNode:
     def status(self) -> str:
         return self.cocoon("status", *self._path_flags())
 
-    def release(self, mac: str) -> str:
-        return self.cocoon("release", "--mac", mac, "--run-dir", str(self.paths.run_dir))
+    def release(self, mac: str) -> list[str]:
+        """End the lease of mac at once; the released addresses."""
+        out = self.cocoon("release", "--mac", mac, "--run-dir", str(self.paths.run_dir))
+        return [line.removeprefix("released ") for line in out.split("\n") if line]
 
     def teardown(self) -> str:
         return self.cocoon("teardown", *self._path_flags())
