@@ -185,7 +185,6 @@ class Daemon:
             routes=route_sock,
             counters=counters,
         )
-        self.server.route_extra = self.table.recovered_addresses
         self.server.open()
         await self._reconcile_routes(first=True)
         control_server = await control.serve(self.opts.paths.control_socket, self._control)
@@ -283,7 +282,7 @@ class Daemon:
         """Routes = leases (+ recovered holds): missing ones added, ours without one removed,
         anyone else's untouched. The Go tool's routes are taken over once ours exist."""
         present = await asyncio.to_thread(routes.list_routes, self.bridge)
-        wanted = self.server.routed(time.time())
+        wanted = self.table.routed_addresses(time.time())
         diff = routes.plan_routes(wanted, present)
         if diff:
             failed = self.server.sync_routes(set(diff.add) | set(diff.remove))

@@ -262,6 +262,19 @@ def test_recovered_addresses_are_never_offered_but_can_be_confirmed() -> None:
     assert table.recovered_addresses(1001.0) == set()
 
 
+def test_routes_follow_leases_and_recovered_holds() -> None:
+    table = LeaseTable(POOL)
+    table.load([], [], {}, 0.0, in_use={ip(2): ""}, recovery_hold=100.0)
+    dora(table, mac(1), 0.0)  # takes .3, the lowest free address
+    assert table.routed_addresses(1.0) == {ip(2), ip(3)}
+    assert table.needs_route(ip(2), 1.0) and table.needs_route(ip(3), 1.0)
+    assert not table.needs_route(ip(4), 1.0)
+    table.release(mac(1), ip(3), 2.0)
+    assert not table.needs_route(ip(3), 2.0)
+    assert not table.needs_route(ip(2), 101.0)  # the hold ended unconfirmed
+    assert table.routed_addresses(101.0) == set()
+
+
 def test_stats() -> None:
     table = LeaseTable(POOL, reservations={mac(9): ip(7)})
     dora(table, mac(1), 0.0)

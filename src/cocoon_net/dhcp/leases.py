@@ -272,6 +272,19 @@ class LeaseTable:
             return Standing.RECOVERED
         return Standing.UNKNOWN
 
+    def needs_route(self, ip: IPv4Address, now: float) -> bool:
+        """Whether ip must have its /32 route: an active lease, or a recovered hold."""
+        lease = self._lease_at.get(ip)
+        if lease is not None and lease.expires > now:
+            return True
+        recovered = self._recovered.get(ip)
+        return recovered is not None and recovered.until > now
+
+    def routed_addresses(self, now: float) -> set[IPv4Address]:
+        """Every address that must have its /32 route (see needs_route)."""
+        leased = {le.ip for le in self._leases.values() if le.expires > now}
+        return leased | self.recovered_addresses(now)
+
     def recovered_addresses(self, now: float) -> set[IPv4Address]:
         """Addresses the kernel showed in use at start that no lease covers yet: their VMs
         keep their routes until they confirm them or the hold ends."""

@@ -88,7 +88,6 @@ class DhcpServer:
         self.clock = clock
         self.limiter = RateLimiter.from_settings(settings)
         self.state = ServerState()
-        self.route_extra: Callable[[float], set[IPv4Address]] = lambda now: set()
         self._packet_sock: socket.socket | None = None
         self._udp_sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -251,8 +250,7 @@ class DhcpServer:
         if not ips or not self.bound:
             return set(ips) if ips and not self.bound else set()
         now = self.clock()
-        wanted = self.routed(now)
-        ops = [rtnl.RouteOp(ip in wanted, ip) for ip in sorted(ips)]
+        ops = [rtnl.RouteOp(self.table.needs_route(ip, now), ip) for ip in sorted(ips)]
         try:
             failures = self.routes.apply(ops, self.state.ifindex)
         except CocoonError as exc:
@@ -264,10 +262,6 @@ class DhcpServer:
             log.error("route %s %s/32 dev %s: %s", "add" if op.add else "del", op.ip,
                       self.bridge, reason)  # fmt: skip
         return {op.ip for op in failures}
-
-    def routed(self, now: float) -> set[IPv4Address]:
-        """Addresses that must have a /32 route: active leases and recovered holds."""
-        return {lease.ip for lease in self.table.leases(now)} | self.route_extra(now)
 
     def _note_exhaustion(self, decision: policy.Decision, now: float) -> None:
         exhausted = isinstance(decision, policy.Drop) and decision.reason == "pool_exhausted"
