@@ -346,8 +346,23 @@ class Daemon:
             await asyncio.sleep(interval)
 
     def _on_netlink(self, events: rtnl.EventSocket) -> None:
-        if events.drain():
-            self._reconcile_due.set()
+        """Our own lease routes come and go with every grant: those need no full reconcile.
+        One of ours deleted while its lease lives (someone ran `ip route del`) is put back
+        at once; any other change to links, addresses or routes triggers a reconcile."""
+        repair: set[IPv4Address] = set()
+        now = time.time()
+        for event in events.drain():
+            if not event.ours:
+                self._reconcile_due.set()
+            elif (
+                event.kind == rtnl.RTM_DELROUTE
+                and event.dst is not None
+                and self.table.needs_route(event.dst, now)
+            ):
+                repair.add(event.dst)
+        if repair:
+            log.warning("lease routes removed from outside, restoring: %s", sorted(repair))
+            self.server.sync_routes(repair)
 
     def _request_reload(self) -> None:
         self._reload_due = True

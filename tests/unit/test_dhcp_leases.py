@@ -256,9 +256,10 @@ def test_recovered_addresses_are_never_offered_but_can_be_confirmed() -> None:
     table.grant(mac(8), ip(2), 2.0, DAY)
     assert table.lease_of(mac(8), 2.0) is not None
     assert table.recovered_addresses(2.0) == {ip(3)}  # confirmed: a lease now, not a hold
-    # The hold is over: .3 is an ordinary never-used address again, the lowest free one.
+    # The hold is over: .3 is an ordinary never-used address again; offered once (to mac 7,
+    # which never took it), it waits behind the never-offered ones.
     assert table.standing(mac(1), ip(3), 1001.0) is Standing.UNKNOWN
-    assert table.offer(mac(9), 1001.0)[0] == ip(3)
+    assert table.offer(mac(9), 1001.0)[0] == ip(5)
     assert table.recovered_addresses(1001.0) == set()
 
 
@@ -273,6 +274,15 @@ def test_routes_follow_leases_and_recovered_holds() -> None:
     assert not table.needs_route(ip(3), 2.0)
     assert not table.needs_route(ip(2), 101.0)  # the hold ended unconfirmed
     assert table.routed_addresses(101.0) == set()
+
+
+def test_an_untaken_offer_goes_behind_the_other_free_addresses() -> None:
+    table = LeaseTable(POOL)
+    offered = [table.offer(mac(i), 0.0)[0] for i in (1, 2, 3)]
+    assert offered == [ip(2), ip(3), ip(4)]
+    # Their offers lapse unclaimed: the next client starts at the first never-offered one,
+    # and the lapsed ones come after it, in the order they were offered.
+    assert [table.offer(mac(i), 61.0)[0] for i in (4, 5, 6, 7)] == [ip(5), ip(6), ip(7), ip(2)]
 
 
 def test_stats() -> None:

@@ -20,7 +20,8 @@ What it holds, all keyed by MAC (chaddr) — option 61 is recorded, never an ide
 Allocation order for a MAC (`offer`): its reservation; its active lease; its unexpired offer;
 its last address if free; the address it asks for (option 50) if free and nobody else's; then
 the free address unused for the longest time: never-used ones first in ascending order, then
-by when they were last released, so a just-freed address is the last one handed to a new VM.
+by when they were last released, so a just-freed address is the last one handed to a new VM
+(an address offered and not taken goes to the back of its group).
 """
 
 from __future__ import annotations
@@ -359,6 +360,12 @@ class LeaseTable:
         if ip is None:
             return None, changes
         self._drop_offer(mac)
+        # An offered address goes to the back of its queue, so the next DISCOVER finds a
+        # free one at the front instead of stepping over every offer still outstanding (a
+        # burst of clients that never REQUEST would otherwise make each DISCOVER O(offers)).
+        for queue in (self._fresh, self._idle):
+            if queue.pop(ip, 0) is None:
+                queue[ip] = None
         offer = Offer(mac, ip, now + self.offer_hold)
         self._offers[mac] = offer
         self._offer_at[ip] = offer

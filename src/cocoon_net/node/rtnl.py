@@ -141,6 +141,46 @@ def _messages(data: bytes) -> Iterator[tuple[int, int, memoryview]]:
         pos += (length + 3) & ~3
 
 
+@dataclass(frozen=True)
+class Event:
+    """One notification; route fields are set for route messages only."""
+
+    kind: int
+    protocol: int = 0
+    table: int = 0
+    dst: IPv4Address | None = None
+    prefixlen: int = 0
+
+    @property
+    def ours(self) -> bool:
+        """A /32 in the main table with our protocol: one of the lease routes."""
+        return (
+            self.kind in (RTM_NEWROUTE, RTM_DELROUTE)
+            and self.protocol == config.ROUTE_PROTO
+            and self.table == RT_TABLE_MAIN
+            and self.prefixlen == 32
+            and self.dst is not None
+        )
+
+
+def _event(kind: int, payload: memoryview) -> Event:
+    if kind not in (RTM_NEWROUTE, RTM_DELROUTE) or len(payload) < _RTMSG.size:
+        return Event(kind)
+    family, dst_len, _src, _tos, table, protocol, _scope, _type, _flags = _RTMSG.unpack_from(
+        payload
+    )
+    dst = None
+    pos = _RTMSG.size
+    while pos + _RTA.size <= len(payload):
+        length, attr = _RTA.unpack_from(payload, pos)
+        if length < _RTA.size:
+            break
+        if attr == RTA_DST and family == socket.AF_INET and length == _RTA.size + 4:
+            dst = IPv4Address(bytes(payload[pos + _RTA.size : pos + length]))
+        pos += (length + 3) & ~3
+    return Event(kind, protocol, table, dst, dst_len)
+
+
 class EventSocket:
     """Link, address and IPv4 route notifications; the daemon reconciles when any arrive."""
 
@@ -155,21 +195,21 @@ class EventSocket:
     def fileno(self) -> int:
         return self._sock.fileno()
 
-    def drain(self) -> list[int]:
-        """Message types received since the last call (an overrun counts as a link event:
-        something was missed, so everything is re-checked)."""
-        kinds: list[int] = []
+    def drain(self) -> list[Event]:
+        """Events received since the last call. An overrun (ENOBUFS) is reported as a link
+        event: something was missed, so everything is re-checked."""
+        events: list[Event] = []
         while True:
             try:
                 data = self._sock.recv(1 << 16)
             except BlockingIOError:
-                return kinds
+                return events
             except OSError as exc:
                 if exc.errno == errno.ENOBUFS:
-                    kinds.append(RTM_NEWLINK)
+                    events.append(Event(RTM_NEWLINK))
                     continue
                 raise
-            kinds += [kind for kind, _seq, _payload in _messages(data)]
+            events += [_event(kind, payload) for kind, _seq, payload in _messages(data)]
 
     def close(self) -> None:
         self._sock.close()

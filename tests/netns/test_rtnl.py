@@ -1,0 +1,86 @@
+"""The daemon's netlink client against the real kernel, inside a test namespace."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Callable
+from ipaddress import IPv4Address
+from typing import Any
+
+import pytest
+
+from cocoon_net.node import rtnl
+from tests.support.netns import Netns
+
+pytestmark = pytest.mark.netns
+
+NET = "10.55.0."
+
+
+def _bridge() -> int:
+    subprocess.run(["ip", "link", "add", "br0", "type", "bridge"], check=True)
+    subprocess.run(["ip", "link", "set", "br0", "up"], check=True)
+    index = rtnl.ifindex("br0")
+    assert index is not None
+    return index
+
+
+def _routes() -> list[dict[str, Any]]:
+    show = ["ip", "-json", "route", "show", "table", "main"]
+    out = subprocess.run(show, capture_output=True, text=True, check=True).stdout
+    return list(json.loads(out or "[]"))
+
+
+def _apply_and_list() -> tuple[dict[str, str], list[dict[str, Any]], list[dict[str, Any]]]:
+    index = _bridge()
+    sock = rtnl.RouteSocket()
+    ips = [IPv4Address(NET + str(i)) for i in range(2, 202)]
+    subprocess.run(
+        ["ip", "route", "add", NET + "9/32", "dev", "br0", "proto", "static"], check=False
+    )
+    failed = sock.apply([rtnl.RouteOp(True, ip) for ip in ips], index)
+    added = _routes()
+    gone = [rtnl.RouteOp(False, ip) for ip in ips[:100] if ip != IPv4Address(NET + "9")]
+    failed |= sock.apply([*gone, *gone], index)  # deleting twice is harmless
+    failed |= sock.apply([rtnl.RouteOp(True, ips[0])], 999_999)  # no such device
+    sock.close()
+    return {str(op.ip): why for op, why in failed.items()}, added, _routes()
+
+
+def test_bulk_add_delete_and_errors(make_netns: Callable[[str], Netns]) -> None:
+    ns = make_netns("rtnl")
+    failed, added, left = ns.call(_apply_and_list)
+    assert failed == {NET + "2": "No such device"}
+    # `replace` takes over a same-destination route, whoever made it (here the operator's
+    # static .9); a delete names proto 203 and so only ever removes ours.
+    assert {r["dst"] for r in added if r.get("protocol") == "203"} == {
+        NET + str(i) for i in range(2, 202)
+    }
+    assert {r["dst"] for r in left if r.get("protocol") == "203"} == {
+        NET + str(i) for i in [9, *range(102, 202)]
+    }
+
+
+def _events() -> list[rtnl.Event]:
+    index = _bridge()
+    events = rtnl.EventSocket()
+    sock = rtnl.RouteSocket()
+    sock.apply([rtnl.RouteOp(True, IPv4Address(NET + "7"))], index)
+    subprocess.run(["ip", "route", "del", NET + "7/32", "dev", "br0"], check=True)
+    subprocess.run(
+        ["ip", "route", "add", NET + "8/32", "dev", "br0", "proto", "static"], check=True
+    )
+    out = events.drain()
+    events.close()
+    sock.close()
+    return [e for e in out if e.kind in (rtnl.RTM_NEWROUTE, rtnl.RTM_DELROUTE)]
+
+
+def test_events_tell_our_lease_routes_from_others(make_netns: Callable[[str], Netns]) -> None:
+    ns = make_netns("rtev")
+    events = ns.call(_events)
+    ours = [(e.kind, str(e.dst)) for e in events if e.ours]
+    assert ours == [(rtnl.RTM_NEWROUTE, NET + "7"), (rtnl.RTM_DELROUTE, NET + "7")]
+    others = [e for e in events if not e.ours and e.dst == IPv4Address(NET + "8")]
+    assert others and others[0].protocol == 4  # RTPROT_STATIC
