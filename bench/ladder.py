@@ -163,7 +163,8 @@ def _progress(name: str, step: Step) -> str:
         f"{lg['drops_pct']:.1f} % drops, p99 {lg['offer_latency']['p99_ms']:.2f}/"
         f"{lg['ack_latency']['p99_ms']:.2f} ms, cpu {step.server_cpu_pct:.0f} % "
         f"(other {step.other_cpu_pct:.0f} %), socket drops "
-        f"server {step.server_socket_drops} loadgen {lg['loadgen_socket_drops']}"
+        f"server {step.server_socket_drops} loadgen {lg['loadgen_socket_drops']}, "
+        f"{lg['late_pct']:.0f} % of DISCOVERs late"
     )
 
 

@@ -55,6 +55,7 @@ SO_TIMESTAMPNS = 35
 SO_RCVBUFFORCE = 33
 PACKET_STATISTICS = 6
 _TIMESPEC = struct.Struct("@qq")
+LATE_SECONDS = 0.001
 # What dhclient asks for (subnet mask, broadcast, router, DNS, domain, hostname, MTU, NTP).
 PARAM_REQUEST_LIST = bytes([1, 28, 3, 6, 15, 12, 26, 42])
 
@@ -120,6 +121,9 @@ class StepResult:
     ack_latency: Latency  # REQUEST -> ACK
     loadgen_cpu_seconds: float
     loadgen_socket_drops: int  # replies lost in our own receive queue: then we are the bottleneck
+    # DISCOVERs sent over 1 ms after their slot: the generator fell behind and sent in bursts,
+    # so the step measured bursts, not the target rate.
+    late_pct: float
 
 
 class PacketPort:
@@ -286,13 +290,15 @@ def run_step(
     on_start()
     cpu_start = time.process_time()
     start = time.monotonic()
-    sent = 0
+    sent = late = 0
     last_send = start
     while True:
         now = time.monotonic()
         due = min(clients, int((now - start) * rate) + 1)
         while sent < due:
             sent_discover[sent] = port.send(discovers[sent])
+            if now - (start + sent / rate) > LATE_SECONDS:
+                late += 1
             sent += 1
             last_send = now
         while (item := port.receive()) is not None:
@@ -328,6 +334,7 @@ def run_step(
         ack_latency=Latency.of(ack_ns),
         loadgen_cpu_seconds=cpu,
         loadgen_socket_drops=port.drops(),
+        late_pct=100.0 * late / clients if clients else 0.0,
     )
 
 

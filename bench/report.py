@@ -25,6 +25,7 @@ COLUMNS = (
     ("cpu %", "{:.0f}"),
     ("RSS MB", "{:.1f}"),
     ("other %", "{:.0f}"),
+    ("late %", "{:.0f}"),
 )
 
 
@@ -65,6 +66,7 @@ def ladder_table(runs: Sequence[ServerRun]) -> list[str]:
                 step.server_cpu_pct,
                 step.server_hwm_kib / 1024,
                 step.other_cpu_pct,
+                lg["late_pct"],
             )
             rows.append([fmt.format(v) for (_, fmt), v in zip(COLUMNS, values, strict=True)])
         if not run.steps:
