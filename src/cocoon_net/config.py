@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
@@ -95,6 +96,18 @@ def parse_ipv4(text: str, *, flag: str) -> IPv4Address:
     if not isinstance(addr, IPv4Address):
         raise UsageError(f"invalid {flag} {text!r}: only IPv4 is supported")
     return addr
+
+
+def ipv4_int(text: str) -> int:
+    """A dotted-quad IPv4 address as an integer; ValueError otherwise.
+
+    For the pool's thousands of entries: inet_pton is strict (exactly four decimal parts)
+    and about 30x faster than ipaddress's parser.
+    """
+    try:
+        return int.from_bytes(socket.inet_pton(socket.AF_INET, text), "big")
+    except (OSError, TypeError):
+        raise ValueError(f"{text!r} is not an IPv4 address") from None
 
 
 def resolve_gateway(text: str | None, subnet: IPv4Network) -> IPv4Address:

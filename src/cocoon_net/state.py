@@ -127,7 +127,7 @@ class PoolState:
 
     @property
     def pool_ips(self) -> list[IPv4Address]:
-        return [IPv4Address(ip) for ip in self.ips]
+        return [IPv4Address(config.ipv4_int(ip)) for ip in self.ips]
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -205,9 +205,14 @@ class PoolState:
         try:
             subnet = config.parse_subnet(self.subnet, flag="subnet")
             gateway = config.resolve_gateway(self.gateway, subnet)
+            low, high = int(subnet.network_address), int(subnet.broadcast_address)
             for ip in self.ips:
-                addr = config.parse_ipv4(ip, flag="ips entry")
-                if addr not in subnet or addr == gateway:
+                try:
+                    value = config.ipv4_int(ip)
+                except ValueError:
+                    bad = f"invalid ips entry {ip!r}: expected an IPv4 address"
+                    raise UsageError(bad) from None
+                if not low < value < high or value == int(gateway):
                     raise UsageError(f"ips entry {ip} is not a VM address of {subnet}")
             for dns in self.dns_servers:
                 config.parse_ipv4(dns, flag="dnsServers entry")

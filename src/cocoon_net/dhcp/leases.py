@@ -562,7 +562,7 @@ class LeaseTable:
     # ------------------------------------------------------------------ internals
 
     def _set_pool(self, ips: Iterable[IPv4Address]) -> None:
-        self._pool = tuple(sorted(set(ips)))
+        self._pool = tuple(sorted(set(ips), key=int))  # int keys: no Python-level __lt__
         self._in_pool = frozenset(self._pool)
 
     def _rebuild_order(self) -> None:
