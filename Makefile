@@ -3,8 +3,9 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
-.PHONY: setup test lint fmt typecheck demo bench clean
+.PHONY: setup test lint fmt demo bench lock clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -31,6 +32,9 @@ fmt: setup
 
 demo: setup  ## a node, a VPC peer and three VMs in namespaces: leases, pings, status, cleanup
 	$(BIN)/python -m cocoon_net.sandbox
+
+bench: setup  ## DHCP benchmark against Kea and dnsmasq in namespaces (root; BENCH_ARGS=--relay adds perfdhcp)
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 lock:  ## refresh requirements.lock from pyproject.toml
 	$(BIN)/uv pip compile pyproject.toml --extra test -o requirements.lock -q
