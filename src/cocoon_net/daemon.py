@@ -160,7 +160,8 @@ class Daemon:
                 report.journal.corrupt,
             )
         now = time.time()
-        in_use = await asyncio.to_thread(self._routed_in_kernel)
+        route_sock = rtnl.RouteSocket()
+        in_use = self._routed_in_kernel(route_sock)
         self.table = LeaseTable(
             self.pool.pool_ips, reservations=settings.reservations, offer_hold=settings.offer_hold
         )
@@ -175,7 +176,6 @@ class Daemon:
         for change in changes:
             log.info("recovery: %s %s", change.op, getattr(change, "lease", change))
         await self.store.commit(effects.records(changes))
-        route_sock = rtnl.RouteSocket()
         counters = PromCounters(metrics) if metrics is not None else Counters()
         self.server = DhcpServer(
             bridge=self.bridge,
@@ -270,18 +270,23 @@ class Daemon:
 
     # ------------------------------------------------------------------ routes
 
-    def _routed_in_kernel(self) -> set[IPv4Address]:
+    def _kernel_routes(self, sock: rtnl.RouteSocket) -> dict[int, set[IPv4Address]]:
+        index = rtnl.ifindex(self.bridge)
+        if index is None:
+            return {config.ROUTE_PROTO: set(), config.GO_ROUTE_PROTO: set()}
+        return sock.dump(index, (config.ROUTE_PROTO, config.GO_ROUTE_PROTO))
+
+    def _routed_in_kernel(self, sock: rtnl.RouteSocket) -> set[IPv4Address]:
         """/32 routes on the bridge that say a VM holds an address: ours and the Go tool's."""
         subnet = self.pool.network
-        found = routes.list_routes(self.bridge) | routes.list_routes(
-            self.bridge, config.GO_ROUTE_PROTO
-        )
-        return {ip for ip in found if ip in subnet}
+        found = self._kernel_routes(sock)
+        return {ip for ips in found.values() for ip in ips if ip in subnet}
 
     async def _reconcile_routes(self, *, first: bool = False) -> None:
         """Routes = leases (+ recovered holds): missing ones added, ours without one removed,
         anyone else's untouched. The Go tool's routes are taken over once ours exist."""
-        present = await asyncio.to_thread(routes.list_routes, self.bridge)
+        found = self._kernel_routes(self.server.routes)
+        present = found[config.ROUTE_PROTO]
         wanted = self.table.routed_addresses(time.time())
         diff = routes.plan_routes(wanted, present)
         if diff:
@@ -290,7 +295,7 @@ class Daemon:
                 "routes reconciled: %d added, %d removed%s",
                 len(diff.add), len(diff.remove), f", {len(failed)} failed" if failed else "",
             )  # fmt: skip
-        if first:
+        if first and found[config.GO_ROUTE_PROTO]:
             for line in await asyncio.to_thread(
                 routes.flush_routes, self.bridge, config.GO_ROUTE_PROTO
             ):
@@ -401,7 +406,7 @@ class Daemon:
         cmd = request.get("cmd")
         now = time.time()
         if cmd == "leases":
-            present = await asyncio.to_thread(routes.list_routes, self.bridge)
+            present = self._kernel_routes(self.server.routes)[config.ROUTE_PROTO]
             stats = self.table.stats(now)
             return {
                 "ok": True,

@@ -44,6 +44,12 @@ def _apply_and_list() -> tuple[dict[str, str], list[dict[str, Any]], list[dict[s
     gone = [rtnl.RouteOp(False, ip) for ip in ips[:100] if ip != IPv4Address(NET + "9")]
     failed |= sock.apply([*gone, *gone], index)  # deleting twice is harmless
     failed |= sock.apply([rtnl.RouteOp(True, ips[0])], 999_999)  # no such device
+    subprocess.run(
+        ["ip", "route", "add", NET + "250/32", "dev", "br0", "proto", "boot"], check=True
+    )
+    dumped = sock.dump(index, (203, 3))
+    assert dumped[203] == {IPv4Address(NET + str(i)) for i in [9, *range(102, 202)]}
+    assert dumped[3] == {IPv4Address(NET + "250")}
     sock.close()
     return {str(op.ip): why for op, why in failed.items()}, added, _routes()
 
@@ -57,7 +63,7 @@ def test_bulk_add_delete_and_errors(make_netns: Callable[[str], Netns]) -> None:
     assert {r["dst"] for r in added if r.get("protocol") == "203"} == {
         NET + str(i) for i in range(2, 202)
     }
-    assert {r["dst"] for r in left if r.get("protocol") == "203"} == {
+    assert {r["dst"] for r in left if r.get("protocol") == "203"} == {  # and dump() agrees
         NET + str(i) for i in [9, *range(102, 202)]
     }
 

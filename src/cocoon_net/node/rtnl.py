@@ -120,6 +120,37 @@ class RouteSocket:
                 failed[acked] = os.strerror(error)
         return failed
 
+    def dump(self, ifindex: int, protocols: Iterable[int]) -> dict[int, set[IPv4Address]]:
+        """The /32 routes of the main table through ifindex, by protocol, for the protocols
+        asked. One dump instead of `ip -json`: with 60,000 leases that is the difference
+        between a fraction of a second and several at start-up."""
+        wanted = {proto: set[IPv4Address]() for proto in protocols}
+        self._seq = (self._seq + 1) & 0xFFFFFFFF
+        body = _RTMSG.pack(socket.AF_INET, 0, 0, 0, 0, 0, 0, 0, 0)
+        request = _NLMSG.pack(
+            _NLMSG.size + len(body), RTM_GETROUTE, NLM_F_REQUEST | NLM_F_DUMP, self._seq, 0
+        )
+        self._sock.sendall(request + body)
+        while True:
+            data = self._sock.recv(1 << 20)
+            for kind, seq, payload in _messages(data):
+                if seq != self._seq:
+                    continue
+                if kind == NLMSG_DONE:
+                    return wanted
+                if kind == NLMSG_ERROR:
+                    error = -_ERR.unpack_from(payload)[0]
+                    raise HostSetupError(f"netlink route dump: {os.strerror(error)}")
+                route = _route(payload)
+                if (
+                    route is not None
+                    and route.oif == ifindex
+                    and route.table == RT_TABLE_MAIN
+                    and route.prefixlen == 32
+                    and route.protocol in wanted
+                ):
+                    wanted[route.protocol].add(route.dst)
+
     def _acks(self, count: int) -> Iterator[tuple[int, int]]:
         seen = 0
         while seen < count:
@@ -163,22 +194,47 @@ class Event:
         )
 
 
-def _event(kind: int, payload: memoryview) -> Event:
-    if kind not in (RTM_NEWROUTE, RTM_DELROUTE) or len(payload) < _RTMSG.size:
-        return Event(kind)
+@dataclass(frozen=True)
+class _Route:
+    dst: IPv4Address
+    prefixlen: int
+    protocol: int
+    table: int
+    oif: int
+
+
+def _route(payload: memoryview) -> _Route | None:
+    """The fields of an IPv4 route message we use; None for anything else."""
+    if len(payload) < _RTMSG.size:
+        return None
     family, dst_len, _src, _tos, table, protocol, _scope, _type, _flags = _RTMSG.unpack_from(
         payload
     )
-    dst = None
+    if family != socket.AF_INET:
+        return None
+    dst, oif = None, 0
     pos = _RTMSG.size
     while pos + _RTA.size <= len(payload):
         length, attr = _RTA.unpack_from(payload, pos)
         if length < _RTA.size:
             break
-        if attr == RTA_DST and family == socket.AF_INET and length == _RTA.size + 4:
+        if attr == RTA_DST and length == _RTA.size + 4:
             dst = IPv4Address(bytes(payload[pos + _RTA.size : pos + length]))
+        elif attr == RTA_OIF and length == _RTA.size + 4:
+            oif = struct.unpack_from("=I", payload, pos + _RTA.size)[0]
+        elif attr == RTA_TABLE and length == _RTA.size + 4:
+            table = struct.unpack_from("=I", payload, pos + _RTA.size)[0]
         pos += (length + 3) & ~3
-    return Event(kind, protocol, table, dst, dst_len)
+    if dst is None:
+        return None
+    return _Route(dst, dst_len, protocol, table, oif)
+
+
+def _event(kind: int, payload: memoryview) -> Event:
+    route = _route(payload) if kind in (RTM_NEWROUTE, RTM_DELROUTE) else None
+    if route is None:
+        return Event(kind)
+    return Event(kind, route.protocol, route.table, route.dst, route.prefixlen)
 
 
 class EventSocket:
