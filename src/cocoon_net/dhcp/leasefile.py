@@ -17,9 +17,10 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from ipaddress import AddressValueError, IPv4Address
+from ipaddress import IPv4Address
 from typing import Any
 
+from cocoon_net.config import ipv4_int
 from cocoon_net.dhcp.model import Lease
 
 # Forms of a 6-byte MAC that Go's net.ParseMAC accepts (colon, hyphen, Cisco dotted).
@@ -59,8 +60,8 @@ def _ipv4(value: Any) -> IPv4Address:
     if not isinstance(value, str):
         raise ValueError(f"ip {value!r} is not a string")
     try:
-        return IPv4Address(value)
-    except AddressValueError:
+        return IPv4Address(ipv4_int(value))  # strict and fast: snapshots hold 60,000 entries
+    except ValueError:
         raise ValueError(f"ip {value!r} is not IPv4") from None
 
 
@@ -101,8 +102,17 @@ def lease_from_json(raw: Any) -> Lease:
 
 
 def encode_snapshot(leases: Iterable[Lease]) -> bytes:
-    ordered = sorted(leases, key=lambda lease: lease.ip)
-    return json.dumps([lease_to_json(lease) for lease in ordered], indent=2).encode() + b"\n"
+    ordered = sorted(leases, key=lambda lease: int(lease.ip))
+    return _json_lines([lease_to_json(lease) for lease in ordered])
+
+
+def _json_lines(items: list[dict[str, str]]) -> bytes:
+    """A JSON array with one object per line: as easy to read and diff as an indented file,
+    and written by json's C encoder (with `indent` it falls back to Python: seconds for
+    60,000 leases)."""
+    if not items:
+        return b"[]\n"
+    return ("[\n" + ",\n".join(map(json.dumps, items)) + "\n]\n").encode()
 
 
 @dataclass(frozen=True)
@@ -270,10 +280,10 @@ def encode_meta(meta: Meta) -> bytes:
         "history": [lease_to_json(h) for h in sorted(meta.history, key=lambda h: h.mac)],
         "quarantine": [
             {"ip": str(ip), "until": format_expiry(until)}
-            for ip, until in sorted(meta.quarantine.items())
+            for ip, until in sorted(meta.quarantine.items(), key=lambda item: int(item[0]))
         ],
     }
-    return json.dumps(out, indent=2).encode() + b"\n"
+    return json.dumps(out, separators=(",", ":")).encode() + b"\n"
 
 
 def decode_meta(data: bytes) -> Meta:

@@ -250,7 +250,7 @@ class DhcpServer:
         if not ips or not self.bound:
             return set(ips) if ips and not self.bound else set()
         now = self.clock()
-        ops = [rtnl.RouteOp(self.table.needs_route(ip, now), ip) for ip in sorted(ips)]
+        ops = [rtnl.RouteOp(self.table.needs_route(ip, now), ip) for ip in sorted(ips, key=int)]
         try:
             failures = self.routes.apply(ops, self.state.ifindex)
         except CocoonError as exc:

@@ -50,6 +50,7 @@ _RTMSG = struct.Struct("=BBBBBBBBI")
 _RTA = struct.Struct("=HH")
 _ERR = struct.Struct("=i")
 _BATCH = 256  # requests per sendmsg: their ACKs fit the socket's receive buffer
+_DEL_FLAGS = NLM_F_REQUEST | NLM_F_ACK
 
 
 def _attr(kind: int, payload: bytes) -> bytes:
@@ -81,17 +82,24 @@ class RouteSocket:
     def close(self) -> None:
         self._sock.close()
 
-    def _message(self, op: RouteOp, ifindex: int) -> tuple[int, bytes]:
-        self._seq = (self._seq + 1) & 0xFFFFFFFF
-        if op.add:
-            kind, flags = RTM_NEWROUTE, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE
-        else:
-            kind, flags = RTM_DELROUTE, NLM_F_REQUEST | NLM_F_ACK
-        body = _RTMSG.pack(
+    def _messages(self, ops: list[RouteOp], ifindex: int) -> tuple[dict[int, RouteOp], bytes]:
+        """One request per op, each with its own sequence number for its ACK."""
+        rtmsg = _RTMSG.pack(
             socket.AF_INET, 32, 0, 0, RT_TABLE_MAIN, self.proto, RT_SCOPE_LINK, RTN_UNICAST, 0
         )
-        body += _attr(RTA_DST, op.ip.packed) + _attr(RTA_OIF, struct.pack("=I", ifindex))
-        return self._seq, _NLMSG.pack(_NLMSG.size + len(body), kind, flags, self._seq, 0) + body
+        tail = _attr(RTA_OIF, struct.pack("=I", ifindex))
+        dst_header = _RTA.pack(_RTA.size + 4, RTA_DST)
+        length = _NLMSG.size + len(rtmsg) + len(dst_header) + 4 + len(tail)
+        add_flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE
+        by_seq: dict[int, RouteOp] = {}
+        parts: list[bytes] = []
+        for op in ops:
+            self._seq = (self._seq + 1) & 0xFFFFFFFF
+            by_seq[self._seq] = op
+            kind, flags = (RTM_NEWROUTE, add_flags) if op.add else (RTM_DELROUTE, _DEL_FLAGS)
+            parts += (_NLMSG.pack(length, kind, flags, self._seq, 0), rtmsg, dst_header)
+            parts += (op.ip.packed, tail)
+        return by_seq, b"".join(parts)
 
     def apply(self, ops: Iterable[RouteOp], ifindex: int) -> dict[RouteOp, str]:
         """Carry out ops in order; return the failed ones with their error.
@@ -102,15 +110,9 @@ class RouteSocket:
         failed: dict[RouteOp, str] = {}
         pending = list(ops)
         for start in range(0, len(pending), _BATCH):
-            chunk = pending[start : start + _BATCH]
-            by_seq: dict[int, RouteOp] = {}
-            data = bytearray()
-            for op in chunk:
-                seq, msg = self._message(op, ifindex)
-                by_seq[seq] = op
-                data += msg
+            by_seq, data = self._messages(pending[start : start + _BATCH], ifindex)
             try:
-                self._sock.sendall(bytes(data))
+                self._sock.sendall(data)
             except OSError as exc:
                 raise HostSetupError(f"netlink send: {exc.strerror or exc}") from None
             for seq, error in self._acks(len(by_seq)):
