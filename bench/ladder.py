@@ -46,6 +46,14 @@ class Step:
     # CPU used by everything but the server and the load generator: kernel packet work, and
     # other processes on a shared machine. High values make a step's figures suspect.
     other_cpu_pct: float
+    # cocoon-net only: journal records made durable in the step, and the fsync'ed batches
+    # that carried them (group commit: records / batches per fsync).
+    journal_records: int = 0
+    journal_batches: int = 0
+
+    @property
+    def batch_size(self) -> float | None:
+        return self.journal_records / self.journal_batches if self.journal_batches else None
 
     @property
     def drops_pct(self) -> float:
@@ -97,6 +105,7 @@ def _expect(proc: subprocess.Popen[str], word: str, what: str) -> None:
 
 def run_step(bed: Bed, server: ServerUnderTest, rate: float, clients: int, grace: float) -> Step:
     drops_before = bed.socket_drops(server.pid)
+    journal_before = server.journal_stats()
     proc = bed.in_loadgen(
         loadgen_argv(bed, "--rate", str(rate), "--clients", str(clients), "--grace", str(grace)),
         cwd=REPO,
@@ -121,7 +130,17 @@ def run_step(bed: Bed, server: ServerUnderTest, rate: float, clients: int, grace
         raise RuntimeError(f"load generator failed: {err.strip()}")
     loadgen = json.loads(out)
     other = machine - cpu - 100.0 * loadgen["loadgen_cpu_seconds"] / max(done - go, 1e-9)
-    return Step(loadgen, cpu, rss, hwm, socket_drops, max(0.0, other))
+    journal = server.journal_stats()
+    return Step(
+        loadgen,
+        cpu,
+        rss,
+        hwm,
+        socket_drops,
+        max(0.0, other),
+        journal.get("records", 0) - journal_before.get("records", 0),
+        journal.get("batches", 0) - journal_before.get("batches", 0),
+    )
 
 
 def run_ladder(
@@ -165,6 +184,12 @@ def _progress(name: str, step: Step) -> str:
         f"(other {step.other_cpu_pct:.0f} %), socket drops "
         f"server {step.server_socket_drops} loadgen {lg['loadgen_socket_drops']}, "
         f"{lg['late_pct']:.0f} % of DISCOVERs late"
+        + (
+            f", {step.journal_records} lease records in {step.journal_batches} fsyncs "
+            f"({step.batch_size:.1f} per fsync)"
+            if step.batch_size is not None
+            else ""
+        )
     )
 
 

@@ -26,6 +26,7 @@ COLUMNS = (
     ("RSS MB", "{:.1f}"),
     ("other %", "{:.0f}"),
     ("late %", "{:.0f}"),
+    ("per fsync", "{}"),
 )
 
 
@@ -67,6 +68,7 @@ def ladder_table(runs: Sequence[ServerRun]) -> list[str]:
                 step.server_hwm_kib / 1024,
                 step.other_cpu_pct,
                 lg["late_pct"],
+                "-" if step.batch_size is None else f"{step.batch_size:.1f}",
             )
             rows.append([fmt.format(v) for (_, fmt), v in zip(COLUMNS, values, strict=True)])
         if not run.steps:

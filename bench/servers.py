@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
-from cocoon_net import config
+from cocoon_net import config, control
 from cocoon_net.dhcp.leasefile import encode_snapshot
 from cocoon_net.dhcp.model import Lease
 
@@ -89,6 +89,10 @@ class ServerUnderTest(abc.ABC):
 
     def prepare(self) -> dict[str, str]:
         """Write configuration before start; return extra environment variables."""
+        return {}
+
+    def journal_stats(self) -> dict[str, int]:
+        """Counters of the server's durable lease writes (batches = fsyncs), where it has them."""
         return {}
 
     def start(self) -> None:
@@ -355,6 +359,11 @@ class CocoonNet(ServerUnderTest):
             if b"READY=1" in data.split(b"\n"):
                 return True
         return False
+
+    def journal_stats(self) -> dict[str, int]:
+        answer = control.request(self.site.paths.control_socket, {"cmd": "stats"})
+        store = answer["store"]
+        return {"batches": int(store["batches"]), "records": int(store["records"])}
 
     def write_leases(self, leases: Sequence[Lease]) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
