@@ -9,7 +9,6 @@ setns(2) is called through ctypes.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 from pathlib import Path
 
@@ -31,7 +30,9 @@ def enter(name: str) -> None:
     except OSError as exc:
         raise HostSetupError(f"open {path}: {exc.strerror}") from exc
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        # The running interpreter already links libc: no library search (find_library
+        # would run ldconfig, tens of milliseconds on every command).
+        libc = ctypes.CDLL(None, use_errno=True)
         if libc.setns(fd, CLONE_NEWNET) != 0:
             err = ctypes.get_errno()
             raise HostSetupError(f"enter network namespace {name!r}: {os.strerror(err)}")
