@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from pathlib import Path
 
 from cocoon_net.errors import HostSetupError
@@ -24,6 +23,8 @@ def atomic_write(path: Path, data: bytes, *, mode: int = 0o644, dir_mode: int = 
     The content and the directory entry are both on disk when this returns. The temp file
     name starts with the target's name and a dot, so leftovers of a crash are easy to find.
     """
+    import tempfile  # only writers need it (it pulls in random and hashlib): status stays quick
+
     try:
         path.parent.mkdir(mode=dir_mode, parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
