@@ -136,7 +136,7 @@ def _pending_state(opts: NodeOptions, platform: str, existing: PoolState | None)
 
 
 def _apply_result(pool: PoolState, result: ProvisionResult, opts: NodeOptions) -> None:
-    pool.ips = [str(ip) for ip in sorted(result.ips)]
+    pool.ips = [str(ip) for ip in sorted(result.ips, key=int)]
     pool.secondary_nics = list(result.secondary_nics)
     pool.alias_range_name = result.alias_range_name
     pool.subnet_id = result.subnet_id

@@ -157,3 +157,17 @@ def test_go_pool_json_with_null_ips_loads(tmp_path: Path) -> None:
     )
     pool = state.load(tmp_path / "pool.json")
     assert pool.ips == [] and pool.gateway == ""
+
+
+def test_adopt_dry_run_shows_the_plan_and_changes_nothing(
+    make_netns: Callable[[str], Netns], tmp_path: Path
+) -> None:
+    ns = _node(make_netns)
+    paths = NodePaths(tmp_path)
+    kernel_before, files_before = kernel_snapshot(ns), tree_digest(tmp_path)
+    out = _ok(*run_args(paths, "adopt", *ADOPT, "--dry-run", netns=ns.name))
+    assert "[dry-run] would adopt node with config:" in out
+    assert "(first=10.66.0.2, last=10.66.0.254)" in out
+    assert "create bridge cni0" in out and "would NOT touch: cloud" in out
+    assert kernel_snapshot(ns) == kernel_before
+    assert tree_digest(tmp_path) == files_before
