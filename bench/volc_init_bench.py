@@ -49,18 +49,7 @@ def main() -> None:
     with netns("bench") as ns, tempfile.TemporaryDirectory():
         emu = VolcEmulator()
         emu.attach_delay, emu.create_delay = attach, create
-        emu.on_attach = lambda mac, eni: ns.ip(
-            "link",
-            "add",
-            "e" + eni[-10:],
-            "address",
-            mac,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "p" + eni[-10:],
-        )
+        emu.hotplug_into(ns.name)
         emu.start(netns=ns.name)
         try:
             result, seconds = ns.call(provision, emu.environ())

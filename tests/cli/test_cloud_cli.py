@@ -114,12 +114,7 @@ def volc_node(make_netns: Callable[[str], Netns]) -> Iterator[tuple[Netns, VolcE
     emu = VolcEmulator()
     ns = _node(make_netns, emu.primary.mac)
 
-    def hotplug(mac: str, eni: str) -> None:  # the hypervisor adds a NIC for the ENI
-        ns.ip("link", "add", "e" + eni[-10:], "address", mac, "type", "veth", "peer", "name",
-              "p" + eni[-10:])  # fmt: skip
-
-    emu.on_attach = hotplug
-    emu.on_detach = lambda mac, eni: ns.ip("link", "del", "e" + eni[-10:], check=False)
+    emu.hotplug_into(ns.name)
     emu.start(netns=ns.name)
     try:
         yield ns, emu

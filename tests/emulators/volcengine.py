@@ -24,6 +24,7 @@ import itertools
 import json
 import re
 import secrets
+import subprocess
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -89,6 +90,11 @@ class Eni:
     status: str = "Creating"
     device_id: str = ""
     secondary: list[IPv4Address] = field(default_factory=list)
+
+
+def eni_link_name(eni_id: str) -> str:
+    """The OS interface a hot-plugged ENI shows up as in the tests (15 characters at most)."""
+    return "e" + eni_id[-10:]
 
 
 class VolcEmulator:
@@ -176,6 +182,20 @@ class VolcEmulator:
 
     def metadata_url(self) -> str:
         return self.base_url + "/latest/meta-data"
+
+    def hotplug_into(self, netns: str) -> None:
+        """Make attach and detach add and remove an interface with the ENI's MAC inside netns,
+        as the hypervisor's hot-plug would. A veth end stands in for the NIC (this kernel has
+        no dummy driver); its name is eni_link_name(eni_id)."""
+
+        def ip(*argv: str) -> None:
+            subprocess.run(["ip", "-n", netns, *argv], capture_output=True, check=False)
+
+        self.on_attach = lambda mac, eni: ip(
+            "link", "add", eni_link_name(eni), "address", mac, "type", "veth",
+            "peer", "name", "p" + eni[-10:],
+        )  # fmt: skip
+        self.on_detach = lambda mac, eni: ip("link", "del", eni_link_name(eni))
 
     def environ(self) -> dict[str, str]:
         """Everything the platform needs to talk to this emulator and nothing real."""

@@ -21,7 +21,7 @@ from cocoon_net.platform.base import NodeRequest, ProvisionResult
 from cocoon_net.platform.http import RetryPolicy
 from cocoon_net.platform.volc_api import PollPolicy
 from cocoon_net.state import PoolState
-from tests.emulators.volcengine import VolcEmulator
+from tests.emulators.volcengine import VolcEmulator, eni_link_name
 from tests.support.netns import Netns
 
 pytestmark = pytest.mark.netns
@@ -93,28 +93,11 @@ def _teardown(environ: dict[str, str], pool_file: Path) -> None:
     _platform(environ).teardown(state, _recorder(pool_file))
 
 
-def _link_name(eni_id: str) -> str:
-    return "e" + eni_id[-10:]
-
-
 @pytest.fixture
 def cloud(make_netns: Any, tmp_path: Path) -> Iterator[Cloud]:
     ns = make_netns("volc")
     emu = VolcEmulator()
-    # A veth end stands in for the hot-plugged NIC (this kernel has no dummy driver).
-    emu.on_attach = lambda mac, eni: ns.ip(
-        "link",
-        "add",
-        _link_name(eni),
-        "address",
-        mac,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "p" + eni[-10:],
-    )
-    emu.on_detach = lambda mac, eni: ns.ip("link", "del", _link_name(eni), check=False)
+    emu.hotplug_into(ns.name)
     emu.start(netns=ns.name)
     try:
         yield Cloud(ns, emu, tmp_path / "cloud.json")
@@ -136,7 +119,7 @@ def test_init_creates_subnet_enis_and_exactly_the_assigned_ips(cloud: Cloud) -> 
     assert len(result.ips) == 140 and all(ip in SUBNET for ip in result.ips)
     assert sorted(result.eni_ids) == sorted(e.id for e in ours)
     # Interfaces were found by MAC and brought up, whatever their names.
-    assert sorted(result.secondary_nics) == sorted(_link_name(e.id) for e in ours)
+    assert sorted(result.secondary_nics) == sorted(eni_link_name(e.id) for e in ours)
     for name in result.secondary_nics:
         assert "UP" in cloud.ns.ip("-o", "link", "show", name)
     subnet = next(s for s in cloud.emu.subnets.values() if s.cidr == SUBNET)
@@ -305,7 +288,7 @@ def test_status_lists_our_enis_and_the_subnet(cloud: Cloud) -> None:
     assert f"SubnetID: {result.subnet_id} {SUBNET} (Available" in text
     assert "ENIs: 2" in text
     for eni in cloud.ours():
-        assert f"{eni.id}: {eni.name} mac {eni.mac} if {_link_name(eni.id)} InUse" in text
+        assert f"{eni.id}: {eni.name} mac {eni.mac} if {eni_link_name(eni.id)} InUse" in text
         assert f"{len(eni.secondary)} IPs" in text
 
 
