@@ -328,6 +328,10 @@ class CocoonNet(ServerUnderTest):
             "cocoon_net",
             "--netns",
             self.site.node,
+            # Quiet like the peers (Kea logs start-up and errors, dnsmasq --quiet-dhcp): no
+            # line per OFFER and ACK.
+            "--log-level",
+            "warn",
             "daemon",
             "--state-dir",
             str(paths.state_dir),

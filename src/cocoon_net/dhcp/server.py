@@ -41,6 +41,15 @@ _READ_BATCH = 64  # frames handled per wake-up before yielding to other tasks
 _SO_BINDTODEVICE = 25
 
 
+@dataclass(frozen=True)
+class _Durable:
+    """A decision whose changes must be on disk (and routed) before its reply may leave."""
+
+    changes: tuple[Change, ...]
+    reply: policy.Reply | None
+    type_name: str
+
+
 class Counters:
     """Where the server reports what it did; the daemon plugs Prometheus in here."""
 
@@ -162,6 +171,16 @@ class DhcpServer:
                 return
 
     def _on_frames(self) -> None:
+        # Everything this wake-up decides that must be durable goes to disk together: one
+        # commit, one route batch, then the replies (one task, not one per request).
+        batch: list[_Durable] = []
+        try:
+            self._read_frames(batch)
+        finally:
+            if batch:
+                self._spawn(self._persist(batch))
+
+    def _read_frames(self, batch: list[_Durable]) -> None:
         sock = self._packet_sock
         if sock is None:
             return
@@ -177,23 +196,28 @@ class DhcpServer:
                     return
                 raise
             try:
-                self.handle_frame(data)
+                durable = self.handle_frame(data)
             except Exception:  # a bug must cost one packet, never the server
                 self.counters.drop("internal_error")
                 log.exception("internal error handling a packet; dropped it")
+                continue
+            if durable is not None:
+                batch.append(durable)
 
     # ------------------------------------------------------------------ requests
 
-    def handle_frame(self, data: bytes) -> None:
+    def handle_frame(self, data: bytes) -> _Durable | None:
+        """Decide on one frame. Replies that need nothing durable leave at once; the rest
+        come back to be committed, routed and then answered."""
         try:
             frame = frames.parse_frame(data)
             if frame is None:
-                return
+                return None
             request = packet.decode(frame.payload)
         except packet.MalformedPacket as exc:
             self.counters.drop(exc.reason)
             log.debug("dropped malformed packet: %s", exc)
-            return
+            return None
         now = self.clock()
         ctx = policy.RequestContext(
             src_mac=frame.src_mac.hex(":"),
@@ -210,40 +234,39 @@ class DhcpServer:
         if isinstance(decision, policy.Drop):
             self.counters.drop(decision.reason)
             self.counters.packet(type_name, decision.reason)
-            if records or touched:
-                self._spawn(self._persist(decision.changes, None, type_name))
-            return
+            return _Durable(decision.changes, None, type_name) if records or touched else None
         if not records and not touched:
             self._send(decision, type_name)  # OFFER, NAK, INFORM: nothing to make durable
-            return
-        self._spawn(self._persist(decision.changes, decision, type_name))
+            return None
+        return _Durable(decision.changes, decision, type_name)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self.state.tasks.add(task)
         task.add_done_callback(self.state.tasks.discard)
 
-    async def _persist(
-        self, changes: tuple[Change, ...], reply: policy.Reply | None, type_name: str
-    ) -> None:
+    async def _persist(self, batch: list[_Durable]) -> None:
+        changes = [change for item in batch for change in item.changes]
         try:
             await self.store.commit(effects.records(changes))
         except CocoonError as exc:
             log.error("lease store: %s; not answering", exc)
-            if reply is not None:
-                self.counters.packet(type_name, "store_failed")
-                self.counters.lease(False)
+            for item in batch:
+                if item.reply is not None:
+                    self.counters.packet(item.type_name, "store_failed")
+                    self.counters.lease(False)
             return
         failed = self.sync_routes(effects.touched(changes))
-        if reply is None:
-            return
-        if failed & effects.grants(changes):
-            # No ACK for an address the VPC cannot reach; the client retries and the
-            # reconcile loop repairs the route (spec §10, decc2d4).
-            self.counters.packet(type_name, "route_failed")
-            self.counters.lease(False)
-            return
-        self._send(reply, type_name)
+        for item in batch:
+            if item.reply is None:
+                continue
+            if failed & effects.grants(item.changes):
+                # No ACK for an address the VPC cannot reach; the client retries and the
+                # reconcile loop repairs the route (spec §10, decc2d4).
+                self.counters.packet(item.type_name, "route_failed")
+                self.counters.lease(False)
+                continue
+            self._send(item.reply, item.type_name)
 
     def sync_routes(self, ips: set[IPv4Address]) -> set[IPv4Address]:
         """Make the routes of ips match the table; return the addresses that failed."""
