@@ -207,6 +207,29 @@ def test_corrupt_journal_lines_are_counted_copied_aside_and_capped(path: Path) -
 # ---------------------------------------------------------------- Go compatibility
 
 
+def test_reopening_an_up_to_date_store_rewrites_nothing(path: Path) -> None:
+    s = LeaseStore(path)
+    s.open()
+    asyncio.run(s.commit([Record.grant(lease(1)), Record.grant(lease(2))]))
+    s.close()  # folds the journal into the snapshot
+    inode = {p.name: p.stat().st_ino for p in path.parent.iterdir()}
+    again = LeaseStore(path)
+    recovered = again.open()
+    assert recovered.report.current
+    assert ips(recovered) == {lease(1).mac: "10.0.0.1", lease(2).mac: "10.0.0.2"}
+    # Same files, not rewritten (an atomic rewrite would give them new inodes).
+    assert {p.name: p.stat().st_ino for p in path.parent.iterdir()} == inode
+    again.close(compact=False)
+    # A journal line to fold in makes the next open compact again.
+    role_path(path, Role.JOURNAL).write_bytes(journal_bytes(Record.release(lease(1)), first_seq=9))
+    third = LeaseStore(path)
+    recovered = third.open()
+    assert not recovered.report.current
+    third.close()
+    assert role_path(path, Role.JOURNAL).stat().st_size == 0
+    assert ips(reopen(path)) == {lease(2).mac: "10.0.0.2"}
+
+
 def test_go_written_file_with_offsets_and_null(path: Path) -> None:
     path.parent.mkdir()
     path.write_text(

@@ -14,9 +14,10 @@ import enum
 import json
 import math
 import re
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from ipaddress import IPv4Address
 from typing import Any
 
@@ -45,7 +46,7 @@ def is_canonical_mac(text: str) -> bool:
 def format_expiry(ts: float) -> str:
     # Go's format has whole seconds; round up so a reloaded lease never ends before the
     # client's does.
-    return datetime.fromtimestamp(math.ceil(ts), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(math.ceil(ts)))
 
 
 def parse_expiry(text: str) -> float:

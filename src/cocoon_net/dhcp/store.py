@@ -51,9 +51,10 @@ downgrade, an operator's edit): it wins, and the journal is set aside as stale.
 
 Startup: take LOCK, remove temps, read META, read SNAPSHOT (a corrupt or empty one is renamed
 to leases.json.corrupt-<UTC time>, never overwritten), replay JOURNAL, then compact at once so
-the journal starts empty and no torn line is ever followed by a new one. `LoadReport.complete`
-is False whenever the table may be missing leases; the daemon then also recovers from its
-kernel routes and hands out nothing it cannot prove free.
+the journal starts empty and no torn line is ever followed by a new one (unless the files are
+already what a compaction writes: META names the snapshot and the journal is empty).
+`LoadReport.complete` is False whenever the table may be missing leases; the daemon then also
+recovers from its kernel routes and hands out nothing it cannot prove free.
 """
 
 from __future__ import annotations
@@ -127,6 +128,9 @@ class LoadReport:
     foreign_snapshot: bool  # leases.json was written by someone else; journal set aside
     set_aside: tuple[Path, ...]
     removed_temps: tuple[Path, ...]
+    # The snapshot is the one our sidecar names, every entry was read and the journal is
+    # empty: a compaction would write the same files again.
+    current: bool = False
 
     @property
     def complete(self) -> bool:
@@ -276,6 +280,14 @@ def _recover(path: Path, max_corrupt: int, repair: bool) -> tuple[Recovered, Lea
         foreign_snapshot=foreign,
         set_aside=tuple(aside),
         removed_temps=tuple(removed),
+        current=bool(
+            meta is not None
+            and raw is not None
+            and not snapshot_lost
+            and not skipped
+            and not journal
+            and _digest(raw) == meta.snapshot
+        ),
     )
     seq = max(meta.seq if meta else 0, replayed.last_seq)
     copy = state.copy()
@@ -371,7 +383,10 @@ class LeaseStore:
             self._fd = os.open(
                 self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644
             )
-            self._compact()
+            # Rewriting files that are already what a compaction writes costs seconds with
+            # 60,000 leases and changes nothing.
+            if not recovered.report.current:
+                self._compact()
         except OSError as exc:
             self._release(lock)
             raise StateError(f"cannot open {self.journal_path}: {exc.strerror or exc}") from None
