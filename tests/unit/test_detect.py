@@ -7,7 +7,7 @@ a real metadata address.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
@@ -29,15 +29,6 @@ def closed_url() -> str:
     with serve(_volcengine) as srv:
         url = srv.url  # the port is closed again once the server stops
     return url
-
-
-@pytest.fixture
-def gce() -> Iterator[GceEmulator]:
-    emulator = GceEmulator().start()
-    try:
-        yield emulator
-    finally:
-        emulator.stop()
 
 
 def test_gce_alone(gce: GceEmulator, closed_url: str) -> None:

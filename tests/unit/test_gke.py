@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
@@ -36,15 +35,6 @@ SUBNET = IPv4Network("172.20.100.0/24")
 OPERATOR_ALIAS = {"ipCidrRange": "10.128.0.64/28"}  # from the primary range, operator-owned
 OTHER_RANGE = {"rangeName": "gke-pods", "ipCidrRange": "10.40.0.0/14"}
 OTHER_ALIAS = {"subnetworkRangeName": "gke-pods", "ipCidrRange": "10.40.1.0/24"}
-
-
-@pytest.fixture
-def gce() -> Iterator[GceEmulator]:
-    emulator = GceEmulator().start()
-    try:
-        yield emulator
-    finally:
-        emulator.stop()
 
 
 class Node:
