@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: setup test lint fmt demo bench lock clean
+.PHONY: setup system-deps test lint fmt demo bench lock clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -15,7 +15,10 @@ setup: $(BIN)/python  ## install the locked dependencies and the package (editab
 	$(BIN)/uv pip install --python $(BIN)/python -q -r requirements.lock
 	$(BIN)/uv pip install --python $(BIN)/python -q --no-deps -e .
 
-test: setup  ## lint, type-check and run every test (the netns tests need root)
+system-deps:  ## the Debian packages the demo and the namespace tests drive (iproute2, iptables, DHCP clients)
+	./scripts/system-deps
+
+test: setup system-deps  ## lint, type-check and run every test (the netns tests need root)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy
