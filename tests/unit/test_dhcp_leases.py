@@ -285,6 +285,20 @@ def test_an_untaken_offer_goes_behind_the_other_free_addresses() -> None:
     assert [table.offer(mac(i), 61.0)[0] for i in (4, 5, 6, 7)] == [ip(5), ip(6), ip(7), ip(2)]
 
 
+def test_a_declined_address_stays_last_after_a_reload() -> None:
+    table = LeaseTable(POOL)
+    dora(table, mac(1), 0.0)  # .2
+    table.decline(mac(1), ip(2), 1.0, 100.0)
+    snap = table.snapshot()
+    # The store keeps history per MAC: the declined address's mark (no MAC) is not in it.
+    stored_history = [h for h in snap.history if h.mac]
+    reloaded = LeaseTable(POOL)
+    reloaded.load(snap.leases, stored_history, snap.quarantine, 2.0)
+    # After the quarantine, the never-used addresses still come first, the declined one last.
+    offers = [reloaded.offer(mac(i), 200.0)[0] for i in range(10, 16)]
+    assert offers == [ip(3), ip(4), ip(5), ip(6), ip(7), ip(2)]
+
+
 def test_stats() -> None:
     table = LeaseTable(POOL, reservations={mac(9): ip(7)})
     dora(table, mac(1), 0.0)

@@ -166,8 +166,8 @@ def records(draw: st.DrawFn) -> Record:
     if op is Op.GRANT:
         host = draw(st.sampled_from(["", "vm-a", "vm-b"]))
         return Record.grant(Lease(mac, ip, when, host))
-    if op in (Op.RELEASE, Op.EXPIRE):
-        return Record(op, ip, mac)
+    if op in (Op.RELEASE, Op.EXPIRE):  # with or without the end time (older journals)
+        return Record(op, ip, mac, draw(st.sampled_from([0.0, when])))
     if op is Op.QUARANTINE:
         return Record.quarantine(ip, when, mac)
     return Record.unquarantine(ip)
@@ -183,7 +183,11 @@ def model(recs: list[Record]) -> tuple[set[Lease], dict[str, Lease], dict[IPv4Ad
             leases = {x for x in leases if x.mac != r.mac and x.ip != r.ip} | {r.lease()}
             history[r.mac] = r.lease()
         elif r.op in (Op.RELEASE, Op.EXPIRE):
-            leases = {x for x in leases if not (x.mac == r.mac and x.ip == r.ip)}
+            ended = {x for x in leases if x.mac == r.mac and x.ip == r.ip}
+            leases -= ended
+            for x in ended:
+                if r.expires:  # history keeps when the binding ended
+                    history[r.mac] = Lease(x.mac, x.ip, r.expires, x.hostname, x.client_id)
         elif r.op is Op.QUARANTINE:
             quarantine[r.ip] = r.expires
         else:

@@ -16,7 +16,7 @@ import math
 import re
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from ipaddress import IPv4Address
 from typing import Any
@@ -188,11 +188,12 @@ class Record:
 
     @classmethod
     def release(cls, lease: Lease) -> Record:
-        return cls(Op.RELEASE, lease.ip, lease.mac)
+        """`lease.expires` is when the binding ended: history keeps it for the reuse order."""
+        return cls(Op.RELEASE, lease.ip, lease.mac, lease.expires)
 
     @classmethod
     def expire(cls, lease: Lease) -> Record:
-        return cls(Op.EXPIRE, lease.ip, lease.mac)
+        return cls(Op.EXPIRE, lease.ip, lease.mac, lease.expires)
 
     @classmethod
     def quarantine(cls, ip: IPv4Address, until: float, mac: str = "") -> Record:
@@ -221,7 +222,7 @@ def encode_record(record: Record, seq: int) -> bytes:
     out: dict[str, Any] = {"seq": seq, "op": record.op.value, "ip": str(record.ip)}
     if record.mac:
         out["mac"] = record.mac
-    if record.op in (Op.GRANT, Op.QUARANTINE):
+    if record.op is not Op.UNQUARANTINE and record.expires:
         out["expires"] = record.expires
     if record.hostname:
         out["hostname"] = record.hostname
@@ -336,6 +337,10 @@ class LeaseState:
                 if held is None or held.ip != record.ip:
                     return False
                 self._drop(held)
+                # History remembers when the binding really ended (journals written before
+                # records carried the time fall back to the lease's own end).
+                if record.expires:
+                    self.history[held.mac] = replace(held, expires=record.expires)
             case Op.QUARANTINE:
                 self.quarantine[record.ip] = record.expires
             case Op.UNQUARANTINE:

@@ -534,6 +534,11 @@ class LeaseTable:
         for past in sorted(history, key=lambda le: le.expires):
             if past.ip in self._in_pool:
                 self._remember(past)
+        # A declined address is nobody's to come back to and goes last in the reuse order,
+        # as decline() leaves it; the store keeps the quarantine, not that mark.
+        for ip, declined in self._quarantine.items():
+            if ip not in self._history:
+                self._remember(Lease("", ip, declined.until))
         changes: list[Change] = []
         for lease in sorted(leases, key=lambda le: le.expires, reverse=True):
             if lease.ip not in self._in_pool:
