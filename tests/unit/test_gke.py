@@ -250,7 +250,8 @@ def test_adopt_without_an_alias_says_so(gce: GceEmulator, tmp_path: Path) -> Non
         node.platform().adopt(node.request())
 
 
-def test_service_account_json_credentials(gce: GceEmulator, tmp_path: Path) -> None:
+def service_account_file(gce: GceEmulator, tmp_path: Path) -> Path:
+    """A service-account key whose token_uri is the emulator's, as ADC reads it."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
 
@@ -271,6 +272,11 @@ def test_service_account_json_credentials(gce: GceEmulator, tmp_path: Path) -> N
     }
     path = tmp_path / "sa.json"
     path.write_text(json.dumps(sa))
+    return path
+
+
+def test_service_account_json_credentials(gce: GceEmulator, tmp_path: Path) -> None:
+    path = service_account_file(gce, tmp_path)
     node = Node(gce, tmp_path)
     node.environ["GOOGLE_APPLICATION_CREDENTIALS"] = str(path)
     node.init()
@@ -292,6 +298,22 @@ def test_short_lived_token_is_refreshed(tmp_path: Path) -> None:
         assert len(gce.state.token_grants) > 1
     finally:
         gce.stop()
+
+
+@pytest.mark.parametrize("credentials", ["metadata", "service-account file"])
+def test_a_token_the_server_stopped_taking_is_replaced_once(
+    gce: GceEmulator, tmp_path: Path, credentials: str
+) -> None:
+    node = Node(gce, tmp_path)
+    if credentials != "metadata":
+        path = service_account_file(gce, tmp_path)
+        node.environ["GOOGLE_APPLICATION_CREDENTIALS"] = str(path)
+    platform = node.platform()
+    platform.provision(node.request(), node.record)
+    granted = len(gce.state.token_grants)
+    gce.state.tokens.clear()  # revoked, or expired early: the next call gets a 401
+    assert platform.status(node.state())  # still answers: one refresh, then success
+    assert len(gce.state.token_grants) == granted + 1
 
 
 def test_missing_nic0_subnetwork_is_clear(gce: GceEmulator, tmp_path: Path) -> None:

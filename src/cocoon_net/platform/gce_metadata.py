@@ -15,10 +15,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from cocoon_net.errors import CloudAuthError, CloudError
-from cocoon_net.platform.http import HttpClient, RetryPolicy
+from cocoon_net.platform.http import HttpClient, Retry, RetryPolicy
+
+if TYPE_CHECKING:
+    import requests
 
 ENV_METADATA_HOST = "GCE_METADATA_HOST"
 ENV_METADATA_ROOT = "GCE_METADATA_ROOT"  # the legacy name google-auth still honours
@@ -105,6 +108,10 @@ class Metadata:
         self._token = (token, now + expires_in)
         return token
 
+    def forget(self) -> None:
+        """Drop the cached token: the server refused it before its announced expiry."""
+        self._token = None
+
 
 def _parse_token(body: Any) -> tuple[str, float]:
     if not isinstance(body, dict) or not isinstance(body.get("access_token"), str):
@@ -148,11 +155,43 @@ class FileCredentials:
                 raise CloudAuthError(f"refresh credentials from {ENV_CREDENTIALS}: {exc}") from None
         return str(creds.token)
 
+    def forget(self) -> None:
+        self._creds.token = None  # not valid any more: the next token() refreshes
 
-def token_source(environ: Mapping[str, str], metadata: Metadata) -> Callable[[], str]:
+
+class TokenSource(Protocol):
+    def token(self) -> str: ...
+
+    def forget(self) -> None: ...
+
+
+def token_source(environ: Mapping[str, str], metadata: Metadata) -> TokenSource:
     """Application default credentials in the order that matters on a node: an explicit
     credentials file first, then the instance's own service account."""
     path = environ.get(ENV_CREDENTIALS, "")
     if path:
-        return FileCredentials(path).token
-    return metadata.token
+        return FileCredentials(path)
+    return metadata
+
+
+class BearerAuth:
+    """Signs every attempt with a current token. A 401 means the server no longer takes the
+    cached one (revoked, or expired early): it is dropped and the request tried once more
+    with a fresh one; a second 401 in a row is reported as it is."""
+
+    def __init__(self, source: TokenSource) -> None:
+        self._source = source
+        self._refreshed = False
+
+    def sign(self, *_: Any) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self._source.token()}"}
+
+    def classify(self, response: requests.Response) -> CloudError | Retry | None:
+        if response.status_code != 401:
+            self._refreshed = False
+            return None
+        if self._refreshed:
+            return None  # the status mapping reports it (CloudAuthError)
+        self._refreshed = True
+        self._source.forget()
+        return Retry(CloudAuthError("the access token was refused; fetching a new one"))

@@ -76,12 +76,13 @@ class GkePlatform:
     @property
     def compute(self) -> Compute:
         if self._compute is None:
-            token = gce_metadata.token_source(self.environ, self.metadata)
+            auth = gce_metadata.BearerAuth(gce_metadata.token_source(self.environ, self.metadata))
             http = HttpClient(
                 service="Compute Engine",
                 timeout=self._timeout,
                 retry=self._retry,
-                sign=lambda *_: {"Authorization": f"Bearer {token()}"},
+                sign=auth.sign,
+                classify=auth.classify,
                 auth_hint=gce_compute.AUTH_HINT,
                 sleep=self._sleep,
                 clock=self._clock,
