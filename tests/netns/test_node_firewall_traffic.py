@@ -67,7 +67,7 @@ def test_vm_traffic_passes_drop_policy_with_the_right_source(
     node.ip("link", "set", "tap0", "master", "cni0")
     vm.ip("addr", "add", "172.20.100.5/24", "dev", "eth0")
     vm.ip("route", "add", "default", "via", "172.20.100.1")
-    node.call(routes.add_route, IPv4Address("172.20.100.5"), "cni0")
+    node.call(routes.apply_routes, routes.RouteDiff(add=(IPv4Address("172.20.100.5"),)), "cni0")
 
     assert ping(vm, "172.20.100.1")
     assert ping(vm, "10.128.0.9")  # VPC-native: unmasqueraded

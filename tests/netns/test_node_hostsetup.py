@@ -141,7 +141,7 @@ def test_teardown_restores_the_host_exactly_and_is_idempotent(host: Netns, tmp_p
     before = snapshot(host, spec)
     record, _ = host.call(hostsetup.reconcile, spec, HostRecord())
     record, _ = host.call(hostsetup.reconcile, spec, record)  # a daemon restart
-    host.call(routes.add_route, IPv4Address("172.20.100.7"), "cni0")
+    host.call(routes.apply_routes, routes.RouteDiff(add=(IPv4Address("172.20.100.7"),)), "cni0")
     assert snapshot(host, spec) != before
 
     planned = host.call(hostsetup.plan_teardown, record, "cni0", spec.conflist, True)

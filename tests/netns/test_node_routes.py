@@ -48,16 +48,18 @@ def test_reconcile_adds_and_removes_only_our_routes(ns: Netns) -> None:
     assert ns.call(routes.list_routes, "cni0") == set()
     assert show(ns) == ["172.20.100.0/24 proto kernel scope link src 172.20.100.1",
                         "172.20.100.50 proto static scope link"]  # fmt: skip
-    ns.call(routes.del_route, ip(50), "cni0")  # proto 203 does not match a static route
+    ns.call(
+        routes.apply_routes, RouteDiff(remove=(ip(50),)), "cni0"
+    )  # proto 203 does not match a static route
     assert "172.20.100.50 proto static scope link" in show(ns)
 
 
 def test_adds_are_idempotent_and_deletes_of_gone_routes_harmless(ns: Netns) -> None:
-    ns.call(routes.add_route, ip(9), "cni0")
-    ns.call(routes.add_route, ip(9), "cni0")
+    ns.call(routes.apply_routes, RouteDiff(add=(ip(9),)), "cni0")
+    ns.call(routes.apply_routes, RouteDiff(add=(ip(9),)), "cni0")
     ns.call(routes.apply_routes, RouteDiff(add=(ip(9),), remove=(ip(10), ip(11))), "cni0")
-    ns.call(routes.del_route, ip(9), "cni0")
-    ns.call(routes.del_route, ip(9), "cni0")
+    ns.call(routes.apply_routes, RouteDiff(remove=(ip(9),)), "cni0")
+    ns.call(routes.apply_routes, RouteDiff(remove=(ip(9),)), "cni0")
     assert ns.call(routes.list_routes, "cni0") == set()
 
 
@@ -65,7 +67,7 @@ def test_go_tool_routes_are_listed_by_their_protocol_and_taken_over(ns: Netns) -
     ns.ip("route", "add", "172.20.100.20/32", "dev", "cni0", "proto", "boot", "scope", "global")
     assert ns.call(routes.list_routes, "cni0", config.GO_ROUTE_PROTO) == {ip(20)}
     assert ns.call(routes.list_routes, "cni0") == set()
-    ns.call(routes.add_route, ip(20), "cni0")  # replace takes the entry over
+    ns.call(routes.apply_routes, RouteDiff(add=(ip(20),)), "cni0")  # replace takes the entry over
     assert ns.call(routes.list_routes, "cni0") == {ip(20)}
     assert ns.call(routes.list_routes, "cni0", config.GO_ROUTE_PROTO) == set()
 
@@ -75,4 +77,4 @@ def test_missing_bridge_lists_nothing_and_a_real_failure_is_reported(ns: Netns) 
     assert ns.call(routes.flush_routes, "nobr0") == []
     ns.ip("link", "set", "cni0", "down")
     with pytest.raises(HostSetupError, match=r"ip -batch on cni0 \(1 add, 0 del\)"):
-        ns.call(routes.add_route, ip(30), "cni0")
+        ns.call(routes.apply_routes, RouteDiff(add=(ip(30),)), "cni0")

@@ -84,14 +84,6 @@ def apply_routes(diff: RouteDiff, bridge: str, proto: int = config.ROUTE_PROTO) 
         )
 
 
-def add_route(ip: IPv4Address, bridge: str) -> None:
-    apply_routes(RouteDiff(add=(ip,)), bridge)
-
-
-def del_route(ip: IPv4Address, bridge: str) -> None:
-    apply_routes(RouteDiff(remove=(ip,)), bridge)
-
-
 def _describe_flush(present: set[IPv4Address], bridge: str, proto: int) -> list[str]:
     return [f"remove {len(present)} lease routes (proto {proto}) from {bridge}"] if present else []
 
