@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cocoon_net import config, state
 from cocoon_net.errors import CocoonError, StateError
@@ -24,6 +24,9 @@ from cocoon_net.lock import StateLock
 from cocoon_net.platform import get_platform
 from cocoon_net.platform.base import NodeRequest, ProvisionResult
 from cocoon_net.state import HostRecord, PoolState
+
+if TYPE_CHECKING:  # node.hostsetup is imported when used: status never needs it
+    from cocoon_net.node.hostsetup import HostSpec
 
 log = logging.getLogger("cocoon_net.lifecycle")
 
@@ -74,7 +77,7 @@ def resolve_platform(name: str, environ: Mapping[str, str]) -> str:
     return detected
 
 
-def host_spec(pool: PoolState, *, manage_firewall: bool, bridge_mac: str | None = None) -> Any:
+def host_spec(pool: PoolState, *, manage_firewall: bool, bridge_mac: str | None = None) -> HostSpec:
     """The desired host state for pool (node.hostsetup.HostSpec)."""
     from cocoon_net.node.hostsetup import HostSpec
 
