@@ -92,6 +92,31 @@ def test_gke_init_status_teardown(gce_node: tuple[Netns, GceEmulator], tmp_path:
     assert not paths.pool.exists()
 
 
+def test_gke_adopted_operator_alias_survives_teardown(
+    gce_node: tuple[Netns, GceEmulator], tmp_path: Path
+) -> None:
+    ns, gce = gce_node
+    paths = NodePaths(tmp_path)
+    paths.cni.mkdir()
+    env = gce.environ(COCOON_NET_GCE_AGENT_CONFIG=str(tmp_path / "agent.cfg"))
+    gce.set_secondary([{"rangeName": "operator-pods", "ipCidrRange": "10.64.0.0/16"}])
+    gce.set_aliases([{"subnetworkRangeName": "operator-pods", "ipCidrRange": "10.64.1.0/24"}])
+    cloud_before = gce.snapshot()
+    adopt = ["--platform", "gke", "--node-name", "n3", "--subnet", "10.64.1.0/24"]
+    out = _ok(*run_args(paths, "adopt", *adopt, netns=ns.name), env=env)
+    assert "cloud preserved" in out
+    raw = json.loads(paths.pool.read_text())
+    assert "aliasRangeName" not in raw  # as the Go tool's adopt writes it
+    assert raw["cloud"]["aliasRangeName"] == "operator-pods"
+    assert raw["cloud"]["aliasOwned"] is False
+    dry = _ok(*run_args(paths, "teardown", "--dry-run", netns=ns.name), env=env)
+    assert "keep alias operator-pods:10.64.1.0/24 on nic0: adopted, not ours" in dry
+    _ok(*run_args(paths, "teardown", netns=ns.name), env=env)
+    assert gce.snapshot() == cloud_before
+    assert gce.state.mutations_applied == 0
+    assert not paths.pool.exists()
+
+
 def test_gke_subnet_outside_the_shared_range_fails_before_any_change(
     gce_node: tuple[Netns, GceEmulator], tmp_path: Path
 ) -> None:

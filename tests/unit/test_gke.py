@@ -21,6 +21,7 @@ from cocoon_net.errors import (
     CloudNotFound,
     CloudQuotaError,
     CocoonError,
+    StateError,
     UsageError,
 )
 from cocoon_net.platform import get_platform
@@ -43,6 +44,7 @@ class Node:
     def __init__(self, gce: GceEmulator, tmp_path: Path, subnet: IPv4Network = SUBNET) -> None:
         self.subnet = subnet
         self.cloud: dict[str, Any] = {}
+        self.alias_range_name = "cocoon-pods"  # pool.json's top-level key, as init writes it
         self.sleeps: list[float] = []
         self.environ = gce.environ(COCOON_NET_GCE_AGENT_CONFIG=str(tmp_path / "agent.cfg"))
 
@@ -77,12 +79,21 @@ class Node:
             node_name="node-1",
             subnet=str(self.subnet),
             gateway=str(self.subnet.network_address + 1),
-            alias_range_name="cocoon-pods",
+            alias_range_name=self.alias_range_name,
             cloud=dict(self.cloud),
         )
 
     def init(self, **kwargs: Any) -> Any:
-        return self.platform(**kwargs).provision(self.request(), self.record)
+        result = self.platform(**kwargs).provision(self.request(), self.record)
+        self.alias_range_name = result.alias_range_name
+        return result
+
+    def adopt(self) -> Any:
+        """adopt as the CLI runs it: the result's cloud record merged into pool.json."""
+        result = self.platform().adopt(self.request())
+        self.record(result.cloud)
+        self.alias_range_name = result.alias_range_name
+        return result
 
     def teardown(self, **kwargs: Any) -> None:
         self.platform(**kwargs).teardown(self.state(), self.record)
@@ -186,7 +197,7 @@ def test_teardown_is_safe_to_rerun_and_status_reports(gce: GceEmulator, tmp_path
     assert cfg.read_text() == "[IpForwarding]\nip_aliases = false\n"
     lines = node.platform().status(node.state())
     assert lines[0].value == f"10.128.0.64/28, cocoon-pods:{SUBNET}"
-    assert lines[1].value == f"cocoon-pods:{SUBNET} present"
+    assert lines[1].value == f"cocoon-pods:{SUBNET} present (ours)"
     node.teardown()
     applied = gce.state.mutations_applied
     node.teardown()
@@ -214,34 +225,99 @@ def test_shared_vpc_uses_the_subnetworks_own_project(tmp_path: Path) -> None:
         gce.stop()
 
 
-def test_adopt_records_the_existing_alias_without_changes(gce: GceEmulator, tmp_path: Path) -> None:
+def test_adopt_records_the_existing_alias_as_adopted(gce: GceEmulator, tmp_path: Path) -> None:
     gce.set_secondary([{"rangeName": "pods-legacy", "ipCidrRange": "172.20.0.0/16"}])
     gce.set_aliases([{"subnetworkRangeName": "pods-legacy", "ipCidrRange": str(SUBNET)}])
     before = gce.snapshot()
     node = Node(gce, tmp_path)
-    result = node.platform().adopt(node.request())
+    result = node.adopt()
     assert gce.snapshot() == before
     assert gce.state.mutations_applied == 0
-    assert result.alias_range_name == "pods-legacy"
+    # pool.json's top-level key stays empty, as the Go tool's adopt left it
+    assert result.alias_range_name == ""
     assert result.cloud["aliasRangeName"] == "pods-legacy"
-    # teardown of the adopted node finds the alias by the recorded name (weakness §9.6 #36)
-    node.record(result.cloud)
-    state = node.state()
-    state.alias_range_name = result.alias_range_name
-    node.platform().teardown(state, node.record)
-    assert gce.nic0["aliasIpRanges"] == []
+    assert result.cloud["aliasOwned"] is False
+    lines = node.platform().status(node.state())
+    assert lines[1].value == f"pods-legacy:{SUBNET} present (adopted: teardown leaves it)"
+    assert node.platform().plan_teardown(node.state()) == [
+        f"keep alias pods-legacy:{SUBNET} on nic0: adopted, not ours"
+    ]
 
 
-def test_adopted_primary_range_alias_is_the_one_teardown_removes(
+@pytest.mark.parametrize(
+    ("alias", "subnet"),
+    [
+        # an operator's own secondary range, not named cocoon-pods
+        ({"subnetworkRangeName": "operator-pods", "ipCidrRange": "10.64.1.0/24"}, "10.64.1.0/24"),
+        # an alias taken from the subnetwork's primary range (no range name at all)
+        ({"ipCidrRange": "10.128.0.64/28"}, "10.128.0.64/28"),
+        # adopting a node whose alias carries our own range name still adopts it
+        ({"subnetworkRangeName": "cocoon-pods", "ipCidrRange": str(SUBNET)}, str(SUBNET)),
+    ],
+)
+def test_an_adopted_alias_survives_teardown(
+    gce: GceEmulator, tmp_path: Path, alias: dict[str, str], subnet: str
+) -> None:
+    gce.set_aliases([alias, OTHER_ALIAS])
+    before = gce.snapshot()
+    node = Node(gce, tmp_path, IPv4Network(subnet))
+    node.adopt()
+    node.teardown()
+    node.teardown()  # and again: still nothing
+    assert gce.snapshot() == before
+    assert gce.state.mutations_applied == 0
+
+
+def test_go_tool_init_pool_json_teardown_removes_its_alias_only(
     gce: GceEmulator, tmp_path: Path
 ) -> None:
-    node = Node(gce, tmp_path, IPv4Network("10.128.0.64/28"))
-    gce.set_aliases([{"ipCidrRange": "10.128.0.64/28"}, {"ipCidrRange": "10.128.0.96/28"}])
-    node.record(node.platform().adopt(node.request()).cloud)
-    state = node.state()
-    state.alias_range_name = ""
-    node.platform().teardown(state, node.record)
-    assert gce.nic0["aliasIpRanges"] == [{"ipCidrRange": "10.128.0.96/28"}]
+    """A pool.json the Go tool's init wrote: aliasRangeName cocoon-pods, no cloud record."""
+    gce.set_secondary([{"rangeName": "cocoon-pods", "ipCidrRange": "172.20.0.0/16"}])
+    gce.set_aliases([OPERATOR_ALIAS, ours(), ours(IPv4Network("172.20.9.0/24"))])
+    node = Node(gce, tmp_path)
+    assert node.platform().plan_teardown(node.state()) == [
+        f"remove alias cocoon-pods:{SUBNET} from nic0 of this instance (other aliases kept)"
+    ]
+    node.teardown()
+    # exactly `cocoon-pods:<pool subnet>`: another node-sized cocoon-pods alias is not the
+    # pool's, and the shared range stays
+    assert gce.nic0["aliasIpRanges"] == [OPERATOR_ALIAS, ours(IPv4Network("172.20.9.0/24"))]
+    assert gce.subnet["secondaryIpRanges"][0]["rangeName"] == "cocoon-pods"
+
+
+def test_go_tool_adopt_pool_json_teardown_removes_nothing(gce: GceEmulator, tmp_path: Path) -> None:
+    """The Go tool's adopt wrote no aliasRangeName: whatever it adopted is not ours."""
+    gce.set_aliases([OPERATOR_ALIAS, ours()])
+    before = gce.snapshot()
+    node = Node(gce, tmp_path)
+    node.alias_range_name = ""
+    assert node.platform().status(node.state())[1].value == (
+        f"cocoon-pods:{SUBNET} present (adopted: teardown leaves it)"
+    )
+    node.teardown()
+    assert gce.snapshot() == before
+
+
+def test_adopt_after_init_keeps_our_alias_ours(gce: GceEmulator, tmp_path: Path) -> None:
+    gce.set_aliases([OPERATOR_ALIAS])
+    node = Node(gce, tmp_path)
+    node.init()
+    assert node.adopt().alias_range_name == "cocoon-pods"
+    assert node.cloud["aliasOwned"] is True
+    node.teardown()
+    assert gce.nic0["aliasIpRanges"] == [OPERATOR_ALIAS]
+
+
+def test_adopt_refuses_to_forget_an_alias_init_added(gce: GceEmulator, tmp_path: Path) -> None:
+    gce.set_secondary([{"rangeName": "operator-pods", "ipCidrRange": "10.64.1.0/24"}])
+    gce.set_aliases([{"subnetworkRangeName": "operator-pods", "ipCidrRange": "10.64.1.0/24"}])
+    node = Node(gce, tmp_path)
+    node.init()
+    recorded = dict(node.cloud)
+    node.subnet = IPv4Network("10.64.1.0/24")
+    with pytest.raises(StateError, match=r"records alias cocoon-pods:172\.20\.100\.0/24"):
+        node.adopt()
+    assert node.cloud == recorded
 
 
 def test_adopt_without_an_alias_says_so(gce: GceEmulator, tmp_path: Path) -> None:

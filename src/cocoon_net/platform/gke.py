@@ -10,8 +10,10 @@ failure stopped, and a second run changes nothing):
   5. the guest agent: turn its alias routes off in its config and delete the local route.
 Everything teardown needs is recorded before the change that needs undoing is made.
 
-teardown removes our alias from nic0 and restores the agent config; the shared range is left
-alone (other nodes' aliases live in it; the operator owns it).
+Ownership is a record, never a guess. init records `aliasOwned: true` for `cocoon-pods:<subnet>`
+before it adds it; adopt records the alias it found with `aliasOwned: false`. teardown removes
+an alias only when the record says it is ours, and restores the agent config; the shared range
+is left alone (other nodes' aliases live in it; the operator owns it).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import ipaddress
 import logging
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from ipaddress import IPv4Network
 from typing import Any
 
@@ -30,6 +33,7 @@ from cocoon_net.errors import (
     CloudNotFound,
     CocoonError,
     HostSetupError,
+    StateError,
 )
 from cocoon_net.node import nic as host_nic
 from cocoon_net.platform import gce_compute, gce_metadata, localroute
@@ -126,18 +130,22 @@ class GkePlatform:
                 f"no alias IP range on {NIC} of instance {inst.name} covers {request.subnet} "
                 f"(aliases: {_aliases_text(nic)}); run 'cocoon-net init' to create it"
             )
+        owned = _adopt_keeps_ours(request.cloud, alias)
         ref = SubnetRef.from_url(nic.subnetwork)
         subnetwork = self.compute.get_subnetwork(ref)
         return ProvisionResult(
             ips=config.first_hosts(request.subnet, request.gateway, request.pool_size),
             vpc_cidrs=_vpc_cidrs(subnetwork),
             mtu=inst.mtu,
-            alias_range_name=alias.range_name,
+            # Empty for an adopted alias, as the Go tool's adopt left it: after a rollback its
+            # teardown must not take the operator's range name for ours.
+            alias_range_name=alias.range_name if owned else "",
             subnet_id=ref.path,
             cloud={
                 **_where(inst, request.subnet),
                 "aliasRangeName": alias.range_name,
                 "aliasCidr": alias.cidr,
+                "aliasOwned": owned,
                 "subnetwork": ref.path,
             },
         )
@@ -145,35 +153,48 @@ class GkePlatform:
     def status(self, state: PoolState) -> list[StatusLine]:
         inst = self.metadata.instance()
         nic = self.compute.get_nic(inst.project, inst.zone, inst.name)
-        name, subnet = _ours(state)
-        present = gce_compute.plan_alias_remove(nic.aliases, name, subnet) is not None
+        used = alias_record(state)
+        if used is None:  # adopted by the Go tool, which kept no name: found by its CIDR
+            found = gce_compute.find_alias(nic.aliases, state.network)
+            text = f"{found} present" if found else f"none covering {state.subnet} on {NIC}"
+            return [StatusLine("Aliases", _aliases_text(nic)), StatusLine("Alias", text + _ADOPTED)]
+        present = gce_compute.plan_alias_remove(nic.aliases, used.name, used.cidr) is not None
         return [
             StatusLine("Aliases", _aliases_text(nic)),
             StatusLine(
                 "Alias",
-                f"{name}:{subnet} " + ("present" if present else f"MISSING from {NIC}"),
+                f"{used} "
+                + ("present" if present else f"MISSING from {NIC}")
+                + (" (ours)" if used.owned else _ADOPTED),
             ),
         ]
 
     def plan_teardown(self, state: PoolState) -> list[str]:
-        name, subnet = _ours(state)
+        used = alias_record(state)
         where = state.cloud.get("instance") or "this instance"
-        lines = [f"remove alias {name}:{subnet} from {NIC} of {where} (other aliases kept)"]
+        if used is not None and used.owned:
+            lines = [f"remove alias {used} from {NIC} of {where} (other aliases kept)"]
+        else:
+            lines = [f"keep alias {used or state.subnet} on {NIC}: adopted, not ours"]
         if _agent_to_restore(state.cloud):
             lines.append(f"restore [IpForwarding] ip_aliases in {self.agent_config}")
         return lines
 
     def teardown(self, state: PoolState, record: ResourceRecorder) -> None:
         failures: list[str] = []
-        name, subnet = _ours(state)
-        try:
-            inst = self.metadata.instance()
-            self._rmw_aliases(
-                inst, lambda aliases: gce_compute.plan_alias_remove(aliases, name, subnet)
-            )
-            record({"aliasRemoved": True})
-        except CocoonError as exc:
-            failures.append(str(exc))
+        used = alias_record(state)
+        if used is not None and used.owned:
+            try:
+                inst = self.metadata.instance()
+                self._rmw_aliases(
+                    inst,
+                    lambda aliases: gce_compute.plan_alias_remove(aliases, used.name, used.cidr),
+                )
+                record({"aliasRemoved": True})
+            except CocoonError as exc:
+                failures.append(str(exc))
+        else:
+            log.info("alias %s was adopted, not created by cocoon-net: left on %s", used, NIC)
         if _agent_to_restore(state.cloud):
             try:
                 localroute.set_agent_ip_aliases(
@@ -289,13 +310,67 @@ class GkePlatform:
         return agent
 
 
+_ADOPTED = " (adopted: teardown leaves it)"
+
+
+@dataclass(frozen=True)
+class AliasRecord:
+    """The alias a pool uses, and whether cocoon-net made it (only then does teardown remove
+    it)."""
+
+    name: str  # "" for an alias from the subnetwork's primary range
+    cidr: IPv4Network
+    owned: bool
+
+    def __str__(self) -> str:
+        return str(gce_compute.Alias(self.name, str(self.cidr)))
+
+
+def alias_record(state: PoolState) -> AliasRecord | None:
+    """What pool.json says about the alias; None when it names none (the Go tool's adopt).
+
+    Our record carries aliasOwned. A pool.json without it is the Go tool's: only its init
+    wrote aliasRangeName, always `cocoon-pods`, for the alias it added at the pool's subnet;
+    its adopt wrote no name, and what it adopted is never ours.
+    """
+    cloud = state.cloud
+    if "aliasOwned" in cloud:
+        cidr = IPv4Network(cloud.get("aliasCidr") or state.subnet, strict=False)
+        return AliasRecord(str(cloud.get("aliasRangeName", "")), cidr, bool(cloud["aliasOwned"]))
+    if state.alias_range_name == RANGE_NAME:
+        return AliasRecord(RANGE_NAME, state.network, True)
+    return None
+
+
+def _adopt_keeps_ours(cloud: Mapping[str, Any], alias: gce_compute.Alias) -> bool:
+    """Whether the alias adopt found is one init made (then it stays ours); refuses to drop
+    the record of an alias of ours that teardown has not removed yet."""
+    if not cloud.get("aliasOwned") or cloud.get("aliasRemoved"):
+        return False
+    ours = gce_compute.Alias(str(cloud.get("aliasRangeName", "")), str(cloud.get("aliasCidr")))
+    if ours.range_name == alias.range_name and _same_cidr(ours.cidr, alias.cidr):
+        return True
+    raise StateError(
+        f"pool.json records alias {ours}, which cocoon-net added to {NIC}; adopting {alias} "
+        "would forget it: run 'cocoon-net teardown' first"
+    )
+
+
+def _same_cidr(a: str, b: str) -> bool:
+    return IPv4Network(a, strict=False) == IPv4Network(b, strict=False)
+
+
 def _where(inst: InstanceInfo, subnet: IPv4Network) -> dict[str, Any]:
+    """Where init's alias goes, recorded before it is added. init owns `cocoon-pods:<subnet>`
+    even when it finds it there: that name is what init (ours, or the Go tool's before it)
+    creates."""
     return {
         "project": inst.project,
         "zone": inst.zone,
         "instance": inst.name,
         "aliasRangeName": RANGE_NAME,
         "aliasCidr": str(subnet),
+        "aliasOwned": True,
     }
 
 
@@ -303,14 +378,6 @@ def _agent_to_restore(cloud: Mapping[str, Any]) -> bool:
     """The agent config holds our 'false' and the recorded original is still to be put back
     (once: a second teardown must not put back what the first one already restored)."""
     return "agentIpAliasesBefore" in cloud and not cloud.get("agentConfigRestored")
-
-
-def _ours(state: PoolState) -> tuple[str, IPv4Network]:
-    """Our alias: the recorded range name (Go state: aliasRangeName, default cocoon-pods)."""
-    # "" is a real name: an adopted alias taken from the subnetwork's primary range
-    name = state.alias_range_name or str(state.cloud.get("aliasRangeName", RANGE_NAME))
-    cidr = state.cloud.get("aliasCidr") or state.subnet
-    return name, IPv4Network(cidr, strict=False)
 
 
 def _aliases_text(nic: Nic) -> str:
