@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -171,5 +172,35 @@ def test_volcengine_init_status_teardown(
     assert status["pool"]["subnetID"] == pool.subnet_id
 
     _ok(*run_args(paths, "teardown", netns=ns.name), env=env)
+    assert emu.snapshot() == cloud_before
+    assert kernel_snapshot(ns) == kernel_before
+
+
+@pytest.mark.parametrize(
+    ("foreign", "reason"),
+    [
+        ({"device_id": "i-elsewhere"}, "is attached to i-elsewhere, not to this instance i-"),
+        ({"attach": False}, "is attached to no instance, not to this instance i-"),
+        ({"tags": {"cocoon-net:node": "node-b"}}, "is tagged cocoon-net:node=node-b"),
+    ],
+)
+def test_volcengine_adopt_refuses_a_foreign_eni(
+    volc_node: tuple[Netns, VolcEmulator], tmp_path: Path, foreign: dict[str, Any], reason: str
+) -> None:
+    ns, emu = volc_node
+    paths = NodePaths(tmp_path)
+    paths.cni.mkdir()
+    subnet = emu.add_subnet("vms", "172.20.100.0/24")
+    emu.add_foreign_eni(name="operator-eni", subnet_id=subnet.id)  # adoptable on its own
+    eni = emu.add_foreign_eni(name="someone-eni", subnet_id=subnet.id, **foreign)
+    cloud_before, kernel_before = emu.snapshot(), kernel_snapshot(ns)
+    env = {**emu.environ(), "GCE_METADATA_HOST": "127.0.0.1:9"}
+    adopt = ["--platform", "volcengine", "--node-name", "node-a", "--subnet", "172.20.100.0/24"]
+    proc = cocoon(*run_args(paths, "adopt", *adopt, netns=ns.name), env=env)
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1
+    assert f"ENI {eni.id} (someone-eni) holds addresses in 172.20.100.0/24 but" in proc.stderr
+    assert reason in proc.stderr
+    assert not paths.pool.exists()
     assert emu.snapshot() == cloud_before
     assert kernel_snapshot(ns) == kernel_before

@@ -3,7 +3,8 @@
 It speaks `GET /?Action=...&Version=2020-04-01` with the OpenAPI envelope, rejects requests
 whose HMAC-SHA256 signature does not verify (wrong key, tampered query), keeps state (one VPC
 with its instance, subnets, security groups and rules, ENIs whose status changes over time),
-honours ClientToken, and injects faults. Metadata lives under /latest/meta-data/.
+honours ClientToken, tags ENIs (TagResources), and injects faults on any action. Metadata
+lives under /latest/meta-data/.
 
     emu = VolcEmulator()
     base = emu.start()                       # or emu.start(netns="cnt-x"): listen in a netns
@@ -153,18 +154,55 @@ class VolcEmulator:
         with self.lock:
             self.faults.append(Fault(action, code, times, after_commit))
 
-    def add_foreign_eni(self, *, attach: bool = True, name: str = "") -> Eni:
-        """An ENI someone else made on this instance, in the default subnet, untagged."""
+    def add_foreign_eni(
+        self,
+        *,
+        attach: bool = True,
+        name: str = "",
+        subnet_id: str = "",
+        device_id: str = "",
+        tags: dict[str, str] | None = None,
+    ) -> Eni:
+        """An ENI someone else made, untagged unless tags are given, with 3 secondary IPs: in
+        the default subnet unless subnet_id is given, attached to this instance unless
+        device_id names another one (or attach is False)."""
         with self.lock:
-            subnet = next(s for s in self.subnets.values() if s.name == "default")
+            subnet = (
+                self.subnets[subnet_id]
+                if subnet_id
+                else next(s for s in self.subnets.values() if s.name == "default")
+            )
             eni = self._add_eni(
-                name or "foreign", subnet, [self.default_sg], {}, status="Available"
+                name or "foreign", subnet, [self.default_sg], dict(tags or {}), status="Available"
             )
             if attach:
-                eni.status, eni.device_id = "InUse", self.instance_id
+                eni.status, eni.device_id = "InUse", device_id or self.instance_id
             eni.secondary = subnet.free()[:3]
             subnet.used.update(eni.secondary)
             return eni
+
+    def add_subnet(self, name: str, cidr: str) -> Subnet:
+        """A subnet someone made before us: untagged and Available."""
+        with self.lock:
+            return self._add_subnet(name, IPv4Network(cidr), {}, ready=True)
+
+    def add_go_enis(self, node: str, subnet_id: str, count: int = 7) -> list[Eni]:
+        """What the Go tool's init leaves: `<node>-eni-<i>` for i = 1..count, untagged, in
+        subnet_id, attached here and hot-plugged, each holding ip_limit secondary IPs."""
+        with self.lock:
+            subnet = self.subnets[subnet_id]
+            made = []
+            for i in range(1, count + 1):
+                eni = self._add_eni(
+                    f"{node}-eni-{i}", subnet, [self.default_sg], {}, status="InUse"
+                )
+                eni.device_id = self.instance_id
+                eni.secondary = subnet.free()[: self.ip_limit]
+                subnet.used.update(eni.secondary)
+                if self.on_attach:
+                    self.on_attach(eni.mac, eni.id)
+                made.append(eni)
+            return made
 
     def snapshot(self) -> dict[str, Any]:
         """Every resource and its state, to compare before init and after teardown."""
@@ -174,7 +212,7 @@ class VolcEmulator:
                     s.id: (str(s.cidr), s.status, len(s.used)) for s in self.subnets.values()
                 },
                 "enis": {
-                    e.id: (e.status, e.device_id, sorted(map(str, e.secondary)))
+                    e.id: (e.status, e.device_id, sorted(map(str, e.secondary)), dict(e.tags))
                     for e in self.enis.values()
                 },
                 "rules": {k: sorted(map(json.dumps, v)) for k, v in self.rules.items()},
@@ -609,6 +647,21 @@ class VolcEmulator:
         eni.secondary.extend(picked)
         subnet.used.update(picked)
         return {"NetworkInterfaceId": eni.id, "PrivateIpSet": [str(ip) for ip in picked]}
+
+    def _a_TagResources(self, q: dict[str, str]) -> dict[str, Any]:
+        """Adds or overwrites tags; the VPC API takes ENIs with ResourceType "eni" (the SDK's
+        enum also has vpc, securitygroup, eip and others this emulator does not keep)."""
+        if q.get("ResourceType") != "eni":
+            raise ApiError(
+                "InvalidParameter.ResourceType", f"ResourceType {q.get('ResourceType')!r}"
+            )
+        ids, tags = self._list(q, "ResourceIds"), self._tags(q)
+        if not ids or not tags:
+            raise ApiError("MissingParameter", "ResourceIds and Tags are required")
+        enis = [self._eni({"NetworkInterfaceId": eni_id}) for eni_id in ids]
+        for eni in enis:
+            eni.tags.update(tags)
+        return {}
 
     def _a_UnassignPrivateIpAddresses(self, q: dict[str, str]) -> dict[str, Any]:
         eni = self._eni(q)

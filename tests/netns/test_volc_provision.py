@@ -308,7 +308,7 @@ def _status(environ: dict[str, str], pool_file: Path) -> list[tuple[str, str]]:
         node_name=NODE,
         subnet=str(SUBNET),
         gateway=str(SUBNET.network_address + 1),
-        cloud=json.loads(pool_file.read_text()),
+        cloud=json.loads(pool_file.read_text()) if pool_file.exists() else {},
     )
     return [(line.label.strip(), line.value) for line in _platform(environ).status(state)]
 
@@ -322,3 +322,131 @@ def _adopt(environ: dict[str, str], pool_size: int) -> ProvisionResult:
         primary_nic="eth0",
     )
     return _platform(environ).adopt(request)
+
+
+# --- what the Go tool left: ENIs named <node>-eni-<n>, untagged, attached here ----------------
+
+
+class GoNode:
+    """A node as the Go tool's init leaves it: its subnet `<node>-vms` (untagged), seven
+    untagged ENIs `<node>-eni-1..7` attached here with 20 IPs each, and a pool.json without a
+    cloud record. Next to them, ENIs that look like ours but are not: our name attached to
+    another instance, our name outside the node's subnet, our name with someone's tag."""
+
+    def __init__(self, cloud: Cloud, *, elsewhere: bool = True) -> None:
+        emu = cloud.emu
+        self.subnet = emu.add_subnet(f"{NODE}-vms", str(SUBNET))
+        self.decoys = [
+            emu.add_foreign_eni(name=f"{NODE}-eni-2"),  # the default subnet
+            emu.add_foreign_eni(
+                name=f"{NODE}-eni-3", subnet_id=self.subnet.id, tags={"owner": "ops"}
+            ),
+        ]
+        if elsewhere:  # (adopt refuses a subnet whose addresses another instance holds)
+            self.decoys.append(
+                emu.add_foreign_eni(name=f"{NODE}-eni-1", subnet_id=self.subnet.id, device_id="i-x")
+            )
+        self.initial = emu.snapshot()  # what teardown must come back to
+        self.enis = emu.add_go_enis(NODE, self.subnet.id)
+        self.left = emu.snapshot()
+
+    def ids(self) -> list[str]:
+        return sorted(eni.id for eni in self.enis)
+
+
+def _recorded_ids(cloud: Cloud) -> list[str]:
+    return sorted(e["id"] for e in cloud.recorded().get("enis") or ())
+
+
+def _tagged_ours(cloud: Cloud) -> list[str]:
+    return sorted(e.id for e in cloud.ours())
+
+
+def test_go_made_enis_are_found_tagged_and_torn_down(cloud: Cloud) -> None:
+    go = GoNode(cloud)
+    lines = cloud.ns.call(_status, cloud.emu.environ(), cloud.pool_file)
+    text = "\n".join(f"{label}: {value}" for label, value in lines)
+    assert "ENIs: 7" in text
+    assert text.count("(made by the Go tool; init or teardown tags it as ours)") == 7
+    assert all(decoy.id not in text for decoy in go.decoys)
+    assert cloud.emu.snapshot() == go.left  # status changes nothing
+
+    cloud.teardown()
+    assert cloud.emu.snapshot() == go.initial
+    calls = cloud.emu.calls
+    assert calls.index("TagResources") < calls.index("UnassignPrivateIpAddresses")
+    assert cloud.recorded()["enis"] == []
+
+
+@pytest.mark.parametrize(
+    ("action", "times"),
+    [("TagResources", 1), ("TagResources", 99), ("DetachNetworkInterface", 99)],
+)
+def test_go_made_enis_teardown_faults(cloud: Cloud, action: str, times: int) -> None:
+    go = GoNode(cloud)
+    cloud.emu.inject(action, "InternalError", times=times)
+    if times == 1:  # retried: one run does it all
+        cloud.teardown()
+        assert cloud.emu.snapshot() == go.initial
+        return
+    with pytest.raises(CloudError, match="teardown incomplete") as info:
+        cloud.teardown()
+    assert "\n" not in str(info.value)
+    # Whatever failed, pool.json now names every Go-made ENI as ours, and none was changed
+    # before it carried our tag.
+    assert _recorded_ids(cloud) == go.ids()
+    assert all(e["goTool"] for e in cloud.recorded()["enis"])
+    if action == "TagResources":
+        assert "tagging ENIs" in str(info.value)
+        assert cloud.emu.snapshot() == go.left
+    else:
+        assert _tagged_ours(cloud) == go.ids()
+    cloud.emu.faults.clear()
+    cloud.teardown()
+    assert cloud.emu.snapshot() == go.initial
+
+
+def test_go_made_enis_detached_then_record_lost_are_found_by_their_tag(cloud: Cloud) -> None:
+    go = GoNode(cloud)
+    cloud.emu.inject("DeleteNetworkInterface", "InternalError", times=99)
+    with pytest.raises(CloudError, match="teardown incomplete"):
+        cloud.teardown()
+    assert all(cloud.emu.enis[i].status == "Available" for i in go.ids())  # detached
+    cloud.pool_file.unlink()  # pool.json lost: only the tag still says they are ours
+    cloud.emu.faults.clear()
+    cloud.teardown()
+    assert cloud.emu.snapshot() == go.initial
+
+
+def test_init_on_a_go_node_reuses_and_tags_its_enis(cloud: Cloud) -> None:
+    go = GoNode(cloud)
+    go_ips = sorted(ip for eni in go.enis for ip in eni.secondary)
+    cloud.emu.inject("TagResources", "InternalError", times=99)
+    with pytest.raises(CloudError, match="TagResources"):
+        cloud.init(pool_size=140)
+    # recorded before the tag was tried, and nothing changed in the cloud's networking
+    assert _recorded_ids(cloud) == go.ids()
+    assert cloud.emu.snapshot()["enis"] == go.left["enis"]
+    cloud.emu.faults.clear()
+    result = cloud.init(pool_size=140)
+    assert "CreateNetworkInterface" not in cloud.emu.calls  # no second set hits the quota
+    assert sorted(result.eni_ids) == go.ids() == _tagged_ours(cloud)
+    assert result.ips == go_ips
+    assert cloud.recorded()["subnet"]["created"] is False  # the Go tool's subnet stays
+    cloud.teardown()
+    assert cloud.emu.snapshot() == go.initial
+
+
+def test_adopt_on_a_go_node_records_its_enis_as_ours_without_cloud_changes(cloud: Cloud) -> None:
+    go = GoNode(cloud, elsewhere=False)
+    operator = go.decoys[1]  # attached here, in the subnet, tagged by its owner
+    adopted = cloud.ns.call(_adopt, cloud.emu.environ(), 253)
+    assert all(c.startswith("Describe") for c in cloud.emu.calls)
+    assert len(adopted.ips) == 143
+    assert sorted(adopted.eni_ids) == sorted([*go.ids(), operator.id])
+    assert sorted(e["id"] for e in adopted.cloud["enis"]) == go.ids()
+    assert all(e["goTool"] for e in adopted.cloud["enis"])
+    assert adopted.cloud["adoptedEnis"] == [operator.id]
+    _recorder(cloud.pool_file)(adopted.cloud)
+    cloud.teardown()
+    assert cloud.emu.snapshot() == go.initial

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -256,3 +257,33 @@ def test_pure_decisions() -> None:
         IPv4Address("172.20.100.3"),
         IPv4Address("172.20.100.9"),
     ]
+
+
+def test_which_enis_the_go_tool_made_and_which_adopt_refuses() -> None:
+    subnet = IPv4Network("172.20.100.0/24")
+    go = volcengine.Eni("e", "n-eni-1", "InUse", "m", "i-me", "sn", (IPv4Address("172.20.100.9"),))
+    assert volcengine.is_go_made(go, "n", "i-me", "sn")
+    for not_go in (
+        dataclasses.replace(go, name="n-eni-x"),
+        dataclasses.replace(go, name="m-eni-1"),
+        dataclasses.replace(go, device_id="i-other"),
+        dataclasses.replace(go, device_id=""),
+        dataclasses.replace(go, subnet_id="sn-other"),
+        dataclasses.replace(go, tags={"owner": "ops"}),
+        dataclasses.replace(go, primary=True),
+    ):
+        assert not volcengine.is_go_made(not_go, "n", "i-me", "sn"), not_go
+    assert not volcengine.is_go_made(go, "n", "i-me", "")  # the node's subnet unknown
+
+    assert volcengine.adopt_refusal(go, "n", "i-me", subnet) is None
+    tagged_here = dataclasses.replace(go, tags={volcengine.TAG_NODE: "n"})
+    assert volcengine.adopt_refusal(tagged_here, "n", "i-me", subnet) is None
+    other_node = dataclasses.replace(go, tags={volcengine.TAG_NODE: "m"})
+    assert volcengine.adopt_refusal(other_node, "n", "i-me", subnet) == (
+        "ENI e (n-eni-1) holds addresses in 172.20.100.0/24 but is tagged cocoon-net:node=m: "
+        "it belongs to node 'm', not 'n'"
+    )
+    elsewhere = dataclasses.replace(go, device_id="i-other")
+    assert "is attached to i-other, not to this instance i-me" in str(
+        volcengine.adopt_refusal(elsewhere, "n", "i-me", subnet)
+    )

@@ -10,8 +10,12 @@ What init makes, in order, each recorded in pool.json["cloud"] the moment it exi
    7: EBM instances take 1 primary + 7 ENIs of 20 secondary IPs each), each created, attached,
    given its IPs and brought up by MAC in its own thread; statuses are polled, never slept on.
 
-"Ours" means tagged for this node or recorded in pool.json; nothing else on the instance is
-reused or touched (the Go tool took and deleted every non-primary ENI, spec §9.7 #37).
+"Ours" means tagged for this node or recorded in pool.json, plus the ENIs the Go tool's init
+made for this node (named `<node>-eni-<n>`, untagged, attached here, in the node's subnet):
+those are recorded and tagged before anything else changes them, since once detached nothing
+but the record and the tag tells them apart. Nothing else on the instance is reused or
+touched (the Go tool took and deleted every non-primary ENI), and adopt refuses ENIs attached
+elsewhere or tagged for another node.
 """
 
 from __future__ import annotations
@@ -111,6 +115,52 @@ def is_ours(eni: Eni, node: str, recorded: set[str]) -> bool:
     return eni.tags.get(TAG_NODE) == node or eni.id in recorded
 
 
+def is_go_made(eni: Eni, node: str, instance_id: str, subnet_id: str) -> bool:
+    """Made for this node by the Go tool's init, which named its ENIs `<node>-eni-<n>` in the
+    node's subnet, attached them here and tagged nothing. Short of any one of these (a tag of
+    any kind, another instance, another subnet) the ENI is someone else's."""
+    return (
+        not eni.primary
+        and not eni.tags
+        and slot_of(node, eni.name) is not None
+        and bool(instance_id)
+        and eni.device_id == instance_id
+        and bool(subnet_id)
+        and eni.subnet_id == subnet_id
+    )
+
+
+def adopt_refusal(eni: Eni, node: str, instance_id: str, subnet: IPv4Network) -> str | None:
+    """Why adopt must not pool an ENI that holds addresses of subnet, or None."""
+    where = f"ENI {eni.id} ({eni.name or 'unnamed'}) holds addresses in {subnet} but"
+    if eni.device_id != instance_id:
+        attached = f"to {eni.device_id}" if eni.device_id else "to no instance"
+        return (
+            f"{where} is attached {attached}, not to this instance {instance_id}: "
+            "it is not this node's to adopt"
+        )
+    owner = eni.tags.get(TAG_NODE)
+    if owner is not None and owner != node:
+        return f"{where} is tagged {TAG_NODE}={owner}: it belongs to node {owner!r}, not {node!r}"
+    return None
+
+
+def untagged(enis: list[Eni]) -> list[Eni]:
+    """Those of our ENIs that still lack our tag (never one tagged for another node: a
+    recorded ENI someone re-tagged keeps its tag)."""
+    return [eni for eni in enis if TAG_NODE not in eni.tags]
+
+
+def eni_record(eni: Eni) -> dict[str, Any]:
+    return {
+        "id": eni.id,
+        "name": eni.name,
+        "mac": eni.mac,
+        "subnetId": eni.subnet_id,
+        "ips": [str(ip) for ip in sorted(eni.secondary)],
+    }
+
+
 def rule_covers(rule: Mapping[str, Any], vpc: IPv4Network) -> bool:
     """An ingress accept rule for every protocol from a range holding the whole VPC."""
     try:
@@ -208,6 +258,47 @@ class VolcenginePlatform:
         extra = self._describe(**indexed("NetworkInterfaceIds", rest)) if rest else []
         return [eni for eni in tagged + extra if is_ours(eni, node, recorded)]
 
+    def _find_enis(
+        self, node: str, recorded: set[str], instance_id: str, subnet_id: str
+    ) -> tuple[list[Eni], list[Eni]]:
+        """Ours, and those the Go tool made for node that are not ours yet."""
+        ours = self._our_enis(node, recorded)
+        if not instance_id or not subnet_id:
+            return ours, []
+        known = {eni.id for eni in ours}
+        go = [
+            eni
+            for eni in self._describe(InstanceId=instance_id)
+            if eni.id not in known and is_go_made(eni, node, instance_id, subnet_id)
+        ]
+        return ours, go
+
+    def _node_subnet_id(self, cloud: Mapping[str, Any], network: IPv4Network) -> str:
+        """The pool's VPC subnet: recorded, else (the Go tool recorded none) the VPC's subnet
+        whose CIDR is the pool's, which is the one the Go tool reused or created."""
+        recorded = str((cloud.get("subnet") or {}).get("id") or "")
+        if recorded:
+            return recorded
+        vpc_id = str(cloud.get("vpcId") or self._instance().vpc_id)
+        subnets = self._vpc().pages("DescribeSubnets", {"VpcId": vpc_id}, "Subnets")
+        match = next((s for s in subnets if _network(s) == network), None)
+        return str(match["SubnetId"]) if match else ""
+
+    def _tag(self, node: str, enis: list[Eni]) -> None:
+        """Mark ENIs as node's in the cloud itself, before anything changes them: once
+        detached, a Go-made ENI looks like anyone's, and only this tag (or pool.json) still
+        says it is ours."""
+        if not enis:
+            return
+        self._vpc().call(
+            "TagResources",
+            {
+                "ResourceType": "eni",
+                **indexed("ResourceIds", [eni.id for eni in enis]),
+                **tag_params({TAG_NODE: node}),
+            },
+        )
+
     # --- provision ----------------------------------------------------------------------
 
     def provision(self, request: NodeRequest, record: ResourceRecorder) -> ProvisionResult:
@@ -216,27 +307,55 @@ class VolcenginePlatform:
 
     def adopt(self, request: NodeRequest) -> ProvisionResult:
         """The pool is the secondary IPs the VPC already routes to this instance's ENIs
-        inside --subnet (the Go tool pooled sequential addresses instead, §9.5 #28)."""
-        info = self._instance()
-        enis = [
-            eni
-            for eni in self._describe(InstanceId=info.instance_id)
-            if not eni.primary and eni.status == "InUse"
+        inside --subnet (the Go tool pooled sequential addresses instead). Every ENI holding
+        addresses of --subnet must be attached here and not tagged for another node, or
+        adopt refuses before anything is recorded."""
+        info, node, subnet = self._instance(), request.node_name, request.subnet
+        subnets = list(self._vpc().pages("DescribeSubnets", {"VpcId": info.vpc_id}, "Subnets"))
+        subnet_ids = [
+            str(s["SubnetId"]) for s in subnets if (n := _network(s)) and n.overlaps(subnet)
         ]
-        ips = pool_ips(enis, request.subnet, request.gateway)[: request.pool_size]
+        node_subnet = next((str(s["SubnetId"]) for s in subnets if _network(s) == subnet), "")
+        holding = [
+            eni
+            for subnet_id in subnet_ids
+            for eni in self._describe(SubnetId=subnet_id)
+            if not eni.primary and any(ip in subnet for ip in eni.secondary)
+        ]
+        for eni in holding:
+            refusal = adopt_refusal(eni, node, info.instance_id, subnet)
+            if refusal is not None:
+                raise CloudError(refusal)
+        enis = [eni for eni in holding if eni.status == "InUse"]
+        ips = pool_ips(enis, subnet, request.gateway)[: request.pool_size]
         if not ips:
             raise CloudError(
-                f"no secondary IPs inside {request.subnet} on the ENIs of {info.instance_id}: "
+                f"no secondary IPs inside {subnet} on the ENIs of {info.instance_id}: "
                 "nothing to adopt (run 'cocoon-net init' to create them)"
             )
         used = [eni for eni in enis if any(ip in ips for ip in eni.secondary)]
+        recorded = {
+            str(e["id"]): dict(e) for e in request.cloud.get("enis") or () if isinstance(e, dict)
+        }
+        for eni in used:
+            if is_ours(eni, node, set(recorded)):
+                recorded[eni.id] = {**recorded.get(eni.id, {}), **eni_record(eni)}
+            elif is_go_made(eni, node, info.instance_id, node_subnet):
+                # Ours by the Go tool's init; adopt changes nothing in the cloud, so the tag
+                # waits for init or teardown, and pool.json carries the claim until then.
+                recorded[eni.id] = {**eni_record(eni), "goTool": True}
         nics = [name for eni in used if (name := nic.link_by_mac(eni.mac))]
         return ProvisionResult(
             ips=ips,
             secondary_nics=nics,
             vpc_cidrs=[self.vpc_cidr(info.vpc_id)],
             eni_ids=[eni.id for eni in used],
-            cloud={"instanceId": info.instance_id, "adoptedEnis": [eni.id for eni in used]},
+            cloud={
+                "instanceId": info.instance_id,
+                "vpcId": info.vpc_id,
+                "enis": _eni_records(recorded),
+                "adoptedEnis": [eni.id for eni in used if eni.id not in recorded],
+            },
         )
 
     def vpc_cidr(self, vpc_id: str) -> IPv4Network:
@@ -267,14 +386,28 @@ class VolcenginePlatform:
                     "SubnetID", f"{subnet['id']} {subnet.get('cidr', '')} ({state_text}; {owner})"
                 )
             )
-        enis = sorted(self._our_enis(state.node_name, recorded), key=lambda e: e.name)
+        instance_id = str(cloud.get("instanceId") or self._instance().instance_id)
+        subnet_id = self._node_subnet_id(cloud, state.network)
+        ours, go = self._find_enis(state.node_name, recorded, instance_id, subnet_id)
+        go_tool = {
+            str(e.get("id"))
+            for e in cloud.get("enis") or ()
+            if isinstance(e, dict) and e.get("goTool")
+        }
+        enis = sorted(ours + go, key=lambda e: e.name)
         lines.append(StatusLine("ENIs", str(len(enis))))
         for eni in enis:
             ifname = nic.link_by_mac(eni.mac) or "-"
+            origin = ""
+            if eni in go:
+                origin = " (made by the Go tool; init or teardown tags it as ours)"
+            elif eni.id in go_tool:
+                origin = " (made by the Go tool)"
             lines.append(
                 StatusLine(
                     f"  {eni.id}",
-                    f"{eni.name} mac {eni.mac} if {ifname} {eni.status} {len(eni.secondary)} IPs",
+                    f"{eni.name} mac {eni.mac} if {ifname} {eni.status} "
+                    f"{len(eni.secondary)} IPs{origin}",
                 )
             )
         return lines
@@ -295,6 +428,10 @@ class VolcenginePlatform:
             if isinstance(e, dict)
         ]
         lines.append(f"and any other ENI tagged {TAG_NODE}={state.node_name}")
+        lines.append(
+            f"and any ENI the Go tool made for {state.node_name} ({eni_name(state.node_name, 1)}"
+            "... untagged, attached here, in the pool's subnet), tagged as ours first"
+        )
         sg = cloud.get("securityGroup") or {}
         if sg.get("ruleCreated"):
             lines.append(f"revoke the VPC ingress rule {sg.get('cidr')} in {sg.get('id')}")
@@ -334,15 +471,12 @@ class _Provision:
             str(e["id"]): dict(e) for e in prev.get("enis") or () if isinstance(e, dict)
         }
 
-    def _save_eni(self, eni: Eni) -> None:
+    def _save_eni(self, eni: Eni, *, go_tool: bool = False) -> None:
         with self._lock:
-            self.enis[eni.id] = {
-                "id": eni.id,
-                "name": eni.name,
-                "mac": eni.mac,
-                "subnetId": eni.subnet_id,
-                "ips": [str(ip) for ip in sorted(eni.secondary)],
-            }
+            saved = {**self.enis.get(eni.id, {}), **eni_record(eni)}
+            if go_tool:
+                saved["goTool"] = True
+            self.enis[eni.id] = saved
             self._record({"enis": _eni_records(self.enis)})
 
     def run(self, targets: list[int]) -> ProvisionResult:
@@ -457,15 +591,18 @@ class _Provision:
         self, info: InstanceInfo, subnet_id: str, sg: str, targets: list[int]
     ) -> list[tuple[Eni, str]]:
         node = self.req.node_name
-        by_slot: dict[int, Eni] = {}
-        for eni in self.p._our_enis(node, set(self.enis)):
-            self._save_eni(eni)
-            slot = slot_of(node, eni.name)
+        ours, go = self.p._find_enis(node, set(self.enis), info.instance_id, subnet_id)
+        for eni in ours + go:
+            self._save_eni(eni, go_tool=eni in go)
             if eni.device_id not in ("", info.instance_id):
                 raise CloudError(
                     f"ENI {eni.id} ({eni.name}) is tagged for {node} but attached to "
                     f"{eni.device_id}: detach it there or remove its {TAG_NODE} tag"
                 )
+        self.p._tag(node, untagged(ours + go))
+        by_slot: dict[int, Eni] = {}
+        for eni in ours + go:
+            slot = slot_of(node, eni.name)
             if slot is not None and slot not in by_slot:
                 by_slot[slot] = eni
         # Slots beyond --pool-size keep their ENI with no secondary IPs, so the pool is
@@ -587,10 +724,23 @@ class _Teardown:
         cloud, node = self.state.cloud, self.state.node_name
         instance_id = str(cloud.get("instanceId") or self.p._instance().instance_id)
         failures: list[str] = []
-        found = self.p._our_enis(node, set(self.enis))
+        subnet_id = self.p._node_subnet_id(cloud, self.state.network)
+        ours, go = self.p._find_enis(node, set(self.enis), instance_id, subnet_id)
         with self._lock:  # forget recorded ENIs that are already gone, learn unrecorded ones
-            self.enis = {e.id: self.enis.get(e.id, {"id": e.id, "name": e.name}) for e in found}
+            self.enis = {e.id: self.enis.get(e.id, eni_record(e)) for e in ours}
+            self.enis.update({e.id: {**eni_record(e), "goTool": True} for e in go})
             self._record({"enis": _eni_records(self.enis)})
+        found = ours + go
+        to_tag = untagged(found)
+        try:
+            self.p._tag(node, to_tag)
+        except CloudError as exc:
+            # Not one of them is changed before it carries our tag; a rerun tags them again.
+            failures.append(
+                f"tagging ENIs {', '.join(e.id for e in to_tag)} as ours failed, so they "
+                f"were left in place: {exc}"
+            )
+            found = [eni for eni in found if eni not in to_tag]
         if found:
             with ThreadPoolExecutor(max_workers=len(found), thread_name_prefix="eni") as pool:
                 futures = {eni.id: pool.submit(self._remove_eni, eni, instance_id) for eni in found}
