@@ -204,3 +204,37 @@ def test_volcengine_adopt_refuses_a_foreign_eni(
     assert not paths.pool.exists()
     assert emu.snapshot() == cloud_before
     assert kernel_snapshot(ns) == kernel_before
+
+
+def test_volcengine_teardown_of_a_go_tool_node(
+    volc_node: tuple[Netns, VolcEmulator], tmp_path: Path
+) -> None:
+    """pool.json as the Go tool's init wrote it (no cloud record, no eniIDs) and its seven
+    untagged ENIs: status shows them, teardown tags and removes them and nothing else."""
+    ns, emu = volc_node
+    paths = NodePaths(tmp_path)
+    subnet = emu.add_subnet("go-node-vms", "172.20.100.0/24")
+    operator = emu.add_foreign_eni(name="go-node-eni-1", subnet_id=subnet.id, device_id="i-x")
+    cloud_before = emu.snapshot()
+    enis = emu.add_go_enis("go-node", subnet.id)
+    ips = sorted((ip for eni in enis for ip in eni.secondary), key=int)
+    paths.state.mkdir(parents=True)
+    go_pool = {
+        "platform": "volcengine",
+        "nodeName": "go-node",
+        "subnet": "172.20.100.0/24",
+        "gateway": "172.20.100.1",
+        "primaryNIC": "ens4",
+        "secondaryNICs": [f"eth{i}" for i in range(1, 8)],
+        "ips": [str(ip) for ip in ips],
+        "updatedAt": "2026-01-02T03:04:05.123456789Z",
+    }
+    paths.pool.write_text(json.dumps(go_pool, indent=2))
+    env = {**emu.environ(), "GCE_METADATA_HOST": "127.0.0.1:9"}
+    status = _ok(*run_args(paths, "status", netns=ns.name), env=env)
+    assert status.count("(made by the Go tool; init or teardown tags it as ours)") == 7
+    assert operator.id not in status
+    _ok(*run_args(paths, "teardown", netns=ns.name), env=env)
+    assert emu.snapshot() == cloud_before
+    assert emu.calls.count("TagResources") == 1
+    assert not paths.pool.exists()
