@@ -118,6 +118,43 @@ def test_gke_adopted_operator_alias_survives_teardown(
     assert not paths.pool.exists()
 
 
+@pytest.mark.parametrize("alias_range_name", ["cocoon-pods", ""])
+def test_gke_teardown_of_a_go_tool_pool_json(
+    gce_node: tuple[Netns, GceEmulator], tmp_path: Path, alias_range_name: str
+) -> None:
+    """The Go tool's init wrote aliasRangeName cocoon-pods and no cloud record: teardown
+    removes exactly cocoon-pods:<subnet>. Its adopt wrote no name: teardown removes nothing."""
+    ns, gce = gce_node
+    paths = NodePaths(tmp_path)
+    gce.set_secondary([{"rangeName": "cocoon-pods", "ipCidrRange": "172.20.0.0/16"}])
+    operator = {"ipCidrRange": "10.128.0.64/28"}
+    go_alias = {"subnetworkRangeName": "cocoon-pods", "ipCidrRange": "172.20.100.0/24"}
+    gce.set_aliases([operator, go_alias])
+    cloud_before = gce.snapshot()
+    paths.state.mkdir(parents=True)
+    go_pool = {
+        "platform": "gke",
+        "nodeName": "go-node",
+        "subnet": "172.20.100.0/24",
+        "gateway": "172.20.100.1",
+        "primaryNIC": "ens4",
+        "ips": ["172.20.100.2", "172.20.100.3"],
+        "aliasRangeName": alias_range_name,
+        "updatedAt": "2026-01-02T03:04:05.123456789Z",
+    }
+    paths.pool.write_text(json.dumps({k: v for k, v in go_pool.items() if v}, indent=2))
+    env = gce.environ(COCOON_NET_GCE_AGENT_CONFIG=str(tmp_path / "agent.cfg"))
+    _ok(*run_args(paths, "teardown", netns=ns.name), env=env)
+    if alias_range_name:
+        assert gce.nic0["aliasIpRanges"] == [operator]
+    else:
+        assert gce.snapshot() == cloud_before
+    assert gce.subnet["secondaryIpRanges"] == [
+        {"rangeName": "cocoon-pods", "ipCidrRange": "172.20.0.0/16"}
+    ]
+    assert not paths.pool.exists()
+
+
 def test_gke_subnet_outside_the_shared_range_fails_before_any_change(
     gce_node: tuple[Netns, GceEmulator], tmp_path: Path
 ) -> None:
