@@ -178,10 +178,12 @@ class GceEmulator:
         return self.server.url
 
     def environ(self, **extra: str) -> dict[str, str]:
-        """The configuration that points cocoon-net at this emulator."""
+        """The configuration that points cocoon-net at this emulator (and the Go tool's cron
+        file away from the host's /etc/cron.d, unless a test names its own)."""
         return {
             "GCE_METADATA_HOST": self.server.host,
             "COCOON_NET_GCE_COMPUTE_URL": f"{self.url}/compute/v1",
+            "COCOON_NET_GCE_GO_CRON_FILE": "/nonexistent/cocoon-net-fix-alias",
             **extra,
         }
 

@@ -285,6 +285,36 @@ def test_go_tool_init_pool_json_teardown_removes_its_alias_only(
     assert gce.subnet["secondaryIpRanges"][0]["rangeName"] == "cocoon-pods"
 
 
+@pytest.mark.parametrize(
+    ("text", "removed"),
+    [
+        # what the Go tool's init writes (its --subnet raw, its NIC)
+        ("@reboot root ip route del local 172.20.100.0/24 dev ens4 table local "
+         "2>/dev/null || true\n", True),
+        ("@reboot root ip route del local 172.20.100.7/24 dev eth0 table local "
+         "2>/dev/null || true", True),
+        # another pool's, or edited by someone: not ours
+        ("@reboot root ip route del local 172.20.9.0/24 dev ens4 table local "
+         "2>/dev/null || true\n", False),
+        ("MAILTO=ops\n@reboot root ip route del local 172.20.100.0/24 dev ens4 table local "
+         "2>/dev/null || true\n", False),
+    ],
+)  # fmt: skip
+def test_teardown_removes_the_go_tools_cron_file_only_as_it_wrote_it(
+    gce: GceEmulator, tmp_path: Path, text: str, removed: bool
+) -> None:
+    cron = tmp_path / "cocoon-net-fix-alias"
+    cron.write_text(text)
+    node = Node(gce, tmp_path)
+    node.environ["COCOON_NET_GCE_GO_CRON_FILE"] = str(cron)
+    gce.set_aliases([ours()])
+    planned = node.platform().plan_teardown(node.state())
+    assert (f"remove {cron}, the Go tool's reboot fix for this pool" in planned) is removed
+    node.teardown()
+    assert cron.exists() is not removed
+    assert gce.nic0["aliasIpRanges"] == []
+
+
 def test_go_tool_adopt_pool_json_teardown_removes_nothing(gce: GceEmulator, tmp_path: Path) -> None:
     """The Go tool's adopt wrote no aliasRangeName: whatever it adopted is not ours."""
     gce.set_aliases([OPERATOR_ALIAS, ours()])

@@ -35,6 +35,7 @@ from cocoon_net.errors import (
     HostSetupError,
     StateError,
 )
+from cocoon_net.fsutil import remove_file
 from cocoon_net.node import nic as host_nic
 from cocoon_net.platform import gce_compute, gce_metadata, localroute
 from cocoon_net.platform.base import NodeRequest, ProvisionResult, ResourceRecorder, StatusLine
@@ -61,6 +62,7 @@ class GkePlatform:
     ) -> None:
         self.environ = dict(environ)
         self.agent_config = localroute.agent_config_path(environ)
+        self.go_cron = localroute.go_cron_path(environ)
         self._timeout = timeout
         self._retry = retry
         self._operation_deadline = operation_deadline
@@ -178,6 +180,8 @@ class GkePlatform:
             lines = [f"keep alias {used or state.subnet} on {NIC}: adopted, not ours"]
         if _agent_to_restore(state.cloud):
             lines.append(f"restore [IpForwarding] ip_aliases in {self.agent_config}")
+        if localroute.is_go_cron_for(self.go_cron, state.network):
+            lines.append(f"remove {self.go_cron}, the Go tool's reboot fix for this pool")
         return lines
 
     def teardown(self, state: PoolState, record: ResourceRecorder) -> None:
@@ -203,6 +207,14 @@ class GkePlatform:
                 record({"agentConfigRestored": True})
             except CocoonError as exc:
                 failures.append(str(exc))
+        try:
+            # The Go tool's init wrote it and its teardown removed it; the daemon's route
+            # watch does its job now.
+            if localroute.is_go_cron_for(self.go_cron, state.network):
+                remove_file(self.go_cron)
+                log.info("removed %s, the Go tool's reboot fix for this pool", self.go_cron)
+        except CocoonError as exc:
+            failures.append(str(exc))
         if failures:
             raise CloudError("gke teardown incomplete: " + " | ".join(failures))
 

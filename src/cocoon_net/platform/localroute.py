@@ -161,3 +161,30 @@ def set_agent_ip_aliases(path: Path, value: str | None) -> str | None:
         else:
             remove_file(path)
     return previous
+
+
+# ---------------------------------------------------------------------------- the Go tool's cron
+
+ENV_GO_CRON = "COCOON_NET_GCE_GO_CRON_FILE"
+DEFAULT_GO_CRON = Path("/etc/cron.d/cocoon-net-fix-alias")
+_GO_CRON_LINE = re.compile(
+    r"@reboot root ip route del local (\S+) dev \S+ table local 2>/dev/null \|\| true\n?"
+)
+
+
+def go_cron_path(environ: Mapping[str, str]) -> Path:
+    value = environ.get(ENV_GO_CRON, "")
+    return Path(value) if value else DEFAULT_GO_CRON
+
+
+def is_go_cron_for(path: Path, cidr: IPv4Network) -> bool:
+    """Whether path holds exactly the one line the Go tool's init wrote for cidr (its
+    @reboot route fix, which our daemon's route watch replaces). Anything else in the file
+    makes it someone else's."""
+    match = _GO_CRON_LINE.fullmatch(_read(path))
+    if match is None:
+        return False
+    try:
+        return ipaddress.ip_network(match.group(1), strict=False) == cidr
+    except ValueError:
+        return False
