@@ -112,7 +112,9 @@ def test_gke_adopted_operator_alias_survives_teardown(
     assert raw["cloud"]["aliasOwned"] is False
     dry = _ok(*run_args(paths, "teardown", "--dry-run", netns=ns.name), env=env)
     assert "keep alias operator-pods:10.64.1.0/24 on nic0: adopted, not ours" in dry
-    _ok(*run_args(paths, "teardown", netns=ns.name), env=env)
+    proc = cocoon(*run_args(paths, "teardown", netns=ns.name), env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "alias operator-pods:10.64.1.0/24 was adopted, not created by cocoon-net" in proc.stderr
     assert gce.snapshot() == cloud_before
     assert gce.state.mutations_applied == 0
     assert not paths.pool.exists()

@@ -198,7 +198,11 @@ class GkePlatform:
             except CocoonError as exc:
                 failures.append(str(exc))
         else:
-            log.info("alias %s was adopted, not created by cocoon-net: left on %s", used, NIC)
+            log.info(
+                "alias %s was adopted, not created by cocoon-net: left on %s",
+                used or f"covering {state.subnet}",
+                NIC,
+            )
         if _agent_to_restore(state.cloud):
             try:
                 localroute.set_agent_ip_aliases(
