@@ -245,6 +245,28 @@ def test_volcengine_adopt_refuses_a_foreign_eni(
     assert kernel_snapshot(ns) == kernel_before
 
 
+def test_volcengine_adopted_eni_survives_teardown(
+    volc_node: tuple[Netns, VolcEmulator], tmp_path: Path
+) -> None:
+    ns, emu = volc_node
+    paths = NodePaths(tmp_path)
+    paths.cni.mkdir()
+    subnet = emu.add_subnet("vms", "172.20.100.0/24")
+    operator = emu.add_foreign_eni(name="operator-eni", subnet_id=subnet.id)
+    cloud_before = emu.snapshot()
+    env = {**emu.environ(), "GCE_METADATA_HOST": "127.0.0.1:9"}
+    adopt = ["--platform", "volcengine", "--node-name", "node-a", "--subnet", "172.20.100.0/24"]
+    out = _ok(*run_args(paths, "adopt", *adopt, netns=ns.name), env=env)
+    assert "adopt complete: 3 IPs registered" in out
+    cloud = json.loads(paths.pool.read_text())["cloud"]
+    assert cloud["adoptedEnis"] == [operator.id] and cloud["enis"] == []
+    proc = cocoon(*run_args(paths, "teardown", netns=ns.name), env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert f"adopted ENIs {operator.id} are not ours: left in place" in proc.stderr
+    assert emu.snapshot() == cloud_before
+    assert not paths.pool.exists()
+
+
 def test_volcengine_teardown_of_a_go_tool_node(
     volc_node: tuple[Netns, VolcEmulator], tmp_path: Path
 ) -> None:

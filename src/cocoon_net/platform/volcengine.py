@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -46,6 +47,8 @@ from cocoon_net.platform.volc_api import (
     wait_for,
 )
 from cocoon_net.state import PoolState
+
+log = logging.getLogger("cocoon_net.platform.volcengine")
 
 TAG_NODE = "cocoon-net:node"
 MAX_ENIS = 7  # secondary ENIs per EBM instance (cloud-apis.md E3, "Platform limits")
@@ -749,6 +752,9 @@ class _Teardown:
                         future.result()
                     except CloudError as exc:
                         failures.append(f"ENI {eni_id}: {exc}")
+        kept = [str(i) for i in cloud.get("adoptedEnis") or () if str(i) not in self.enis]
+        if kept:
+            log.info("adopted ENIs %s are not ours: left in place", ", ".join(kept))
         failures += self._remove_rule(cloud.get("securityGroup") or {})
         failures += self._remove_subnet(cloud.get("subnet") or {}, cloud.get("vpcId"))
         if failures:
