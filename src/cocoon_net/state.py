@@ -68,13 +68,17 @@ class HostRecord:
 
     bridge_created: bool = False
     bridge_address: str = ""  # "gw/prefix" we put on the bridge
-    sysctls_before: dict[str, str] = field(default_factory=dict)
+    sysctls_before: dict[str, str] = field(default_factory=dict)  # the host's, before ours
+    # The value we last wrote to each of them: teardown restores a setting only while it
+    # still holds this. Records from before this key existed hold the constants we write.
+    sysctls_set: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "bridgeCreated": self.bridge_created,
             "bridgeAddress": self.bridge_address,
             "sysctlsBefore": dict(sorted(self.sysctls_before.items())),
+            "sysctlsSet": dict(sorted(self.sysctls_set.items())),
         }
 
     @classmethod
@@ -82,10 +86,12 @@ class HostRecord:
         if not isinstance(raw, dict):
             return cls()
         before = raw.get("sysctlsBefore") or {}
+        ours = raw.get("sysctlsSet") or {}
         return cls(
             bridge_created=bool(raw.get("bridgeCreated", False)),
             bridge_address=str(raw.get("bridgeAddress", "")),
             sysctls_before={str(k): str(v) for k, v in before.items()},
+            sysctls_set={str(k): str(v) for k, v in ours.items()},
         )
 
 

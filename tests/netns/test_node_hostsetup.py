@@ -104,6 +104,7 @@ def test_first_run_sets_up_everything_second_run_changes_nothing(
     assert "create bridge cni0 (mac 02:c0:ac:14:64:01, mtu 1460)" in changes
     assert record.bridge_created
     assert record.bridge_address == "172.20.100.1/24"
+    wanted_keys = [s.key for s in sysctl.desired("cni0", "eth0", ("eth1",))]
     assert record.sysctls_before == {
         "net.ipv4.ip_forward": "0",
         "net.ipv4.conf.all.rp_filter": "1",
@@ -112,6 +113,7 @@ def test_first_run_sets_up_everything_second_run_changes_nothing(
         "net.ipv4.conf.eth0.rp_filter": "1",
         "net.ipv4.conf.eth1.rp_filter": "2",
     }
+    assert record.sysctls_set == {key: "1" if "forward" in key else "0" for key in wanted_keys}
     link = json.loads(host.ip("-json", "-details", "link", "show", "cni0"))[0]
     assert (link["linkinfo"]["info_kind"], link["address"], link["mtu"]) == (
         "bridge",
@@ -148,9 +150,67 @@ def test_teardown_restores_the_host_exactly_and_is_idempotent(host: Netns, tmp_p
     done = host.call(hostsetup.teardown, record, "cni0", spec.conflist, True)
     assert done == planned
     assert "delete bridge cni0" in done
-    assert snapshot(host, spec) == before
-    assert host.call(hostsetup.plan_teardown, record, "cni0", spec.conflist, True) == []
-    assert host.call(hostsetup.teardown, record, "cni0", spec.conflist, True) == []
+    # Everything as before, except forwarding: left on and said so (see the next test).
+    assert snapshot(host, spec) == _forwarding_on(before)
+    assert done[-2] == FORWARD_LEFT
+    assert host.call(hostsetup.plan_teardown, record, "cni0", spec.conflist, True) == [FORWARD_LEFT]
+    assert host.call(hostsetup.teardown, record, "cni0", spec.conflist, True) == [FORWARD_LEFT]
+    assert snapshot(host, spec) == _forwarding_on(before)
+
+
+FORWARD_LEFT = (
+    "left net.ipv4.ip_forward=1: other software may route through this host now (it was 0 "
+    "before cocoon-net); if nothing needs it: sysctl -w net.ipv4.ip_forward=0"
+)
+
+
+def _forwarding_on(snap: dict[str, Any]) -> dict[str, Any]:
+    return {**snap, "sysctls": {**snap["sysctls"], "net.ipv4.ip_forward": "1"}}
+
+
+@pytest.mark.parametrize("recorded", [True, False], ids=["recorded", "record-without-ours"])
+def test_teardown_leaves_a_sysctl_someone_else_changed_and_says_why(
+    host: Netns, tmp_path: Path, recorded: bool
+) -> None:
+    spec = spec_for(tmp_path, manage_firewall=False)
+    record, _ = host.call(hostsetup.reconcile, spec, HostRecord())
+    if not recorded:  # pool.json written before the values we set were kept
+        record = dataclasses.replace(record, sysctls_set={})
+    write_sysctl(host, "net.ipv4.conf.all.rp_filter", "2")  # someone else, after us
+
+    planned = host.call(hostsetup.plan_teardown, record, "cni0", spec.conflist, False)
+    done = host.call(hostsetup.teardown, record, "cni0", spec.conflist, False)
+    assert done == planned
+    sysctl_lines = [line for line in done if "net.ipv4" in line]
+    assert sysctl_lines == [
+        "set net.ipv4.conf.cni0.rp_filter=2 (was 0)",
+        "set net.ipv4.conf.default.rp_filter=2 (was 0)",
+        "set net.ipv4.conf.eth0.rp_filter=1 (was 0)",
+        "set net.ipv4.conf.eth1.rp_filter=2 (was 0)",
+        "left net.ipv4.conf.all.rp_filter=2: changed by someone else since cocoon-net set it to 0",
+        FORWARD_LEFT,
+    ]
+    assert read_sysctl(host, "net.ipv4.conf.all.rp_filter") == "2"
+    assert read_sysctl(host, "net.ipv4.conf.default.rp_filter") == "2"
+    assert read_sysctl(host, "net.ipv4.conf.eth0.rp_filter") == "1"
+    assert read_sysctl(host, "net.ipv4.ip_forward") == "1"
+
+
+def test_a_setting_that_already_had_our_value_is_neither_recorded_nor_restored(
+    host: Netns, tmp_path: Path
+) -> None:
+    write_sysctl(host, "net.ipv4.ip_forward", "1")
+    write_sysctl(host, "net.ipv4.conf.default.rp_filter", "0")
+    spec = spec_for(tmp_path, manage_firewall=False)
+    record, changes = host.call(hostsetup.reconcile, spec, HostRecord())
+    assert not any("ip_forward" in c or "default.rp_filter" in c for c in changes)
+    for key in ("net.ipv4.ip_forward", "net.ipv4.conf.default.rp_filter"):
+        assert key not in record.sysctls_before and key not in record.sysctls_set
+    write_sysctl(host, "net.ipv4.conf.default.rp_filter", "1")  # someone else's, later
+    done = host.call(hostsetup.teardown, record, "cni0", spec.conflist, False)
+    assert not any("ip_forward" in c or "default.rp_filter" in c for c in done)
+    assert read_sysctl(host, "net.ipv4.ip_forward") == "1"
+    assert read_sysctl(host, "net.ipv4.conf.default.rp_filter") == "1"
 
 
 def test_teardown_of_an_adopted_bridge_keeps_it_and_its_other_addresses(
