@@ -7,8 +7,10 @@ rp_filter/ip_forward values, so restoring them is visible.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
+import subprocess
 from collections.abc import Callable
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
@@ -25,6 +27,7 @@ from tests.support.netns import Netns
 
 pytestmark = pytest.mark.netns
 
+CLONE_NEWNS = 0x00020000
 SUBNET = IPv4Network("172.20.100.0/24")
 GATEWAY = IPv4Address("172.20.100.1")
 
@@ -194,6 +197,45 @@ def test_teardown_leaves_a_sysctl_someone_else_changed_and_says_why(
     assert read_sysctl(host, "net.ipv4.conf.default.rp_filter") == "2"
     assert read_sysctl(host, "net.ipv4.conf.eth0.rp_filter") == "1"
     assert read_sysctl(host, "net.ipv4.ip_forward") == "1"
+
+
+def _reconcile_with_read_only(
+    spec: HostSpec, key: str, stand_in: Path
+) -> tuple[list[HostRecord], str]:
+    """reconcile while key cannot be written (a read-only file bound over it, in a private
+    mount namespace of this forked child); every record on_progress saw, and the error."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(CLONE_NEWNS) != 0:
+        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNS)")
+    subprocess.run(["mount", "--make-rprivate", "/"], check=True)
+    target = str(sysctl.key_path(key))
+    subprocess.run(["mount", "--bind", "-o", "ro", str(stand_in), target], check=True)
+    seen: list[HostRecord] = []
+    try:
+        hostsetup.reconcile(spec, HostRecord(), on_progress=seen.append)
+    except HostSetupError as exc:
+        return seen, str(exc)
+    return seen, ""
+
+
+def test_each_sysctl_is_recorded_as_it_is_written(host: Netns, tmp_path: Path) -> None:
+    """A required setting that cannot be written aborts host setup; those written before it
+    are already in the record, so teardown can put them back."""
+    stand_in = tmp_path / "rp_filter"
+    stand_in.write_text("1\n")
+    spec = spec_for(tmp_path, manage_firewall=False)
+    seen, error = host.call(
+        _reconcile_with_read_only, spec, "net.ipv4.conf.default.rp_filter", stand_in
+    )
+    assert error == "set net.ipv4.conf.default.rp_filter=0: Read-only file system"
+    written = {"net.ipv4.ip_forward": "1", "net.ipv4.conf.all.rp_filter": "0"}
+    assert seen[-1].sysctls_set == written
+    before = {"net.ipv4.ip_forward": "0", "net.ipv4.conf.all.rp_filter": "1"}
+    assert seen[-1].sysctls_before == before
+    assert {key: read_sysctl(host, key) for key in written} == written
+    done = host.call(hostsetup.teardown, seen[-1], "cni0", spec.conflist, False)
+    assert "set net.ipv4.conf.all.rp_filter=1 (was 0)" in done
+    assert read_sysctl(host, "net.ipv4.conf.all.rp_filter") == "1"
 
 
 def test_a_setting_that_already_had_our_value_is_neither_recorded_nor_restored(
