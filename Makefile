@@ -1,4 +1,6 @@
 # Everything runs from the project's own virtualenv (.venv), made by `make setup`.
+# demo, test and bench install the Debian packages first (scripts/system-deps, as root): on a
+# fresh machine even the virtualenv needs one (python3-venv).
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
@@ -6,6 +8,8 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
 .PHONY: setup system-deps test lint fmt demo bench lock clean
+# Prerequisites are made in the order written: system-deps before setup, always.
+.NOTPARALLEL:
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -15,10 +19,10 @@ setup: $(BIN)/python  ## install the locked dependencies and the package (editab
 	$(BIN)/uv pip install --python $(BIN)/python -q -r requirements.lock
 	$(BIN)/uv pip install --python $(BIN)/python -q --no-deps -e .
 
-system-deps:  ## the Debian packages the demo and the namespace tests drive (iproute2, iptables, DHCP clients)
+system-deps:  ## the Debian packages cocoon-net, the demo and the tests run (python3-venv, iproute2, iptables, DHCP clients)
 	./scripts/system-deps
 
-test: setup system-deps  ## lint, type-check and run every test (the netns tests need root)
+test: system-deps setup  ## lint, type-check and run every test (the netns tests need root)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy
@@ -33,10 +37,10 @@ fmt: setup
 	$(BIN)/ruff check --fix src tests bench
 	$(BIN)/ruff format src tests bench
 
-demo: setup  ## a node, a VPC peer and three VMs in namespaces: leases, pings, status, cleanup
+demo: system-deps setup  ## a node, a VPC peer and three VMs in namespaces: leases, pings, status, cleanup
 	$(BIN)/python -m cocoon_net.sandbox
 
-bench: setup  ## DHCP benchmark against Kea and dnsmasq in namespaces (root; BENCH_ARGS=--relay adds perfdhcp)
+bench: system-deps setup  ## DHCP benchmark against Kea and dnsmasq in namespaces (root; BENCH_ARGS=--relay adds perfdhcp)
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 lock:  ## refresh requirements.lock from pyproject.toml

@@ -68,25 +68,37 @@ class HostRecord:
 
     bridge_created: bool = False
     bridge_address: str = ""  # "gw/prefix" we put on the bridge
-    sysctls_before: dict[str, str] = field(default_factory=dict)
+    sysctls_before: dict[str, str] = field(default_factory=dict)  # the host's, before ours
+    # The value we last wrote to each of them: teardown restores a setting only while it
+    # still holds this. A record without it (older versions) means the constants host setup
+    # always writes (node.sysctl.value_we_set).
+    sysctls_set: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "bridgeCreated": self.bridge_created,
             "bridgeAddress": self.bridge_address,
             "sysctlsBefore": dict(sorted(self.sysctls_before.items())),
+            "sysctlsSet": dict(sorted(self.sysctls_set.items())),
         }
 
     @classmethod
     def from_json(cls, raw: Any) -> HostRecord:
         if not isinstance(raw, dict):
             return cls()
-        before = raw.get("sysctlsBefore") or {}
         return cls(
             bridge_created=bool(raw.get("bridgeCreated", False)),
             bridge_address=str(raw.get("bridgeAddress", "")),
-            sysctls_before={str(k): str(v) for k, v in before.items()},
+            sysctls_before=cls._sysctls(raw, "sysctlsBefore"),
+            sysctls_set=cls._sysctls(raw, "sysctlsSet"),
         )
+
+    @staticmethod
+    def _sysctls(raw: dict[str, Any], key: str) -> dict[str, str]:
+        value = raw.get(key) or {}
+        if not isinstance(value, dict):
+            raise ValueError(f"host.{key} must be an object of sysctl values")
+        return {str(k): str(v) for k, v in value.items()}
 
 
 @dataclass

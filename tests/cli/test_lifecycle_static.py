@@ -14,7 +14,14 @@ from pathlib import Path
 import pytest
 
 from cocoon_net import state
-from tests.support.cli import NodePaths, cocoon, kernel_snapshot, run_args, tree_digest
+from tests.support.cli import (
+    NodePaths,
+    cocoon,
+    kernel_snapshot,
+    run_args,
+    torn_down,
+    tree_digest,
+)
 from tests.support.netns import Netns
 
 pytestmark = pytest.mark.netns
@@ -26,14 +33,33 @@ ADOPT = [
 
 
 def _node(make_netns: Callable[[str], Netns]) -> Netns:
-    """A node namespace with a primary NIC and a default route, like a cloud VM."""
+    """A node namespace with a primary NIC and a default route, like a cloud VM, forwarding
+    off and strict reverse-path filtering as a distribution leaves them."""
     ns = make_netns("node")
     ns.ip("link", "add", "ens4", "mtu", "1460", "type", "veth", "peer", "name", "ens4p")
     ns.ip("link", "set", "ens4", "up")
     ns.ip("link", "set", "ens4p", "up")
     ns.ip("addr", "add", "192.0.2.10/24", "dev", "ens4")
     ns.ip("route", "add", "default", "via", "192.0.2.1", "dev", "ens4")
+    for key, value in _HOST_SYSCTLS.items():
+        _write_sysctl(ns, key, value)
     return ns
+
+
+_HOST_SYSCTLS = {
+    "net.ipv4.ip_forward": "0",
+    "net.ipv4.conf.all.rp_filter": "1",
+    "net.ipv4.conf.default.rp_filter": "1",
+    "net.ipv4.conf.ens4.rp_filter": "1",
+}
+_FORWARD_LEFT = (
+    "left net.ipv4.ip_forward=1: other software may route through this host now (it was 0 "
+    "before cocoon-net); if nothing needs it: sysctl -w net.ipv4.ip_forward=0"
+)
+
+
+def _write_sysctl(ns: Netns, key: str, value: str) -> None:
+    ns.run("sh", "-c", f"echo {value} > /proc/sys/{key.replace('.', '/')}")
 
 
 def _ok(*argv: str) -> str:
@@ -97,13 +123,55 @@ def test_adopt_status_readopt_teardown(make_netns: Callable[[str], Netns], tmp_p
     assert state.load(paths.pool).subnet == "10.67.0.0/24"  # dry-run removed nothing
     out = _ok(*run_args(paths, "teardown", netns=ns.name))
     assert "cocoon-net teardown complete (static)" in out
-    assert kernel_snapshot(ns) == kernel_before
+    assert f"  {_FORWARD_LEFT}" in out.splitlines()
+    assert kernel_snapshot(ns) == torn_down(kernel_before)
     run_dir = {k for k in tree_digest(tmp_path) if k.startswith("run")}
     assert {k: v for k, v in tree_digest(tmp_path).items() if k not in run_dir} == files_before
 
     # And again: nothing left to do, still success.
     out = _ok(*run_args(paths, "teardown", netns=ns.name))
     assert "nothing to tear down" in out
+
+
+@pytest.mark.parametrize("recorded", [True, False], ids=["recorded", "record-without-ours"])
+def test_teardown_restores_only_the_sysctls_that_still_hold_our_values(
+    make_netns: Callable[[str], Netns], tmp_path: Path, recorded: bool
+) -> None:
+    ns = _node(make_netns)
+    paths = NodePaths(tmp_path)
+    _ok(*run_args(paths, "adopt", *ADOPT, netns=ns.name))
+    host = json.loads(paths.pool.read_text())["host"]
+    assert host["sysctlsBefore"] == {**_HOST_SYSCTLS, "net.ipv4.conf.cni0.rp_filter": "1"}
+    assert host["sysctlsSet"] == {
+        "net.ipv4.ip_forward": "1",
+        "net.ipv4.conf.all.rp_filter": "0",
+        "net.ipv4.conf.cni0.rp_filter": "0",
+        "net.ipv4.conf.default.rp_filter": "0",
+        "net.ipv4.conf.ens4.rp_filter": "0",
+    }
+    if not recorded:  # a pool.json written before the values we set were kept
+        raw = json.loads(paths.pool.read_text())
+        del raw["host"]["sysctlsSet"]
+        paths.pool.write_text(json.dumps(raw))
+    _write_sysctl(ns, "net.ipv4.conf.all.rp_filter", "2")  # someone else, after adopt
+
+    report = [
+        "set net.ipv4.conf.cni0.rp_filter=1 (was 0)",
+        "set net.ipv4.conf.default.rp_filter=1 (was 0)",
+        "set net.ipv4.conf.ens4.rp_filter=1 (was 0)",
+        "left net.ipv4.conf.all.rp_filter=2: changed by someone else since cocoon-net set it to 0",
+        _FORWARD_LEFT,
+    ]
+    dry = _ok(*run_args(paths, "teardown", "--dry-run", netns=ns.name))
+    assert [line.strip() for line in dry.splitlines() if "net.ipv4" in line] == report
+    out = _ok(*run_args(paths, "teardown", netns=ns.name))
+    assert [line.strip() for line in out.splitlines() if "net.ipv4" in line] == report
+    assert {key: ns.sysctl(key) for key in _HOST_SYSCTLS} == {
+        "net.ipv4.ip_forward": "1",
+        "net.ipv4.conf.all.rp_filter": "2",
+        "net.ipv4.conf.default.rp_filter": "1",
+        "net.ipv4.conf.ens4.rp_filter": "1",
+    }
 
 
 def test_adopt_without_manage_iptables_leaves_firewall_alone(

@@ -7,8 +7,10 @@ rp_filter/ip_forward values, so restoring them is visible.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
+import subprocess
 from collections.abc import Callable
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
@@ -25,6 +27,7 @@ from tests.support.netns import Netns
 
 pytestmark = pytest.mark.netns
 
+CLONE_NEWNS = 0x00020000
 SUBNET = IPv4Network("172.20.100.0/24")
 GATEWAY = IPv4Address("172.20.100.1")
 
@@ -104,6 +107,7 @@ def test_first_run_sets_up_everything_second_run_changes_nothing(
     assert "create bridge cni0 (mac 02:c0:ac:14:64:01, mtu 1460)" in changes
     assert record.bridge_created
     assert record.bridge_address == "172.20.100.1/24"
+    wanted_keys = [s.key for s in sysctl.desired("cni0", "eth0", ("eth1",))]
     assert record.sysctls_before == {
         "net.ipv4.ip_forward": "0",
         "net.ipv4.conf.all.rp_filter": "1",
@@ -112,6 +116,7 @@ def test_first_run_sets_up_everything_second_run_changes_nothing(
         "net.ipv4.conf.eth0.rp_filter": "1",
         "net.ipv4.conf.eth1.rp_filter": "2",
     }
+    assert record.sysctls_set == {key: "1" if "forward" in key else "0" for key in wanted_keys}
     link = json.loads(host.ip("-json", "-details", "link", "show", "cni0"))[0]
     assert (link["linkinfo"]["info_kind"], link["address"], link["mtu"]) == (
         "bridge",
@@ -148,9 +153,106 @@ def test_teardown_restores_the_host_exactly_and_is_idempotent(host: Netns, tmp_p
     done = host.call(hostsetup.teardown, record, "cni0", spec.conflist, True)
     assert done == planned
     assert "delete bridge cni0" in done
-    assert snapshot(host, spec) == before
-    assert host.call(hostsetup.plan_teardown, record, "cni0", spec.conflist, True) == []
-    assert host.call(hostsetup.teardown, record, "cni0", spec.conflist, True) == []
+    # Everything as before, except forwarding: left on and said so (see the next test).
+    assert snapshot(host, spec) == _forwarding_on(before)
+    assert done[-2] == FORWARD_LEFT
+    assert host.call(hostsetup.plan_teardown, record, "cni0", spec.conflist, True) == [FORWARD_LEFT]
+    assert host.call(hostsetup.teardown, record, "cni0", spec.conflist, True) == [FORWARD_LEFT]
+    assert snapshot(host, spec) == _forwarding_on(before)
+
+
+FORWARD_LEFT = (
+    "left net.ipv4.ip_forward=1: other software may route through this host now (it was 0 "
+    "before cocoon-net); if nothing needs it: sysctl -w net.ipv4.ip_forward=0"
+)
+
+
+def _forwarding_on(snap: dict[str, Any]) -> dict[str, Any]:
+    return {**snap, "sysctls": {**snap["sysctls"], "net.ipv4.ip_forward": "1"}}
+
+
+@pytest.mark.parametrize("recorded", [True, False], ids=["recorded", "record-without-ours"])
+def test_teardown_leaves_a_sysctl_someone_else_changed_and_says_why(
+    host: Netns, tmp_path: Path, recorded: bool
+) -> None:
+    spec = spec_for(tmp_path, manage_firewall=False)
+    record, _ = host.call(hostsetup.reconcile, spec, HostRecord())
+    if not recorded:  # pool.json written before the values we set were kept
+        record = dataclasses.replace(record, sysctls_set={})
+    write_sysctl(host, "net.ipv4.conf.all.rp_filter", "2")  # someone else, after us
+
+    planned = host.call(hostsetup.plan_teardown, record, "cni0", spec.conflist, False)
+    done = host.call(hostsetup.teardown, record, "cni0", spec.conflist, False)
+    assert done == planned
+    sysctl_lines = [line for line in done if "net.ipv4" in line]
+    assert sysctl_lines == [
+        "set net.ipv4.conf.cni0.rp_filter=2 (was 0)",
+        "set net.ipv4.conf.default.rp_filter=2 (was 0)",
+        "set net.ipv4.conf.eth0.rp_filter=1 (was 0)",
+        "set net.ipv4.conf.eth1.rp_filter=2 (was 0)",
+        "left net.ipv4.conf.all.rp_filter=2: changed by someone else since cocoon-net set it to 0",
+        FORWARD_LEFT,
+    ]
+    assert read_sysctl(host, "net.ipv4.conf.all.rp_filter") == "2"
+    assert read_sysctl(host, "net.ipv4.conf.default.rp_filter") == "2"
+    assert read_sysctl(host, "net.ipv4.conf.eth0.rp_filter") == "1"
+    assert read_sysctl(host, "net.ipv4.ip_forward") == "1"
+
+
+def _reconcile_with_read_only(
+    spec: HostSpec, key: str, stand_in: Path
+) -> tuple[list[HostRecord], str]:
+    """reconcile while key cannot be written (a read-only file bound over it, in a private
+    mount namespace of this forked child); every record on_progress saw, and the error."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(CLONE_NEWNS) != 0:
+        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNS)")
+    subprocess.run(["mount", "--make-rprivate", "/"], check=True)
+    target = str(sysctl.key_path(key))
+    subprocess.run(["mount", "--bind", "-o", "ro", str(stand_in), target], check=True)
+    seen: list[HostRecord] = []
+    try:
+        hostsetup.reconcile(spec, HostRecord(), on_progress=seen.append)
+    except HostSetupError as exc:
+        return seen, str(exc)
+    return seen, ""
+
+
+def test_each_sysctl_is_recorded_as_it_is_written(host: Netns, tmp_path: Path) -> None:
+    """A required setting that cannot be written aborts host setup; those written before it
+    are already in the record, so teardown can put them back."""
+    stand_in = tmp_path / "rp_filter"
+    stand_in.write_text("1\n")
+    spec = spec_for(tmp_path, manage_firewall=False)
+    seen, error = host.call(
+        _reconcile_with_read_only, spec, "net.ipv4.conf.default.rp_filter", stand_in
+    )
+    assert error == "set net.ipv4.conf.default.rp_filter=0: Read-only file system"
+    written = {"net.ipv4.ip_forward": "1", "net.ipv4.conf.all.rp_filter": "0"}
+    assert seen[-1].sysctls_set == written
+    before = {"net.ipv4.ip_forward": "0", "net.ipv4.conf.all.rp_filter": "1"}
+    assert seen[-1].sysctls_before == before
+    assert {key: read_sysctl(host, key) for key in written} == written
+    done = host.call(hostsetup.teardown, seen[-1], "cni0", spec.conflist, False)
+    assert "set net.ipv4.conf.all.rp_filter=1 (was 0)" in done
+    assert read_sysctl(host, "net.ipv4.conf.all.rp_filter") == "1"
+
+
+def test_a_setting_that_already_had_our_value_is_neither_recorded_nor_restored(
+    host: Netns, tmp_path: Path
+) -> None:
+    write_sysctl(host, "net.ipv4.ip_forward", "1")
+    write_sysctl(host, "net.ipv4.conf.default.rp_filter", "0")
+    spec = spec_for(tmp_path, manage_firewall=False)
+    record, changes = host.call(hostsetup.reconcile, spec, HostRecord())
+    assert not any("ip_forward" in c or "default.rp_filter" in c for c in changes)
+    for key in ("net.ipv4.ip_forward", "net.ipv4.conf.default.rp_filter"):
+        assert key not in record.sysctls_before and key not in record.sysctls_set
+    write_sysctl(host, "net.ipv4.conf.default.rp_filter", "1")  # someone else's, later
+    done = host.call(hostsetup.teardown, record, "cni0", spec.conflist, False)
+    assert not any("ip_forward" in c or "default.rp_filter" in c for c in done)
+    assert read_sysctl(host, "net.ipv4.ip_forward") == "1"
+    assert read_sysctl(host, "net.ipv4.conf.default.rp_filter") == "1"
 
 
 def test_teardown_of_an_adopted_bridge_keeps_it_and_its_other_addresses(

@@ -95,6 +95,12 @@ def kernel_snapshot(ns: Netns) -> dict[str, str]:
     }
 
 
+def torn_down(before: dict[str, str]) -> dict[str, str]:
+    """kernel_snapshot after teardown of a node that was as in before: the same, except
+    that teardown leaves forwarding on (and says so)."""
+    return {**before, "ip_forward": "1"}
+
+
 def run_args(paths: NodePaths, command: str, *extra: str, netns: str | None = None) -> list[str]:
     argv = [command, *paths.flags(command), *extra]
     if netns:
@@ -102,4 +108,11 @@ def run_args(paths: NodePaths, command: str, *extra: str, netns: str | None = No
     return argv
 
 
-__all__: Sequence[str] = ("NodePaths", "cocoon", "kernel_snapshot", "run_args", "tree_digest")
+__all__: Sequence[str] = (
+    "NodePaths",
+    "cocoon",
+    "kernel_snapshot",
+    "run_args",
+    "torn_down",
+    "tree_digest",
+)

@@ -2,9 +2,9 @@
 
 `reconcile` is what init, adopt and every daemon start run: each step compares the kernel with
 the spec and changes only the difference, so a second run reports nothing. What it changed
-on the host the first time (bridge created, address set, sysctl values before) goes into the
-HostRecord in pool.json, so `teardown` restores exactly that and nothing else, and can be
-run again after a half-finished run.
+on the host the first time (bridge created, address set, sysctl values before and the values
+we wrote) goes into the HostRecord in pool.json, so `teardown` restores exactly that and
+nothing else, and can be run again after a half-finished run.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def reconcile(
     Order matters: the bridge must exist before its rp_filter can be set. The first error
     aborts (the caller's command fails). `on_progress` receives the record as soon as a step
     changed what teardown must undo (a bridge we created, our address, the sysctls' old
-    values), so a caller that persists it can undo a half-applied setup. With dry_run
+    values and ours), so a caller that persists it can undo a half-applied setup. With dry_run
     nothing is changed, the record comes back as given and the changes are what a real run
     would do.
     """
@@ -86,11 +86,12 @@ def reconcile(
     if dry_run:
         changes += [sysctl.describe(change) for change in pending]
     else:
-        before, done = sysctl.apply(pending)
-        changes += done
-        # The first value recorded is the host's own; later runs only see ours.
-        merged = {**before, **record.sysctls_before}
-        record = _progress(record, replace(record, sysctls_before=merged), on_progress)
+        # One at a time: a later required setting that fails must not lose the record of
+        # one already written.
+        for change in pending:
+            for done in sysctl.apply([change]):
+                changes.append(sysctl.describe(done))
+                record = _progress(record, _record_sysctl(record, done), on_progress)
 
     if spec.manage_firewall:
         fw_spec = firewall.FirewallSpec(
@@ -106,6 +107,17 @@ def reconcile(
         return record, changes + cni.plan_conflist(spec.conflist, spec.bridge)
     changes += cni.ensure_conflist(spec.conflist, spec.bridge)
     return record, changes
+
+
+def _record_sysctl(record: HostRecord, change: sysctl.Change) -> HostRecord:
+    """The record after writing change: the value we wrote, and the first value seen before
+    ours (a later run only sees ours, or what someone set after it)."""
+    key = change.setting.key
+    before = dict(record.sysctls_before)
+    if change.before is not None:
+        before.setdefault(key, change.before)
+    ours = {**record.sysctls_set, key: change.setting.value}
+    return replace(record, sysctls_before=before, sysctls_set=ours)
 
 
 def _progress(
@@ -146,8 +158,8 @@ def _teardown_steps(
         # Before the bridge goes: its own rp_filter is restored while it still exists.
         (
             "sysctls",
-            lambda: [sysctl.describe(c) for c in sysctl.plan_restore(record.sysctls_before)],
-            lambda: sysctl.restore(record.sysctls_before),
+            lambda: sysctl.read_restore_plan(record.sysctls_before, record.sysctls_set).lines(),
+            lambda: sysctl.restore(record.sysctls_before, record.sysctls_set),
         ),
         ("bridge", lambda: bridge.changes(bridge_plan()), lambda: bridge.apply(bridge_plan())),
     ]
@@ -176,13 +188,14 @@ def _run_teardown(steps: list[_Step], *, apply: bool) -> list[str]:
 def plan_teardown(
     record: HostRecord, bridge: str, conflist: Path, manage_firewall: bool
 ) -> list[str]:
-    """What teardown would change; reads the host, changes nothing."""
+    """What teardown would change and leave; reads the host, changes nothing."""
     return _run_teardown(_teardown_steps(record, bridge, conflist, manage_firewall), apply=False)
 
 
 def teardown(record: HostRecord, bridge: str, conflist: Path, manage_firewall: bool) -> list[str]:
     """Undo reconcile: lease routes, firewall (if ours), conflist, sysctls, bridge address/bridge.
 
-    Idempotent: a second run finds nothing to do and succeeds.
+    Returns what it changed, then each recorded sysctl it left as it is and why (see
+    sysctl.plan_restore). Idempotent: a second run changes nothing and succeeds.
     """
     return _run_teardown(_teardown_steps(record, bridge, conflist, manage_firewall), apply=True)

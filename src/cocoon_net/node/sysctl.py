@@ -19,6 +19,9 @@ from pathlib import Path
 from cocoon_net.errors import HostSetupError
 
 PROC_SYS = Path("/proc/sys")
+IP_FORWARD = "net.ipv4.ip_forward"
+FORWARD_ON = "1"
+RP_FILTER_OFF = "0"
 log = logging.getLogger(__name__)
 
 
@@ -53,14 +56,20 @@ def desired(bridge: str, primary: str | None, secondaries: Iterable[str]) -> tup
     created later.
     """
     settings = [
-        Setting("net.ipv4.ip_forward", "1", required=True),
-        Setting(conf_key("all", "rp_filter"), "0", required=True),
-        Setting(conf_key("default", "rp_filter"), "0", required=True),
-        Setting(conf_key(bridge, "rp_filter"), "0", required=True),
+        Setting(IP_FORWARD, FORWARD_ON, required=True),
+        Setting(conf_key("all", "rp_filter"), RP_FILTER_OFF, required=True),
+        Setting(conf_key("default", "rp_filter"), RP_FILTER_OFF, required=True),
+        Setting(conf_key(bridge, "rp_filter"), RP_FILTER_OFF, required=True),
     ]
     for nic_name in dict.fromkeys([*([primary] if primary else []), *secondaries]):
-        settings.append(Setting(conf_key(nic_name, "rp_filter"), "0", required=False))
+        settings.append(Setting(conf_key(nic_name, "rp_filter"), RP_FILTER_OFF, required=False))
     return tuple(settings)
+
+
+def value_we_set(key: str) -> str:
+    """What host setup writes to key: forwarding on, and every other setting is an rp_filter
+    turned off. Records written before the values were kept per key rely on this."""
+    return FORWARD_ON if key == IP_FORWARD else RP_FILTER_OFF
 
 
 def read(key: str) -> str | None:
@@ -102,14 +111,13 @@ def _write(key: str, value: str) -> None:
         raise HostSetupError(f"set {key}={value}: {exc.strerror}") from exc
 
 
-def apply(changes: Iterable[Change]) -> tuple[dict[str, str], list[str]]:
-    """Write each change; return the previous values of what was written, and the change lines.
+def apply(changes: Iterable[Change]) -> list[Change]:
+    """Write each change; return those written, in order.
 
     A best-effort setting that cannot be written (a NIC that does not exist here) is logged
     as a warning and skipped.
     """
-    before: dict[str, str] = {}
-    done: list[str] = []
+    done: list[Change] = []
     for change in changes:
         try:
             _write(change.setting.key, change.setting.value)
@@ -118,21 +126,72 @@ def apply(changes: Iterable[Change]) -> tuple[dict[str, str], list[str]]:
                 raise
             log.warning("%s; continuing", exc)
             continue
-        if change.before is not None:
-            before[change.setting.key] = change.before
-        done.append(describe(change))
-    return before, done
+        done.append(change)
+    return done
 
 
-def plan_restore(before: Mapping[str, str]) -> list[Change]:
-    """Put back recorded values; settings of interfaces that are gone have nothing to restore."""
-    out: list[Change] = []
-    for key, value in sorted(before.items()):
-        current = read(key)
-        if current is not None and current != value:
-            out.append(Change(Setting(key, value, required=True), current))
-    return out
+@dataclass(frozen=True)
+class Left:
+    """A setting teardown does not put back, and why."""
+
+    key: str
+    value: str
+    reason: str
+
+    def describe(self) -> str:
+        return f"left {self.key}={self.value}: {self.reason}"
 
 
-def restore(before: Mapping[str, str]) -> list[str]:
-    return apply(plan_restore(before))[1]
+@dataclass(frozen=True)
+class RestorePlan:
+    restore: tuple[Change, ...]
+    left: tuple[Left, ...]
+
+    def lines(self) -> list[str]:
+        """The report: each setting put back, then each one left and why."""
+        return [describe(c) for c in self.restore] + [left.describe() for left in self.left]
+
+
+def plan_restore(
+    before: Mapping[str, str], ours: Mapping[str, str], current: Mapping[str, str | None]
+) -> RestorePlan:
+    """Which recorded settings go back to their value before host setup, and which stay.
+
+    A setting is put back only while it still holds the value we wrote (ours, else
+    value_we_set): a different value is someone else's decision, made after ours. ip_forward
+    stays on even then: every program that needs forwarding writes the same "1", so an
+    unchanged value does not show that nobody else relies on it, and turning it off cuts
+    the traffic of whatever routes through this host (containers, kube-proxy, VPNs). A
+    setting whose interface is gone, or that already holds its old value, needs nothing.
+    """
+    restore: list[Change] = []
+    left: list[Left] = []
+    for key, old in sorted(before.items()):
+        now = current.get(key)
+        if now is None or now == old:
+            continue
+        mine = ours.get(key, value_we_set(key))
+        if now != mine:
+            reason = f"changed by someone else since cocoon-net set it to {mine}"
+            left.append(Left(key, now, reason))
+        elif key == IP_FORWARD:
+            reason = (
+                f"other software may route through this host now (it was {old} before "
+                f"cocoon-net); if nothing needs it: sysctl -w {key}={old}"
+            )
+            left.append(Left(key, now, reason))
+        else:
+            restore.append(Change(Setting(key, old, required=True), now))
+    return RestorePlan(tuple(restore), tuple(left))
+
+
+def read_restore_plan(before: Mapping[str, str], ours: Mapping[str, str]) -> RestorePlan:
+    """plan_restore against the values the kernel holds now."""
+    return plan_restore(before, ours, {key: read(key) for key in before})
+
+
+def restore(before: Mapping[str, str], ours: Mapping[str, str]) -> list[str]:
+    """Put back what plan_restore says (restores are required: a failed write raises)."""
+    plan = read_restore_plan(before, ours)
+    apply(plan.restore)
+    return plan.lines()
