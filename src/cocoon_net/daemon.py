@@ -306,7 +306,8 @@ class Daemon:
             )  # fmt: skip
             taken = sorted((set(diff.add) & boot) - failed, key=int)
             if taken:
-                log.info("took over %d proto-boot routes: %s", len(taken), taken)
+                log.info("took over %d proto-boot routes: %s", len(taken),
+                         " ".join(map(str, taken)))  # fmt: skip
 
     async def _answering(self, targets: set[IPv4Address]) -> set[IPv4Address]:
         """The targets whose VM answers ARP on the bridge (none when it cannot be asked)."""
