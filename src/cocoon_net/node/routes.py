@@ -90,17 +90,19 @@ def list_routes(bridge: str, proto: int = config.ROUTE_PROTO) -> set[IPv4Address
     return found
 
 
-def batch(diff: RouteDiff, bridge: str, proto: int = config.ROUTE_PROTO) -> str:
-    """`ip -batch` input for diff; empty when there is nothing to do."""
+def batch(diff: RouteDiff, bridge: str) -> str:
+    """`ip -batch` input for diff; empty when there is nothing to do. Every line names our
+    protocol: the kernel deletes only a route that has it."""
+    proto = config.ROUTE_PROTO
     lines = [f"route del {ip}/32 dev {bridge} proto {proto} table main" for ip in diff.remove] + [
         f"route replace {ip}/32 dev {bridge} proto {proto} scope link table main" for ip in diff.add
     ]
     return "\n".join(lines) + "\n" if lines else ""
 
 
-def apply_routes(diff: RouteDiff, bridge: str, proto: int = config.ROUTE_PROTO) -> None:
+def apply_routes(diff: RouteDiff, bridge: str) -> None:
     """Apply diff in one ip process; deleting a route that is already gone is not an error."""
-    text = batch(diff, bridge, proto)
+    text = batch(diff, bridge)
     if not text:
         return
     result = proc.run(["ip", "-force", "-batch", "-"], stdin=text, ok_codes=(0, 1))
