@@ -7,9 +7,9 @@ import pytest
 
 from cocoon_net import config
 from cocoon_net.errors import HostSetupError
-from cocoon_net.node import routes
+from cocoon_net.node import arp, routes
 from cocoon_net.node.routes import RouteDiff
-from tests.support.netns import Netns
+from tests.support.netns import Netns, link_pair
 
 pytestmark = pytest.mark.netns
 
@@ -97,3 +97,17 @@ def test_flush_keeps_every_route_outside_the_subnet(ns: Netns) -> None:
         "10.9.9.9 scope link",  # proto boot: the default, not shown
         "172.20.100.0/24 proto kernel scope link src 172.20.100.1",
     ]
+
+
+def test_arp_probe_finds_the_addresses_that_answer_on_the_bridge(
+    ns: Netns, make_netns: Callable[[str], Netns]
+) -> None:
+    vm = make_netns("vm")
+    link_pair(ns, "tap0", vm, "eth0")
+    ns.ip("link", "set", "tap0", "master", "cni0")
+    vm.ip("addr", "add", "172.20.100.7/24", "dev", "eth0")
+    answered = ns.call(arp.probe, "cni0", ip(1), [ip(7), ip(8)], rounds=2, wait=0.2)
+    assert answered == {ip(7)}
+    assert ns.call(arp.probe, "cni0", ip(1), []) == set()
+    with pytest.raises(OSError):
+        ns.call(arp.probe, "nobr0", ip(1), [ip(7)])
