@@ -69,8 +69,9 @@ def test_status_dry_runs_read_go_files_and_change_nothing(
     assert doc["leases"]["source"] == f"{paths.state / 'leases.json'} (daemon not running)"
 
     init = ["--platform", "volcengine", "--node-name", "go-node", "--subnet", "172.20.100.0/24"]
-    dry = _ok(*run_args(paths, "init", *init, "--dry-run", netns=ns.name))
-    assert f"  {paths.cni / '30-cocoon-dhcp.conflist'}" in dry
+    for command in ("init", "adopt"):
+        dry = _ok(*run_args(paths, command, *init, "--dry-run", netns=ns.name))
+        assert f"  {paths.cni / '30-cocoon-dhcp.conflist'}" in dry
 
     dry = _ok(*run_args(paths, "teardown", "--dry-run", netns=ns.name))
     assert f"remove {paths.state / 'leases.json'}" in dry
