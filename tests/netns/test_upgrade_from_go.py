@@ -12,7 +12,8 @@ port, as a bridge created without one gets. Besides the leased VMs:
   lost): it answers ARP, so its route is taken over too;
 - a pool address nobody uses keeps a boot route (the Go tool never removed the routes of
   expired leases): nobody answers, so the route is left as it is and the address held;
-- an operator's own route outside the pool, `10.9.9.9/32 dev cni0 proto boot`.
+- an operator's own route outside the pool, `10.9.9.9/32 dev cni0 proto boot`, and one outside
+  the subnet that carries our protocol number.
 
 The daemon then starts while the VPC peer pings every VM every 10 ms: no VM may miss more
 than 1 s of replies, every renewal is ACKed with the same address, the routes are ours where
@@ -49,6 +50,8 @@ SECONDARY_NICS = [f"eth{i}" for i in range(1, 8)]  # what the Go tool's init rec
 UPLINK = SECONDARY_NICS[0]  # the VPC reaches VMs through a secondary ENI
 DROP_CIDR = "169.254.169.254/32"
 OPERATOR_ROUTE = "10.9.9.9"
+# Another tool that happens to use our protocol number, outside the pool's subnet.
+STRAY_203 = IPv4Address("10.9.9.8")
 PING_INTERVAL = 0.01
 MAX_LOSS_S = 1.0
 GO_POOL_KEYS = {
@@ -220,6 +223,8 @@ def test_daemon_takes_over_a_go_node_without_dropping_vm_traffic(
     unleased_vm, stale = free[0], free[1]
     configure_static(sandbox, vms[3], unleased_vm)
     into_go_layout(sandbox, node, leased, [unleased_vm, stale])
+    sandbox.run(sandbox.node, ["ip", "route", "add", f"{STRAY_203}/32", "dev", "cni0", "proto",
+                               str(config.ROUTE_PROTO)])  # fmt: skip
     conflist = node.paths.conflist
     conflist_stat = conflist.stat()
 
@@ -250,7 +255,7 @@ def test_daemon_takes_over_a_go_node_without_dropping_vm_traffic(
         assert client.ip() == leased[client.vm.mac]
 
     # Routes: ours for every VM, the held one and the operator's left as they were.
-    assert node.routes() == {*leased.values(), unleased_vm}
+    assert node.routes() == {*leased.values(), unleased_vm, STRAY_203}
     assert boot_routes(sandbox) == {stale, IPv4Address(OPERATOR_ROUTE)}
     # Both addresses without a lease stay held, not free for a new VM.
     counts = node.pool_counts()
