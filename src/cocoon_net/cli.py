@@ -90,7 +90,8 @@ def _add_cni_dir(p: argparse.ArgumentParser) -> None:
         "--cni-conf-dir",
         config.ENV_CNI_CONF_DIR,
         config.DEFAULT_CNI_CONF_DIR,
-        f"where {config.CONFLIST_NAME} is written",
+        f"where {config.CONFLIST_NAME} lives (daemon and teardown: unless pool.json records "
+        "its path)",
     )
 
 
@@ -215,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("daemon", "set up the host and serve DHCP on the bridge (systemd service)")
     _add_state_dir(p)
     _add_lease_file(p)
+    _add_cni_dir(p)
     _add_run_dir(p)
     p.add_argument(
         "--skip-iptables", action="store_true", help="do not install or change firewall rules"
@@ -280,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("teardown", "remove what init/adopt created: cloud resources, host setup, state")
     _add_state_dir(p)
+    _add_cni_dir(p)
     _add_run_dir(p)
     p.add_argument(
         "--dry-run", action="store_true", help="list what would be removed; change nothing"

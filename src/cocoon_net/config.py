@@ -257,6 +257,18 @@ class Paths:
     def default_lease_file(self) -> Path:
         return self.lease_file or self.state_dir / LEASE_FILE
 
+    # pool.json records the paths init/adopt used; the Go tool's file has neither key, and
+    # an empty value means "the default", never the current directory.
+    def lease_file_for(self, recorded: str) -> Path:
+        """--lease-file, else the lease file pool.json records, else <state-dir>/leases.json."""
+        if self.lease_file is None and recorded:
+            return Path(recorded)
+        return self.default_lease_file()
+
+    def conflist_for(self, recorded: str) -> Path:
+        """The conflist pool.json records, else <cni-conf-dir>/30-cocoon-dhcp.conflist."""
+        return Path(recorded) if recorded else self.conflist
+
 
 def default_paths(environ: Mapping[str, str] | None = None) -> Paths:
     env = os.environ if environ is None else environ

@@ -32,7 +32,7 @@ from cocoon_net.dhcp.settings import DhcpSettings, Route
 from cocoon_net.dhcp.store import LeaseStore, Recovered
 from cocoon_net.errors import CocoonError
 from cocoon_net.lock import StateLock
-from cocoon_net.node import nic, routes, rtnl
+from cocoon_net.node import arp, nic, routes, rtnl
 from cocoon_net.platform import get_platform
 from cocoon_net.platform.base import Platform
 from cocoon_net.sdnotify import Notifier, watchdog_interval
@@ -224,9 +224,7 @@ class Daemon:
 
     def _setup_host(self) -> None:
         manage = self.pool.manage_iptables and not self.opts.skip_iptables
-        for change in lifecycle.reconcile_host(
-            self.pool, self.opts.paths.pool_file, manage_firewall=manage
-        ):
+        for change in lifecycle.reconcile_host(self.pool, self.opts.paths, manage_firewall=manage):
             log.info("host setup: %s", change)
         self._fix_host()
 
@@ -238,11 +236,7 @@ class Daemon:
             log.info("host fix: %s", change)
 
     def _lease_file(self) -> Path:
-        if self.opts.paths.lease_file is not None:
-            return self.opts.paths.lease_file
-        if self.pool.lease_file:
-            return Path(self.pool.lease_file)
-        return self.opts.paths.default_lease_file()
+        return self.opts.paths.lease_file_for(self.pool.lease_file)
 
     def _metrics(self) -> Any:
         if not self.opts.metrics_addr:
@@ -285,22 +279,52 @@ class Daemon:
 
     async def _reconcile_routes(self, *, first: bool = False) -> None:
         """Routes = leases (+ recovered holds): missing ones added, ours without one removed,
-        anyone else's untouched. The Go tool's routes are taken over once ours exist."""
+        anyone else's untouched. The Go tool's proto-boot route for a pool address is taken
+        over (replaced in place) once a lease or, at start-up, an answer on the bridge shows
+        a VM uses that address; other boot routes, an operator's among them, stay as they are."""
         found = self._kernel_routes(self.server.routes)
-        present = found[config.ROUTE_PROTO]
-        wanted = self.table.routed_addresses(time.time())
-        diff = routes.plan_routes(wanted, present)
+        now = time.time()
+        wanted = self.table.routed_addresses(now)
+        leased = {lease.ip for lease in self.table.leases(now)}
+        boot = found[config.GO_ROUTE_PROTO]
+        answering: set[IPv4Address] = set()
+        if first:
+            answering = await self._answering(routes.unconfirmed(wanted, leased, boot))
+        diff = routes.plan_reconcile(
+            wanted=wanted,
+            leased=leased,
+            ours=found[config.ROUTE_PROTO],
+            boot=boot,
+            subnet=self.pool.network,
+            answering=answering,
+        )
         if diff:
             failed = self.server.sync_routes(set(diff.add) | set(diff.remove))
             log.info(
                 "routes reconciled: %d added, %d removed%s",
                 len(diff.add), len(diff.remove), f", {len(failed)} failed" if failed else "",
             )  # fmt: skip
-        if first and found[config.GO_ROUTE_PROTO]:
-            for line in await asyncio.to_thread(
-                routes.flush_routes, self.bridge, config.GO_ROUTE_PROTO
-            ):
-                log.info("took over from the Go tool: %s", line)
+            taken = sorted((set(diff.add) & boot) - failed, key=int)
+            if taken:
+                log.info("took over %d proto-boot routes: %s", len(taken),
+                         " ".join(map(str, taken)))  # fmt: skip
+
+    async def _answering(self, targets: set[IPv4Address]) -> set[IPv4Address]:
+        """The targets whose VM answers ARP on the bridge (none when it cannot be asked)."""
+        if not targets:
+            return set()
+        try:
+            found = await asyncio.to_thread(arp.probe, self.bridge, self.pool.gateway_ip, targets)
+        except OSError as exc:
+            log.warning("ARP probe on %s: %s; holding %d routed addresses", self.bridge,
+                        exc.strerror or exc, len(targets))  # fmt: skip
+            return set()
+        log.info(
+            "recovery: %d of %d routed addresses without a lease answer on %s; their routes "
+            "are taken over, the rest stay held until their VM asks",
+            len(found), len(targets), self.bridge,
+        )  # fmt: skip
+        return found
 
     async def _persist(self, changes: list[Change]) -> None:
         if not changes:

@@ -77,7 +77,9 @@ def resolve_platform(name: str, environ: Mapping[str, str]) -> str:
     return detected
 
 
-def host_spec(pool: PoolState, *, manage_firewall: bool, bridge_mac: str | None = None) -> HostSpec:
+def host_spec(
+    pool: PoolState, paths: config.Paths, *, manage_firewall: bool, bridge_mac: str | None = None
+) -> HostSpec:
     """The desired host state for pool (node.hostsetup.HostSpec)."""
     from cocoon_net.node.hostsetup import HostSpec
 
@@ -93,7 +95,7 @@ def host_spec(pool: PoolState, *, manage_firewall: bool, bridge_mac: str | None 
         drop_cidrs=tuple(config.parse_cidr_list(pool.drop_cidrs, flag="dropCIDRs")),
         drop_internal_access=pool.drop_internal_access,
         vpc_cidrs=tuple(config.parse_cidr_list(pool.vpc_cidrs, flag="vpcCIDRs")),
-        conflist=Path(pool.cni_conflist),
+        conflist=paths.conflist_for(pool.cni_conflist),
     )
 
 
@@ -217,7 +219,7 @@ def provision_node(opts: NodeOptions, environ: Mapping[str, str] | None = None) 
         state.save(opts.paths.pool_file, pool)
         changes = reconcile_host(
             pool,
-            opts.paths.pool_file,
+            opts.paths,
             manage_firewall=opts.manage_iptables,
             bridge_mac=opts.bridge_mac,
         )
@@ -236,17 +238,21 @@ def provision_node(opts: NodeOptions, environ: Mapping[str, str] | None = None) 
 
 
 def reconcile_host(
-    pool: PoolState, pool_path: Path, *, manage_firewall: bool, bridge_mac: str | None = None
+    pool: PoolState,
+    paths: config.Paths,
+    *,
+    manage_firewall: bool,
+    bridge_mac: str | None = None,
 ) -> list[str]:
     """Bring the host in line with pool; every step's record lands in pool.json at once, so
     teardown after a half-applied setup still knows what was created."""
     from cocoon_net.node import hostsetup
 
-    spec = host_spec(pool, manage_firewall=manage_firewall, bridge_mac=bridge_mac)
+    spec = host_spec(pool, paths, manage_firewall=manage_firewall, bridge_mac=bridge_mac)
 
     def save_record(record: HostRecord) -> None:
         pool.host = record
-        state.save(pool_path, pool)
+        state.save(paths.pool_file, pool)
 
     record, changes = hostsetup.reconcile(spec, pool.host, on_progress=save_record)
     if record != pool.host:
@@ -261,7 +267,9 @@ def _dry_run(opts: NodeOptions, platform_name: str) -> list[str]:
     existing = read_pool(opts.paths)
     pool = _pending_state(opts, platform_name, existing)
     pool.ips = [str(ip) for ip in config.first_hosts(opts.subnet, opts.gateway, opts.pool_size)]
-    spec = host_spec(pool, manage_firewall=opts.manage_iptables, bridge_mac=opts.bridge_mac)
+    spec = host_spec(
+        pool, opts.paths, manage_firewall=opts.manage_iptables, bridge_mac=opts.bridge_mac
+    )
     _, changes = hostsetup.reconcile(spec, pool.host, dry_run=True)
     lines.append("")
     lines.append("would write:")
@@ -290,8 +298,8 @@ def teardown_node(paths: config.Paths, *, dry_run: bool, environ: Mapping[str, s
         if pool is None:
             return [f"nothing to tear down: no pool state at {paths.pool_file}"]
         platform = get_platform(pool.platform or "static", environ)
-        lease_file = Path(pool.lease_file) if pool.lease_file else paths.default_lease_file()
-        conflist = Path(pool.cni_conflist) if pool.cni_conflist else paths.conflist
+        lease_file = paths.lease_file_for(pool.lease_file)
+        conflist = paths.conflist_for(pool.cni_conflist)
         manage = pool.manage_iptables
         if dry_run:
             lines = [
@@ -299,7 +307,9 @@ def teardown_node(paths: config.Paths, *, dry_run: bool, environ: Mapping[str, s
                 f"{pool.node_name} (subnet {pool.subnet}):"
             ]
             actions = platform.plan_teardown(pool)
-            actions += hostsetup.plan_teardown(pool.host, pool.bridge, conflist, manage)
+            actions += hostsetup.plan_teardown(
+                pool.host, pool.bridge, pool.network, conflist, manage
+            )
             actions += [f"remove {p}" for p in lease_files(lease_file)]
             actions.append(f"remove {paths.pool_file}")
             return lines + [f"  {a}" for a in actions]
@@ -315,7 +325,7 @@ def teardown_node(paths: config.Paths, *, dry_run: bool, environ: Mapping[str, s
         except CocoonError as exc:
             errors.append(str(exc))
         try:
-            done += hostsetup.teardown(pool.host, pool.bridge, conflist, manage)
+            done += hostsetup.teardown(pool.host, pool.bridge, pool.network, conflist, manage)
             pool.host = HostRecord()
             state.save(paths.pool_file, pool)
         except CocoonError as exc:

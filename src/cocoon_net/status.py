@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 from cocoon_net import config, control, state
@@ -43,9 +42,7 @@ def _live(paths: config.Paths, pool: state.PoolState) -> dict[str, Any]:
         return {"source": "daemon", "pool": answer["pool"], "leases": answer["leases"]}
     except StateError as exc:
         daemon_error = str(exc)
-    lease_file = (
-        paths.lease_file or (Path(pool.lease_file) if pool.lease_file else None)
-    ) or paths.default_lease_file()
+    lease_file = paths.lease_file_for(pool.lease_file)
     from cocoon_net.dhcp import store  # only when no daemon answers: it pulls in asyncio
 
     now = time.time()

@@ -17,10 +17,10 @@ FLAGS = {
     "adopt": ["--manage-iptables", "--node-name", "--subnet", "--pool-size", "--dry-run"],
     "daemon": [
         "--state-dir", "--lease-file", "--skip-iptables", "--metrics-addr", "--lease-time",
-        "--run-dir",
+        "--cni-conf-dir", "--run-dir",
     ],
     "status": ["--state-dir", "--json", "--no-cloud"],
-    "teardown": ["--state-dir", "--dry-run", "--run-dir"],
+    "teardown": ["--state-dir", "--dry-run", "--cni-conf-dir", "--run-dir"],
 }  # fmt: skip
 
 

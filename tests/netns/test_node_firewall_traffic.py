@@ -76,5 +76,5 @@ def test_vm_traffic_passes_drop_policy_with_the_right_source(
     # the bridge MAC the VM learnt is the fixed one
     assert "02:c0:ac:14:64:01" in vm.ip("neigh", "show", "172.20.100.1")
 
-    node.call(hostsetup.teardown, record, "cni0", spec.conflist, True)
+    node.call(hostsetup.teardown, record, "cni0", spec.subnet, spec.conflist, True)
     assert not ping(vm, "10.9.0.1")  # gone with the bridge

@@ -149,15 +149,19 @@ def test_teardown_restores_the_host_exactly_and_is_idempotent(host: Netns, tmp_p
     host.call(routes.apply_routes, routes.RouteDiff(add=(IPv4Address("172.20.100.7"),)), "cni0")
     assert snapshot(host, spec) != before
 
-    planned = host.call(hostsetup.plan_teardown, record, "cni0", spec.conflist, True)
-    done = host.call(hostsetup.teardown, record, "cni0", spec.conflist, True)
+    planned = host.call(hostsetup.plan_teardown, record, "cni0", SUBNET, spec.conflist, True)
+    done = host.call(hostsetup.teardown, record, "cni0", SUBNET, spec.conflist, True)
     assert done == planned
     assert "delete bridge cni0" in done
     # Everything as before, except forwarding: left on and said so (see the next test).
     assert snapshot(host, spec) == _forwarding_on(before)
     assert done[-2] == FORWARD_LEFT
-    assert host.call(hostsetup.plan_teardown, record, "cni0", spec.conflist, True) == [FORWARD_LEFT]
-    assert host.call(hostsetup.teardown, record, "cni0", spec.conflist, True) == [FORWARD_LEFT]
+    assert host.call(hostsetup.plan_teardown, record, "cni0", SUBNET, spec.conflist, True) == [
+        FORWARD_LEFT
+    ]
+    assert host.call(hostsetup.teardown, record, "cni0", SUBNET, spec.conflist, True) == [
+        FORWARD_LEFT
+    ]
     assert snapshot(host, spec) == _forwarding_on(before)
 
 
@@ -181,8 +185,8 @@ def test_teardown_leaves_a_sysctl_someone_else_changed_and_says_why(
         record = dataclasses.replace(record, sysctls_set={})
     write_sysctl(host, "net.ipv4.conf.all.rp_filter", "2")  # someone else, after us
 
-    planned = host.call(hostsetup.plan_teardown, record, "cni0", spec.conflist, False)
-    done = host.call(hostsetup.teardown, record, "cni0", spec.conflist, False)
+    planned = host.call(hostsetup.plan_teardown, record, "cni0", SUBNET, spec.conflist, False)
+    done = host.call(hostsetup.teardown, record, "cni0", SUBNET, spec.conflist, False)
     assert done == planned
     sysctl_lines = [line for line in done if "net.ipv4" in line]
     assert sysctl_lines == [
@@ -233,7 +237,7 @@ def test_each_sysctl_is_recorded_as_it_is_written(host: Netns, tmp_path: Path) -
     before = {"net.ipv4.ip_forward": "0", "net.ipv4.conf.all.rp_filter": "1"}
     assert seen[-1].sysctls_before == before
     assert {key: read_sysctl(host, key) for key in written} == written
-    done = host.call(hostsetup.teardown, seen[-1], "cni0", spec.conflist, False)
+    done = host.call(hostsetup.teardown, seen[-1], "cni0", SUBNET, spec.conflist, False)
     assert "set net.ipv4.conf.all.rp_filter=1 (was 0)" in done
     assert read_sysctl(host, "net.ipv4.conf.all.rp_filter") == "1"
 
@@ -249,7 +253,7 @@ def test_a_setting_that_already_had_our_value_is_neither_recorded_nor_restored(
     for key in ("net.ipv4.ip_forward", "net.ipv4.conf.default.rp_filter"):
         assert key not in record.sysctls_before and key not in record.sysctls_set
     write_sysctl(host, "net.ipv4.conf.default.rp_filter", "1")  # someone else's, later
-    done = host.call(hostsetup.teardown, record, "cni0", spec.conflist, False)
+    done = host.call(hostsetup.teardown, record, "cni0", SUBNET, spec.conflist, False)
     assert not any("ip_forward" in c or "default.rp_filter" in c for c in done)
     assert read_sysctl(host, "net.ipv4.ip_forward") == "1"
     assert read_sysctl(host, "net.ipv4.conf.default.rp_filter") == "1"
@@ -264,7 +268,7 @@ def test_teardown_of_an_adopted_bridge_keeps_it_and_its_other_addresses(
     record, _ = host.call(hostsetup.reconcile, spec, HostRecord())
     assert not record.bridge_created
     saved = host.iptables_save()
-    host.call(hostsetup.teardown, record, "cni0", spec.conflist, False)
+    host.call(hostsetup.teardown, record, "cni0", SUBNET, spec.conflist, False)
     addrs = host.ip("-4", "addr", "show", "cni0")
     assert "192.0.2.1/24" in addrs
     assert "172.20.100.1" not in addrs
@@ -329,7 +333,7 @@ def test_dotted_interface_names(make_netns: Callable[[str], Netns], tmp_path: Pa
     assert ns.run("cat", "/proc/sys/net/ipv4/conf/up.1/rp_filter").stdout.strip() == "0"
     assert ns.run("cat", "/proc/sys/net/ipv4/conf/sec.2/rp_filter").stdout.strip() == "0"
     assert ns.run("cat", "/proc/sys/net/ipv4/conf/vm.br/rp_filter").stdout.strip() == "0"
-    ns.call(hostsetup.teardown, record, "vm.br", spec.conflist, False)
+    ns.call(hostsetup.teardown, record, "vm.br", spec.subnet, spec.conflist, False)
     assert ns.run("cat", "/proc/sys/net/ipv4/conf/up.1/rp_filter").stdout.strip() == "1"
     assert ns.run("cat", "/proc/sys/net/ipv4/conf/sec.2/rp_filter").stdout.strip() == "2"
 
@@ -363,3 +367,44 @@ def test_go_tool_drop_rules_in_forward_are_replaced(host: Netns, tmp_path: Path)
         "-A COCOON-FORWARD -d 10.0.0.0/8 -i cni0 -m comment --comment cocoon-net-drop -j DROP"
         in (host.run("iptables", "-S", "COCOON-FORWARD").stdout)
     )
+
+
+def test_go_tool_rules_are_replaced_by_ours_and_look_alikes_stay(
+    host: Netns, tmp_path: Path
+) -> None:
+    # What the Go tool's iptables calls leave for a node with secondary NIC eth1, its subnet
+    # written with host bits as pool.json may hold it, plus rules that only look like them.
+    go = [
+        "-I FORWARD 1 -i cni0 -d 169.254.169.254/32 -m comment --comment cocoon-net-drop -j DROP",
+        "-A FORWARD -i eth1 -o cni0 -j ACCEPT",
+        "-A FORWARD -i cni0 -o eth1 -j ACCEPT",
+        "-A FORWARD -i cni0 -o cni0 -j ACCEPT",
+        "-t nat -A POSTROUTING -s 172.20.100.5/24 ! -o cni0 -j MASQUERADE",
+    ]
+    look_alikes = [
+        "-A FORWARD -i eth2 -o cni0 -j ACCEPT",
+        "-A FORWARD -i cni0 -o cni0 -p tcp -j ACCEPT",
+        "-t nat -A POSTROUTING -s 172.20.200.0/24 ! -o cni0 -j MASQUERADE",
+    ]
+    for rule in go + look_alikes:
+        host.run("iptables", *rule.split())
+
+    _, changes = host.call(hostsetup.reconcile, spec_for(tmp_path), HostRecord())
+
+    forward = host.run("iptables", "-S", "FORWARD").stdout.splitlines()
+    post = host.run("iptables", "-t", "nat", "-S", "POSTROUTING").stdout.splitlines()
+    assert forward == [
+        "-P FORWARD DROP",
+        '-A FORWARD -m comment --comment "cocoon-net:jump" -j COCOON-FORWARD',
+        "-A FORWARD -i eth9 -m comment --comment operator -j ACCEPT",
+        "-A FORWARD -i eth2 -o cni0 -j ACCEPT",
+        "-A FORWARD -i cni0 -o cni0 -p tcp -j ACCEPT",
+    ]
+    assert post == [
+        "-P POSTROUTING ACCEPT",
+        '-A POSTROUTING -m comment --comment "cocoon-net:jump" -j COCOON-POSTROUTING',
+        "-A POSTROUTING -s 10.99.0.0/16 -o eth0 -j MASQUERADE",
+        "-A POSTROUTING -s 172.20.200.0/24 ! -o cni0 -j MASQUERADE",
+    ]
+    assert "-A COCOON-FORWARD -s 172.20.100.0/24 -i cni0" in host.iptables_save()
+    assert any("remove 5 rules" in line for line in changes), changes

@@ -39,7 +39,7 @@ class NodePaths:
     def flags(self, command: str) -> list[str]:
         """The path flags the given subcommand accepts."""
         out = ["--state-dir", str(self.state), "--run-dir", str(self.run)]
-        if command in ("init", "adopt"):
+        if command in ("init", "adopt", "daemon", "teardown"):
             out += ["--cni-conf-dir", str(self.cni)]
         return out
 

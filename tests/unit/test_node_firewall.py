@@ -185,3 +185,90 @@ def test_teardown_plan_of_a_clean_host_is_empty() -> None:
     fw = firewall.plan_teardown(firewall.parse_save(GO_SAVED.replace("cocoon-net-drop", "x")))
     assert firewall.render(fw) == ""
     assert firewall.summarize(fw.current, firewall.expected(fw)) == []
+
+
+# A Volcengine node as the Go tool leaves it (subnet written with host bits, which iptables
+# clears), with look-alikes that belong to someone else.
+GO_NODE = FirewallSpec(
+    "cni0", SUBNET, drop_cidrs=(IPv4Network("10.0.0.0/8"),), secondary_nics=("eth1", "eth2")
+)
+GO_NODE_SAVED = """\
+*filter
+:INPUT ACCEPT [0:0]
+:FORWARD DROP [0:0]
+:OUTPUT ACCEPT [0:0]
+-A FORWARD -d 10.0.0.0/8 -i cni0 -m comment --comment cocoon-net-drop -j DROP
+-A FORWARD -i eth1 -o cni0 -j ACCEPT
+-A FORWARD -i cni0 -o eth1 -j ACCEPT
+-A FORWARD -i eth2 -o cni0 -j ACCEPT
+-A FORWARD -i cni0 -o eth2 -j ACCEPT
+-A FORWARD -i cni0 -o cni0 -j ACCEPT
+-A FORWARD -i eth3 -o cni0 -j ACCEPT
+-A FORWARD -i cni1 -o cni1 -j ACCEPT
+-A FORWARD -i eth1 -o cni0 -p tcp -j ACCEPT
+-A FORWARD -i cni0 -o cni0 -j DROP
+COMMIT
+*nat
+:POSTROUTING ACCEPT [0:0]
+-A POSTROUTING -s 172.20.100.0/24 ! -o cni0 -j MASQUERADE
+-A POSTROUTING -s 172.20.200.0/24 ! -o cni0 -j MASQUERADE
+-A POSTROUTING -s 172.20.100.0/24 -o eth0 -j MASQUERADE
+COMMIT
+"""
+GO_OWN = {
+    ("FORWARD", "-d 10.0.0.0/8 -i cni0 -m comment --comment cocoon-net-drop -j DROP"),
+    ("FORWARD", "-i eth1 -o cni0 -j ACCEPT"),
+    ("FORWARD", "-i cni0 -o eth1 -j ACCEPT"),
+    ("FORWARD", "-i eth2 -o cni0 -j ACCEPT"),
+    ("FORWARD", "-i cni0 -o eth2 -j ACCEPT"),
+    ("FORWARD", "-i cni0 -o cni0 -j ACCEPT"),
+    ("POSTROUTING", "-s 172.20.100.0/24 ! -o cni0 -j MASQUERADE"),
+}
+
+
+def test_go_node_rules_are_recognised_only_as_exact_copies() -> None:
+    current = firewall.parse_save(GO_NODE_SAVED, firewall.go_rules(GO_NODE))
+    assert {(r.chain, r.text()) for r in current.rules} == GO_OWN
+    # a host-bits subnet in pool.json is the same rule once iptables has stored it
+    raw = FirewallSpec("cni0", IPv4Network("172.20.100.5/24", strict=False), secondary_nics=())
+    masquerade = ("-s", "172.20.100.0/24", "!", "-o", "cni0", "-j", "MASQUERADE")
+    assert Rule("nat", "POSTROUTING", masquerade) in firewall.go_rules(raw)
+    # without the node's NICs, bridge and subnet nothing untagged is the Go tool's
+    assert {r.text() for r in firewall.parse_save(GO_NODE_SAVED).rules} == {
+        "-d 10.0.0.0/8 -i cni0 -m comment --comment cocoon-net-drop -j DROP"
+    }
+    other = FirewallSpec("br9", IPv4Network("10.1.0.0/24"), secondary_nics=("eth1",))
+    assert len(firewall.parse_save(GO_NODE_SAVED, firewall.go_rules(other)).rules) == 1
+
+
+def test_go_node_rules_go_in_the_transaction_that_builds_ours() -> None:
+    current = firewall.parse_save(GO_NODE_SAVED, firewall.go_rules(GO_NODE))
+    fw = firewall.plan(GO_NODE, current)
+    assert {(r.chain, r.text()) for r in fw.delete} == GO_OWN
+    text = firewall.render(fw)
+    filter_part, nat_part = text.split("COMMIT\n")[:2]
+    # Each table is one commit: our chain is filled and jumped to, and the Go rules are
+    # deleted, in the same one; the kernel never forwards with neither set in place.
+    for table_text, chain, hook, go_rule in (
+        (filter_part, "COCOON-FORWARD", "FORWARD", "-D FORWARD -i eth1 -o cni0 -j ACCEPT"),
+        (nat_part, "COCOON-POSTROUTING", "POSTROUTING",
+         "-D POSTROUTING -s 172.20.100.0/24 ! -o cni0 -j MASQUERADE"),
+    ):  # fmt: skip
+        assert f":{chain} - [0:0]" in table_text
+        assert f"-I {hook} 1 -m comment --comment cocoon-net:jump -j {chain}" in table_text
+        assert go_rule in table_text
+    after = firewall.expected(fw)
+    assert not {(r.chain, r.text()) for r in after.rules} & GO_OWN
+    assert firewall.summarize(current, after) == [
+        "firewall: create chain COCOON-FORWARD, COCOON-INPUT, COCOON-POSTROUTING, "
+        "add 8 rules, remove 7 rules"
+    ]
+    # once applied, the next run finds nothing of the Go tool's left to delete
+    assert firewall.plan(GO_NODE, after).delete == ()
+
+
+def test_teardown_leaves_the_go_tools_untagged_rules() -> None:
+    fw = firewall.plan_teardown(firewall.parse_save(GO_NODE_SAVED))
+    assert [r.text() for r in fw.delete] == [
+        "-d 10.0.0.0/8 -i cni0 -m comment --comment cocoon-net-drop -j DROP"
+    ]

@@ -1,11 +1,11 @@
 from __future__ import annotations
 
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Network
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cocoon_net.node.routes import RouteDiff, batch, plan_routes
+from cocoon_net.node.routes import RouteDiff, batch, plan_reconcile, plan_routes, unconfirmed
 
 A, B, C = IPv4Address("172.20.100.2"), IPv4Address("172.20.100.3"), IPv4Address("172.20.100.10")
 
@@ -49,3 +49,40 @@ def test_batch_text_names_our_protocol_on_every_line() -> None:
         "route replace 172.20.100.2/32 dev cni0 proto 203 scope link table main\n"
     )
     assert batch(RouteDiff(), "cni0") == ""
+
+
+SUBNET = IPv4Network("172.20.100.0/24")
+D, E = IPv4Address("172.20.100.20"), IPv4Address("172.20.100.21")
+OPERATOR = IPv4Address("10.9.9.9")
+
+
+def test_boot_routes_are_taken_over_for_leases_and_answers_only() -> None:
+    # A, B leased (B via the Go tool's boot route); C, D, E held after recovery with boot
+    # routes; D answered on the bridge. OPERATOR's boot route is outside the pool.
+    diff = plan_reconcile(
+        wanted={A, B, C, D, E},
+        leased={A, B},
+        ours=set(),
+        boot={B, C, D, E, OPERATOR},
+        subnet=SUBNET,
+        answering={D},
+    )
+    assert diff == RouteDiff(add=(A, B, D))
+    assert unconfirmed({A, B, C, D, E}, {A, B}, {B, C, D, E, OPERATOR}) == {C, D, E}
+
+
+def test_held_boot_routes_stay_borrowed_on_later_reconciles() -> None:
+    diff = plan_reconcile(
+        wanted={A, C}, leased={A}, ours={A}, boot={C}, subnet=SUBNET, answering=()
+    )
+    assert diff == RouteDiff()
+    # a held address without any route gets ours, as after a lost lease file
+    assert plan_reconcile(wanted={C}, leased=(), ours=(), boot=(), subnet=SUBNET) == RouteDiff(
+        add=(C,)
+    )
+
+
+def test_our_routes_outside_the_subnet_are_never_removed() -> None:
+    stray = IPv4Address("10.9.9.8")
+    diff = plan_reconcile(wanted={A}, leased={A}, ours={A, B, stray}, boot=(), subnet=SUBNET)
+    assert diff == RouteDiff(remove=(B,))

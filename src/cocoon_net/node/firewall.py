@@ -12,7 +12,11 @@ inserted above ours later (Docker's DOCKER-USER) is not fought over on every run
 
 Every rule carries a comment: `cocoon-net:<purpose>`, and the drop rules keep the Go tool's
 `cocoon-net-drop` so its old rules, which sat directly in FORWARD, are recognised and removed.
-Only our chains, the jumps into them and those old tagged rules are ever changed.
+The Go tool's untagged rules (ACCEPT between the bridge and each secondary NIC and within the
+bridge, MASQUERADE of the subnet) are recognised only as exact copies of what it wrote for
+this node's bridge, subnet and NICs, and are deleted in the same transaction that builds our
+chains, so forwarded VM traffic always meets one set or the other. Only our chains, the jumps
+into them and those old rules are ever changed.
 
 IMPORTANT: chain names and comments are how later versions find these rules; do not rename
 them without also removing the old names.
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import shlex
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass
 from ipaddress import IPv4Network
 
@@ -78,6 +83,7 @@ class FirewallSpec:
     drop_cidrs: tuple[IPv4Network, ...] = ()
     drop_internal_access: bool = False
     vpc_cidrs: tuple[IPv4Network, ...] = ()
+    secondary_nics: tuple[str, ...] = ()  # only to recognise the Go tool's rules for them
 
 
 @dataclass(frozen=True)
@@ -112,8 +118,23 @@ def _is_go_rule(rule: Rule) -> bool:
     return rule.table == "filter" and rule.chain == "FORWARD" and DROP_TAG in rule.spec
 
 
-def parse_save(text: str) -> Ruleset:
-    """Pick our chains and rules out of iptables-save output (quoting normalised by shlex)."""
+def go_rules(spec: FirewallSpec) -> frozenset[Rule]:
+    """The Go tool's untagged rules for spec's node, token for token as iptables-save prints
+    them. iptables stores a source with host bits cleared, so the subnet as the Go tool wrote
+    it (pool.json keeps it raw) is listed in its canonical form, which is spec.subnet."""
+    br = spec.bridge
+    forward = [("-i", nic, "-o", br, "-j", "ACCEPT") for nic in spec.secondary_nics]
+    forward += [("-i", br, "-o", nic, "-j", "ACCEPT") for nic in spec.secondary_nics]
+    forward.append(("-i", br, "-o", br, "-j", "ACCEPT"))
+    masquerade = ("-s", str(spec.subnet), "!", "-o", br, "-j", "MASQUERADE")
+    return frozenset(
+        [*(Rule("filter", "FORWARD", r) for r in forward), Rule("nat", "POSTROUTING", masquerade)]
+    )
+
+
+def parse_save(text: str, foreign: Collection[Rule] = ()) -> Ruleset:
+    """Pick our chains and rules out of iptables-save output (quoting normalised by shlex),
+    and every rule equal to one in `foreign` (the Go tool's, see go_rules)."""
     table = ""
     chains: list[tuple[str, str]] = []
     rules: list[Rule] = []
@@ -127,7 +148,12 @@ def parse_save(text: str) -> Ruleset:
         elif line.startswith("-A "):
             _, chain, *spec = shlex.split(line)
             rule = Rule(table, chain, tuple(spec))
-            if chain.startswith(CHAIN_PREFIX) or _is_jump(rule) or _is_go_rule(rule):
+            if (
+                chain.startswith(CHAIN_PREFIX)
+                or _is_jump(rule)
+                or _is_go_rule(rule)
+                or rule in foreign
+            ):
                 rules.append(rule)
     return Ruleset(tuple(chains), tuple(rules))
 
@@ -170,8 +196,10 @@ def desired_chains(spec: FirewallSpec) -> tuple[Chain, ...]:
 
 
 def plan(spec: FirewallSpec, current: Ruleset) -> FirewallPlan:
-    """Rebuild our chains, add missing jumps, delete the Go tool's rules in FORWARD."""
-    go_rules = tuple(r for r in current.rules if _is_go_rule(r))
+    """Rebuild our chains, add missing jumps, delete the Go tool's rules for this node: its
+    tagged drops and the exact copies of its ACCEPT and MASQUERADE rules (go_rules)."""
+    untagged = go_rules(spec)
+    old = tuple(r for r in current.rules if _is_go_rule(r) or r in untagged)
     jumped = {
         (r.table, r.chain, r.spec[r.spec.index("-j") + 1]) for r in current.rules if _is_jump(r)
     }
@@ -180,7 +208,7 @@ def plan(spec: FirewallSpec, current: Ruleset) -> FirewallPlan:
         for table, hook, chain in HOOKS
         if (table, hook, chain) not in jumped
     )
-    return FirewallPlan(current, fill=desired_chains(spec), delete=go_rules, insert=missing)
+    return FirewallPlan(current, fill=desired_chains(spec), delete=old, insert=missing)
 
 
 def plan_teardown(current: Ruleset) -> FirewallPlan:
@@ -236,8 +264,8 @@ def summarize(before: Ruleset, after: Ruleset) -> list[str]:
     return ["firewall: " + ", ".join(parts)] if parts else []
 
 
-def read_ruleset() -> Ruleset:
-    return parse_save(proc.run(["iptables-save"]).stdout)
+def read_ruleset(foreign: Collection[Rule] = ()) -> Ruleset:
+    return parse_save(proc.run(["iptables-save"]).stdout, foreign)
 
 
 def apply(fw: FirewallPlan) -> list[str]:
@@ -257,7 +285,7 @@ def apply(fw: FirewallPlan) -> list[str]:
 
 
 def ensure(spec: FirewallSpec, *, dry_run: bool = False) -> list[str]:
-    fw = plan(spec, read_ruleset())
+    fw = plan(spec, read_ruleset(go_rules(spec)))
     return summarize(fw.current, expected(fw)) if dry_run else apply(fw)
 
 

@@ -100,6 +100,7 @@ def reconcile(
             drop_cidrs=spec.drop_cidrs,
             drop_internal_access=spec.drop_internal_access,
             vpc_cidrs=spec.vpc_cidrs,
+            secondary_nics=spec.secondary_nics,
         )
         changes += firewall.ensure(fw_spec, dry_run=dry_run)
 
@@ -133,7 +134,11 @@ _Step = tuple[str, Callable[[], list[str]], Callable[[], list[str]]]
 
 
 def _teardown_steps(
-    record: HostRecord, bridge_name: str, conflist: Path, manage_firewall: bool
+    record: HostRecord,
+    bridge_name: str,
+    subnet: IPv4Network,
+    conflist: Path,
+    manage_firewall: bool,
 ) -> list[_Step]:
     def bridge_plan() -> bridge.BridgePlan:
         return bridge.plan_teardown(
@@ -143,8 +148,8 @@ def _teardown_steps(
     steps: list[_Step] = [
         (
             "lease routes",
-            lambda: routes.plan_flush(bridge_name),
-            lambda: routes.flush_routes(bridge_name),
+            lambda: routes.plan_flush(bridge_name, subnet),
+            lambda: routes.flush_routes(bridge_name, subnet),
         ),
     ]
     if manage_firewall:
@@ -186,16 +191,20 @@ def _run_teardown(steps: list[_Step], *, apply: bool) -> list[str]:
 
 
 def plan_teardown(
-    record: HostRecord, bridge: str, conflist: Path, manage_firewall: bool
+    record: HostRecord, bridge: str, subnet: IPv4Network, conflist: Path, manage_firewall: bool
 ) -> list[str]:
     """What teardown would change and leave; reads the host, changes nothing."""
-    return _run_teardown(_teardown_steps(record, bridge, conflist, manage_firewall), apply=False)
+    steps = _teardown_steps(record, bridge, subnet, conflist, manage_firewall)
+    return _run_teardown(steps, apply=False)
 
 
-def teardown(record: HostRecord, bridge: str, conflist: Path, manage_firewall: bool) -> list[str]:
+def teardown(
+    record: HostRecord, bridge: str, subnet: IPv4Network, conflist: Path, manage_firewall: bool
+) -> list[str]:
     """Undo reconcile: lease routes, firewall (if ours), conflist, sysctls, bridge address/bridge.
 
     Returns what it changed, then each recorded sysctl it left as it is and why (see
     sysctl.plan_restore). Idempotent: a second run changes nothing and succeeds.
     """
-    return _run_teardown(_teardown_steps(record, bridge, conflist, manage_firewall), apply=True)
+    steps = _teardown_steps(record, bridge, subnet, conflist, manage_firewall)
+    return _run_teardown(steps, apply=True)

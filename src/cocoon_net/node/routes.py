@@ -4,7 +4,11 @@ The protocol number marks a route as ours (`ip route show proto 203` lists them)
 delete names it, and the kernel only deletes a route whose protocol matches, so a route an
 operator added on the bridge (proto static, boot, ...) is never removed by us. The Go tool
 used proto 3 ("boot", also the default of a plain `ip route add`) and scope global; a
-`route replace` of ours takes over its entry for the same address.
+`route replace` of ours takes over its entry for the same address in place, so traffic to
+the VM never lacks a route. Because proto boot is also every operator's, a boot route is taken
+over only for a pool address that a lease or an answer on the bridge proves is a VM's
+(`plan_reconcile`); every other boot route is left as it is. Our own deletes are limited to
+the pool's subnet: a proto-203 route elsewhere is not one we made.
 
 Bulk changes go through one `ip -force -batch -` (about 1000 routes in 15 ms): `replace` makes
 adds idempotent, and -force carries on past deletes of routes that are already gone.
@@ -44,6 +48,34 @@ def plan_routes(desired: Iterable[IPv4Address], present: Iterable[IPv4Address]) 
     )
 
 
+def unconfirmed(
+    wanted: Iterable[IPv4Address], leased: Iterable[IPv4Address], boot: Iterable[IPv4Address]
+) -> set[IPv4Address]:
+    """Pool addresses held for recovery (wanted, not leased) that only have a boot route: the
+    ones an answer on the bridge could still prove are a VM's."""
+    return (set(wanted) & set(boot)) - set(leased)
+
+
+def plan_reconcile(
+    *,
+    wanted: Iterable[IPv4Address],
+    leased: Iterable[IPv4Address],
+    ours: Iterable[IPv4Address],
+    boot: Iterable[IPv4Address],
+    subnet: IPv4Network,
+    answering: Iterable[IPv4Address] = (),
+) -> RouteDiff:
+    """Make our routes match `wanted` (leases and recovered holds, all pool addresses).
+
+    A wanted address with a boot route is taken over (added as ours, which replaces the boot
+    route in place) when it is leased or answered on the bridge. A held address whose boot
+    route nobody vouched for keeps that route as it is: its VM confirms it at its next renewal,
+    and only then is the route ours. Our routes outside `subnet` are never removed.
+    """
+    borrowed = unconfirmed(wanted, leased, boot) - set(answering)
+    return plan_routes(set(wanted) - borrowed, (ip for ip in ours if ip in subnet))
+
+
 def list_routes(bridge: str, proto: int = config.ROUTE_PROTO) -> set[IPv4Address]:
     """Host (/32) routes with protocol proto on bridge in the main table; empty if no bridge."""
     found: set[IPv4Address] = set()
@@ -58,17 +90,19 @@ def list_routes(bridge: str, proto: int = config.ROUTE_PROTO) -> set[IPv4Address
     return found
 
 
-def batch(diff: RouteDiff, bridge: str, proto: int = config.ROUTE_PROTO) -> str:
-    """`ip -batch` input for diff; empty when there is nothing to do."""
+def batch(diff: RouteDiff, bridge: str) -> str:
+    """`ip -batch` input for diff; empty when there is nothing to do. Every line names our
+    protocol: the kernel deletes only a route that has it."""
+    proto = config.ROUTE_PROTO
     lines = [f"route del {ip}/32 dev {bridge} proto {proto} table main" for ip in diff.remove] + [
         f"route replace {ip}/32 dev {bridge} proto {proto} scope link table main" for ip in diff.add
     ]
     return "\n".join(lines) + "\n" if lines else ""
 
 
-def apply_routes(diff: RouteDiff, bridge: str, proto: int = config.ROUTE_PROTO) -> None:
+def apply_routes(diff: RouteDiff, bridge: str) -> None:
     """Apply diff in one ip process; deleting a route that is already gone is not an error."""
-    text = batch(diff, bridge, proto)
+    text = batch(diff, bridge)
     if not text:
         return
     result = proc.run(["ip", "-force", "-batch", "-"], stdin=text, ok_codes=(0, 1))
@@ -84,16 +118,21 @@ def apply_routes(diff: RouteDiff, bridge: str, proto: int = config.ROUTE_PROTO) 
         )
 
 
-def _describe_flush(present: set[IPv4Address], bridge: str, proto: int) -> list[str]:
+def _lease_routes(bridge: str, subnet: IPv4Network) -> set[IPv4Address]:
+    return {ip for ip in list_routes(bridge) if ip in subnet}
+
+
+def _describe_flush(present: set[IPv4Address], bridge: str) -> list[str]:
+    proto = config.ROUTE_PROTO
     return [f"remove {len(present)} lease routes (proto {proto}) from {bridge}"] if present else []
 
 
-def plan_flush(bridge: str, proto: int = config.ROUTE_PROTO) -> list[str]:
-    return _describe_flush(list_routes(bridge, proto), bridge, proto)
+def plan_flush(bridge: str, subnet: IPv4Network) -> list[str]:
+    return _describe_flush(_lease_routes(bridge, subnet), bridge)
 
 
-def flush_routes(bridge: str, proto: int = config.ROUTE_PROTO) -> list[str]:
-    """Remove every /32 route with protocol proto on bridge (teardown)."""
-    present = list_routes(bridge, proto)
-    apply_routes(plan_routes((), present), bridge, proto)
-    return _describe_flush(present, bridge, proto)
+def flush_routes(bridge: str, subnet: IPv4Network) -> list[str]:
+    """Remove our /32 routes on bridge for addresses of subnet (teardown)."""
+    present = _lease_routes(bridge, subnet)
+    apply_routes(plan_routes((), present), bridge)
+    return _describe_flush(present, bridge)

@@ -69,8 +69,9 @@ class RouteOp:
 class RouteSocket:
     """One netlink socket owned by the event-loop thread (not thread-safe)."""
 
-    def __init__(self, proto: int = config.ROUTE_PROTO) -> None:
-        self.proto = proto
+    def __init__(self) -> None:
+        # Every add and delete carries our protocol; the kernel deletes only a route with it.
+        self.proto = config.ROUTE_PROTO
         self._seq = 0
         self._sock = socket.socket(
             socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE

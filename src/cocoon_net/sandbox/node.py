@@ -101,7 +101,7 @@ class SandboxNode:
                         sys.executable, "-m", "cocoon_net", "--netns", self.sandbox.node,
                         "--log-level", self.log_level, "daemon",
                         "--metrics-addr", self.metrics_addr, "--lease-time", self.lease_time,
-                        *self._path_flags(), *self.extra, *extra,
+                        *self._path_flags(cni=True), *self.extra, *extra,
                     ],
                     stdout=log,
                     stderr=subprocess.STDOUT,
@@ -160,4 +160,4 @@ class SandboxNode:
         return [line.removeprefix("released ") for line in out.split("\n") if line]
 
     def teardown(self) -> str:
-        return self.cocoon("teardown", *self._path_flags())
+        return self.cocoon("teardown", *self._path_flags(cni=True))
