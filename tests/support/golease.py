@@ -142,3 +142,56 @@ def read(data: bytes, now: float) -> GoRead:
         else:
             leases.append(GoLease(hw.hex(":"), address, until))
     return GoRead(tuple(leases), tuple(skipped))
+
+
+# ---------------------------------------------------------------- pool.json
+
+_POOL_STRINGS = ("platform", "nodeName", "subnet", "gateway", "primaryNIC", "subnetID",
+                 "aliasRangeName")  # fmt: skip
+_POOL_LISTS = ("secondaryNICs", "ips", "eniIDs", "dnsServers", "dropCIDRs")
+
+
+@dataclass(frozen=True)
+class GoPool:
+    subnet: str
+    gateway: IPv4Address
+    ips: tuple[IPv4Address, ...]  # the pool the Go daemon serves
+
+
+def read_pool(data: bytes) -> GoPool:
+    """pool.json as the Go daemon loads and validates it; ValueError where it exits 1.
+
+    Keys it does not know are ignored; the ones it knows must have its types (strings, lists
+    of strings or null, a bool, an RFC 3339 updatedAt).
+    """
+    try:
+        raw = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"not JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ValueError("pool.json is not a JSON object")
+    for key in _POOL_STRINGS:
+        _field(raw, key.lower())
+    lists: dict[str, list[str]] = {}
+    for key in _POOL_LISTS:
+        value = raw.get(key)
+        if value is not None and not (
+            isinstance(value, list) and all(isinstance(v, str) for v in value)
+        ):
+            raise ValueError(f"{key} {value!r} is not a list of strings")
+        lists[key] = value or []
+    if not isinstance(raw.get("dropInternalAccess", False), bool):
+        raise ValueError("dropInternalAccess is not a bool")
+    if parse_rfc3339(_field(raw, "updatedat")) is None:
+        raise ValueError("updatedAt is not RFC 3339")
+    gateway = parse_ipv4(_field(raw, "gateway"))
+    if gateway is None:
+        raise ValueError("invalid gateway")
+    subnet = _field(raw, "subnet")
+    address, _, prefix = subnet.partition("/")
+    if parse_ipv4(address) is None or not prefix.isdigit() or int(prefix) > 32:
+        raise ValueError(f"invalid subnet: {subnet}")
+    ips = tuple(ip for ip in map(parse_ipv4, lists["ips"]) if ip is not None)
+    if not ips:
+        raise ValueError("no valid IPs in pool")
+    return GoPool(subnet, gateway, ips)

@@ -84,3 +84,35 @@ def test_key_case_and_extra_keys_are_ignored_null_is_empty() -> None:
 def test_files_go_would_reject_whole_are_errors(data: bytes) -> None:
     with pytest.raises(ValueError):
         golease.read(data, T0)
+
+
+GO_POOL = b"""{
+  "platform": "gke",
+  "nodeName": "cocoon-pool",
+  "subnet": "172.20.100.0/24",
+  "gateway": "172.20.100.1",
+  "primaryNIC": "ens4",
+  "ips": ["172.20.100.2", "fe80::1", "172.20.100.3"],
+  "aliasRangeName": "cocoon-pods",
+  "dnsServers": ["8.8.8.8", "1.1.1.1"],
+  "updatedAt": "2026-04-05T06:00:00.123456789Z"
+}"""
+
+
+def test_pool_as_the_go_daemon_loads_it() -> None:
+    pool = golease.read_pool(GO_POOL)
+    assert pool.ips == (IPv4Address("172.20.100.2"), IPv4Address("172.20.100.3"))
+    assert pool.gateway == IPv4Address("172.20.100.1")
+    raw = json.loads(GO_POOL)
+    # A key Go does not know is ignored, whatever its type.
+    assert golease.read_pool(json.dumps({**raw, "mtu": {"x": 1}}).encode()) == pool
+    wrong = [
+        ("ips", "172.20.100.2"),
+        ("ips", ["fe80::1"]),
+        ("gateway", "x"),
+        ("updatedAt", "today"),
+        ("dropInternalAccess", "yes"),
+    ]
+    for key, bad in wrong:
+        with pytest.raises(ValueError):
+            golease.read_pool(json.dumps({**raw, key: bad}).encode())
