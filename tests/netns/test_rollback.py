@@ -9,7 +9,11 @@ the Go tool's own rules (tests/support/golease.py, independent of our decoder):
   (the bound docs/operations.md gives), although nothing happened since: the write-behind
   runs by itself, not only when the next change comes;
 - after SIGTERM, leases.json holds every lease, even one ACKed just before the stop;
-- pool.json loads as the Go daemon loads it, and each leased address is in its pool.
+- pool.json loads as the Go daemon loads it, and each leased address is in its pool;
+- what cocoon-net leaves behind is harmless once the Go tool starts: its `route replace` for
+  each lease it restores takes our proto-203 /32 over (one route per address, proto boot),
+  its iptables rules go in after our chains, and every VM still reaches the VPC peer with its
+  own address.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from cocoon_net import proc
 from cocoon_net.dhcp import store
 from cocoon_net.sandbox import Dhclient, DhcpClient, Udhcpc
 from tests.support import golease
@@ -83,3 +88,24 @@ def test_go_tool_reads_every_lease_after_the_daemon_stops(
         # The Go tool ignores our other files, and its leases-*.json temps are not ours.
         beside = {p.name for p in lease_file.parent.iterdir()}
         assert beside >= {"leases.json", "leases.json.journal", "leases.json.meta"}
+
+        # The Go tool's start-up on this host, as far as it touches what we left.
+        node = sandbox.node
+        for lease in go.leases:
+            sandbox.run(node, ["ip", "route", "replace", f"{lease.ip}/32", "dev", "cni0",
+                               "proto", "boot", "scope", "global"])  # fmt: skip
+        subnet = str(sandbox.subnet)
+        for table, rule in [
+            ("filter", ["FORWARD", "-i", "cni0", "-o", "cni0", "-j", "ACCEPT"]),
+            ("nat", ["POSTROUTING", "-s", subnet, "!", "-o", "cni0", "-j", "MASQUERADE"]),
+        ]:
+            check = sandbox.run(node, ["iptables", "-t", table, "-C", *rule], ok_codes=(0, 1))
+            if check.returncode:
+                sandbox.run(node, ["iptables", "-t", table, "-A", *rule])
+        routes = proc.run_json(["ip", "-n", node, "-d", "-json", "route", "show", "dev", "cni0"])
+        for lease in go.leases:
+            mine = [r for r in routes if r["dst"] in (str(lease.ip), f"{lease.ip}/32")]
+            assert [r.get("protocol") for r in mine] == ["boot"], mine
+        for client in clients:
+            if client.vm.mac in on_file:
+                assert sandbox.source_seen_by_peer(client.vm.netns) == on_file[client.vm.mac]
