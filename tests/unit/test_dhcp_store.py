@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from cocoon_net.dhcp.leasefile import LeaseState, Record, encode_record, replay
+from cocoon_net.dhcp.leasefile import LeaseState, Record, encode_record, encode_snapshot, replay
 from cocoon_net.dhcp.model import Lease
 from cocoon_net.dhcp.store import (
     RETRY_MAX_S,
@@ -245,7 +245,11 @@ def test_reopening_an_up_to_date_store_rewrites_nothing(path: Path) -> None:
     assert ips(recovered) == {lease(1).mac: "10.0.0.1", lease(2).mac: "10.0.0.2"}
     # Same files, not rewritten (an atomic rewrite would give them new inodes).
     assert {p.name: p.stat().st_ino for p in path.parent.iterdir()} == inode
-    again.close(compact=False)
+    # The next snapshot reuses the lines it found for what did not change.
+    renewed = lease(2, expires=T0 + 60)
+    asyncio.run(again.commit([Record.grant(renewed), Record.grant(lease(3))]))
+    again.close()
+    assert path.read_bytes() == encode_snapshot([lease(1), renewed, lease(3)])
     # A journal line to fold in makes the next open compact again.
     role_path(path, Role.JOURNAL).write_bytes(journal_bytes(Record.release(lease(1)), first_seq=9))
     third = LeaseStore(path)
@@ -253,7 +257,7 @@ def test_reopening_an_up_to_date_store_rewrites_nothing(path: Path) -> None:
     assert not recovered.report.current
     third.close()
     assert role_path(path, Role.JOURNAL).stat().st_size == 0
-    assert ips(reopen(path)) == {lease(2).mac: "10.0.0.2"}
+    assert ips(reopen(path)) == {lease(2).mac: "10.0.0.2", lease(3).mac: "10.0.0.3"}
 
 
 def test_go_written_file_with_offsets_and_null(path: Path) -> None:

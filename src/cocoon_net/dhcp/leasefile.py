@@ -119,6 +119,22 @@ class SnapshotEncoder:
     def __init__(self) -> None:
         self._lines: dict[str, tuple[Lease, str]] = {}
 
+    def adopt(self, leases: Iterable[Lease], written: bytes) -> int:
+        """Reuse the lines of a snapshot we wrote and decoded into exactly `leases`, so a
+        store reopened on its own files does not re-encode them all. A line that is not
+        where the sort puts its lease is left out (encoded when next needed). How many
+        were taken."""
+        ordered = sorted(leases, key=lambda lease: int(lease.ip))
+        lines = written.decode(errors="replace").split("\n")[1:-2]  # between "[" and "]\n"
+        if len(lines) != len(ordered):
+            return 0
+        taken = 0
+        for lease, line in zip(ordered, lines, strict=True):
+            if line.startswith(f'{{"mac": "{lease.mac}", "ip": "{lease.ip}", '):
+                self._lines[lease.mac] = (lease, line.removesuffix(","))
+                taken += 1
+        return taken
+
     def encode(self, leases: Iterable[Lease]) -> bytes:
         previous, current = self._lines, {}
         for lease in leases:

@@ -43,14 +43,14 @@ It runs when the journal passes N records or bytes, at open and close, and as th
 of leases.json: once the oldest change not yet in the snapshot is `snapshot_lag` (2 s) old, so
 that leases.json, which the Go tool reads after a rollback, is never much older than the
 journal. Its cost is kept in check three ways. It runs only while the journal is not empty:
-an idle store writes nothing. Only the entries that changed are re-encoded (SnapshotEncoder),
-so a snapshot of 60,000 leases costs mostly the sort and two 7 MB writes with their fsyncs:
-about 0.1 s, up to 0.25 s under a storm of renewals on a busy 2-CPU host, instead of 0.4 s
-and more. And a write-behind that took t seconds is followed by the next one no sooner than
-t / `snapshot_share` seconds after it started, so snapshots never take more than that share
-(a fifth) of the writer's time, whatever the disk does. Commits that arrive during a
-compaction wait for it, then go out as one batch: still written and fdatasync'ed before
-their ACK.
+an idle store writes nothing. Only the entries that changed are re-encoded (SnapshotEncoder;
+after a restart it takes the lines of the snapshot it finds), so a snapshot of 60,000 leases
+costs mostly the sort and two 7 MB writes with their fsyncs: about 0.1 s, up to 0.25 s under
+a storm of renewals on a busy 2-CPU host, instead of 0.4 s and more. And a write-behind that
+took t seconds is followed by the next one no sooner than t / `snapshot_share` seconds after
+it started, so snapshots never take more than that share (a fifth) of the writer's time,
+whatever the disk does. Commits that arrive during a compaction wait for it, then go out as
+one batch: still written and fdatasync'ed before their ACK.
 
 So leases.json holds every change committed more than `snapshot_lag` plus the time one
 compaction takes ago, as long as compactions succeed and each takes less than
@@ -439,15 +439,15 @@ class LeaseStore:
         try:
             recovered, self._state = _load(self.path, self.max_corrupt, repair=True)
             self._seq = recovered.seq
-            self._snapshot_digest = _digest(_read(self.path))
+            written = _read(self.path)
+            self._snapshot_digest = _digest(written)
             self._fd = os.open(
                 self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644
             )
             # Rewriting files that are already what a compaction writes costs seconds with
-            # 60,000 leases and changes nothing. Encoding them still fills the encoder, so the
-            # first write-behind does not hold up commits for a full encode.
-            if recovered.report.current:
-                self._encoder.encode(self._state.leases.values())
+            # 60,000 leases and changes nothing; the encoder takes the lines as they are.
+            if recovered.report.current and written is not None:
+                self._encoder.adopt(self._state.leases.values(), written)
             else:
                 self._compact()
         except OSError as exc:
