@@ -4,10 +4,14 @@ Durability contract
 -------------------
 A grant, renewal, release, expiry or decline-quarantine is written and fdatasync'ed to the
 journal before `await store.commit(records)` returns; the server sends the ACK only after that
-(an ACK for an address we could forget is how the Go tool handed out duplicates, spec §9.3).
+(an ACK for an address we could forget is how the Go tool handed out duplicates).
 If the write fails, commit() raises StateError and no ACK may leave. After a failed write or
 fsync the store stays failed: Linux may drop the unwritten pages and report success on a
 retried fsync, so only a restart, which replays what is really on disk, can be trusted.
+
+The journal is the truth. leases.json is written behind it, for the Go tool after a rollback:
+it holds every change committed more than `snapshot_lag` (2 s) plus one snapshot write ago
+(see Compaction). Failing to write it loses nothing and never fails a commit.
 
 Group commit: one writer thread owns the journal. commit() queues its records and awaits a
 future; the writer takes everything queued, writes it with one write() and one fdatasync(),
