@@ -1,10 +1,15 @@
 """The durable lease store on real files: crash points as literal file sets, group commit,
-writer failures, and kill -9 in the middle of a commit storm."""
+writer failures, kill -9 in the middle of a commit storm, and the write-behind that keeps
+leases.json readable by the Go tool."""
 
 from __future__ import annotations
 
+import array
 import asyncio
+import contextlib
+import fcntl
 import json
+import logging
 import os
 import random
 import shutil
@@ -12,16 +17,26 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from ipaddress import IPv4Address
 from pathlib import Path
 
 import pytest
 
-from cocoon_net.dhcp.leasefile import LeaseState, Record, encode_record, replay
+from cocoon_net.dhcp.leasefile import LeaseState, Record, encode_record, encode_snapshot, replay
 from cocoon_net.dhcp.model import Lease
-from cocoon_net.dhcp.store import LeaseStore, Recovered, Role, load, role_path
+from cocoon_net.dhcp.store import (
+    RETRY_MAX_S,
+    LeaseStore,
+    Recovered,
+    Role,
+    SnapshotPace,
+    load,
+    role_path,
+)
 from cocoon_net.errors import LockHeldError, StateError
+from tests.support import golease
 
 T0 = 1_775_368_800.0  # 2026-04-05T06:00:00Z
 
@@ -49,9 +64,20 @@ def path(tmp_path: Path) -> Path:
     return tmp_path / "state" / "leases.json"
 
 
+class Clock:
+    """A monotonic clock that moves only when told: the write-behind's lag never runs out
+    by itself, so tests that need the journal to hold their commits see it do so."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 @pytest.fixture
 def store(path: Path) -> Iterator[LeaseStore]:
-    s = LeaseStore(path)
+    s = LeaseStore(path, monotonic=Clock())
     s.open()
     yield s
     s.close()
@@ -122,7 +148,7 @@ def test_torn_last_journal_line(path: Path) -> None:
     assert got.report.journal.torn_tail
     assert got.report.complete  # an unacknowledged write lost nothing promised
     # The next writes must not be glued to the torn fragment.
-    s = LeaseStore(path)
+    s = LeaseStore(path, monotonic=Clock())
     s.open()
     asyncio.run(s.commit([Record.grant(lease(3))]))
     s.close(compact=False)
@@ -154,7 +180,7 @@ def test_crash_between_meta_and_snapshot_writes(path: Path, store: LeaseStore) -
     asyncio.run(store.commit([Record.grant(lease(1))]))
     store.close()
     old_snapshot = path.read_bytes()
-    s = LeaseStore(path)
+    s = LeaseStore(path, monotonic=Clock())
     s.open()
     asyncio.run(s.commit([Record.grant(lease(2)), Record.quarantine(IPv4Address("10.0.0.7"), T0)]))
     journal = role_path(path, Role.JOURNAL).read_bytes()
@@ -219,7 +245,11 @@ def test_reopening_an_up_to_date_store_rewrites_nothing(path: Path) -> None:
     assert ips(recovered) == {lease(1).mac: "10.0.0.1", lease(2).mac: "10.0.0.2"}
     # Same files, not rewritten (an atomic rewrite would give them new inodes).
     assert {p.name: p.stat().st_ino for p in path.parent.iterdir()} == inode
-    again.close(compact=False)
+    # The next snapshot reuses the lines it found for what did not change.
+    renewed = lease(2, expires=T0 + 60)
+    asyncio.run(again.commit([Record.grant(renewed), Record.grant(lease(3))]))
+    again.close()
+    assert path.read_bytes() == encode_snapshot([lease(1), renewed, lease(3)])
     # A journal line to fold in makes the next open compact again.
     role_path(path, Role.JOURNAL).write_bytes(journal_bytes(Record.release(lease(1)), first_seq=9))
     third = LeaseStore(path)
@@ -227,7 +257,7 @@ def test_reopening_an_up_to_date_store_rewrites_nothing(path: Path) -> None:
     assert not recovered.report.current
     third.close()
     assert role_path(path, Role.JOURNAL).stat().st_size == 0
-    assert ips(reopen(path)) == {lease(2).mac: "10.0.0.2"}
+    assert ips(reopen(path)) == {lease(2).mac: "10.0.0.2", lease(3).mac: "10.0.0.3"}
 
 
 def test_go_written_file_with_offsets_and_null(path: Path) -> None:
@@ -346,7 +376,9 @@ CHILD = textwrap.dedent(
     from cocoon_net.dhcp.model import Lease
     from cocoon_net.dhcp.store import LeaseStore
 
-    store = LeaseStore(Path(sys.argv[1]), max_journal_records=int(sys.argv[2]))
+    store = LeaseStore(
+        Path(sys.argv[1]), max_journal_records=int(sys.argv[2]), snapshot_lag=float(sys.argv[3])
+    )
     store.open()
 
     async def vm(first):
@@ -370,7 +402,14 @@ def test_kill_9_loses_no_acknowledged_commit(path: Path, round_: int) -> None:
     rng = random.Random(round_)
     path.parent.mkdir()
     with subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(path), str(rng.choice([20, 200, 5000]))],
+        [
+            sys.executable,
+            "-c",
+            CHILD,
+            str(path),
+            str(rng.choice([20, 200, 5000])),
+            str(rng.choice([0.0, 0.01, 2.0])),  # 0: a write-behind after every batch
+        ],
         stdout=subprocess.PIPE,
     ) as proc:
         assert proc.stdout is not None
@@ -393,7 +432,7 @@ def test_kill_9_loses_no_acknowledged_commit(path: Path, round_: int) -> None:
 
 
 def test_failed_compaction_keeps_the_journal_and_is_retried(path: Path) -> None:
-    s = LeaseStore(path, max_journal_records=5)
+    s = LeaseStore(path, max_journal_records=5, monotonic=Clock())
     s.open()
     path.unlink()
     path.mkdir()  # leases.json cannot be replaced now: the snapshot rename fails
@@ -424,3 +463,159 @@ def test_corrupt_sidecar_is_kept_aside_and_reported(path: Path, store: LeaseStor
     assert got.report.meta_lost and not got.report.complete
     (aside,) = got.report.set_aside
     assert aside.name.startswith("leases.json.meta.corrupt-")
+
+
+# ---------------------------------------------------------------- write-behind of leases.json
+
+
+def go_view(path: Path, now: float = T0 - 1) -> dict[str, str]:
+    """MAC -> IP of the leases the Go tool would restore from leases.json at `now`."""
+    read = golease.read(path.read_bytes(), now)
+    assert not read.skipped, read.skipped
+    return {x.mac: str(x.ip) for x in read.leases}
+
+
+def grant(s: LeaseStore, *ns: int) -> None:
+    asyncio.run(s.commit([Record.grant(lease(n, expires=T0 + n)) for n in ns]))
+
+
+def test_snapshot_pace() -> None:
+    pace = SnapshotPace(lag=2.0, share=0.2)
+    assert pace.due(None, 50.0) is None  # nothing waits for a snapshot: none is written
+    assert pace.due(10.0, 0.0) == 12.0
+    assert pace.due(10.0, 15.0) == 15.0  # the cost bound pushes it out
+    # A snapshot that took 1 s allows the next no sooner than 5 s after it started: a fifth.
+    assert pace.after_success(started=100.0, took=1.0) == 105.0
+    backoff, waits = 0.0, []
+    for _ in range(8):
+        not_before, backoff = pace.after_failure(200.0, 0.01, backoff)
+        waits.append(not_before - 200.0)
+    assert waits == [2.0, 4.0, 8.0, 16.0, 32.0, RETRY_MAX_S, RETRY_MAX_S, RETRY_MAX_S]
+    assert pace.after_failure(200.0, 30.0, 0.0)[0] == 200.0 - 30.0 + 30.0 / 0.2
+
+
+def test_write_behind_writes_leases_json_after_the_lag(path: Path) -> None:
+    clock = Clock()
+    s = LeaseStore(path, monotonic=clock, snapshot_lag=2.0)
+    s.open()
+    assert go_view(path) == {}
+    grant(s, 1)
+    clock.now += 1.9
+    grant(s, 2)
+    # The writer handles one batch at a time: this commit returns only after the writer
+    # decided about the one before it.
+    grant(s, 3)
+    assert go_view(path) == {}, "written before the lag ran out"
+    clock.now += 0.2  # the first commit is now 2.1 s old
+    grant(s, 4)  # at the latest after this batch, the writer sees the lag has run out
+    grant(s, 5)  # returns after the writer dealt with the batch before
+    held = go_view(path)
+    assert {lease(n).mac for n in (1, 2, 3)} <= set(held)
+    assert held[lease(1).mac] == "10.0.0.1"
+    # Expiries as Go reads them: the lease's end, rounded up to a whole second.
+    read = golease.read(path.read_bytes(), T0 - 1)
+    assert {x.mac: x.expiry for x in read.leases}[lease(3).mac] == T0 + 3
+    assert role_path(path, Role.JOURNAL).stat().st_size < 400  # folded in, then truncated
+    s.close(compact=False)  # as after a crash: whatever the journal holds is replayed
+    got = load(path)
+    assert ips(got) == {lease(n).mac: f"10.0.0.{n}" for n in range(1, 6)}
+    assert got.report.complete and not got.report.foreign_snapshot
+
+
+def caught_up(path: Path, s: LeaseStore) -> None:
+    """Wait (real time) until a compaction after open() has emptied the journal."""
+    deadline = time.monotonic() + 20
+    while (stats := s.stats()).compactions < 2 or stats.journal_records:
+        assert time.monotonic() < deadline, "leases.json never caught up"
+        time.sleep(0.02)
+
+
+def test_write_behind_runs_without_further_commits(path: Path) -> None:
+    """The last grant before a quiet spell (or a crash) reaches leases.json on its own."""
+    s = LeaseStore(path, snapshot_lag=0.05)
+    s.open()
+    try:
+        grant(s, 7)
+        caught_up(path, s)
+        assert go_view(path) == {lease(7).mac: "10.0.0.7"}
+    finally:
+        s.close(compact=False)
+
+
+def test_an_idle_store_writes_nothing(path: Path) -> None:
+    s = LeaseStore(path, snapshot_lag=0.01)
+    s.open()
+    try:
+        grant(s, 1)
+        caught_up(path, s)
+        written = s.stats().compactions, path.stat().st_ino
+        time.sleep(0.3)  # thirty lags: a writer that snapshots when idle would have
+        assert (s.stats().compactions, path.stat().st_ino) == written
+    finally:
+        s.close(compact=False)
+
+
+FS_IOC_GETFLAGS, FS_IOC_SETFLAGS, FS_IMMUTABLE_FL = 0x80086601, 0x40086602, 0x10
+
+
+@contextlib.contextmanager
+def unwritable(directory: Path) -> Iterator[None]:
+    """No file can be created in directory, even by root: the immutable attribute (chattr +i)."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        flags = array.array("i", [0])
+        try:
+            fcntl.ioctl(fd, FS_IOC_GETFLAGS, flags)
+            fcntl.ioctl(fd, FS_IOC_SETFLAGS, array.array("i", [flags[0] | FS_IMMUTABLE_FL]))
+        except OSError as exc:
+            pytest.skip(f"no immutable attribute on the file system of {directory}: {exc}")
+        try:
+            yield
+        finally:
+            fcntl.ioctl(fd, FS_IOC_SETFLAGS, flags)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("fault", ["snapshot-is-a-directory", "unwritable-directory"])
+def test_failed_write_behind_keeps_the_journal_and_is_logged_once(
+    path: Path, fault: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = Clock()
+    s = LeaseStore(path, monotonic=clock)
+    s.open()
+    before = path.read_bytes()
+    with contextlib.ExitStack() as broken:
+        if fault == "snapshot-is-a-directory":  # META is written, the snapshot rename fails
+            path.unlink()
+            path.mkdir()
+            broken.callback(path.rmdir)
+        else:  # not even a temp file for META can be created
+            broken.enter_context(unwritable(path.parent))
+        caplog.set_level(logging.WARNING, logger="cocoon_net.dhcp.store")
+        grant(s, 9)
+        for n in range(1, 9):
+            # Past the longest back-off every time, so each step tries again; the second
+            # commit returns only after the writer is done with the first batch, so the
+            # clock never moves under a snapshot.
+            clock.now += RETRY_MAX_S + 1
+            grant(s, n)
+            grant(s, 100 + n)
+        stats = s.stats()
+        assert stats.compaction_failures == 8 and not stats.failed
+        failed = [r for r in caplog.records if "store.compact.failed" in r.getMessage()]
+        assert len(failed) == 1, [r.getMessage() for r in failed]
+        held, _ = replay(LeaseState(), role_path(path, Role.JOURNAL).read_bytes())
+        assert len(held.leases) == 17  # nothing truncated that no snapshot holds
+        if fault == "unwritable-directory":
+            assert path.read_bytes() == before
+            # A crash now: the old snapshot and the journal give every lease.
+            assert len(load(path).leases) == 17
+    clock.now += RETRY_MAX_S + 1
+    grant(s, 10)
+    grant(s, 11)
+    assert set(go_view(path)) >= {lease(n).mac for n in (*range(1, 10), *range(101, 109))}
+    assert any("store.compact.recovered" in r.getMessage() for r in caplog.records)
+    s.close()
+    got = reopen(path)
+    assert len(got.leases) == 19 and got.report.complete
