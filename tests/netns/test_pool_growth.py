@@ -1,0 +1,258 @@
+"""init and adopt on a node whose daemon runs: the pool grows (and shrinks) online.
+
+Each test runs the real command (`python -m cocoon_net --netns NODE`) next to a running
+daemon in a sandbox, with real DHCP clients in the VMs. What is asserted is what an operator
+sees: the command's output and exit code, pool.json, which addresses the VMs get, and that
+the daemon's PID never changed (no restart).
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from ipaddress import IPv4Address
+from pathlib import Path
+
+import pytest
+
+from cocoon_net import config, state
+from cocoon_net.dhcp.model import DhcpMessage, MessageType
+from cocoon_net.sandbox import Sandbox, Udhcpc, Vm
+from tests.emulators.gce import GceEmulator
+from tests.support.cli import cocoon, tree_digest
+from tests.support.daemon import NodeDaemon
+from tests.support.netns import Netns, is_root
+from tests.support.rawclient import exchange, request
+
+pytestmark = [
+    pytest.mark.netns,
+    pytest.mark.clients,
+    pytest.mark.skipif(not is_root(), reason="needs root to create network namespaces"),
+]
+
+CLOSED = "http://127.0.0.1:9"  # nothing listens there: the other platform's probe misses
+
+
+def _static(node: NodeDaemon, *extra: str) -> subprocess.CompletedProcess[str]:
+    """`adopt --platform static` with the sandbox's settings (as SandboxNode.adopt) + extra."""
+    sb = node.sandbox
+    return node.run(
+        "adopt", "--platform", "static", "--node-name", "demo", "--subnet", str(sb.subnet),
+        "--manage-iptables", "--vpc-cidr", str(sb.node_uplink.network),
+        "--state-dir", str(node.paths.state_dir), "--run-dir", str(node.paths.run_dir),
+        "--cni-conf-dir", str(node.paths.cni_conf_dir), *extra,
+    )  # fmt: skip
+
+
+def _ok(proc: subprocess.CompletedProcess[str]) -> str:
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def _refused(proc: subprocess.CompletedProcess[str]) -> str:
+    """Exit 1 with one line on stderr, nothing on stdout; that line."""
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stdout == ""
+    return proc.stderr
+
+
+def _offers(vm: Vm) -> list[IPv4Address]:
+    """The addresses offered to a DISCOVER from vm's own MAC within a second."""
+    replies: list[DhcpMessage] = Netns(vm.netns).call(
+        exchange, vm.ifname, vm.mac, [request(MessageType.DISCOVER, vm.mac)], listen=1.0
+    )
+    return [reply.yiaddr for reply in replies]
+
+
+def _pool(node: NodeDaemon) -> set[IPv4Address]:
+    return set(state.load(node.paths.pool_file).pool_ips)
+
+
+@pytest.fixture
+def sandbox(tmp_path: Path) -> Iterator[Sandbox]:
+    with Sandbox(3, tmpdir=tmp_path) as sb:
+        yield sb
+
+
+@pytest.fixture
+def node(sandbox: Sandbox, tmp_path: Path) -> Iterator[NodeDaemon]:
+    node = NodeDaemon(sandbox, tmp_path / "node")
+    try:
+        yield node
+    finally:
+        node.close()
+
+
+def _clients(sandbox: Sandbox) -> list[Udhcpc]:
+    return [Udhcpc(sandbox, vm, hostname=f"vm{vm.index}") for vm in sandbox.vms]
+
+
+def test_static_grow_then_shrink_while_the_daemon_serves(
+    sandbox: Sandbox, node: NodeDaemon
+) -> None:
+    _ok(_static(node, "--pool-size", "2"))
+    sandbox.attach_vms(config.DEFAULT_BRIDGE)
+    node.start()
+    assert node.proc is not None
+    pid = node.proc.pid
+    vm0, vm1, vm2 = _clients(sandbox)
+    try:
+        first = {vm0.start(), vm1.start()}
+        assert first == _pool(node)  # both addresses taken
+        assert _offers(sandbox.vms[2]) == []  # the pool is exhausted
+
+        out = _ok(_static(node, "--pool-size", "4"))
+        assert out.splitlines()[-1] == "daemon now serves 4 addresses"
+        grown = _pool(node)
+        assert len(grown) == 4 and first < grown
+        new = vm2.start()  # a new VM gets an address from the new part, no restart
+        assert new in grown - first
+        assert node.running and node.proc.pid == pid
+        assert node.pool_counts()["size"] == 4
+        assert {row.ip for row in node.leases().values()} == first | {new}
+        assert node.routes_equal_leases() == first | {new}
+
+        # Shrinking to 2 would take vm2's address away: refused, nothing changed.
+        files = tree_digest(node.paths.state_dir)
+        line = _refused(_static(node, "--pool-size", "2"))
+        assert f"are leased ({new})" in line
+        assert tree_digest(node.paths.state_dir) == files
+        assert node.pool_counts()["size"] == 4
+        assert node.leases()[sandbox.vms[2].mac].ip == new
+
+        # Once vm2 is deleted (its lease released), the same shrink goes through online.
+        vm2.stop()
+        assert node.release(sandbox.vms[2].mac) == [str(new)]
+        out = _ok(_static(node, "--pool-size", "2"))
+        assert out.splitlines()[-1] == "daemon now serves 2 addresses"
+        assert _pool(node) == first
+        assert node.pool_counts()["size"] == 2
+        assert node.running and node.proc.pid == pid
+        assert {row.ip for row in node.leases().values()} == first  # vm0 and vm1 kept theirs
+    finally:
+        for client in (vm0, vm1, vm2):
+            client.stop()
+    assert not node.errors()
+
+
+def test_shrink_without_a_daemon_reads_the_lease_store(sandbox: Sandbox, node: NodeDaemon) -> None:
+    _ok(_static(node, "--pool-size", "3"))
+    sandbox.attach_vms(config.DEFAULT_BRIDGE)
+    node.start()
+    vm0, vm1, _ = _clients(sandbox)
+    try:
+        leased = sorted([vm0.start(), vm1.start()])
+    finally:
+        vm0.stop()
+        vm1.stop()
+    node.stop()  # the leases live on in the lease files only
+
+    files = tree_digest(node.paths.state_dir)
+    line = _refused(_static(node, "--pool-size", "1"))
+    assert f"are leased ({leased[1]})" in line
+    assert tree_digest(node.paths.state_dir) == files
+    # Nothing leased in the part that goes: accepted, and no daemon is asked.
+    out = _ok(_static(node, "--pool-size", "2"))
+    assert "daemon now serves" not in out
+    assert _pool(node) == set(leased)
+
+
+def test_changes_a_running_daemon_cannot_take_are_refused(
+    sandbox: Sandbox, node: NodeDaemon
+) -> None:
+    _ok(_static(node, "--pool-size", "2"))
+    sandbox.attach_vms(config.DEFAULT_BRIDGE)
+    node.start()
+    assert node.proc is not None
+    pid = node.proc.pid
+    files = tree_digest(node.root / "state") | tree_digest(node.paths.cni_conf_dir)
+    refused = {
+        ("--mtu", "1400"): "mtu (default) -> 1400",
+        ("--drop-internal-access",): "drop-internal-access false -> true",
+        ("--bridge", "br-other"): "bridge cni0 -> br-other",
+        ("--gateway", str(sandbox.subnet.network_address + 9)): "gateway",
+        ("--bridge-mac", "02:00:00:00:00:01"): "bridge-mac",
+    }
+    for flags, what in refused.items():
+        line = _refused(_static(node, "--pool-size", "3", *flags))
+        assert f"the running daemon (pid {pid}, daemon)" in line
+        assert what in line and "stop the daemon first" in line
+    # A new subnet: the static pool follows it, so the same refusal comes before the cloud.
+    line = _refused(_static(node, "--subnet", "172.20.200.0/24"))
+    assert "subnet 172.20.100.0/24 -> 172.20.200.0/24" in line
+    assert tree_digest(node.root / "state") | tree_digest(node.paths.cni_conf_dir) == files
+    assert node.pool_counts()["size"] == 2
+
+    line = _refused(node.run("teardown", "--state-dir", str(node.paths.state_dir),
+                             "--run-dir", str(node.paths.run_dir)))  # fmt: skip
+    assert f"the daemon is running (pid {pid}, daemon): stop it first" in line
+    assert node.paths.pool_file.exists()
+
+    # A second daemon is refused and names the first.
+    second = node.run("daemon", "--state-dir", str(node.paths.state_dir),
+                      "--run-dir", str(node.paths.run_dir), "--metrics-addr", "")  # fmt: skip
+    assert second.returncode == 1
+    assert f"pid {pid}, daemon" in second.stderr.splitlines()[-1]
+    assert node.running and node.proc.pid == pid
+
+    # A dns change is taken online.
+    out = _ok(_static(node, "--pool-size", "2", "--dns", "9.9.9.9"))
+    assert out.splitlines()[-1] == "daemon now serves 2 addresses"
+    assert state.load(node.paths.pool_file).dns_servers == ["9.9.9.9"]
+
+    node.stop()
+    out = _ok(_static(node, "--pool-size", "2", "--mtu", "1400"))  # no daemon: allowed
+    assert state.load(node.paths.pool_file).mtu == 1400
+
+
+def test_gke_init_grows_the_pool_of_a_running_daemon(
+    sandbox: Sandbox, node: NodeDaemon, tmp_path: Path
+) -> None:
+    gce = GceEmulator(netns=sandbox.node).start()
+    env = gce.environ(
+        COCOON_NET_GCE_AGENT_CONFIG=str(tmp_path / "instance_configs.cfg"),
+        COCOON_NET_VOLCENGINE_METADATA_URL=CLOSED,
+    )
+    flags = [
+        "--state-dir", str(node.paths.state_dir), "--run-dir", str(node.paths.run_dir),
+    ]  # fmt: skip
+    init = [
+        "init", "--platform", "gke", "--node-name", "gke-node", "--subnet", str(sandbox.subnet),
+        "--cni-conf-dir", str(node.paths.cni_conf_dir), *flags,
+    ]  # fmt: skip
+
+    def gke(*argv: str) -> subprocess.CompletedProcess[str]:
+        return cocoon("--netns", sandbox.node, *argv, env=env)
+
+    vm0, vm1, vm2 = _clients(sandbox)
+    try:
+        out = _ok(gke(*init, "--pool-size", "2"))
+        assert "2 IPs provisioned" in out
+        alias = {"ipCidrRange": str(sandbox.subnet), "subnetworkRangeName": "cocoon-pods"}
+        assert alias in gce.nic0["aliasIpRanges"]
+        sandbox.attach_vms(config.DEFAULT_BRIDGE)
+        node.start()
+        assert node.proc is not None
+        pid = node.proc.pid
+        first = {vm0.start(), vm1.start()}
+        assert first == _pool(node)
+        assert _offers(sandbox.vms[2]) == []
+
+        mutations = gce.state.mutations_applied
+        out = _ok(gke(*init, "--pool-size", "4"))
+        assert "4 IPs provisioned" in out
+        assert out.splitlines()[-1] == "daemon now serves 4 addresses"
+        # The alias already routes the whole subnet here: growing needs no cloud change.
+        assert gce.state.mutations_applied == mutations
+        assert alias in gce.nic0["aliasIpRanges"]
+        new = vm2.start()
+        assert new in _pool(node) - first
+        assert node.running and node.proc.pid == pid
+        assert node.routes_equal_leases() == first | {new}
+    finally:
+        for client in (vm0, vm1, vm2):
+            client.stop()
+        node.stop()
+        gce.stop()
+    assert not node.errors()
