@@ -348,10 +348,13 @@ class Daemon:
             except TimeoutError:
                 pass
             self._reconcile_due.clear()
-            try:
-                if self._reload_due:
-                    self._reload_due = False
+            if self._reload_due:
+                self._reload_due = False
+                try:
                     await self.reload()
+                except CocoonError as exc:  # the old pool stays served
+                    log.error("reload: %s", exc)
+            try:
                 await self._check_bridge()
                 await asyncio.to_thread(self._fix_host)
                 if self.server.bound:

@@ -8,7 +8,9 @@ the daemon's PID never changed (no restart).
 
 from __future__ import annotations
 
+import fcntl
 import subprocess
+import threading
 from collections.abc import Iterator
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -20,7 +22,7 @@ from cocoon_net.dhcp.model import DhcpMessage, MessageType
 from cocoon_net.sandbox import Sandbox, Udhcpc, Vm
 from tests.emulators.gce import GceEmulator
 from tests.support.cli import cocoon, tree_digest
-from tests.support.daemon import NodeDaemon
+from tests.support.daemon import NodeDaemon, wait_for
 from tests.support.netns import Netns, is_root
 from tests.support.rawclient import exchange, request
 
@@ -256,3 +258,33 @@ def test_gke_init_grows_the_pool_of_a_running_daemon(
         node.stop()
         gce.stop()
     assert not node.errors()
+
+
+def test_a_daemon_starting_during_an_init_waits_and_serves_its_pool(
+    sandbox: Sandbox, node: NodeDaemon
+) -> None:
+    """The daemon restarts while an init holds the state lock: it reads pool.json only after
+    the init is done, so it serves the pool the init wrote, not the one before."""
+    _ok(_static(node, "--pool-size", "2"))
+    sandbox.attach_vms(config.DEFAULT_BRIDGE)
+    node.paths.run_dir.mkdir(parents=True, exist_ok=True)
+    with node.paths.lock_file.open("w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("4242 init\n")
+        held.flush()
+        starting = threading.Thread(target=node.start)
+        starting.start()
+        try:
+            wait_for(
+                lambda: "waiting for pid 4242, init" in node.log() or None,
+                "the daemon to wait for the init",
+            )
+            # What the init writes before it lets go: a grown pool.
+            pool = state.load(node.paths.pool_file)
+            pool.ips = [str(ip) for ip in list(sandbox.subnet.hosts())[1:5]]
+            state.save(node.paths.pool_file, pool)
+        finally:
+            fcntl.flock(held, fcntl.LOCK_UN)
+            starting.join()
+    assert node.running
+    assert node.pool_counts()["size"] == 4
