@@ -8,7 +8,7 @@ each direction::
     <- {"ok": true, "pool": {"size": 140, ...}, "leases": [{"ip": "172.20.100.7", ...}]}
     -> {"cmd": "release", "mac": "02:00:00:00:00:07"}
     <- {"ok": true, "released": ["172.20.100.7"]}
-    -> {"cmd": "reload"}
+    -> {"cmd": "reload", "keep_leases": true}
     <- {"ok": true, "addresses": 140}
     -> {"cmd": "stats"}
     <- {"ok": true, "store": {"batches": 12, ...}}
@@ -118,8 +118,9 @@ class Served(Protocol):
         """Make changes durable and put the routes in line with them."""
         ...
 
-    async def reload(self) -> int:
-        """Re-read pool.json and serve its pool; the number of addresses now served."""
+    async def reload(self, *, keep_leases: bool = False) -> int:
+        """Re-read pool.json and serve its pool; the number of addresses now served. With
+        keep_leases, a pool that would end a lease is refused instead."""
         ...
 
 
@@ -132,7 +133,8 @@ def handler(daemon: Served) -> Handler:
         if cmd == "release":
             return await _release(daemon, request, now)
         if cmd == "reload":
-            return {"ok": True, "addresses": await daemon.reload()}
+            keep = bool(request.get("keep_leases"))
+            return {"ok": True, "addresses": await daemon.reload(keep_leases=keep)}
         if cmd == "stats":
             # Group commit at work: records per fsync'ed batch (the benchmark reads it).
             return {"ok": True, "store": dataclasses.asdict(daemon.store.stats())}

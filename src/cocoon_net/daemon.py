@@ -25,7 +25,7 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
-from cocoon_net import config, control, lifecycle, state
+from cocoon_net import config, control, lifecycle, poolchange, state
 from cocoon_net.dhcp import effects
 from cocoon_net.dhcp.leases import Change, LeaseTable
 from cocoon_net.dhcp.server import Counters, DhcpServer
@@ -402,9 +402,11 @@ class Daemon:
         await asyncio.to_thread(self._setup_host, REPAIR_LOCK_WAIT)
         self.server.open()
 
-    async def reload(self) -> int:
+    async def reload(self, *, keep_leases: bool = False) -> int:
         """SIGHUP or a `reload` request: re-read pool.json; leases outside a shrunk pool end
-        and lose their routes (init and adopt refuse such a shrink while the daemon runs)."""
+        and lose their routes, unless keep_leases (init and adopt): then such a pool is
+        refused. The check and the switch run with no await between them, so no lease can
+        be granted in the removed part after the check."""
         async with self._reloading:
             new = state.load(self.opts.paths.pool_file)
             if new.network != self.pool.network or new.bridge != self.pool.bridge:
@@ -414,9 +416,17 @@ class Daemon:
                     "a restart"
                 )
             settings = dhcp_settings(new, self.opts, nic.link_mtu(self.bridge))
+            now = time.time()
+            held = self.table.routed_addresses(now)  # leases and recovered holds
+            busy = poolchange.leased_in_removed(self.table.pool, new.pool_ips, held)
+            if keep_leases and busy:
+                raise StateError(
+                    f"not serving the pool of pool.json: it leaves out leased addresses "
+                    f"({', '.join(map(str, busy))})"
+                )
             self.pool = new
             self.server.settings = settings
-            changes = self.table.set_pool(new.pool_ips, time.time())
+            changes = self.table.set_pool(new.pool_ips, now)
             for change in changes:
                 log.info("reload: %s %s", change.op, getattr(change, "lease", change))
             await self.persist(changes)

@@ -9,6 +9,7 @@ setup touches the kernel, and teardown deletes pool.json only after everything e
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import time
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from cocoon_net import config, lock, poolchange, state
 from cocoon_net.errors import CocoonError, StateError
-from cocoon_net.fsutil import remove_file
+from cocoon_net.fsutil import atomic_write, remove_file
 from cocoon_net.platform import get_platform
 from cocoon_net.platform.base import NodeRequest, ProvisionResult
 from cocoon_net.state import HostRecord, PoolState
@@ -219,6 +220,8 @@ def provision_node(opts: NodeOptions, environ: Mapping[str, str] | None = None) 
         if existing is not None and opts.pool_size < len(existing.ips):
             kept = platform.pool_after(existing, request, adopt=opts.command == "adopt")
             _check_shrink(opts.paths, existing, kept, daemon)
+            if daemon is not None:
+                pool.ips = _narrow(opts.paths, existing, kept)
         if opts.command == "init":
             result = platform.provision(request, record)
         else:
@@ -295,6 +298,24 @@ def _check_shrink(
             f"it would remove are leased ({shown}); release them first "
             "('cocoon-net release --ip ...') or keep a larger --pool-size"
         )
+
+
+def _narrow(paths: config.Paths, existing: PoolState, kept: set[IPv4Address]) -> list[str]:
+    """A shrink under a running daemon goes the other way round from a growth: the daemon
+    stops serving the removed addresses before the cloud takes them away. It refuses if one
+    was leased since _check_shrink looked; pool.json is then put back as it was."""
+    from cocoon_net import control
+
+    before = paths.pool_file.read_bytes()
+    narrowed = copy.deepcopy(existing)
+    narrowed.ips = [str(ip) for ip in sorted(ip for ip in existing.pool_ips if ip in kept)]
+    state.save(paths.pool_file, narrowed)
+    try:
+        control.request(paths.control_socket, {"cmd": "reload", "keep_leases": True})
+    except CocoonError as exc:
+        atomic_write(paths.pool_file, before, mode=0o644, dir_mode=0o750)
+        raise StateError(f"pool unchanged: {exc}") from None
+    return narrowed.ips
 
 
 def _tell_daemon(paths: config.Paths, expected: int) -> str:

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from cocoon_net import config, state
+from cocoon_net import config, control, state
 from cocoon_net.dhcp.model import DhcpMessage, MessageType
+from cocoon_net.errors import CocoonError
 from cocoon_net.sandbox import Sandbox, Udhcpc, Vm
 from tests.emulators.gce import GceEmulator
 from tests.support.cli import cocoon, tree_digest
@@ -122,6 +123,18 @@ def test_static_grow_then_shrink_while_the_daemon_serves(
         assert tree_digest(node.paths.state_dir) == files
         assert node.pool_counts()["size"] == 4
         assert node.leases()[sandbox.vms[2].mac].ip == new
+
+        # Had vm2 got its address after that check, the daemon itself refuses the narrower
+        # pool init hands it before the cloud is called, and serves the old one on.
+        before = node.paths.pool_file.read_bytes()
+        shrunk = state.load(node.paths.pool_file)
+        shrunk.ips = [str(ip) for ip in sorted(first)]
+        state.save(node.paths.pool_file, shrunk)
+        with pytest.raises(CocoonError, match=f"leaves out leased addresses \\({new}\\)"):
+            control.request(node.paths.control_socket, {"cmd": "reload", "keep_leases": True})
+        assert node.pool_counts()["size"] == 4
+        assert node.leases()[sandbox.vms[2].mac].ip == new
+        node.paths.pool_file.write_bytes(before)
 
         # Once vm2 is deleted (its lease released), the same shrink goes through online.
         vm2.stop()
