@@ -11,7 +11,7 @@ from __future__ import annotations
 import fcntl
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from ipaddress import IPv4Address
 from pathlib import Path
 
@@ -22,6 +22,7 @@ from cocoon_net.dhcp.model import DhcpMessage, MessageType
 from cocoon_net.errors import CocoonError
 from cocoon_net.sandbox import Sandbox, Udhcpc, Vm
 from tests.emulators.gce import GceEmulator
+from tests.emulators.volcengine import VolcEmulator
 from tests.support.cli import cocoon, tree_digest
 from tests.support.daemon import NodeDaemon, wait_for
 from tests.support.netns import Netns, is_root
@@ -221,31 +222,27 @@ def test_changes_a_running_daemon_cannot_take_are_refused(
     assert state.load(node.paths.pool_file).mtu == 1400
 
 
-def test_gke_init_grows_the_pool_of_a_running_daemon(
-    sandbox: Sandbox, node: NodeDaemon, tmp_path: Path
+def _grow_online(
+    sandbox: Sandbox,
+    node: NodeDaemon,
+    env: dict[str, str],
+    platform: str,
+    sizes: tuple[int, int],
+    between: Callable[[], None],
 ) -> None:
-    gce = GceEmulator(netns=sandbox.node).start()
-    env = gce.environ(
-        COCOON_NET_GCE_AGENT_CONFIG=str(tmp_path / "instance_configs.cfg"),
-        COCOON_NET_VOLCENGINE_METADATA_URL=CLOSED,
-    )
-    flags = [
-        "--state-dir", str(node.paths.state_dir), "--run-dir", str(node.paths.run_dir),
-    ]  # fmt: skip
+    """`init --pool-size small`, the daemon serving two VMs from it, `init --pool-size big`
+    (calling between() before and after it): a third VM gets an address from the new part,
+    and the daemon never restarted."""
+    small, big = sizes
     init = [
-        "init", "--platform", "gke", "--node-name", "gke-node", "--subnet", str(sandbox.subnet),
-        "--cni-conf-dir", str(node.paths.cni_conf_dir), *flags,
+        "--netns", sandbox.node, "init", "--platform", platform, "--node-name", "grow-node",
+        "--subnet", str(sandbox.subnet), "--state-dir", str(node.paths.state_dir),
+        "--run-dir", str(node.paths.run_dir), "--cni-conf-dir", str(node.paths.cni_conf_dir),
     ]  # fmt: skip
-
-    def gke(*argv: str) -> subprocess.CompletedProcess[str]:
-        return cocoon("--netns", sandbox.node, *argv, env=env)
-
     vm0, vm1, vm2 = _clients(sandbox)
     try:
-        out = _ok(gke(*init, "--pool-size", "2"))
-        assert "2 IPs provisioned" in out
-        alias = {"ipCidrRange": str(sandbox.subnet), "subnetworkRangeName": "cocoon-pods"}
-        assert alias in gce.nic0["aliasIpRanges"]
+        out = _ok(cocoon(*init, "--pool-size", str(small), env=env))
+        assert f"{small} IPs provisioned" in out
         sandbox.attach_vms(config.DEFAULT_BRIDGE)
         node.start()
         assert node.proc is not None
@@ -254,13 +251,11 @@ def test_gke_init_grows_the_pool_of_a_running_daemon(
         assert first == _pool(node)
         assert _offers(sandbox.vms[2]) == []
 
-        mutations = gce.state.mutations_applied
-        out = _ok(gke(*init, "--pool-size", "4"))
-        assert "4 IPs provisioned" in out
-        assert out.splitlines()[-1] == "daemon now serves 4 addresses"
-        # The alias already routes the whole subnet here: growing needs no cloud change.
-        assert gce.state.mutations_applied == mutations
-        assert alias in gce.nic0["aliasIpRanges"]
+        between()
+        out = _ok(cocoon(*init, "--pool-size", str(big), env=env))
+        assert f"{big} IPs provisioned" in out
+        assert out.splitlines()[-1] == f"daemon now serves {big} addresses"
+        between()
         new = vm2.start()
         assert new in _pool(node) - first
         assert node.running and node.proc.pid == pid
@@ -269,8 +264,52 @@ def test_gke_init_grows_the_pool_of_a_running_daemon(
         for client in (vm0, vm1, vm2):
             client.stop()
         node.stop()
-        gce.stop()
     assert not node.errors()
+
+
+def test_gke_init_grows_the_pool_of_a_running_daemon(
+    sandbox: Sandbox, node: NodeDaemon, tmp_path: Path
+) -> None:
+    gce = GceEmulator(netns=sandbox.node).start()
+    env = gce.environ(
+        COCOON_NET_GCE_AGENT_CONFIG=str(tmp_path / "instance_configs.cfg"),
+        COCOON_NET_VOLCENGINE_METADATA_URL=CLOSED,
+    )
+    alias = {"ipCidrRange": str(sandbox.subnet), "subnetworkRangeName": "cocoon-pods"}
+    mutations: list[int] = []
+
+    def no_cloud_change() -> None:
+        # The alias already routes the whole subnet here: growing needs no cloud change.
+        assert alias in gce.nic0["aliasIpRanges"]
+        mutations.append(gce.state.mutations_applied)
+        assert mutations[-1] == mutations[0]
+
+    try:
+        _grow_online(sandbox, node, env, "gke", (2, 4), no_cloud_change)
+    finally:
+        gce.stop()
+
+
+def test_volcengine_init_grows_the_pool_of_a_running_daemon(
+    sandbox: Sandbox, node: NodeDaemon
+) -> None:
+    emu = VolcEmulator()
+    emu.hotplug_into(sandbox.node)
+    emu.start(netns=sandbox.node)
+    env = {**emu.environ(), "GCE_METADATA_HOST": "127.0.0.1:9"}
+    seen: list[int] = []
+
+    def cloud_grows_first() -> None:
+        enis = [e for e in emu.enis.values() if e.type != "primary"]
+        seen.append(sum(len(e.secondary) for e in enis))
+        # Before the growth: 2 secondary IPs on one ENI; after: a full ENI and a second one.
+        assert (seen, len(enis)) in (([2], 1), ([2, 22], 2))
+
+    try:
+        _grow_online(sandbox, node, env, "volcengine", (2, 22), cloud_grows_first)
+        assert len(state.load(node.paths.pool_file).secondary_nics) == 2
+    finally:
+        emu.stop()
 
 
 def test_a_daemon_starting_during_an_init_waits_and_serves_its_pool(
