@@ -8,8 +8,8 @@
   whether a daemon runs (and which) without taking it.
 
 flock(2): the kernel drops a lock when its holder exits, however it exits, so a crash never
-leaves a stale lock (the Go tool's PID file could, spec §9.4 #23). The holder writes its PID
-and command into the file so others can name it.
+leaves a stale lock (a PID file can). The holder writes its PID and command into the file so
+others can name it.
 """
 
 from __future__ import annotations
