@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from cocoon_net import config, control, state
-from cocoon_net.dhcp.model import DhcpMessage, MessageType
+from cocoon_net.dhcp.model import DhcpMessage, MessageType, Opt
 from cocoon_net.errors import CocoonError
 from cocoon_net.sandbox import Sandbox, Udhcpc, Vm
 from tests.emulators.gce import GceEmulator
@@ -61,12 +61,12 @@ def _refused(proc: subprocess.CompletedProcess[str]) -> str:
     return proc.stderr
 
 
-def _offers(vm: Vm) -> list[IPv4Address]:
-    """The addresses offered to a DISCOVER from vm's own MAC within a second."""
+def _offers(vm: Vm) -> list[DhcpMessage]:
+    """The OFFERs a DISCOVER from vm's own MAC gets within a second."""
     replies: list[DhcpMessage] = Netns(vm.netns).call(
         exchange, vm.ifname, vm.mac, [request(MessageType.DISCOVER, vm.mac)], listen=1.0
     )
-    return [reply.yiaddr for reply in replies]
+    return replies
 
 
 def _pool(node: NodeDaemon) -> set[IPv4Address]:
@@ -216,6 +216,8 @@ def test_changes_a_running_daemon_cannot_take_are_refused(
     out = _ok(_static(node, "--pool-size", "2", "--dns", "9.9.9.9"))
     assert out.splitlines()[-1] == "daemon now serves 2 addresses"
     assert state.load(node.paths.pool_file).dns_servers == ["9.9.9.9"]
+    offers = _offers(sandbox.vms[0])
+    assert [o.options[Opt.DNS.value] for o in offers] == [IPv4Address("9.9.9.9").packed]
 
     node.stop()
     out = _ok(_static(node, "--pool-size", "2", "--mtu", "1400"))  # no daemon: allowed
