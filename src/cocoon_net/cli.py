@@ -80,7 +80,7 @@ def _add_run_dir(p: argparse.ArgumentParser) -> None:
         "--run-dir",
         config.ENV_RUN_DIR,
         config.DEFAULT_RUN_DIR,
-        "directory of the lock and control socket",
+        "directory of the locks and the control socket",
     )
 
 

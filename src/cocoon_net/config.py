@@ -26,6 +26,7 @@ DEFAULT_BRIDGE = "cni0"
 POOL_FILE = "pool.json"
 LEASE_FILE = "leases.json"
 LOCK_FILE = "cocoon-net.lock"
+DAEMON_LOCK_FILE = "cocoon-net.daemon.lock"
 CONTROL_SOCKET = "control.sock"
 CONFLIST_NAME = "30-cocoon-dhcp.conflist"
 CNI_NETWORK_NAME = "cocoon-dhcp"
@@ -245,6 +246,10 @@ class Paths:
     @property
     def lock_file(self) -> Path:
         return self.run_dir / LOCK_FILE
+
+    @property
+    def daemon_lock(self) -> Path:
+        return self.run_dir / DAEMON_LOCK_FILE
 
     @property
     def control_socket(self) -> Path:

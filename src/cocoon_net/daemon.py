@@ -1,20 +1,21 @@
 """The composition root of `cocoon-net daemon`: the only place long-lived objects are built.
 
-Start-up: lock -> pool.json -> host setup -> lease recovery -> route reconcile -> bind ->
-ready. Lease recovery trusts the journal and snapshot (dhcp/store.py) and also every /32
-route of ours (and of the Go tool) on the bridge: an address with a route but no lease is
-held for a lease time and confirmed only to the VM that asks for it, so a lost lease file
-can never put one address on two VMs.
+Start-up: daemon lock -> state lock, pool.json, host setup -> lease recovery -> route
+reconcile -> bind -> ready. Lease recovery trusts the journal and snapshot (dhcp/store.py)
+and also every /32 route of ours (and of the Go tool) on the bridge: an address with a
+route but no lease is held for a lease time and confirmed only to the VM that asks for it,
+so a lost lease file can never put one address on two VMs.
 
-The daemon holds the state lock for its whole life, so init/adopt/teardown cannot change
-the node under it. SIGTERM stops it gracefully (leases flushed, routes kept: VMs keep their
-traffic across a restart); SIGHUP re-reads pool.json.
+The daemon holds the daemon lock for its whole life (one daemon per node; teardown refuses
+while it runs) and the state lock only while it reads pool.json and applies host setup, which
+records its changes there: init and adopt can grow the pool of a running daemon, then ask it
+over the control socket to re-read pool.json. SIGTERM stops it gracefully (leases flushed,
+routes kept: VMs keep their traffic across a restart); SIGHUP re-reads pool.json too.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import os
 import signal
@@ -24,13 +25,13 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
-from cocoon_net import config, control, lifecycle, state
+from cocoon_net import config, control, lifecycle, poolchange, state
 from cocoon_net.dhcp import effects
 from cocoon_net.dhcp.leases import Change, LeaseTable
 from cocoon_net.dhcp.server import Counters, DhcpServer
 from cocoon_net.dhcp.settings import DhcpSettings, Route
 from cocoon_net.dhcp.store import LeaseStore, Recovered
-from cocoon_net.errors import CocoonError
+from cocoon_net.errors import CocoonError, StateError
 from cocoon_net.lock import StateLock
 from cocoon_net.node import arp, nic, routes, rtnl
 from cocoon_net.platform import get_platform
@@ -43,6 +44,13 @@ log = logging.getLogger("cocoon_net.daemon")
 SWEEP_SECONDS = 1.0  # lease expiry: cheap when nothing is due (LeaseTable.expire)
 RECONCILE_SECONDS = 30.0  # routes and bridge, besides netlink events
 EVENT_SETTLE_SECONDS = 0.3  # netlink events come in bursts; reconcile once per burst
+# init may hold the state lock through minutes of cloud calls: a starting daemon waits for it
+# (within systemd's start timeout); a running one retries its host repair at the next round.
+START_LOCK_WAIT = 60.0
+REPAIR_LOCK_WAIT = 5.0
+# A prober (init, adopt, teardown asking whether a daemon runs) holds the daemon lock for an
+# instant; a starting daemon waits that out.
+DAEMON_LOCK_WAIT = 1.0
 
 
 @dataclass(frozen=True)
@@ -63,7 +71,7 @@ class DaemonOptions:
 def run(opts: DaemonOptions) -> int:
     # A bad pool.json or DHCP option fails here, before the lock file is made.
     dhcp_settings(state.load(opts.paths.pool_file), opts, None)
-    with StateLock(opts.paths.lock_file, "daemon"):
+    with StateLock(opts.paths.daemon_lock, "daemon", wait=DAEMON_LOCK_WAIT):
         return asyncio.run(Daemon(opts).main())
 
 
@@ -116,6 +124,7 @@ class Daemon:
         self.table: LeaseTable
         self._reconcile_due = asyncio.Event()
         self._reload_due = False
+        self._reloading = asyncio.Lock()
         self._platform: Platform | None = None
 
     @property
@@ -131,8 +140,8 @@ class Daemon:
             loop.add_signal_handler(signum, self.stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._request_reload)
 
-        self.pool = state.load(self.opts.paths.pool_file)
-        self._setup_host()
+        self.pool = self._setup_host(START_LOCK_WAIT)
+        self._fix_host()
         lease_file = self._lease_file()
         settings = dhcp_settings(self.pool, self.opts, nic.link_mtu(self.bridge))
         metrics = self._metrics()
@@ -188,7 +197,7 @@ class Daemon:
         )
         self.server.open()
         await self._reconcile_routes(first=True)
-        control_server = await control.serve(self.opts.paths.control_socket, self._control)
+        control_server = await control.serve(self.opts.paths.control_socket, control.handler(self))
         metrics_server = self._start_metrics(metrics)
         events = rtnl.EventSocket()
         asyncio.get_running_loop().add_reader(events.fileno(), self._on_netlink, events)
@@ -222,11 +231,15 @@ class Daemon:
             route_sock.close()
         return 0
 
-    def _setup_host(self) -> None:
-        manage = self.pool.manage_iptables and not self.opts.skip_iptables
-        for change in lifecycle.reconcile_host(self.pool, self.opts.paths, manage_firewall=manage):
-            log.info("host setup: %s", change)
-        self._fix_host()
+    def _setup_host(self, lock_wait: float) -> PoolState:
+        """Host setup from pool.json as it is now. It records what it changes in pool.json,
+        so it runs under the state lock, after the init or adopt that holds it."""
+        with StateLock(self.opts.paths.lock_file, "daemon", wait=lock_wait):
+            pool = state.load(self.opts.paths.pool_file)
+            manage = pool.manage_iptables and not self.opts.skip_iptables
+            for change in lifecycle.reconcile_host(pool, self.opts.paths, manage_firewall=manage):
+                log.info("host setup: %s", change)
+        return pool
 
     def _fix_host(self) -> None:
         """What the cloud's agents did to the host behind our back, undone again."""
@@ -326,7 +339,10 @@ class Daemon:
         )  # fmt: skip
         return found
 
-    async def _persist(self, changes: list[Change]) -> None:
+    def lease_routes(self) -> set[IPv4Address]:
+        return self._kernel_routes(self.server.routes)[config.ROUTE_PROTO]
+
+    async def persist(self, changes: list[Change]) -> None:
         if not changes:
             return
         await self.store.commit(effects.records(changes))
@@ -341,7 +357,7 @@ class Daemon:
             for change in changes:
                 log.info("lease %s: %s", change.op, getattr(change, "lease", change))
             try:
-                await self._persist(changes)
+                await self.persist(changes)
             except CocoonError as exc:
                 log.error("expiry: %s", exc)
 
@@ -356,10 +372,13 @@ class Daemon:
             except TimeoutError:
                 pass
             self._reconcile_due.clear()
+            if self._reload_due:
+                self._reload_due = False
+                try:
+                    await self.reload()
+                except CocoonError as exc:  # the old pool stays served
+                    log.error("reload: %s", exc)
             try:
-                if self._reload_due:
-                    self._reload_due = False
-                    await self._reload()
                 await self._check_bridge()
                 await asyncio.to_thread(self._fix_host)
                 if self.server.bound:
@@ -404,73 +423,40 @@ class Daemon:
         if self.server.bound and index == self.server.state.ifindex:
             return
         log.warning("bridge %s changed (index %s); setting it up again", self.bridge, index)
-        await asyncio.to_thread(self._setup_host)
+        await asyncio.to_thread(self._setup_host, REPAIR_LOCK_WAIT)
         self.server.open()
 
-    async def _reload(self) -> None:
-        """SIGHUP: re-read pool.json; leases outside a shrunk pool end and lose their routes."""
-        new = state.load(self.opts.paths.pool_file)
-        if new.network != self.pool.network or new.bridge != self.pool.bridge:
-            log.error(
-                "pool.json now says %s on %s; a new subnet or bridge needs a restart",
-                new.subnet, new.bridge,
-            )  # fmt: skip
-            return
-        self.pool = new
-        settings = dhcp_settings(new, self.opts, nic.link_mtu(self.bridge))
-        self.server.settings = settings
-        changes = self.table.set_pool(new.pool_ips, time.time())
-        for change in changes:
-            log.info("reload: %s %s", change.op, getattr(change, "lease", change))
-        await self._persist(changes)
-        log.info("reloaded %s: %d addresses", self.opts.paths.pool_file, len(new.ips))
-
-    # ------------------------------------------------------------------ control socket
-
-    async def _control(self, request: dict[str, Any]) -> dict[str, Any]:
-        cmd = request.get("cmd")
-        now = time.time()
-        if cmd == "leases":
-            present = self._kernel_routes(self.server.routes)[config.ROUTE_PROTO]
-            stats = self.table.stats(now)
-            return {
-                "ok": True,
-                "pool": {
-                    "size": stats.total,
-                    "free": stats.free,
-                    "leased": stats.leased,
-                    "offered": stats.offered,
-                    "quarantined": stats.quarantined,
-                },
-                "leases": [
-                    {
-                        "ip": str(lease.ip),
-                        "mac": lease.mac,
-                        "hostname": lease.hostname,
-                        "expires": lease.expires,
-                        "route": lease.ip in present,
-                    }
-                    for lease in self.table.leases(now)
-                ],
-            }
-        if cmd == "release":
-            return await self._release(request, now)
-        if cmd == "stats":
-            # Group commit at work: records per fsync'ed batch (the benchmark reads it).
-            return {"ok": True, "store": dataclasses.asdict(self.store.stats())}
-        raise ValueError(f"unknown command {cmd!r}")
-
-    async def _release(self, request: dict[str, Any], now: float) -> dict[str, Any]:
-        """The VM manager deleted a VM: its address returns to the pool at once."""
-        mac = str(request.get("mac") or "").lower()
-        ip_text = str(request.get("ip") or "")
-        released: list[str] = []
-        for lease in self.table.leases(now):
-            if (mac and lease.mac == mac) or (ip_text and str(lease.ip) == ip_text):
-                await self._persist(self.table.release(lease.mac, lease.ip, now))
-                released.append(str(lease.ip))
-                log.info("released %s <- %s by request", lease.ip, lease.mac)
-        return {"ok": True, "released": released}
+    async def reload(self, *, keep_leases: bool = False) -> int:
+        """SIGHUP or a `reload` request: re-read pool.json; leases outside a shrunk pool end
+        and lose their routes, unless keep_leases (init and adopt): then such a pool is
+        refused. The check and the switch run with no await between them, so no lease can
+        be granted in the removed part after the check."""
+        async with self._reloading:
+            new = state.load(self.opts.paths.pool_file)
+            if new.network != self.pool.network or new.bridge != self.pool.bridge:
+                raise StateError(
+                    f"pool.json now says {new.subnet} on {new.bridge}, the daemon serves "
+                    f"{self.pool.subnet} on {self.pool.bridge}: a new subnet or bridge needs "
+                    "a restart"
+                )
+            settings = dhcp_settings(new, self.opts, nic.link_mtu(self.bridge))
+            now = time.time()
+            held = self.table.routed_addresses(now)  # leases and recovered holds
+            busy = poolchange.leased_in_removed(self.table.pool, new.pool_ips, held)
+            if keep_leases and busy:
+                raise StateError(
+                    f"not serving the pool of pool.json: it leaves out leased addresses "
+                    f"({', '.join(map(str, busy))})"
+                )
+            self.pool = new
+            self.server.settings = settings
+            changes = self.table.set_pool(new.pool_ips, now)
+            for change in changes:
+                log.info("reload: %s %s", change.op, getattr(change, "lease", change))
+            await self.persist(changes)
+            total = self.table.stats(time.time()).total
+            log.info("reloaded %s: %d addresses", self.opts.paths.pool_file, total)
+            return total
 
 
 def parse_routes(items: list[str]) -> tuple[Route, ...]:

@@ -9,18 +9,19 @@ setup touches the kernel, and teardown deletes pool.json only after everything e
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cocoon_net import config, state
+from cocoon_net import config, lock, poolchange, state
 from cocoon_net.errors import CocoonError, StateError
-from cocoon_net.fsutil import remove_file
-from cocoon_net.lock import StateLock
+from cocoon_net.fsutil import atomic_write, remove_file
 from cocoon_net.platform import get_platform
 from cocoon_net.platform.base import NodeRequest, ProvisionResult
 from cocoon_net.state import HostRecord, PoolState
@@ -29,6 +30,9 @@ if TYPE_CHECKING:  # node.hostsetup is imported when used: status never needs it
     from cocoon_net.node.hostsetup import HostSpec
 
 log = logging.getLogger("cocoon_net.lifecycle")
+
+DAEMON_HOLD_WAIT = 10.0  # the daemon's host setup, at start or after the bridge was lost
+DAEMON_ANSWER_WAIT = 30.0  # a daemon restarting meanwhile: until it serves again
 
 
 @dataclass(frozen=True)
@@ -146,9 +150,9 @@ def _apply_result(pool: PoolState, result: ProvisionResult, opts: NodeOptions) -
     pool.alias_range_name = result.alias_range_name
     pool.subnet_id = result.subnet_id
     pool.eni_ids = list(result.eni_ids)
-    if not opts.vpc_cidrs:
+    if not pool.vpc_cidrs:  # neither named by a flag nor kept for a running daemon
         pool.vpc_cidrs = [str(n) for n in result.vpc_cidrs]
-    if not opts.mtu and result.mtu:
+    if not pool.mtu and result.mtu:
         pool.mtu = result.mtu
     pool.cloud.update(result.cloud)
 
@@ -181,18 +185,26 @@ def describe_options(opts: NodeOptions, platform: str) -> list[str]:
 
 
 def provision_node(opts: NodeOptions, environ: Mapping[str, str] | None = None) -> list[str]:
-    """init (cloud changes allowed) or adopt (cloud read only). Returns the lines to print."""
+    """init (cloud changes allowed) or adopt (cloud read only). Returns the lines to print.
+
+    With a daemon running, only what it can take online may change (poolchange.py): the pool
+    grows or shrinks, cloud first, then pool.json, then the daemon is asked to serve it and
+    says how many addresses it now serves. A shrink is refused while addresses it would
+    remove are leased."""
     env = os.environ if environ is None else environ
     platform_name = resolve_platform(opts.platform, env)
     if opts.dry_run:
         return _dry_run(opts, platform_name)
     _check_ownership(read_pool(opts.paths), opts, platform_name)
-    with StateLock(opts.paths.lock_file, opts.command):
+    with _state_lock(opts.paths, opts.command):
         existing = read_pool(opts.paths)
         _check_ownership(existing, opts, platform_name)
+        daemon = lock.holder(opts.paths.daemon_lock)
         pool = _pending_state(opts, platform_name, existing)
+        if daemon is not None and existing is not None:
+            _check_online(opts, pool, existing, daemon)
         platform = get_platform(platform_name, env)
-        pool.primary_nic = opts.primary_nic or platform.primary_nic() or ""
+        pool.primary_nic = pool.primary_nic or platform.primary_nic() or ""
 
         def record(resources: Mapping[str, Any]) -> None:
             pool.cloud.update(resources)
@@ -207,6 +219,11 @@ def provision_node(opts: NodeOptions, environ: Mapping[str, str] | None = None) 
             cloud=dict(pool.cloud),
             options=dict(opts.platform_options),
         )
+        if existing is not None and opts.pool_size < len(existing.ips):
+            kept = platform.pool_after(existing, request, adopt=opts.command == "adopt")
+            _check_shrink(opts.paths, existing, kept, daemon)
+            if daemon is not None:
+                pool.ips = _narrow(opts.paths, existing, kept)
         if opts.command == "init":
             result = platform.provision(request, record)
         else:
@@ -234,7 +251,101 @@ def provision_node(opts: NodeOptions, environ: Mapping[str, str] | None = None) 
             f"cocoon-net adopt complete: {len(pool.ips)} IPs registered on {pool.subnet} "
             f"({platform_name}, cloud preserved)"
         )
+    # After the state lock is released: a daemon that restarted meanwhile waits for it
+    # before it reads pool.json, and answers only once it serves the new pool.
+    if lock.holder(opts.paths.daemon_lock) is not None:
+        lines.append(_tell_daemon(opts.paths, len(pool.ips)))
     return lines
+
+
+def _state_lock(paths: config.Paths, command: str) -> lock.StateLock:
+    # The daemon holds the state lock only for its host setup: waited for, not refused.
+    return lock.StateLock(paths.lock_file, command, wait=DAEMON_HOLD_WAIT, wait_for="daemon")
+
+
+def _check_online(
+    opts: NodeOptions, pool: PoolState, existing: PoolState, daemon: lock.Holder
+) -> None:
+    """Refuse (before any change) what the running daemon could not take without a restart."""
+    given = [name for name in ("primary_nic", "mtu", "vpc_cidrs") if getattr(opts, name)]
+    poolchange.keep_unset(pool, existing, given=given)
+    refused = poolchange.offline_changes(existing, pool)
+    if opts.bridge_mac:
+        refused.append(f"bridge-mac -> {opts.bridge_mac}")
+    if refused:
+        raise StateError(
+            f"the running daemon ({daemon}) can change only --pool-size and --dns; this "
+            f"{opts.command} would also change {'; '.join(refused)}: stop the daemon first, "
+            "or repeat the current values"
+        )
+
+
+def _check_shrink(
+    paths: config.Paths, existing: PoolState, kept: set[IPv4Address], daemon: lock.Holder | None
+) -> None:
+    """Refuse a shrink that would take leased addresses away (before any cloud call)."""
+    from cocoon_net import control, status
+
+    if daemon is not None:
+        answer = control.request(paths.control_socket, {"cmd": "leases"})
+        leased = [IPv4Address(str(row["ip"])) for row in answer.get("leases") or ()]
+    else:
+        found = status.stored_leases(paths.lease_file_for(existing.lease_file), time.time())
+        leased = [lease.ip for lease in found]
+    busy = poolchange.leased_in_removed(existing.pool_ips, kept, leased)
+    if busy:
+        shown = ", ".join(map(str, busy[:5])) + (f" and {len(busy) - 5} more" if busy[5:] else "")
+        raise StateError(
+            f"cannot shrink the pool to {len(kept)} addresses: {len(busy)} of the addresses "
+            f"it would remove are leased ({shown}); release them first "
+            "('cocoon-net release --ip ...') or keep a larger --pool-size"
+        )
+
+
+def _narrow(paths: config.Paths, existing: PoolState, kept: set[IPv4Address]) -> list[str]:
+    """A shrink under a running daemon goes the other way round from a growth: the daemon
+    stops serving the removed addresses before the cloud takes them away. It refuses if one
+    was leased since _check_shrink looked; pool.json is then put back as it was."""
+    from cocoon_net import control
+
+    before = paths.pool_file.read_bytes()
+    narrowed = copy.deepcopy(existing)
+    narrowed.ips = [str(ip) for ip in sorted(ip for ip in existing.pool_ips if ip in kept)]
+    state.save(paths.pool_file, narrowed)
+    try:
+        control.request(paths.control_socket, {"cmd": "reload", "keep_leases": True})
+    except CocoonError as exc:
+        atomic_write(paths.pool_file, before, mode=0o644, dir_mode=0o750)
+        raise StateError(f"pool unchanged: {exc}") from None
+    return narrowed.ips
+
+
+def _tell_daemon(paths: config.Paths, expected: int) -> str:
+    """Ask the running daemon to serve pool.json's pool; the line that says it does."""
+    from cocoon_net import control
+
+    deadline = time.monotonic() + DAEMON_ANSWER_WAIT
+    while True:
+        try:
+            answer = control.request(paths.control_socket, {"cmd": "reload"})
+            break
+        except StateError as exc:
+            daemon = lock.holder(paths.daemon_lock)
+            if daemon is None:
+                return f"no daemon runs now: it serves {expected} addresses when it starts"
+            if time.monotonic() >= deadline:
+                raise StateError(
+                    f"pool.json lists {expected} addresses, but the daemon ({daemon}) did "
+                    f"not take them: {exc}; restart it or send it SIGHUP"
+                ) from None
+            time.sleep(lock.POLL_SECONDS)
+    served = int(answer.get("addresses", -1))
+    if served != expected:
+        raise StateError(
+            f"pool.json lists {expected} addresses, but the daemon serves {served} "
+            "(did another init or adopt change the pool meanwhile?)"
+        )
+    return f"daemon now serves {expected} addresses"
 
 
 def reconcile_host(
@@ -293,7 +404,13 @@ def teardown_node(paths: config.Paths, *, dry_run: bool, environ: Mapping[str, s
         return [f"nothing to tear down: no pool state at {paths.pool_file}"]
     from cocoon_net.node import hostsetup
 
-    with StateLock(paths.lock_file, "teardown"):
+    with _state_lock(paths, "teardown"):
+        daemon = lock.holder(paths.daemon_lock)
+        if daemon is not None and not dry_run:
+            raise StateError(
+                f"the daemon is running ({daemon}): stop it first "
+                "('systemctl stop cocoon-net'), then run teardown"
+            )
         pool = read_pool(paths)
         if pool is None:
             return [f"nothing to tear down: no pool state at {paths.pool_file}"]

@@ -11,10 +11,14 @@ import json
 import logging
 import os
 import time
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from cocoon_net import config, control, state
 from cocoon_net.errors import CocoonError, StateError
+
+if TYPE_CHECKING:
+    from cocoon_net.dhcp.model import Lease
 
 log = logging.getLogger("cocoon_net.status")
 
@@ -35,6 +39,15 @@ def _pool_rows(pool: state.PoolState) -> list[tuple[str, str]]:
     ]
 
 
+def stored_leases(path: Path, now: float) -> list[Lease]:
+    """The active leases in the lease files, read only (no daemon writes them now)."""
+    from cocoon_net.dhcp import store  # only when no daemon answers: it pulls in asyncio
+
+    recovered = store.load(path)
+    active = (lease for lease in recovered.leases.values() if lease.expires > now)
+    return sorted(active, key=lambda lease: lease.ip)
+
+
 def _live(paths: config.Paths, pool: state.PoolState) -> dict[str, Any]:
     """Leases from the running daemon, else from the lease files; `source` says which."""
     try:
@@ -42,12 +55,9 @@ def _live(paths: config.Paths, pool: state.PoolState) -> dict[str, Any]:
         return {"source": "daemon", "pool": answer["pool"], "leases": answer["leases"]}
     except StateError as exc:
         daemon_error = str(exc)
-    lease_file = paths.lease_file_for(pool.lease_file)
-    from cocoon_net.dhcp import store  # only when no daemon answers: it pulls in asyncio
-
-    now = time.time()
+    path = paths.lease_file_for(pool.lease_file)
     try:
-        recovered = store.load(lease_file)
+        found = stored_leases(path, time.time())
     except CocoonError as exc:
         return {"source": "none", "error": f"{daemon_error}; {exc}", "leases": []}
     leases = [
@@ -58,10 +68,9 @@ def _live(paths: config.Paths, pool: state.PoolState) -> dict[str, Any]:
             "expires": lease.expires,
             "route": None,
         }
-        for lease in sorted(recovered.leases.values(), key=lambda le: le.ip)
-        if lease.expires > now
+        for lease in found
     ]
-    return {"source": f"{lease_file} (daemon not running)", "leases": leases}
+    return {"source": f"{path} (daemon not running)", "leases": leases}
 
 
 def _lease_lines(live: dict[str, Any]) -> list[str]:

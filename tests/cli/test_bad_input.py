@@ -154,14 +154,14 @@ def test_held_lock_names_the_holder(make_netns: Callable[[str], Netns], tmp_path
     lock = paths.run / "cocoon-net.lock"
     with lock.open("w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        fh.write("4242 daemon\n")
+        fh.write("4242 init\n")  # another init: refused at once
         fh.flush()
         files_before = tree_digest(tmp_path)
         kernel_before = kernel_snapshot(ns)
         proc = cocoon(*run_args(paths, "adopt", *NODE, netns=ns.name))
         assert proc.returncode == 1
         assert proc.stderr.count("\n") == 1
-        assert "pid 4242, daemon" in proc.stderr
+        assert "pid 4242, init" in proc.stderr
         assert tree_digest(tmp_path) == files_before
         assert kernel_snapshot(ns) == kernel_before
 

@@ -63,6 +63,14 @@ class Platform(Protocol):
         """Describe a cloud side that already exists; changes nothing in the cloud."""
         ...
 
+    def pool_after(
+        self, state: PoolState, request: NodeRequest, *, adopt: bool
+    ) -> set[IPv4Address]:
+        """The addresses of state's pool that provision (adopt, when adopt) of request keeps,
+        foreseen from pool.json alone: a shrink is checked against the leases before any
+        cloud call."""
+        ...
+
     def status(self, state: PoolState) -> list[StatusLine]:
         """What the cloud says about this node's resources."""
         ...

@@ -23,7 +23,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from ipaddress import IPv4Network
+from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
 from cocoon_net import config
@@ -151,6 +151,12 @@ class GkePlatform:
                 "subnetwork": ref.path,
             },
         )
+
+    def pool_after(
+        self, state: PoolState, request: NodeRequest, *, adopt: bool
+    ) -> set[IPv4Address]:
+        # The alias covers the whole subnet: the pool is its first addresses either way.
+        return set(config.first_hosts(request.subnet, request.gateway, request.pool_size))
 
     def status(self, state: PoolState) -> list[StatusLine]:
         inst = self.metadata.instance()

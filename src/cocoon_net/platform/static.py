@@ -8,6 +8,7 @@ operator names.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from ipaddress import IPv4Address
 
 from cocoon_net import config
 from cocoon_net.node import nic
@@ -25,6 +26,11 @@ class StaticPlatform:
         return ProvisionResult(
             ips=config.first_hosts(request.subnet, request.gateway, request.pool_size)
         )
+
+    def pool_after(
+        self, state: PoolState, request: NodeRequest, *, adopt: bool
+    ) -> set[IPv4Address]:
+        return set(self.adopt(request).ips)
 
     def status(self, state: PoolState) -> list[StatusLine]:
         return [StatusLine("Cloud", "none (static: the network routes the subnet here)")]

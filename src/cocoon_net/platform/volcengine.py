@@ -24,7 +24,7 @@ import contextlib
 import dataclasses
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
@@ -182,6 +182,25 @@ def pool_ips(enis: list[Eni], subnet: IPv4Network, gateway: IPv4Address) -> list
     """Exactly the secondary IPs of enis inside subnet, the gateway excluded, sorted."""
     found = {ip for eni in enis for ip in eni.secondary if ip in subnet and ip != gateway}
     return sorted(found)
+
+
+def kept_ips(
+    recorded: Iterable[Mapping[str, Any]], node: str, pool: Iterable[IPv4Address], size: int
+) -> set[IPv4Address]:
+    """The pool addresses a provision to `size` keeps: on each ENI slot its lowest addresses
+    up to the slot's new target (what _Provision unassigns is the rest); ENIs outside the
+    slots leave the pool."""
+    targets = ip_targets(size)
+    in_pool = set(pool)
+    kept: set[IPv4Address] = set()
+    for eni in recorded:
+        slot = slot_of(node, str(eni.get("name", "")))
+        if slot is None:
+            continue
+        target = targets[slot - 1] if slot <= len(targets) else 0
+        ips = sorted(IPv4Address(str(ip)) for ip in eni.get("ips") or ())
+        kept.update(ip for ip in ips[:target] if ip in in_pool)
+    return kept
 
 
 # --- the platform -------------------------------------------------------------------------
@@ -360,6 +379,14 @@ class VolcenginePlatform:
                 "adoptedEnis": [eni.id for eni in used if eni.id not in recorded],
             },
         )
+
+    def pool_after(
+        self, state: PoolState, request: NodeRequest, *, adopt: bool
+    ) -> set[IPv4Address]:
+        if adopt:  # adopt takes the lowest addresses the ENIs hold
+            return set(sorted(state.pool_ips)[: request.pool_size])
+        enis = [e for e in state.cloud.get("enis") or () if isinstance(e, dict)]
+        return kept_ips(enis, request.node_name, state.pool_ips, request.pool_size)
 
     def vpc_cidr(self, vpc_id: str) -> IPv4Network:
         raw = self._vpc().call("DescribeVpcAttributes", {"VpcId": vpc_id})
