@@ -11,6 +11,7 @@ package or the package is of priority "required" (in every Debian installation).
 
 from __future__ import annotations
 
+import argparse
 import ast
 import functools
 import os
@@ -22,6 +23,8 @@ from pathlib import Path
 
 import pytest
 from bench.run import PACKAGES as BENCH_PACKAGES
+
+from cocoon_net.cli import build_parser
 
 REPO = Path(__file__).resolve().parents[2]
 SCANNED = ("src", "tests", "bench")
@@ -36,6 +39,14 @@ NOT_DEBIAN = {
 # The bench installs these peers itself when it runs (bench/run.py PACKAGES) and skips one it
 # cannot install; nothing outside bench/ may run them, so they stay out of system-deps.
 BENCH_ONLY = {"kea-dhcp4", "perfdhcp"}
+# SandboxNode.run(COMMAND, ...) runs `python -m cocoon_net --netns NODE COMMAND`: our own
+# subcommands, never a program on PATH.
+COCOON_COMMANDS = {
+    name
+    for action in build_parser()._actions
+    if isinstance(action, argparse._SubParsersAction)
+    for name in action.choices
+}
 # Functions that take an argv (a list) or, for `run`, the program and its arguments inline.
 RUNNERS = {"run", "run_json", "Popen", "popen", "check_output", "check_call", "show_dev"}
 # Shell words that are not programs; `exec`, `if`, `!` and the like are skipped as prefixes.
@@ -210,8 +221,13 @@ def programs_in(tree: ast.AST) -> Iterator[tuple[str, int]]:
             yield from ((p, node.lineno) for p in _argv_programs(list(node.elts), names))
         elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.args:
             first = _text(node.args[0], names)
-            if node.func.attr == "run" and first is not None and PROGRAM.match(first):
-                # Netns.run("prog", "arg", ...)
+            if (
+                node.func.attr == "run"
+                and first is not None
+                and PROGRAM.match(first)
+                and first not in COCOON_COMMANDS
+            ):
+                # Netns.run("prog", "arg", ...); SandboxNode.run("adopt", ...) is cocoon-net
                 yield from ((p, node.lineno) for p in _argv_programs(list(node.args), names))
             elif node.func.attr == "sh":  # Netns.sh("script")
                 scripts.append(node.args[0])
