@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from cocoon_net import __version__, config, logsetup
-from cocoon_net.errors import CocoonError, UsageError
+from cocoon_net.errors import CocoonError, UsageError, one_line
 
 if TYPE_CHECKING:
     from cocoon_net.lifecycle import NodeOptions
@@ -115,7 +115,16 @@ def _add_node_flags(p: argparse.ArgumentParser, *, pool_default: int) -> None:
     )
     p.add_argument("--node-name", required=True, help="virtual node name (required)")
     p.add_argument(
-        "--subnet", required=True, help="VM subnet CIDR, e.g. 172.20.100.0/24 (required)"
+        "--subnet",
+        required=True,
+        help="VM subnet CIDR, e.g. 172.20.100.0/24, or (init) 'auto': claim the first free "
+        "/--subnet-prefix block (gke: in --range-cidr; volcengine: in the VPC) (required)",
+    )
+    p.add_argument("--subnet-prefix", type=int, default=24, help="--subnet auto's size (24)")
+    p.add_argument(
+        "--range-cidr",
+        default="",
+        help="gke, --subnet auto: the fleet's cocoon-pods range the first node creates",
     )
     p.add_argument(
         "--pool-size",
@@ -302,8 +311,12 @@ def _paths(args: argparse.Namespace) -> config.Paths:
 def _node_options(args: argparse.Namespace) -> NodeOptions:
     from cocoon_net.lifecycle import NodeOptions
 
-    subnet = config.parse_subnet(args.subnet)
-    if str(subnet) != args.subnet.strip():
+    auto = args.subnet.strip() == "auto"
+    if auto:
+        subnet = config.auto_subnet(args.command, args.subnet_prefix, args.gateway)
+    else:
+        subnet = config.parse_subnet(args.subnet)
+    if not auto and str(subnet) != args.subnet.strip():
         log.warning("--subnet %s has host bits set; using %s", args.subnet, subnet)
     gateway = config.resolve_gateway(args.gateway, subnet)
     default = config.POOL_SIZE_INIT if args.command == "init" else config.POOL_SIZE_ADOPT
@@ -330,7 +343,8 @@ def _node_options(args: argparse.Namespace) -> NodeOptions:
         manage_iptables=args.command == "init" or args.manage_iptables,
         paths=_paths(args),
         dry_run=args.dry_run,
-        platform_options={"security_group": args.security_group} if args.security_group else {},
+        platform_options=config.platform_options(args.security_group, args.range_cidr),
+        subnet_auto=auto,
     )
 
 
@@ -437,7 +451,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         logsetup.setup(args.log_level, args.log_format)
         return _COMMANDS[args.command](args)
     except CocoonError as exc:
-        sys.stderr.write(f"{PROG}: {exc}\n")
+        log.debug("full error: %s", exc)
+        sys.stderr.write(one_line(f"{PROG}: {exc}") + "\n")
         return exc.exit_code
     except KeyboardInterrupt:
         sys.stderr.write(f"{PROG}: interrupted\n")

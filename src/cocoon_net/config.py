@@ -111,6 +111,24 @@ def ipv4_int(text: str) -> int:
         raise ValueError(f"{text!r} is not an IPv4 address") from None
 
 
+def auto_subnet(command: str, prefix: int, gateway: str | None) -> IPv4Network:
+    """The placeholder for --subnet auto, after checking what goes with it."""
+    if command != "init":
+        raise UsageError("--subnet auto claims a block in the cloud: only init takes it")
+    if not 16 <= prefix <= 28:
+        raise UsageError(f"invalid --subnet-prefix {prefix}: expected 16 to 28")
+    if gateway:
+        raise UsageError("--gateway needs a known subnet: drop it with --subnet auto")
+    return IPv4Network(f"0.0.0.0/{prefix}")
+
+
+def platform_options(security_group: str, range_cidr: str) -> dict[str, str]:
+    out = {"security_group": security_group} if security_group else {}
+    if range_cidr:
+        out["range_cidr"] = str(parse_subnet(range_cidr, flag="--range-cidr"))
+    return out
+
+
 def resolve_gateway(text: str | None, subnet: IPv4Network) -> IPv4Address:
     """The bridge address: --gateway, or the subnet's first host."""
     if not text:

@@ -64,3 +64,23 @@ class CloudQuotaError(CloudError):
 
 class CloudTimeout(CloudError):
     pass
+
+
+MAX_LINE = 299  # what the operator reads on stderr, the program name included
+
+
+def one_line(text: str, limit: int = MAX_LINE) -> str:
+    """text as one line of at most limit characters: its head (the first cause) and its tail
+    (what to do) survive; the middle is elided. The full text is for the debug log."""
+    flat = " ".join(text.split())
+    if len(flat) <= limit:
+        return flat
+    tail = min(90, limit // 3)
+    return flat[: limit - tail - 5] + " ... " + flat[-tail:]
+
+
+def combined(kind: type[CocoonError], failures: list[str], hint: str) -> CocoonError:
+    """One error for several failures: the first in full, the rest counted (each is logged
+    at debug by the caller), then what to do."""
+    more = f" (and {len(failures) - 1} more failures)" if len(failures) > 1 else ""
+    return kind(f"{failures[0]}{more}; {hint}" if hint else failures[0] + more)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import os
 import time
@@ -23,7 +24,7 @@ from cocoon_net import config, lock, poolchange, state
 from cocoon_net.errors import CocoonError, StateError
 from cocoon_net.fsutil import atomic_write, remove_file
 from cocoon_net.platform import get_platform
-from cocoon_net.platform.base import NodeRequest, ProvisionResult
+from cocoon_net.platform.base import NodeRequest, Platform, ProvisionResult, ResourceRecorder
 from cocoon_net.state import HostRecord, PoolState
 
 if TYPE_CHECKING:  # node.hostsetup is imported when used: status never needs it
@@ -57,6 +58,7 @@ class NodeOptions:
     paths: config.Paths
     dry_run: bool = False
     platform_options: Mapping[str, str] = field(default_factory=dict)
+    subnet_auto: bool = False  # subnet is config.AUTO_PLACEHOLDER until claimed
 
     @property
     def lease_file(self) -> Path:
@@ -195,15 +197,24 @@ def provision_node(opts: NodeOptions, environ: Mapping[str, str] | None = None) 
     platform_name = resolve_platform(opts.platform, env)
     if opts.dry_run:
         return _dry_run(opts, platform_name)
+    replaced = _replace_incomplete(read_pool(opts.paths), opts, platform_name, env)
     _check_ownership(read_pool(opts.paths), opts, platform_name)
     with _state_lock(opts.paths, opts.command):
         existing = read_pool(opts.paths)
         _check_ownership(existing, opts, platform_name)
         daemon = lock.holder(opts.paths.daemon_lock)
+        platform = get_platform(platform_name, env)
+        claimed: dict[str, Any] = {}
+        if opts.subnet_auto:
+            opts = _claim_subnet(opts, existing, platform, claimed.update)
         pool = _pending_state(opts, platform_name, existing)
+        pool.cloud.update(claimed)
         if daemon is not None and existing is not None:
             _check_online(opts, pool, existing, daemon)
-        platform = get_platform(platform_name, env)
+        if opts.command == "init" and (existing is None or "incomplete" in existing.extra):
+            # Until the pool is served, a re-run with other arguments may replace this file
+            # (after undoing what it records): see _replace_incomplete.
+            pool.extra["incomplete"] = True
         pool.primary_nic = pool.primary_nic or platform.primary_nic() or ""
 
         def record(resources: Mapping[str, Any]) -> None:
@@ -231,6 +242,7 @@ def provision_node(opts: NodeOptions, environ: Mapping[str, str] | None = None) 
         if not result.ips:
             raise CocoonError(f"{platform_name} returned no addresses for {opts.subnet}")
         _apply_result(pool, result, opts)
+        pool.extra.pop("incomplete", None)
         # The pool is durable before the kernel is touched: a failing host setup can be
         # retried by running the same command again, and teardown knows every resource.
         state.save(opts.paths.pool_file, pool)
@@ -240,7 +252,7 @@ def provision_node(opts: NodeOptions, environ: Mapping[str, str] | None = None) 
             manage_firewall=opts.manage_iptables,
             bridge_mac=opts.bridge_mac,
         )
-    lines = [f"  {c}" for c in changes]
+    lines = replaced + [f"  {c}" for c in changes]
     if opts.command == "init":
         lines.append(
             f"cocoon-net init complete: {len(pool.ips)} IPs provisioned on {pool.subnet} "
@@ -256,6 +268,53 @@ def provision_node(opts: NodeOptions, environ: Mapping[str, str] | None = None) 
     if lock.holder(opts.paths.daemon_lock) is not None:
         lines.append(_tell_daemon(opts.paths, len(pool.ips)))
     return lines
+
+
+def _claim_subnet(
+    opts: NodeOptions,
+    existing: PoolState | None,
+    platform: Platform,
+    record: ResourceRecorder,
+) -> NodeOptions:
+    """--subnet auto: the subnet this node already has (pool.json), else the block the
+    platform claims in the cloud, which guarantees no other node holds it."""
+    if existing is not None and existing.subnet:
+        subnet = existing.network
+        log.info("--subnet auto: this node already holds %s (%s)", subnet, opts.paths.pool_file)
+    else:
+        request = NodeRequest(
+            node_name=opts.node_name,
+            subnet=opts.subnet,
+            gateway=opts.gateway,
+            pool_size=opts.pool_size,
+            primary_nic="",
+            options=dict(opts.platform_options),
+        )
+        subnet = platform.claim_subnet(request, record)
+        log.info("--subnet auto: claimed %s", subnet)
+    record({"subnetAuto": True})
+    return dataclasses.replace(opts, subnet=subnet, gateway=subnet.network_address + 1)
+
+
+def _replace_incomplete(
+    existing: PoolState | None, opts: NodeOptions, platform: str, env: Mapping[str, str]
+) -> list[str]:
+    """A failed init must not block an init with other arguments: pool.json of an init that
+    never completed, for another node or platform, is torn down (what it records, nothing
+    else), and the operator is told."""
+    if opts.command != "init" or existing is None or "incomplete" not in existing.extra:
+        return []
+    if existing.node_name == opts.node_name and existing.platform in ("", platform):
+        return []
+    log.warning(
+        "%s holds an init of node %r (%s) that never completed: undoing what it records "
+        "before this init",
+        opts.paths.pool_file,
+        existing.node_name,
+        existing.platform,
+    )
+    lines = teardown_node(opts.paths, dry_run=False, environ=env)
+    return [f"replaced the incomplete init of node {existing.node_name!r}:", *lines[:-1]]
 
 
 def _state_lock(paths: config.Paths, command: str) -> lock.StateLock:

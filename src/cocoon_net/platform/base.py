@@ -59,6 +59,11 @@ class Platform(Protocol):
         """Create or reuse the cloud side; safe to re-run after any failure."""
         ...
 
+    def claim_subnet(self, request: NodeRequest, record: ResourceRecorder) -> IPv4Network:
+        """--subnet auto: a block of request.subnet's size that the cloud guarantees no
+        other node holds, claimed in the cloud itself (found again by a re-run)."""
+        ...
+
     def adopt(self, request: NodeRequest) -> ProvisionResult:
         """Describe a cloud side that already exists; changes nothing in the cloud."""
         ...

@@ -39,6 +39,13 @@ AUTH_HINT = (
     "'compute' or 'cloud-platform' access scope"
 )
 
+IN_USE = "IP_IN_USE_BY_ANOTHER_RESOURCE"  # an alias block another instance holds
+
+
+class AddressInUse(CloudError):
+    """The cloud refused an alias block because another instance holds it."""
+
+
 _SUBNET_URL = re.compile(r"projects/([^/]+)/regions/([^/]+)/subnetworks/([^/?]+)")
 
 
@@ -124,6 +131,16 @@ def plan_range(subnetwork: Subnetwork, name: str, subnet: IPv4Network) -> bool:
     """
     current = subnetwork.secondary_range(name)
     if current is None:
+        taken = [
+            (n, c) for n, c in _ranges(subnetwork) if (net := _net(c)) and net.overlaps(subnet)
+        ]
+        if taken:
+            other, cidr = taken[0]
+            raise UsageError(
+                f"--subnet {subnet} lies in {other} ({cidr}) of subnet {subnetwork.ref.name}, "
+                f'so range "{name}" cannot be created there: to use an alias that already '
+                "exists in it run 'cocoon-net adopt', else choose a --subnet outside it"
+            )
         return True
     net = _net(current)
     if net is not None and subnet.subnet_of(net):
@@ -132,6 +149,29 @@ def plan_range(subnetwork: Subnetwork, name: str, subnet: IPv4Network) -> bool:
         f'secondary range "{name}" on subnet {subnetwork.ref.name} is {current}, which does '
         f"not cover --subnet {subnet}; expand the range or choose a --subnet inside it"
     )
+
+
+def _ranges(subnetwork: Subnetwork) -> list[tuple[str, str]]:
+    """The subnetwork's ranges as (what to call it, CIDR): the primary, then secondaries."""
+    out = [("the primary range", subnetwork.cidr)]
+    out += [
+        (f'secondary range "{r.get("rangeName")}"', str(r.get("ipCidrRange", "")))
+        for r in subnetwork.secondary
+    ]
+    return out
+
+
+def held_block(aliases: Sequence[dict[str, Any]], name: str) -> IPv4Network | None:
+    """The block of range `name` this NIC already holds (what --subnet auto claimed)."""
+    for raw in aliases:
+        alias = Alias.from_json(raw)
+        if alias.range_name == name and (net := _net(alias.cidr)) is not None:
+            return net
+    return None
+
+
+def without_range(subnetwork: Subnetwork, name: str) -> list[dict[str, Any]]:
+    return [r for r in subnetwork.secondary if r.get("rangeName") != name]
 
 
 def with_range(subnetwork: Subnetwork, name: str, subnet: IPv4Network) -> list[dict[str, Any]]:
@@ -274,4 +314,6 @@ def raise_operation_error(op: dict[str, Any]) -> None:
     codes = " ".join(str(e.get("code", "")) for e in errors)
     if "CONDITION_NOT_MET" in codes or "FINGERPRINT" in codes:
         raise CloudConflict(f"{where}: {detail}")
+    if IN_USE in codes:
+        raise AddressInUse(f"{where}: {detail}")
     raise status_error(where, status, detail, AUTH_HINT)

@@ -31,9 +31,11 @@ from cocoon_net.errors import (
     CloudConflict,
     CloudError,
     CloudNotFound,
+    CloudQuotaError,
     CocoonError,
     HostSetupError,
     StateError,
+    UsageError,
 )
 from cocoon_net.fsutil import remove_file
 from cocoon_net.node import nic as host_nic
@@ -120,8 +122,53 @@ class GkePlatform:
             mtu=inst.mtu,
             alias_range_name=RANGE_NAME,
             subnet_id=ref.path,
-            cloud={**_where(inst, subnet), "subnetwork": ref.path, **agent},
+            cloud={**_where(inst, subnet), "subnetwork": ref.path, **agent, **_fleet(request)},
         )
+
+    def claim_subnet(self, request: NodeRequest, record: ResourceRecorder) -> IPv4Network:
+        """The block of the fleet range `cocoon-pods` that nic0 holds, else the first one the
+        cloud lets nic0 add: it refuses a block another instance holds, so nodes racing for
+        one end with different blocks. The range is created at --range-cidr when absent."""
+        inst = self.metadata.instance()
+        nic = self.compute.get_nic(inst.project, inst.zone, inst.name)
+        held = gce_compute.held_block(nic.aliases, RANGE_NAME)
+        if held is not None:
+            return held
+        ref = SubnetRef.from_url(nic.subnetwork)
+        fleet = self._fleet_range(ref, request.options.get("range_cidr", ""), record)
+        prefix = request.subnet.prefixlen
+        if prefix < fleet.prefixlen:
+            raise UsageError(f"--subnet-prefix {prefix} is larger than range {RANGE_NAME}={fleet}")
+        for block in fleet.subnets(new_prefix=prefix):
+            try:
+                self._ensure_alias(inst, block)
+            except gce_compute.AddressInUse:
+                log.info("%s is held by another instance; trying the next block", block)
+                continue
+            record({"fleetRange": str(fleet)})
+            return block
+        raise CloudQuotaError(
+            f"every /{prefix} of range {RANGE_NAME}={fleet} is held by another instance: "
+            "widen the range or tear down unused nodes"
+        )
+
+    def _fleet_range(self, ref: SubnetRef, wanted: str, record: ResourceRecorder) -> IPv4Network:
+        subnetwork = self.compute.get_subnetwork(ref)
+        current = subnetwork.secondary_range(RANGE_NAME)
+        if current is None and not wanted:
+            raise UsageError(
+                f"subnet {ref.name} has no secondary range {RANGE_NAME} for --subnet auto: "
+                "pass --range-cidr (e.g. a /16) and the first node creates it"
+            )
+        if current is not None and wanted and IPv4Network(current) != IPv4Network(wanted):
+            raise UsageError(
+                f"--range-cidr {wanted} differs from the existing range {RANGE_NAME}={current} "
+                f"of {ref.name}: pass {current} or leave --range-cidr out"
+            )
+        if current is None:
+            subnetwork = self._ensure_range(ref, IPv4Network(wanted), record)
+            current = subnetwork.secondary_range(RANGE_NAME)
+        return IPv4Network(str(current))
 
     def adopt(self, request: NodeRequest) -> ProvisionResult:
         inst = self.metadata.instance()
@@ -188,6 +235,14 @@ class GkePlatform:
             lines.append(f"restore [IpForwarding] ip_aliases in {self.agent_config}")
         if localroute.is_go_cron_for(self.go_cron, state.network):
             lines.append(f"remove {self.go_cron}, the Go tool's reboot fix for this pool")
+        fleet = state.cloud.get("fleetRange")
+        if fleet:
+            lines.append(
+                f"remove range {RANGE_NAME}={fleet} if no instance uses it any more (the "
+                "last node's teardown does; the cloud refuses while any alias is in it)"
+            )
+        else:
+            lines.append(f"keep range {RANGE_NAME} (not claimed with --subnet auto)")
         return lines
 
     def teardown(self, state: PoolState, record: ResourceRecorder) -> None:
@@ -225,8 +280,38 @@ class GkePlatform:
                 log.info("removed %s, the Go tool's reboot fix for this pool", self.go_cron)
         except CocoonError as exc:
             failures.append(str(exc))
+        fleet = state.cloud.get("fleetRange")
+        if fleet and not failures:
+            try:
+                self._remove_fleet_range(state, IPv4Network(str(fleet)))
+            except CocoonError as exc:
+                failures.append(str(exc))
         if failures:
             raise CloudError("gke teardown incomplete: " + " | ".join(failures))
+
+    def _remove_fleet_range(self, state: PoolState, fleet: IPv4Network) -> None:
+        """The last node of a --subnet auto fleet removes the range; while any instance
+        holds an alias in it the cloud refuses, and the range stays for them."""
+        ref = SubnetRef.from_url(str(state.cloud.get("subnetwork", "")))
+        for _ in range(gce_compute.FINGERPRINT_ATTEMPTS):
+            subnetwork = self.compute.get_subnetwork(ref)
+            current = subnetwork.secondary_range(RANGE_NAME)
+            if current is None or IPv4Network(current) != fleet:
+                log.info("range %s=%s is gone already", RANGE_NAME, fleet)
+                return
+            try:
+                self.compute.patch_secondary_ranges(
+                    subnetwork, gce_compute.without_range(subnetwork, RANGE_NAME)
+                )
+            except CloudConflict:
+                continue  # the subnetwork changed meanwhile: read again
+            except CloudError as exc:
+                if "resourceInUseByAnotherResource" not in str(exc):
+                    raise
+                log.info("range %s=%s kept: other instances still use it", RANGE_NAME, fleet)
+                return
+            log.info("removed range %s=%s: no instance used it any more", RANGE_NAME, fleet)
+            return
 
     # ------------------------------------------------------------------ steps
 
@@ -394,6 +479,12 @@ def _where(inst: InstanceInfo, subnet: IPv4Network) -> dict[str, Any]:
         "aliasCidr": str(subnet),
         "aliasOwned": True,
     }
+
+
+def _fleet(request: NodeRequest) -> dict[str, Any]:
+    """The fleet range claim_subnet recorded, kept through the re-provision that follows."""
+    fleet = request.cloud.get("fleetRange")
+    return {"fleetRange": fleet} if fleet else {}
 
 
 def _agent_to_restore(cloud: Mapping[str, Any]) -> bool:

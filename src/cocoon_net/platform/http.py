@@ -18,6 +18,7 @@ Volcengine `ClientToken`). requests is imported lazily so `--help` and `status` 
 from __future__ import annotations
 
 import json as jsonlib
+import logging
 import random
 import re
 import time
@@ -61,8 +62,15 @@ Signer = Callable[[str, str, Mapping[str, str], Mapping[str, str], bytes], Mappi
 # classify(response) -> None when the response is a success.
 Classifier = Callable[["requests.Response"], "CloudError | Retry | None"]
 
+log = logging.getLogger("cocoon_net.platform.http")
+
 _RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
-_SECRET_PARAM = re.compile(r"sig|token|secret|key|credential|password|auth", re.IGNORECASE)
+# A parameter whose value is a secret. "Key" alone is not one: Tags.1.Key names a tag.
+_SECRET_PARAM = re.compile(
+    r"sig|token|secret|access_?key|api_?key|credential|password|auth", re.IGNORECASE
+)
+# Google's "the resource is busy with another change" reasons: waited out like a 503.
+_NOT_READY = re.compile(r"resourceNotReady|resourceInUseByAnotherResource.*operation")
 
 
 def redact_url(url: str, params: Mapping[str, str] | None = None) -> str:
@@ -72,6 +80,15 @@ def redact_url(url: str, params: Mapping[str, str] | None = None) -> str:
     pairs += list((params or {}).items())
     safe = [(k, "***" if _SECRET_PARAM.search(k) else v) for k, v in pairs]
     return urlunsplit(parts._replace(query=urlencode(safe, safe="/:*")))
+
+
+def short_url(url: str, params: Mapping[str, str]) -> str:
+    """A call as messages name it: the URL's path (the last four segments at most) and, for
+    action-style APIs, the action; never a query value."""
+    segments = urlsplit(url).path.strip("/").split("/")
+    path = "/".join(segments[-4:])
+    action = params.get("Action", "")
+    return f"{path} {action}".strip() if action else path
 
 
 def backoff_delay(attempt: int, policy: RetryPolicy, rng: random.Random) -> float:
@@ -140,7 +157,9 @@ class HttpClient:
         if json is not None:
             base_headers.setdefault("Content-Type", "application/json")
         query = dict(params or {})
-        where = f"{self.service}: {method} {redact_url(url, query)}"
+        # Messages name the call briefly (one line each, even when combined); the full URL
+        # goes to the debug log.
+        where = f"{self.service}: {method} {short_url(url, query)}"
         deadline = self._clock() + policy.deadline
         attempt = 0
         while True:
@@ -170,11 +189,19 @@ class HttpClient:
                 if error is None:
                     return response
                 delay_hint = _retry_after(response)
+            log.debug("%s %s: %s", method, redact_url(url, query), error)
             if not retryable or attempt >= policy.attempts:
                 raise error
             delay = max(backoff_delay(attempt - 1, policy, self._rng), delay_hint)
             if self._clock() + delay >= deadline:
                 raise error
+            log.info(
+                "retrying (attempt %d/%d) in %.1f s: %s",
+                attempt + 1,
+                policy.attempts,
+                delay,
+                error,
+            )
             self._sleep(delay)
 
     def request_json(self, method: str, url: str, **kwargs: Any) -> Any:
@@ -185,7 +212,7 @@ class HttpClient:
         try:
             return response.json()
         except ValueError:
-            where = f"{self.service}: {method} {redact_url(url, kwargs.get('params'))}"
+            where = f"{self.service}: {method} {short_url(url, kwargs.get('params') or {})}"
             raise CloudError(f"{where}: the answer is not JSON") from None
 
     def _judge(self, where: str, response: requests.Response) -> tuple[CloudError | None, bool]:
@@ -198,7 +225,9 @@ class HttpClient:
             if verdict is not None:
                 return verdict, False
         if response.status_code >= 400:
-            return self._status_error(where, response), response.status_code in _RETRY_STATUSES
+            error = self._status_error(where, response)
+            retry = response.status_code in _RETRY_STATUSES or bool(_NOT_READY.search(str(error)))
+            return error, retry
         return None, False
 
     def _status_error(self, where: str, response: requests.Response) -> CloudError:

@@ -8,9 +8,10 @@ operator names.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Network
 
 from cocoon_net import config
+from cocoon_net.errors import UsageError
 from cocoon_net.node import nic
 from cocoon_net.platform.base import NodeRequest, ProvisionResult, ResourceRecorder, StatusLine
 from cocoon_net.state import PoolState
@@ -21,6 +22,12 @@ class StaticPlatform:
 
     def provision(self, request: NodeRequest, record: ResourceRecorder) -> ProvisionResult:
         return self.adopt(request)
+
+    def claim_subnet(self, request: NodeRequest, record: ResourceRecorder) -> IPv4Network:
+        raise UsageError(
+            "--subnet auto needs a cloud that tells nodes' subnets apart (gke, volcengine); "
+            "give the static platform a --subnet"
+        )
 
     def adopt(self, request: NodeRequest) -> ProvisionResult:
         return ProvisionResult(

@@ -31,7 +31,13 @@ from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
 from cocoon_net import proc
-from cocoon_net.errors import CloudError, CloudNotFound, HostSetupError, UsageError
+from cocoon_net.errors import (
+    CloudError,
+    CloudNotFound,
+    HostSetupError,
+    UsageError,
+    combined,
+)
 from cocoon_net.node import nic
 from cocoon_net.platform import volc_api
 from cocoon_net.platform.base import NodeRequest, ProvisionResult, ResourceRecorder, StatusLine
@@ -475,13 +481,15 @@ class VolcenginePlatform:
 
 
 def _combined(failures: list[tuple[str, Exception]]) -> Exception:
-    """One error for several threads' failures, of the first failure's kind."""
+    """One error for several threads' failures, of the first failure's kind: the first in
+    full, the others counted here and logged in full at debug."""
     first = failures[0][1]
     if len(failures) == 1:
         return first
-    text = "; ".join(f"{what}: {exc}" for what, exc in failures)
+    for what, exc in failures:
+        log.debug("%s: %s", what, exc)
     kind = type(first) if isinstance(first, CloudError | HostSetupError) else CloudError
-    return kind(text)
+    return combined(kind, [f"{what}: {exc}" for what, exc in failures], "")
 
 
 class _Provision:
@@ -785,10 +793,12 @@ class _Teardown:
         failures += self._remove_rule(cloud.get("securityGroup") or {})
         failures += self._remove_subnet(cloud.get("subnet") or {}, cloud.get("vpcId"))
         if failures:
-            raise CloudError(
-                "Volcengine teardown incomplete: "
-                + "; ".join(failures)
-                + " (re-run 'cocoon-net teardown' to finish)"
+            for failure in failures:
+                log.debug("teardown: %s", failure)
+            raise combined(
+                CloudError,
+                [f"Volcengine teardown incomplete: {failures[0]}", *failures[1:]],
+                "re-run 'cocoon-net teardown' to finish",
             )
 
     def _remove_eni(self, eni: Eni, instance_id: str) -> None:
