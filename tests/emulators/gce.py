@@ -30,7 +30,7 @@ import re
 import secrets
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl
@@ -78,6 +78,11 @@ class GceState:
     mutations_applied: int = 0
 
 
+class OperationFailed(Exception):
+    """Raised by a mutation that the cloud accepts, then fails as an operation:
+    "<status>:<code>:<message>"."""
+
+
 class GceEmulator:
     def __init__(self, *, netns: str | None = None, **state: Any) -> None:
         self.state = GceState(**state)
@@ -85,6 +90,8 @@ class GceEmulator:
         self._op_ids = itertools.count(1)
         self._fail_next: str | None = None
         self._before_next: Callable[[GceEmulator], None] | None = None
+        self._identities: dict[str, str] = {}  # instance name -> nic0 MAC, of add_node
+        self._node_servers: list[EmulatorServer] = []
         s = self.state
         host_project = s.subnet_project or s.project
         self.subnet_path = (
@@ -171,6 +178,8 @@ class GceEmulator:
         return self
 
     def stop(self) -> None:
+        for server in self._node_servers:
+            server.stop()
         self.server.stop()
 
     @property
@@ -187,10 +196,28 @@ class GceEmulator:
             **extra,
         }
 
-    def handle(self, req: Request) -> Reply:
+    def add_node(self, name: str, mac: str, *, netns: str | None = None) -> dict[str, str]:
+        """Another instance on the same subnetwork, with its own metadata server (in netns
+        when given), as each VM reaches only its own: returns the environ of that node. The
+        Compute API behind every server is the same cloud, under one lock."""
+        path = f"projects/{self.state.project}/zones/{self.state.zone}/instances/{name}"
+        with self.lock:
+            self.add_instance(path, self.subnet_path)
+            self._identities[name] = mac
+        server = EmulatorServer(lambda req: self.handle(req, name), netns=netns).start()
+        self._node_servers.append(server)
+        return {
+            "GCE_METADATA_HOST": server.host,
+            "COCOON_NET_GCE_COMPUTE_URL": f"{server.url}/compute/v1",
+            "COCOON_NET_GCE_GO_CRON_FILE": "/nonexistent/cocoon-net-fix-alias",
+        }
+
+    def handle(self, req: Request, identity: str = "") -> Reply:
         with self.lock:
             if req.path.startswith("/computeMetadata/v1/"):
-                reply = self._metadata(req, req.path.removeprefix("/computeMetadata/v1/"))
+                reply = self._metadata(
+                    req, req.path.removeprefix("/computeMetadata/v1/"), identity
+                )
                 return Reply(
                     reply.status, reply.body, {"Metadata-Flavor": "Google", **reply.headers}
                 )
@@ -207,18 +234,19 @@ class GceEmulator:
 
     # ------------------------------------------------------------------ metadata
 
-    def _metadata(self, req: Request, path: str) -> Reply:
+    def _metadata(self, req: Request, path: str, identity: str) -> Reply:
         if req.headers.get("metadata-flavor") != "Google":
             return Reply(403, "Missing Metadata-Flavor:Google header.")
         s = self.state
+        name, mac = (identity, self._identities[identity]) if identity else (s.instance, s.mac)
         nic = "instance/network-interfaces/0/"
         values = {
-            "instance/name": s.instance,
+            "instance/name": name,
             "instance/id": "4567890123456789",
             "instance/zone": f"projects/{s.numeric_project}/zones/{s.zone}",
             "project/project-id": s.project,
             "project/numeric-project-id": s.numeric_project,
-            nic + "mac": s.mac,
+            nic + "mac": mac,
             nic + "mtu": str(s.mtu),
             nic + "ip": "10.128.0.2",
             nic + "network": f"projects/{s.numeric_project}/networks/default",
@@ -288,10 +316,14 @@ class GceEmulator:
             hook(self)
         failure, self._fail_next = self._fail_next, None
         if failure is None:
-            refused = apply(req, path)
-            if refused is not None:
-                return refused
-            self.state.mutations_applied += 1
+            try:
+                refused = apply(req, path)
+            except OperationFailed as exc:
+                failure = exc.args[0]
+            else:
+                if refused is not None:
+                    return refused
+                self.state.mutations_applied += 1
         scope = path.rsplit("/", 2)[0]  # projects/P/zones/Z or projects/P/regions/R
         name = f"operation-{next(self._op_ids)}-{secrets.token_hex(4)}"
         operation: dict[str, Any] = {
@@ -303,8 +335,9 @@ class GceEmulator:
             "selfLink": f"{GOOGLE_URL}/{scope}/operations/{name}",
         }
         if failure is not None:
-            status, code = failure.split(":", 1)
-            operation["error"] = {"errors": [{"code": code, "message": f"emulated {code}"}]}
+            status, code, *message = failure.split(":", 2)
+            text = message[0] if message else f"emulated {code}"
+            operation["error"] = {"errors": [{"code": code, "message": text}]}
             operation["httpErrorStatusCode"] = int(status)
         self.state.operations[name] = operation
         self.state.op_polls_left[name] = self.state.operation_polls
@@ -393,6 +426,26 @@ class GceEmulator:
                 return _error(
                     400, "invalid", f"alias {alias['ipCidrRange']} is outside range {name}"
                 )
+            block = ipaddress.ip_network(alias["ipCidrRange"])
+            for holder, other in self._aliases_elsewhere(path, nic["subnetwork"]):
+                if block.overlaps(ipaddress.ip_network(other["ipCidrRange"])):
+                    # The cloud's own coordination: an address lives on one instance only.
+                    # Accepted as an operation, failed when it runs (as Compute does).
+                    raise OperationFailed(
+                        f"400:IP_IN_USE_BY_ANOTHER_RESOURCE:IP '{block}' is already being "
+                        f"used by another resource ({holder})."
+                    )
         nic["aliasIpRanges"] = aliases
         nic["fingerprint"] = _fingerprint()
         return None
+
+    def _aliases_elsewhere(
+        self, path: str, subnetwork: str
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
+        for other_path, inst in self.state.instances.items():
+            if other_path == path:
+                continue
+            for nic in inst["networkInterfaces"]:
+                if nic["subnetwork"] == subnetwork:
+                    for alias in nic["aliasIpRanges"]:
+                        yield inst["name"], alias

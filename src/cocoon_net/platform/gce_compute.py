@@ -290,7 +290,7 @@ class Compute:
             raise CloudError(f"Compute Engine: expected an Operation, got {str(op)[:120]!r}")
         name = str(op["name"])
         deadline = self._clock() + self.operation_deadline
-        delay = 0.5
+        delay = 0.0  # operations.wait blocks until DONE itself: the first call needs no pause
         while op.get("status") != "DONE":
             if self._clock() >= deadline:
                 raise CloudTimeout(
@@ -298,8 +298,9 @@ class Compute:
                     f"{self.operation_deadline:.0f} s; check it with 'gcloud compute operations "
                     f"describe {name}' and re-run"
                 )
-            self._sleep(delay)
-            delay = min(delay * 2, 5.0)
+            if delay:
+                self._sleep(delay)
+            delay = min(max(delay * 2, 0.5), 5.0)
             op = self.http.request_json("POST", f"{self.base}/{scope}/operations/{name}/wait")
         raise_operation_error(op)
 
