@@ -215,9 +215,7 @@ class GceEmulator:
     def handle(self, req: Request, identity: str = "") -> Reply:
         with self.lock:
             if req.path.startswith("/computeMetadata/v1/"):
-                reply = self._metadata(
-                    req, req.path.removeprefix("/computeMetadata/v1/"), identity
-                )
+                reply = self._metadata(req, req.path.removeprefix("/computeMetadata/v1/"), identity)
                 return Reply(
                     reply.status, reply.body, {"Metadata-Flavor": "Google", **reply.headers}
                 )
