@@ -93,6 +93,16 @@ class Eni:
     secondary: list[IPv4Address] = field(default_factory=list)
 
 
+@dataclass
+class Instance:
+    """Another instance of the VPC (add_node): its primary ENI and its hot-plug hooks."""
+
+    id: str
+    primary: Eni
+    on_attach: Callable[[str, str], None] | None = None
+    on_detach: Callable[[str, str], None] | None = None
+
+
 def eni_link_name(eni_id: str) -> str:
     """The OS interface a hot-plugged ENI shows up as in the tests (15 characters at most)."""
     return "e" + eni_id[-10:]
@@ -147,6 +157,15 @@ class VolcEmulator:
         self.primary = self._add_eni("primary", base, [self.default_sg], {}, status="InUse")
         self.primary.type, self.primary.device_id = "primary", self.instance_id
         self._server: ThreadingHTTPServer | None = None
+        self._node_servers: list[ThreadingHTTPServer] = []
+        self.nodes: dict[str, Instance] = {}
+        # Instance-role credentials (use_instance_role): the API then takes only these.
+        self.role = ""
+        self.session_token = ""
+        self.role_lifetime = 3600.0
+        self.role_fetches = 0
+        self.imds_tokens: set[str] = set()
+        self.require_imds_token = False
 
     # --- test controls -------------------------------------------------------------------
 
@@ -204,6 +223,37 @@ class VolcEmulator:
                 made.append(eni)
             return made
 
+    def add_node(self, netns: str | None = None) -> tuple[str, dict[str, str]]:
+        """Another instance in the VPC, with its primary ENI in the default subnet, reached
+        through its own metadata path (and, given netns, a listener in that namespace whose
+        hot-plug happens there): returns its id and its environ."""
+        with self.lock:
+            instance_id = "i-" + secrets.token_hex(6)
+            base = next(s for s in self.subnets.values() if s.name == "default")
+            primary = self._add_eni("primary", base, [self.default_sg], {}, status="InUse")
+            primary.type, primary.device_id = "primary", instance_id
+            node = self.nodes[instance_id] = Instance(instance_id, primary)
+        url = self.base_url
+        if netns is not None:
+            node.on_attach, node.on_detach = self._hotplug(netns)
+            server = self._listen(netns)
+            self._node_servers.append(server)
+            url = f"http://127.0.0.1:{server.server_address[1]}"
+        return instance_id, {
+            **self.environ(),
+            "COCOON_NET_VOLCENGINE_ENDPOINT": url,
+            "COCOON_NET_VOLCENGINE_METADATA_URL": f"{url}/{instance_id}/latest/meta-data",
+        }
+
+    def use_instance_role(self, role: str = "cocoon-node", *, imds_token: bool = True) -> None:
+        """From now on the API accepts only the temporary keys of role, which the metadata
+        server hands out (after a PUT /latest/api/token when imds_token)."""
+        with self.lock:
+            self.role, self.require_imds_token = role, imds_token
+            self.access_key = "AKTP" + secrets.token_hex(8)
+            self.secret_key = secrets.token_urlsafe(24)
+            self.session_token = "STS" + secrets.token_urlsafe(32)
+
     def snapshot(self) -> dict[str, Any]:
         """Every resource and its state, to compare before init and after teardown."""
         with self.lock:
@@ -225,15 +275,24 @@ class VolcEmulator:
         """Make attach and detach add and remove an interface with the ENI's MAC inside netns,
         as the hypervisor's hot-plug would. A veth end stands in for the NIC (this kernel has
         no dummy driver); its name is eni_link_name(eni_id)."""
+        self.on_attach, self.on_detach = self._hotplug(netns)
 
+    @staticmethod
+    def _hotplug(netns: str) -> tuple[Callable[[str, str], None], Callable[[str, str], None]]:
         def ip(*argv: str) -> None:
             subprocess.run(["ip", "-n", netns, *argv], capture_output=True, check=False)
 
-        self.on_attach = lambda mac, eni: ip(
-            "link", "add", eni_link_name(eni), "address", mac, "type", "veth",
-            "peer", "name", "p" + eni[-10:],
-        )  # fmt: skip
-        self.on_detach = lambda mac, eni: ip("link", "del", eni_link_name(eni))
+        def attach(mac: str, eni: str) -> None:
+            ip(
+                "link", "add", eni_link_name(eni), "address", mac, "type", "veth",
+                "peer", "name", "p" + eni[-10:],
+            )  # fmt: skip
+
+        return attach, lambda mac, eni: ip("link", "del", eni_link_name(eni))
+
+    def _hooks(self, instance_id: str) -> tuple[Any, Any]:
+        node = self.nodes.get(instance_id)
+        return (node.on_attach, node.on_detach) if node else (self.on_attach, self.on_detach)
 
     def environ(self) -> dict[str, str]:
         """Everything the platform needs to talk to this emulator and nothing real."""
@@ -250,10 +309,18 @@ class VolcEmulator:
     def start(self, netns: str | None = None) -> str:
         """Serve on 127.0.0.1:0, inside network namespace netns when given (the socket is
         made by a thread that joined it, and stays there)."""
+        self._server = self._listen(netns)
+        self.base_url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        return self.base_url
+
+    def _listen(self, netns: str | None) -> ThreadingHTTPServer:
         emulator = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
+                emulator._handle(self)
+
+            def do_PUT(self) -> None:
                 emulator._handle(self)
 
             def log_message(self, format: str, *args: Any) -> None:
@@ -261,24 +328,28 @@ class VolcEmulator:
 
         server = in_netns(netns, lambda: ThreadingHTTPServer(("127.0.0.1", 0), Handler))
         server.daemon_threads = True
-        self._server = server
         threading.Thread(
             target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
         ).start()
-        self.base_url = f"http://127.0.0.1:{server.server_address[1]}"
-        return self.base_url
+        return server
 
     def stop(self) -> None:
         for timer in self._timers:
             timer.cancel()
+        for server in self._node_servers:
+            server.shutdown()
+            server.server_close()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
 
     def _handle(self, req: BaseHTTPRequestHandler) -> None:
         parts = urlsplit(req.path)
-        if parts.path.startswith("/latest/meta-data/"):
-            self._metadata(req, parts.path.removeprefix("/latest/meta-data/"))
+        # /<instance-id>/... is what add_node's instance sees at its metadata address
+        who = re.fullmatch(r"/(i-[0-9a-f]+)(/.*)", parts.path)
+        identity, path = (who.group(1), who.group(2)) if who else ("", parts.path)
+        if path.startswith(("/latest/", "/volcstack/")):
+            self._metadata(req, path, parts.query, identity)
             return
         query = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
         action = query.get("Action", "")
@@ -291,6 +362,8 @@ class VolcEmulator:
         }
         try:
             self._verify(req, parts.path, parts.query)
+            if self.session_token and req.headers.get("X-Security-Token") != self.session_token:
+                raise ApiError("InvalidSecurityToken", "the security token is not valid", 401)
             with self.lock:
                 self.calls.append(action)
                 result = self._dispatch(action, query)
@@ -308,14 +381,49 @@ class VolcEmulator:
         req.end_headers()
         req.wfile.write(data)
 
-    def _metadata(self, req: BaseHTTPRequestHandler, path: str) -> None:
+    def _metadata(self, req: BaseHTTPRequestHandler, path: str, query: str, who: str) -> None:
+        """Instance metadata, and the instance role's temporary keys: a session token from
+        PUT /latest/api/token (X-volc-ecs-metadata-token-ttl-seconds), then
+        /volcstack/latest/iam/security_credentials?type=user (the role's name) and
+        /volcstack/latest/iam/security_credentials/<role> with X-volc-ecs-metadata-token."""
+        if path == "/latest/api/token":
+            if req.command != "PUT" or not req.headers.get("X-volc-ecs-metadata-token-ttl-seconds"):
+                self._send(req, 400, b"bad token request", "text/plain")
+                return
+            token = secrets.token_urlsafe(16)
+            with self.lock:
+                self.imds_tokens.add(token)
+            self._send(req, 200, token.encode(), "text/plain")
+            return
+        if self.require_imds_token and req.headers.get("X-volc-ecs-metadata-token") not in (
+            self.imds_tokens
+        ):
+            self._send(req, 401, b"metadata token required", "text/plain")
+            return
+        node = self.nodes.get(who)
         values = {
-            "instance-id": self.instance_id,
-            "vpc-id": self.vpc_id,
-            "placement/availability-zone": self.zone,
-            "mac": self.primary.mac,
+            "/latest/meta-data/instance-id": who or self.instance_id,
+            "/latest/meta-data/vpc-id": self.vpc_id,
+            "/latest/meta-data/placement/availability-zone": self.zone,
+            "/latest/meta-data/mac": (node.primary if node else self.primary).mac,
         }
-        if path in values:
+        creds = "/volcstack/latest/iam/security_credentials"
+        if self.role and path == creds and "type=user" in query:
+            self._send(req, 200, json.dumps([self.role]).encode(), "application/json")
+        elif self.role and path == f"{creds}/{self.role}":
+            with self.lock:
+                self.role_fetches += 1
+                expires = datetime.now(UTC).timestamp() + self.role_lifetime
+                body = {
+                    "AccessKeyId": self.access_key,
+                    "SecretAccessKey": self.secret_key,
+                    "SessionToken": self.session_token,
+                    "ExpiredTime": datetime.fromtimestamp(expires, UTC).strftime(
+                        "%Y-%m-%dT%H:%M:%SZ"
+                    ),
+                }
+            self._send(req, 200, json.dumps(body).encode(), "application/json")
+        elif path in values:
             self._send(req, 200, values[path].encode(), "text/plain")
         else:
             self._send(req, 404, b"not found", "text/plain")
@@ -577,28 +685,29 @@ class VolcEmulator:
         return {"NetworkInterfaceId": eni.id}
 
     def _a_AttachNetworkInterface(self, q: dict[str, str]) -> dict[str, Any]:
-        eni = self._eni(q)
-        if q.get("InstanceId") != self.instance_id:
+        eni, instance_id = self._eni(q), q.get("InstanceId", "")
+        if instance_id != self.instance_id and instance_id not in self.nodes:
             raise ApiError("InvalidInstance.NotFound", "instance not found", 404)
         if eni.status != "Available":
             raise ApiError("InvalidEni.InvalidStatus", f"{eni.id} is {eni.status}")
-        attached = [e for e in self.enis.values() if e.device_id == self.instance_id]
+        attached = [e for e in self.enis.values() if e.device_id == instance_id]
         if len(attached) >= self.eni_limit:
             raise ApiError(
                 "LimitExceeded.NetworkInterfacesPerInstance",
                 f"an instance takes at most {self.eni_limit} ENIs",
             )
-        eni.status, eni.device_id = "Attaching", self.instance_id
+        eni.status, eni.device_id = "Attaching", instance_id
         failing = self.failing_attaches > 0
         self.failing_attaches -= failing
+        on_attach, _ = self._hooks(instance_id)
 
         def finish() -> None:
             if failing:
                 eni.status, eni.device_id = "Available", ""
                 return
             eni.status = "InUse"
-            if self.on_attach:
-                self.on_attach(eni.mac, eni.id)
+            if on_attach:
+                on_attach(eni.mac, eni.id)
 
         self._later(self.attach_delay, finish)
         return {}
@@ -610,8 +719,9 @@ class VolcEmulator:
         if eni.status != "InUse" or eni.device_id != q.get("InstanceId"):
             raise ApiError("InvalidEni.InvalidStatus", f"{eni.id} is {eni.status}")
         eni.status = "Detaching"
-        if self.on_detach:
-            self.on_detach(eni.mac, eni.id)
+        _, on_detach = self._hooks(eni.device_id)
+        if on_detach:
+            on_detach(eni.mac, eni.id)
 
         def finish() -> None:
             eni.status, eni.device_id = "Available", ""

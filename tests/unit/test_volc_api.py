@@ -23,6 +23,8 @@ from cocoon_net.errors import (
 from cocoon_net.platform import volcengine
 from cocoon_net.platform.http import Retry, RetryPolicy
 from cocoon_net.platform.volc_api import (
+    ROLE_REFRESH_MARGIN,
+    InstanceRole,
     PollPolicy,
     VpcApi,
     envelope_error,
@@ -146,8 +148,7 @@ def test_envelope_codes_map_to_error_kinds() -> None:
 
 def test_credentials_from_env_then_file_and_a_clear_error(tmp_path: Path) -> None:
     config = tmp_path / "config.json"
-    with pytest.raises(CloudAuthError, match="no Volcengine credentials"):
-        load_credentials({}, config)
+    assert load_credentials({}, config) is None  # no keys: the instance role is asked
     config.write_text(
         json.dumps({"access_key_id": "AKf", "secret_access_key": "SKf", "region": "cn-shanghai"})
     )
@@ -162,6 +163,27 @@ def test_credentials_from_env_then_file_and_a_clear_error(tmp_path: Path) -> Non
     config.write_text("{not json")
     with pytest.raises(CloudAuthError, match="not valid JSON"):
         load_credentials({}, config)
+
+
+def test_instance_role_keys_are_fetched_with_a_session_token_and_refreshed(
+    emu: VolcEmulator,
+) -> None:
+    emu.use_instance_role("node-role")
+    now = [1_000.0]
+    role = InstanceRole(emu.metadata_url(), "cn-beijing", retry=FAST, clock=lambda: now[0])
+    emu.role_lifetime = 3600.0
+    creds = role()
+    assert (creds.access_key_id, creds.session_token) == (emu.access_key, emu.session_token)
+    assert role.role == "node-role" and emu.role_fetches == 1  # found by asking its name
+    role()
+    assert emu.role_fetches == 1  # cached
+    emu.use_instance_role("node-role")  # the cloud rotated the keys
+    now[0] = datetime.now(UTC).timestamp() + 3600.0 - ROLE_REFRESH_MARGIN + 1
+    assert role().access_key_id == emu.access_key  # fetched again before the old expired
+    assert emu.role_fetches == 2
+    emu.imds_tokens.clear()  # without a session token the server refuses
+    emu.require_imds_token = True
+    assert InstanceRole(emu.metadata_url(), "cn-beijing", retry=FAST)().secret_access_key
 
 
 def test_metadata_is_read_from_the_configured_url(emu: VolcEmulator) -> None:

@@ -19,6 +19,7 @@ emulator on loopback.
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -52,6 +53,16 @@ ENV_REGION = "VOLCENGINE_REGION"
 ENV_CONFIG = "COCOON_NET_VOLCENGINE_CONFIG"
 ENV_ENDPOINT = "COCOON_NET_VOLCENGINE_ENDPOINT"
 ENV_METADATA_URL = "COCOON_NET_VOLCENGINE_METADATA_URL"
+ENV_ROLE = "VOLCENGINE_ECS_METADATA"  # the instance role's name, as Volcengine's SDKs read it
+
+# Instance-role credentials on the metadata server, as Volcengine's SDKs fetch them: a
+# session token first (IMDSv2-style; servers without it answer without one), the role's
+# name when not configured, then its temporary keys, replaced this long before they expire.
+IMDS_TOKEN_PATH = "/latest/api/token"
+IMDS_TOKEN_TTL_HEADER = "X-volc-ecs-metadata-token-ttl-seconds"
+IMDS_TOKEN_HEADER = "X-volc-ecs-metadata-token"
+IMDS_ROLE_PATH = "/volcstack/latest/iam/security_credentials"
+ROLE_REFRESH_MARGIN = 300.0
 
 _AUTH_HINT = (
     "check VOLCENGINE_ACCESS_KEY_ID / VOLCENGINE_SECRET_ACCESS_KEY or ~/.volcengine/config.json, "
@@ -105,11 +116,11 @@ def settings(environ: Mapping[str, str]) -> Settings:
     )
 
 
-def load_credentials(environ: Mapping[str, str], config_path: Path) -> Credentials:
+def load_credentials(environ: Mapping[str, str], config_path: Path) -> Credentials | None:
     """Each field from the environment first, then from config.json (keys access_key_id,
-    secret_access_key, session_token, region). Unlike the Go tool, a region in the file still
-    counts when the keys come from the environment (spec §9.7 #43). region may stay empty:
-    the caller then takes it from instance metadata."""
+    secret_access_key, session_token, region). A region in the file still counts when the
+    keys come from the environment. region may stay empty: the caller then takes it from
+    instance metadata. None when neither holds keys: the instance role is asked then."""
     file_values: dict[str, Any] = {}
     try:
         text = config_path.read_text()
@@ -134,16 +145,99 @@ def load_credentials(environ: Mapping[str, str], config_path: Path) -> Credentia
     access_key = pick(ENV_ACCESS_KEY, "access_key_id")
     secret_key = pick(ENV_SECRET_KEY, "secret_access_key")
     if not access_key or not secret_key:
-        raise CloudAuthError(
-            f"no Volcengine credentials: set {ENV_ACCESS_KEY} and {ENV_SECRET_KEY} "
-            f"(and {ENV_SESSION_TOKEN} for STS keys), or write them to {config_path}"
-        )
+        return None
     return Credentials(
         access_key_id=access_key,
         secret_access_key=secret_key,
         region=pick(ENV_REGION, "region"),
         session_token=pick(ENV_SESSION_TOKEN, "session_token"),
     )
+
+
+class InstanceRole:
+    """The instance role's temporary keys from the metadata server, cached and fetched
+    again ROLE_REFRESH_MARGIN seconds before they expire (and once more when refused)."""
+
+    def __init__(
+        self,
+        metadata_url: str,
+        region: str,
+        role: str = "",
+        *,
+        retry: RetryPolicy | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        # metadata_url ends in /latest/meta-data; the role's paths hang off its root
+        self.root = metadata_url.removesuffix("/latest/meta-data")
+        self.region = region
+        self.role = role
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._cached: tuple[Credentials, float] | None = None
+        self._http = HttpClient(
+            service="Volcengine metadata",
+            timeout=2.0,
+            retry=retry or RetryPolicy(attempts=3, deadline=10.0, base_delay=0.2),
+        )
+
+    def __call__(self) -> Credentials:
+        with self._lock:  # ENI threads sign concurrently: one fetch serves them all
+            now = self._clock()
+            if self._cached is None or now >= self._cached[1] - ROLE_REFRESH_MARGIN:
+                self._cached = self._fetch(now)
+            return self._cached[0]
+
+    def _fetch(self, now: float) -> tuple[Credentials, float]:
+        headers = imds_session(self._http, self.root)
+        if not self.role:
+            try:
+                names = self._http.request_json(
+                    "GET", self.root + IMDS_ROLE_PATH, params={"type": "user", "format": "json"},
+                    headers=headers,
+                )  # fmt: skip
+            except CloudNotFound:
+                names = []
+            found = names if isinstance(names, list) else [(names or {}).get("RoleName")]
+            if not found or not found[0]:
+                raise CloudAuthError(
+                    f"no Volcengine credentials: set {ENV_ACCESS_KEY} and {ENV_SECRET_KEY} "
+                    f"(or write them to the config file), or attach an instance role"
+                )
+            self.role = str(found[0])
+        body = self._http.request_json(
+            "GET", f"{self.root}{IMDS_ROLE_PATH}/{self.role}", headers=headers
+        )
+        try:
+            creds = Credentials(
+                access_key_id=str(body["AccessKeyId"]),
+                secret_access_key=str(body["SecretAccessKey"]),
+                region=self.region,
+                session_token=str(body["SessionToken"]),
+            )
+            expires = datetime.strptime(str(body["ExpiredTime"]), "%Y-%m-%dT%H:%M:%S%z")
+        except (KeyError, TypeError, ValueError):
+            raise CloudAuthError(
+                f"Volcengine metadata: the keys of instance role {self.role} are incomplete"
+            ) from None
+        return creds, expires.timestamp()
+
+
+def imds_session(http: HttpClient, root: str) -> dict[str, str]:
+    """The IMDSv2-style session header, or none where the server has no tokens."""
+    try:
+        response = http.request(
+            "PUT",
+            root + IMDS_TOKEN_PATH,
+            headers={IMDS_TOKEN_TTL_HEADER: "21600"},
+            retry=RetryPolicy(attempts=2, deadline=5.0, base_delay=0.2),
+        )
+    except (CloudNotFound, CloudAuthError):
+        return {}
+    except CloudError as exc:
+        if "HTTP 405" in str(exc) or "HTTP 400" in str(exc):
+            return {}
+        raise
+    return {IMDS_TOKEN_HEADER: response.text.strip()}
 
 
 # --- instance metadata --------------------------------------------------------------------
@@ -168,16 +262,18 @@ def region_of(zone: str) -> str:
 
 def read_metadata(base_url: str, *, retry: RetryPolicy | None = None) -> InstanceInfo:
     """The instance's identity from 100.96.0.96. A non-200 answer or an empty body is an
-    error, never a value (the Go tool once accepted error pages, commit 9aa9425)."""
+    error, never a value (the Go tool once accepted error pages)."""
     http = HttpClient(
         service="Volcengine metadata",
         timeout=2.0,
         retry=retry or RetryPolicy(attempts=3, deadline=10.0, base_delay=0.2),
     )
+    # a server that wants a session token wants it here too
+    headers = imds_session(http, base_url.removesuffix("/latest/meta-data"))
     try:
 
         def get(path: str) -> str:
-            text = http.request("GET", f"{base_url}/{path}").text.strip()
+            text = http.request("GET", f"{base_url}/{path}", headers=headers).text.strip()
             if not text:
                 raise CloudError(f"Volcengine metadata: {base_url}/{path} answered an empty body")
             return text
@@ -286,13 +382,14 @@ class VpcApi:
     def __init__(
         self,
         endpoint: str,
-        creds: Credentials,
+        creds: Credentials | Callable[[], Credentials],
         *,
         retry: RetryPolicy | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.endpoint = endpoint
-        self.creds = creds
+        # fixed keys, or a source of temporary ones asked at every signature
+        self._creds = creds if callable(creds) else (lambda: creds)
         self._clock = clock
         self._http = HttpClient(
             service="Volcengine VPC",
@@ -310,7 +407,7 @@ class VpcApi:
         headers: Mapping[str, str],
         body: bytes,
     ) -> Mapping[str, str]:
-        return sign(method, url, params, headers, body, self.creds, self._clock())
+        return sign(method, url, params, headers, body, self._creds(), self._clock())
 
     def close(self) -> None:
         self._http.close()

@@ -52,6 +52,7 @@ from cocoon_net.platform.volc_api import (
     tags_of,
     wait_for,
 )
+from cocoon_net.platform.volc_sign import Credentials
 from cocoon_net.state import PoolState
 
 log = logging.getLogger("cocoon_net.platform.volcengine")
@@ -252,9 +253,18 @@ class VolcenginePlatform:
     def _vpc(self) -> VpcApi:
         if self._api is None:
             creds = volc_api.load_credentials(self._environ, self._settings.config_path)
-            if not creds.region:
-                creds = dataclasses.replace(creds, region=self._instance().region)
-            self._api = VpcApi(self._settings.endpoint, creds, retry=self._retry)
+            source: Credentials | volc_api.InstanceRole
+            if creds is None:
+                source = volc_api.InstanceRole(
+                    self._settings.metadata_url,
+                    self._instance().region,
+                    self._environ.get(volc_api.ENV_ROLE, ""),
+                )
+            elif not creds.region:
+                source = dataclasses.replace(creds, region=self._instance().region)
+            else:
+                source = creds
+            self._api = VpcApi(self._settings.endpoint, source, retry=self._retry)
         return self._api
 
     def _describe(self, **filters: str) -> list[Eni]:
