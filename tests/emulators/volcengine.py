@@ -678,9 +678,19 @@ class VolcEmulator:
         sgs = self._list(q, "SecurityGroupIds")
         if not sgs or any(sg not in self.rules for sg in sgs):
             raise ApiError("InvalidSecurityGroup.NotFound", "security group not found", 404)
+        count = int(q.get("SecondaryPrivateIpAddressCount", "0"))
+        if count > self.ip_limit:
+            raise ApiError(
+                "QuotaExceeded.PrivateIpAddress",
+                f"an ENI takes at most {self.ip_limit} secondary addresses",
+            )
+        if len(subnet.free()) < count + 1:
+            raise ApiError("InsufficientIpInSubnet", f"not enough free addresses in {subnet.id}")
         eni = self._add_eni(
             q.get("NetworkInterfaceName", ""), subnet, sgs, self._tags(q), status="Creating"
         )
+        eni.secondary = subnet.free()[:count]
+        subnet.used.update(eni.secondary)
         self._later(self.create_delay, lambda: setattr(eni, "status", "Available"))
         return {"NetworkInterfaceId": eni.id}
 

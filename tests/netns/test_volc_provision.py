@@ -29,7 +29,7 @@ pytestmark = pytest.mark.netns
 NODE = "node-a"
 SUBNET = IPv4Network("172.20.100.0/24")
 FAST_RETRY = RetryPolicy(attempts=4, deadline=20.0, base_delay=0.01, max_delay=0.05)
-FAST_POLL = PollPolicy(timeout=20.0, first=0.02, interval=0.1)
+FAST_POLL = PollPolicy(timeout=20.0, first=0.02, interval=0.1, typical_scale=0.01)
 
 
 class Cloud:
@@ -215,8 +215,11 @@ FAULTS = [
     ("CreateNetworkInterface", "QuotaExceeded.NetworkInterface", 1, False, CloudQuotaError),
     ("AttachNetworkInterface", "InternalError", 2, False, None),
     ("AttachNetworkInterface", "InternalError", 99, False, CloudError),
-    ("AssignPrivateIpAddresses", "InternalError", 1, True, None),
-    ("AssignPrivateIpAddresses", "InsufficientIpInSubnet", 1, False, CloudQuotaError),
+    # The attach happened, its answer was lost: the retry finds it Attaching, and the
+    # ENI's state (not the answer) decides.
+    ("AttachNetworkInterface", "InternalError", 1, True, None),
+    ("AttachNetworkInterface", "InternalError", 3, True, None),
+    ("CreateNetworkInterface", "InsufficientIpInSubnet", 1, False, CloudQuotaError),
     ("DescribeNetworkInterfaces", "AccountFlowLimitExceeded", 3, False, None),
     ("DescribeVpcAttributes", "InternalError", 99, False, CloudError),
 ]
@@ -255,6 +258,47 @@ def test_failed_and_slow_attaches(cloud: Cloud) -> None:
     cloud.emu.attach_delay = 1.0
     result = cloud.init(pool_size=45)
     assert len(result.ips) == 45
+    cloud.teardown()
+    assert cloud.emu.snapshot() == before
+
+
+@pytest.mark.parametrize(
+    "action",
+    ["UnassignPrivateIpAddresses", "DetachNetworkInterface", "DeleteNetworkInterface"],
+)
+def test_teardown_survives_lost_answers(cloud: Cloud, action: str) -> None:
+    """The change happened, its answer was lost; the retry's refusal ("is Detaching",
+    "not found") is read as the state it reports."""
+    before = cloud.emu.snapshot()
+    cloud.init(pool_size=25)
+    cloud.emu.inject(action, "InternalError", times=1, after_commit=True)
+    cloud.teardown()
+    assert cloud.emu.snapshot() == before
+
+
+def test_quota_reached_by_another_eni_releases_what_it_made_and_a_smaller_rerun_completes(
+    cloud: Cloud,
+) -> None:
+    cloud.emu.add_foreign_eni()  # the instance's 8th ENI: 7 slots no longer fit
+    before = cloud.emu.snapshot()
+    with pytest.raises(CloudQuotaError, match="takes no more ENIs") as info:
+        cloud.init(pool_size=140)
+    assert len(str(info.value)) < 300 and "lower --pool-size" in str(info.value)
+    ours = cloud.ours()
+    assert len(ours) == 6 and all(e.status == "InUse" for e in ours)  # the 7th was deleted
+    assert len(cloud.recorded()["enis"]) == 6
+    result = cloud.init(pool_size=120)
+    assert len(result.ips) == 120 and len(cloud.ours()) == 6
+    cloud.teardown()
+    assert cloud.emu.snapshot() == before
+
+
+def test_a_smaller_pool_releases_the_enis_it_no_longer_needs(cloud: Cloud) -> None:
+    before = cloud.emu.snapshot()
+    cloud.init(pool_size=60)
+    result = cloud.init(pool_size=20)
+    assert len(result.ips) == 20 and [e.name for e in cloud.ours()] == [f"{NODE}-eni-1"]
+    assert [e["name"] for e in cloud.recorded()["enis"]] == [f"{NODE}-eni-1"]
     cloud.teardown()
     assert cloud.emu.snapshot() == before
 

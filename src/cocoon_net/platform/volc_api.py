@@ -460,6 +460,7 @@ class PollPolicy:
     first: float = 0.2
     interval: float = 2.0
     factor: float = 1.5
+    typical_scale: float = 1.0  # multiplies the cloud's typical times (tests shrink them)
 
 
 def wait_for(

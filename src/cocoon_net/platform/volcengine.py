@@ -32,8 +32,10 @@ from typing import Any
 
 from cocoon_net import proc
 from cocoon_net.errors import (
+    CloudConflict,
     CloudError,
     CloudNotFound,
+    CloudQuotaError,
     HostSetupError,
     UsageError,
     combined,
@@ -61,6 +63,11 @@ TAG_NODE = "cocoon-net:node"
 MAX_ENIS = 7  # secondary ENIs per EBM instance (cloud-apis.md E3, "Platform limits")
 IPS_PER_ENI = 20  # secondary IPs per ENI on the same instances
 MAX_POOL = MAX_ENIS * IPS_PER_ENI
+# How long the cloud typically takes (the first status poll waits this long, then backs off):
+# the Go tool slept 2 s after a create and 4 s after an attach.
+TYPICAL_CREATE = 1.0
+TYPICAL_ATTACH = 2.0
+TYPICAL_DETACH = 1.0
 
 
 @dataclass(frozen=True)
@@ -242,6 +249,7 @@ class VolcenginePlatform:
         self._poll = poll or PollPolicy()
         self._info: InstanceInfo | None = None
         self._api: VpcApi | None = None
+        self._on_instance: list[Eni] = []  # the instance's ENIs, as _find_enis last saw them
 
     # Credentials and metadata are read on first use, so a missing key fails the command
     # that needs the cloud with a clear message, and plan_teardown needs neither.
@@ -275,18 +283,62 @@ class VolcenginePlatform:
             )
         ]
 
-    def _describe_one(self, eni_id: str) -> Eni | None:
-        found = self._describe(**indexed("NetworkInterfaceIds", [eni_id]))
-        return found[0] if found else None
+    def _wait_enis(
+        self, ids: list[str], what: str, done: Callable[[Eni], bool], *, first: float = 0.0
+    ) -> dict[str, Eni]:
+        """Poll the ENIs, all in one describe per round, until done(eni) for each; the first
+        look after `first` seconds (the cloud's typical time for the change)."""
 
-    def _wait_eni(self, eni_id: str, what: str, done: Callable[[Eni], bool]) -> Eni:
-        def fetch() -> Eni:
-            eni = self._describe_one(eni_id)
-            if eni is None:
-                raise CloudNotFound(f"Volcengine ENI {eni_id} disappeared while waiting")
-            return eni
+        def fetch() -> dict[str, Eni]:
+            found = {e.id: e for e in self._describe(**indexed("NetworkInterfaceIds", ids))}
+            gone = [eni_id for eni_id in ids if eni_id not in found]
+            if gone:
+                raise CloudNotFound(f"Volcengine ENI {', '.join(gone)} disappeared while waiting")
+            return found
 
-        return wait_for(fetch, done, what=f"ENI {eni_id} {what}", policy=self._poll)
+        if not ids:
+            return {}
+        policy = self._poll
+        policy = dataclasses.replace(policy, first=max(policy.first, first * policy.typical_scale))
+        shown = ids[0] if len(ids) == 1 else f"{len(ids)} ENIs"
+        return wait_for(
+            fetch,
+            lambda found: all(done(e) for e in found.values()),
+            what=f"{shown} {what}",
+            policy=policy,
+        )
+
+    def _release(self, eni: Eni, instance_id: str) -> None:
+        """Take an ENI of ours off this instance and delete it. Each step that carries no
+        idempotency token is judged by the ENI's state, not by its answer: a detach whose
+        answer was lost is seen Detaching, an unassign or delete seen done."""
+        api = self._vpc()
+        if eni.device_id and eni.device_id != instance_id:
+            raise CloudError(f"attached to another instance ({eni.device_id}); left alone")
+        if eni.status not in ("Available", "InUse"):
+            eni = self._wait_enis([eni.id], "to settle", _settled)[eni.id]
+        if eni.status == "InUse":
+            if eni.secondary:
+                with contextlib.suppress(CloudNotFound):
+                    api.call(
+                        "UnassignPrivateIpAddresses",
+                        {
+                            "NetworkInterfaceId": eni.id,
+                            **indexed("PrivateIpAddress", [str(ip) for ip in eni.secondary]),
+                        },
+                    )
+            try:
+                api.call(
+                    "DetachNetworkInterface",
+                    {"NetworkInterfaceId": eni.id, "InstanceId": instance_id},
+                )
+            except CloudConflict as exc:
+                log.info("detach of %s answered %s; reading its state", eni.id, exc)
+            self._wait_enis(
+                [eni.id], "to detach", lambda e: e.status == "Available", first=TYPICAL_DETACH
+            )
+        with contextlib.suppress(CloudNotFound):  # an earlier attempt's answer was lost
+            api.call("DeleteNetworkInterface", {"NetworkInterfaceId": eni.id})
 
     def _our_enis(self, node: str, recorded: set[str]) -> list[Eni]:
         """Ours: tagged for node anywhere, or recorded by an earlier run and still there."""
@@ -304,9 +356,10 @@ class VolcenginePlatform:
         if not instance_id or not subnet_id:
             return ours, []
         known = {eni.id for eni in ours}
+        self._on_instance = self._describe(InstanceId=instance_id)
         go = [
             eni
-            for eni in self._describe(InstanceId=instance_id)
+            for eni in self._on_instance
             if eni.id not in known and is_go_made(eni, node, instance_id, subnet_id)
         ]
         return ours, go
@@ -342,6 +395,32 @@ class VolcenginePlatform:
     def provision(self, request: NodeRequest, record: ResourceRecorder) -> ProvisionResult:
         targets = ip_targets(request.pool_size)  # before any cloud call
         return _Provision(self, request, record).run(targets)
+
+    def claim_subnet(self, request: NodeRequest, record: ResourceRecorder) -> IPv4Network:
+        """The VPC subnet tagged for this node, else the first block of the VPC's CIDR that
+        no subnet overlaps, created with CreateSubnet. The cloud refuses a subnet that
+        overlaps another: a node that was faster holds it, and the next block is tried."""
+        info, node, prefix = self._instance(), request.node_name, request.subnet.prefixlen
+        api = self._vpc()
+        vpc = self.vpc_cidr(info.vpc_id)
+        subnets = list(api.pages("DescribeSubnets", {"VpcId": info.vpc_id}, "Subnets"))
+        mine = [n for s in subnets if tags_of(s).get(TAG_NODE) == node and (n := _network(s))]
+        if mine:
+            return mine[0]
+        used = [n for s in subnets if (n := _network(s))]
+        for block in vpc.subnets(new_prefix=prefix) if prefix >= vpc.prefixlen else ():
+            if any(block.overlaps(n) for n in used):
+                continue
+            try:
+                api.create("CreateSubnet", _subnet_params(info, node, block))
+            except CloudConflict as exc:
+                log.info("%s was taken meanwhile (%s); trying the next block", block, exc)
+                continue
+            return block
+        raise CloudQuotaError(
+            f"VPC {info.vpc_id} ({vpc}) has no free /{prefix} left for --subnet auto: "
+            "use a smaller --subnet-prefix or free a subnet"
+        )
 
     def adopt(self, request: NodeRequest) -> ProvisionResult:
         """The pool is the secondary IPs the VPC already routes to this instance's ENIs
@@ -579,14 +658,7 @@ class _Provision:
                     f"--subnet {cidr} overlaps subnet {clash.get('SubnetId')} "
                     f"({clash.get('CidrBlock')}) of VPC {info.vpc_id}: pick a free range"
                 )
-            params = {
-                "VpcId": info.vpc_id,
-                "ZoneId": info.zone,
-                "CidrBlock": str(cidr),
-                "SubnetName": f"{node}-vms",
-                "Description": f"cocoon-net VM subnet of node {node}",
-                **tag_params({TAG_NODE: node}),
-            }
+            params = _subnet_params(info, node, cidr)
             subnet_id = str(api.create("CreateSubnet", params)["SubnetId"])
             created = True
         self.subnet = {"id": subnet_id, "cidr": str(cidr), "created": created}
@@ -605,7 +677,8 @@ class _Provision:
         api, node = self.p._vpc(), self.req.node_name
         sg = self.req.options.get("security_group", "")
         if not sg:
-            primary = [e for e in self.p._describe(InstanceId=info.instance_id) if e.primary]
+            on_instance = self.p._on_instance or self.p._describe(InstanceId=info.instance_id)
+            primary = [e for e in on_instance if e.primary]
             if not primary or not primary[0].security_groups:
                 raise CloudError(
                     f"cannot find the security group of {info.instance_id}'s primary ENI: "
@@ -638,11 +711,14 @@ class _Provision:
     def _ensure_enis(
         self, info: InstanceInfo, subnet_id: str, sg: str, targets: list[int]
     ) -> list[tuple[Eni, str]]:
-        node = self.req.node_name
-        ours, go = self.p._find_enis(node, set(self.enis), info.instance_id, subnet_id)
+        """ENI slots 1..len(targets) attached here with their IPs and links up; the ENIs of
+        slots beyond them released. In phases, each over all ENIs at once, so a wait is one
+        describe per round for all of them."""
+        node, here = self.req.node_name, info.instance_id
+        ours, go = self.p._find_enis(node, set(self.enis), here, subnet_id)
         for eni in ours + go:
             self._save_eni(eni, go_tool=eni in go)
-            if eni.device_id not in ("", info.instance_id):
+            if eni.device_id not in ("", here):
                 raise CloudError(
                     f"ENI {eni.id} ({eni.name}) is tagged for {node} but attached to "
                     f"{eni.device_id}: detach it there or remove its {TAG_NODE} tag"
@@ -653,61 +729,117 @@ class _Provision:
             slot = slot_of(node, eni.name)
             if slot is not None and slot not in by_slot:
                 by_slot[slot] = eni
-        # Slots beyond --pool-size keep their ENI with no secondary IPs, so the pool is
-        # exactly what was asked for; teardown removes them.
-        plan = dict(enumerate(targets, start=1))
-        plan.update({slot: 0 for slot in by_slot if slot > len(targets)})
+        for slot, eni in by_slot.items():
+            if slot <= len(targets) and eni.subnet_id != subnet_id:
+                raise CloudError(
+                    f"ENI {eni.id} ({eni.name}) is in subnet {eni.subnet_id}, not {subnet_id}: "
+                    "run 'cocoon-net teardown' before changing --subnet"
+                )
         failures: list[tuple[str, Exception]] = []
-        results: dict[int, tuple[Eni, str]] = {}
-        with ThreadPoolExecutor(max_workers=len(plan), thread_name_prefix="eni") as pool:
-            futures = {
-                slot: pool.submit(self._slot, info, subnet_id, sg, slot, n, by_slot.get(slot))
-                for slot, n in plan.items()
-            }
-            for slot, future in sorted(futures.items()):
-                try:
-                    results[slot] = future.result()
-                except (CloudError, HostSetupError) as exc:
-                    failures.append((eni_name(node, slot), exc))
+        # What this node made that the pool no longer needs goes first: it may hold the
+        # instance's ENI quota that the slots still missing need.
+        spare = [eni for slot, eni in by_slot.items() if slot > len(targets)]
+        self._each(spare, lambda eni: self._release(eni, here), failures)
+        made = self._each(
+            [slot for slot in range(1, len(targets) + 1) if slot not in by_slot],
+            lambda slot: self._create(subnet_id, sg, slot, targets[slot - 1]),
+            failures,
+        )
+        by_slot.update(made)
+        enis = {slot: by_slot[slot] for slot in range(1, len(targets) + 1) if slot in by_slot}
+        ids = [eni.id for eni in enis.values()]
+        found = self.p._wait_enis(ids, "to be ready", _settled, first=TYPICAL_CREATE)
+        to_attach = [e for e in found.values() if e.status == "Available"]
+        attached = self._each(to_attach, lambda eni: self._attach(eni, here), failures)
+        refused = {eni.id for eni in to_attach} - set(attached)
+        ids = [eni_id for eni_id in ids if eni_id not in refused]
+        wait = TYPICAL_ATTACH if to_attach else 0.0
+        found = self.p._wait_enis(ids, f"to attach to {here}", _attached, first=wait)
+        by_id = {eni.id: slot for slot, eni in enis.items()}
+        changed = self._each(
+            list(found.values()), lambda eni: self._size(eni, targets[by_id[eni.id] - 1]), failures
+        )
+        if any(changed.values()):
+            found = self.p._wait_enis(list(found), "to report its addresses", lambda e: True)
+        for eni in found.values():
+            self._save_eni(eni)
+        links = self._each(
+            list(found.values()), lambda eni: _link_up(eni.mac, policy=self.p._poll), failures
+        )
         if failures:
             raise _combined(failures)
-        return [results[slot] for slot in sorted(results)]
+        return [(found[eni_id], links[eni_id]) for eni_id in sorted(found, key=by_id.__getitem__)]
 
-    def _slot(
-        self, info: InstanceInfo, subnet_id: str, sg: str, slot: int, target: int, eni: Eni | None
-    ) -> tuple[Eni, str]:
-        """One ENI from nothing (or from wherever a previous run stopped) to an OS link that is
-        up with `target` secondary IPs."""
+    def _each(
+        self, items: list[Any], work: Callable[[Any], Any], failures: list[tuple[str, Exception]]
+    ) -> dict[Any, Any]:
+        """work(item) for every item in its own thread; failures collected, not raised.
+        Returns {slot or ENI id: result} of those that succeeded."""
+        done: dict[Any, Any] = {}
+        if not items:
+            return done
+        with ThreadPoolExecutor(max_workers=len(items), thread_name_prefix="eni") as pool:
+            futures = [(item, pool.submit(work, item)) for item in items]
+            for item, future in futures:
+                key = item.id if isinstance(item, Eni) else item
+                try:
+                    done[key] = future.result()
+                except (CloudError, HostSetupError) as exc:
+                    what = (
+                        item.name if isinstance(item, Eni) else eni_name(self.req.node_name, item)
+                    )
+                    failures.append((what, exc))
+        return done
+
+    def _create(self, subnet_id: str, sg: str, slot: int, target: int) -> Eni:
+        """A new ENI for slot, with its secondary IPs asked for in the same call."""
         api, name = self.p._vpc(), eni_name(self.req.node_name, slot)
-        if eni is None:
-            params = {
-                "SubnetId": subnet_id,
-                **indexed("SecurityGroupIds", [sg]),
-                "NetworkInterfaceName": name,
-                "Description": f"cocoon-net VM addresses of node {self.req.node_name}",
-                **tag_params({TAG_NODE: self.req.node_name}),
-            }
-            eni_id = str(api.create("CreateNetworkInterface", params)["NetworkInterfaceId"])
-            with self._lock:
-                self.enis[eni_id] = {"id": eni_id, "name": name, "mac": "", "ips": []}
-                self._record({"enis": _eni_records(self.enis)})
-            eni = self.p._wait_eni(eni_id, "to be created", lambda e: e.status != "Creating")
-        if eni.subnet_id != subnet_id:
-            raise CloudError(
-                f"ENI {eni.id} ({name}) is in subnet {eni.subnet_id}, not {subnet_id}: "
-                "run 'cocoon-net teardown' before changing --subnet"
-            )
-        if eni.status in ("Creating", "Detaching"):
-            eni = self.p._wait_eni(eni.id, "to become Available", _settled)
-        if eni.status == "Available":
-            api.call(
+        params = {
+            "SubnetId": subnet_id,
+            **indexed("SecurityGroupIds", [sg]),
+            "NetworkInterfaceName": name,
+            "Description": f"cocoon-net VM addresses of node {self.req.node_name}",
+            "SecondaryPrivateIpAddressCount": str(target),
+            **tag_params({TAG_NODE: self.req.node_name}),
+        }
+        eni_id = str(api.create("CreateNetworkInterface", params)["NetworkInterfaceId"])
+        with self._lock:
+            self.enis[eni_id] = {"id": eni_id, "name": name, "mac": "", "ips": []}
+            self._record({"enis": _eni_records(self.enis)})
+        return Eni(eni_id, name, "Creating", "", "", subnet_id, ())
+
+    def _attach(self, eni: Eni, instance_id: str) -> bool:
+        """Ask for the attach; True when it was accepted or its state shows it was. A
+        refused attach over the instance's ENI quota deletes the ENI (this node made it and
+        cannot use it) and says so."""
+        try:
+            self.p._vpc().call(
                 "AttachNetworkInterface",
-                {"NetworkInterfaceId": eni.id, "InstanceId": info.instance_id},
+                {"NetworkInterfaceId": eni.id, "InstanceId": instance_id},
             )
-        if eni.status != "InUse":
-            eni = self.p._wait_eni(eni.id, f"to attach to {info.instance_id}", _attached)
-        self._save_eni(eni)
-        have = len(eni.secondary)
+        except CloudConflict as exc:
+            # A retried attach whose first answer was lost finds the ENI Attaching: the
+            # wait that follows reads its state and judges.
+            log.info("attach of %s answered %s; reading its state", eni.id, exc)
+        except CloudQuotaError as exc:
+            self._release(eni, instance_id)
+            on_instance = self.p._on_instance
+            others = [e.id for e in on_instance if not e.primary and e.id not in self.enis]
+            raise CloudQuotaError(
+                f"{instance_id} takes no more ENIs ({exc}); {eni.id} was deleted. ENIs that are "
+                f"not this node's: {', '.join(others) or 'none'}; free one or lower --pool-size"
+            ) from None
+        return True
+
+    def _release(self, eni: Eni, instance_id: str) -> None:
+        self.p._release(eni, instance_id)
+        with self._lock:
+            self.enis.pop(eni.id, None)
+            self._record({"enis": _eni_records(self.enis)})
+
+    def _size(self, eni: Eni, target: int) -> bool:
+        """Give eni exactly target secondary IPs; True when that changed anything."""
+        api, have = self.p._vpc(), len(eni.secondary)
         if have < target:
             api.create(
                 "AssignPrivateIpAddresses",
@@ -718,14 +850,23 @@ class _Provision:
             )
         elif have > target:
             extra = [str(ip) for ip in sorted(eni.secondary)[target:]]
-            api.call(
-                "UnassignPrivateIpAddresses",
-                {"NetworkInterfaceId": eni.id, **indexed("PrivateIpAddress", extra)},
-            )
-        if have != target:
-            eni = self.p._describe_one(eni.id) or eni
-            self._save_eni(eni)
-        return eni, _link_up(eni.mac, policy=self.p._poll)
+            with contextlib.suppress(CloudNotFound):  # a lost answer: already unassigned
+                api.call(
+                    "UnassignPrivateIpAddresses",
+                    {"NetworkInterfaceId": eni.id, **indexed("PrivateIpAddress", extra)},
+                )
+        return have != target
+
+
+def _subnet_params(info: InstanceInfo, node: str, cidr: IPv4Network) -> dict[str, str]:
+    return {
+        "VpcId": info.vpc_id,
+        "ZoneId": info.zone,
+        "CidrBlock": str(cidr),
+        "SubnetName": f"{node}-vms",
+        "Description": f"cocoon-net VM subnet of node {node}",
+        **tag_params({TAG_NODE: node}),
+    }
 
 
 def _settled(eni: Eni) -> bool:
@@ -812,26 +953,7 @@ class _Teardown:
             )
 
     def _remove_eni(self, eni: Eni, instance_id: str) -> None:
-        api = self.p._vpc()
-        if eni.device_id and eni.device_id != instance_id:
-            raise CloudError(f"attached to another instance ({eni.device_id}); left alone")
-        if eni.status not in ("Available", "InUse"):
-            eni = self.p._wait_eni(eni.id, "to settle", _settled)
-        if eni.status == "InUse":
-            if eni.secondary:
-                api.call(
-                    "UnassignPrivateIpAddresses",
-                    {
-                        "NetworkInterfaceId": eni.id,
-                        **indexed("PrivateIpAddress", [str(ip) for ip in eni.secondary]),
-                    },
-                )
-            api.call(
-                "DetachNetworkInterface", {"NetworkInterfaceId": eni.id, "InstanceId": instance_id}
-            )
-            self.p._wait_eni(eni.id, "to detach", lambda e: e.status == "Available")
-        with contextlib.suppress(CloudNotFound):  # an earlier attempt's answer was lost
-            api.call("DeleteNetworkInterface", {"NetworkInterfaceId": eni.id})
+        self.p._release(eni, instance_id)
         with self._lock:
             self.enis.pop(eni.id, None)
             self._record({"enis": _eni_records(self.enis)})
