@@ -494,3 +494,24 @@ def test_adopt_on_a_go_node_records_its_enis_as_ours_without_cloud_changes(cloud
     _recorder(cloud.pool_file)(adopted.cloud)
     cloud.teardown()
     assert cloud.emu.snapshot() == go.initial
+
+
+def _provision_with_default_polls(environ: dict[str, str]) -> ProvisionResult:
+    request = NodeRequest(
+        node_name=NODE,
+        subnet=SUBNET,
+        gateway=SUBNET.network_address + 1,
+        pool_size=140,
+        primary_nic="eth0",
+    )
+    platform = volcengine.create(environ, retry=FAST_RETRY)
+    return platform.provision(request, lambda _mapping: None)
+
+
+def test_a_7_eni_init_with_slow_attaches_makes_under_30_calls(cloud: Cloud) -> None:
+    """Creates take 1 s and attaches 3 s, as on the real cloud: the waits poll all ENIs in
+    one describe per round, first after the cloud's typical time."""
+    cloud.emu.create_delay, cloud.emu.attach_delay = 1.0, 3.0
+    result = cloud.ns.call(_provision_with_default_polls, cloud.emu.environ())
+    assert len(result.ips) == 140
+    assert len(cloud.emu.calls) < 30, cloud.emu.calls

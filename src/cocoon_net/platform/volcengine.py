@@ -356,7 +356,7 @@ class VolcenginePlatform:
         if not instance_id or not subnet_id:
             return ours, []
         known = {eni.id for eni in ours}
-        self._on_instance = self._describe(InstanceId=instance_id)
+        self._on_instance = self._on_instance or self._describe(InstanceId=instance_id)
         go = [
             eni
             for eni in self._on_instance
@@ -607,6 +607,7 @@ class _Provision:
             self._record({"enis": _eni_records(self.enis)})
 
     def run(self, targets: list[int]) -> ProvisionResult:
+        self.p._on_instance = []  # read afresh by this run
         info = self.p._instance()
         self._record({"instanceId": info.instance_id, "vpcId": info.vpc_id})
         vpc = self.p.vpc_cidr(info.vpc_id)
@@ -677,8 +678,9 @@ class _Provision:
         api, node = self.p._vpc(), self.req.node_name
         sg = self.req.options.get("security_group", "")
         if not sg:
-            on_instance = self.p._on_instance or self.p._describe(InstanceId=info.instance_id)
-            primary = [e for e in on_instance if e.primary]
+            # kept for _find_enis, a moment later in this same init
+            self.p._on_instance = self.p._describe(InstanceId=info.instance_id)
+            primary = [e for e in self.p._on_instance if e.primary]
             if not primary or not primary[0].security_groups:
                 raise CloudError(
                     f"cannot find the security group of {info.instance_id}'s primary ENI: "
