@@ -269,3 +269,13 @@ def test_backoff_caps() -> None:
     for attempt in range(10):
         cap = min(5.0, 2.0**attempt)
         assert all(0 <= backoff_delay(attempt, policy, rng) <= cap for _ in range(50))
+
+
+def test_one_line_keeps_the_cause_and_the_advice() -> None:
+    from cocoon_net.errors import MAX_LINE, one_line
+
+    text = "first cause: " + "x" * 500 + "\n more " + "y" * 200 + " run teardown again"
+    line = one_line(text)
+    assert len(line) == MAX_LINE and "\n" not in line
+    assert line.startswith("first cause: ") and line.endswith("run teardown again")
+    assert one_line("short\n  one") == "short one"

@@ -1,0 +1,118 @@
+"""`init --subnet auto`, failed inits and error lines, through the real command.
+
+Same set-up as test_cloud_cli.py: the command runs in a node namespace, the emulator listens
+on that namespace's loopback.
+"""
+
+from __future__ import annotations
+
+import json
+from ipaddress import IPv4Network
+from pathlib import Path
+
+from cocoon_net import state
+from cocoon_net.errors import MAX_LINE
+from tests.cli.test_cloud_cli import _ok, gce_node, volc_node  # noqa: F401 - fixtures
+from tests.emulators.gce import GceEmulator
+from tests.emulators.volcengine import VolcEmulator
+from tests.support.cli import NodePaths, cocoon, run_args
+from tests.support.netns import Netns
+
+AUTO = ["--subnet", "auto", "--pool-size", "10"]
+
+
+def _error_line(stderr: str) -> str:
+    """The one error line of a failed command; every line it wrote is short."""
+    lines = stderr.splitlines()
+    assert all(len(line) <= MAX_LINE for line in lines), max(lines, key=len)
+    errors = [line for line in lines if line.startswith("cocoon-net: ")]
+    assert len(errors) == 1, stderr
+    return errors[0]
+
+
+def test_gke_auto_rerun_keeps_the_subnet_and_teardown_says_what_happens_to_the_range(
+    gce_node: tuple[Netns, GceEmulator],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    ns, gce = gce_node
+    paths = NodePaths(tmp_path)
+    env = gce.environ(COCOON_NET_GCE_AGENT_CONFIG=str(tmp_path / "agent.cfg"))
+    before = gce.snapshot()
+    init = ["--platform", "gke", "--node-name", "n1", *AUTO]
+    proc = cocoon(*run_args(paths, "init", *init, netns=ns.name), env=env)
+    assert proc.returncode == 2
+    assert "pass --range-cidr" in _error_line(proc.stderr)
+    assert not paths.pool.exists() and gce.snapshot() == before
+
+    out = _ok(*run_args(paths, "init", *init, "--range-cidr", "172.20.0.0/16", netns=ns.name),
+              env=env)  # fmt: skip
+    assert "10 IPs provisioned on 172.20.0.0/24 (gke)" in out
+    pool = state.load(paths.pool)
+    assert pool.cloud["subnetAuto"] is True and pool.cloud["fleetRange"] == "172.20.0.0/16"
+    assert "incomplete" not in json.loads(paths.pool.read_text())
+    mutations = gce.state.mutations_applied
+    again = _ok(*run_args(paths, "init", *init, netns=ns.name), env=env)
+    assert "on 172.20.0.0/24 (gke)" in again and gce.state.mutations_applied == mutations
+
+    dry = _ok(*run_args(paths, "teardown", "--dry-run", netns=ns.name), env=env)
+    assert "remove range cocoon-pods=172.20.0.0/16 if no instance uses it any more" in dry
+    _ok(*run_args(paths, "teardown", netns=ns.name), env=env)
+    assert gce.snapshot() == before  # the only node: its teardown removed the range
+
+
+def test_a_failed_init_never_blocks_an_init_with_other_arguments(
+    volc_node: tuple[Netns, VolcEmulator],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    ns, emu = volc_node
+    paths = NodePaths(tmp_path)
+    paths.cni.mkdir()
+    env = {**emu.environ(), "GCE_METADATA_HOST": "127.0.0.1:9"}
+    before = emu.snapshot()
+    init = ["--platform", "volcengine", *AUTO]
+    no_keys = {**env, "VOLCENGINE_ACCESS_KEY_ID": ""}
+    proc = cocoon(*run_args(paths, "init", *init, "--node-name", "a", netns=ns.name), env=no_keys)
+    assert proc.returncode == 1
+    assert "no Volcengine credentials" in _error_line(proc.stderr)
+    assert not paths.pool.exists() or json.loads(paths.pool.read_text()).get("incomplete")
+
+    out = _ok(*run_args(paths, "init", *init, "--node-name", "b", netns=ns.name), env=env)
+    assert "10 IPs provisioned on 172.20.1.0/24 (volcengine)" in out
+    assert state.load(paths.pool).node_name == "b"
+    _ok(*run_args(paths, "teardown", netns=ns.name), env=env)
+    assert emu.snapshot() == before
+
+
+def test_an_incomplete_init_is_undone_before_another_node_takes_the_state_dir(
+    volc_node: tuple[Netns, VolcEmulator],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Made a subnet and ENIs, then failed: a different init says so and removes them first."""
+    ns, emu = volc_node
+    paths = NodePaths(tmp_path)
+    paths.cni.mkdir()
+    env = {**emu.environ(), "GCE_METADATA_HOST": "127.0.0.1:9"}
+    before = emu.snapshot()
+    emu.inject("AttachNetworkInterface", "InternalError", times=99)
+    init = ["--platform", "volcengine", "--pool-size", "140"]
+    first = ["--node-name", "a", "--subnet", "172.20.100.0/24"]
+    proc = cocoon(*run_args(paths, "init", *init, *first, netns=ns.name), env=env)
+    assert proc.returncode == 1
+    line = _error_line(proc.stderr)  # seven ENIs failed alike: one line names the first
+    assert "and 6 more failures" in line
+    retries = [ln for ln in proc.stderr.splitlines() if "retrying (attempt" in ln]
+    assert retries and all(" info " in ln for ln in retries)  # waits are never silent
+    assert json.loads(paths.pool.read_text())["incomplete"] is True
+    assert len(emu.subnets) == 2  # ours was made
+
+    emu.faults.clear()
+    other = ["--node-name", "b", "--subnet", "auto"]
+    proc = cocoon(*run_args(paths, "init", *init, *other, netns=ns.name), env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "replaced the incomplete init of node 'a'" in proc.stdout
+    assert "never completed: undoing what it records" in proc.stderr
+    pool = state.load(paths.pool)
+    assert pool.node_name == "b" and pool.network == IPv4Network("172.20.1.0/24")
+    assert {s.name for s in emu.subnets.values()} == {"default", "b-vms"}  # a's is gone
+    _ok(*run_args(paths, "teardown", netns=ns.name), env=env)
+    assert emu.snapshot() == before
