@@ -515,3 +515,17 @@ def test_a_7_eni_init_with_slow_attaches_makes_under_30_calls(cloud: Cloud) -> N
     result = cloud.ns.call(_provision_with_default_polls, cloud.emu.environ())
     assert len(result.ips) == 140
     assert len(cloud.emu.calls) < 30, cloud.emu.calls
+
+
+def test_init_and_teardown_with_only_the_instance_roles_credentials(cloud: Cloud) -> None:
+    """No keys anywhere: the instance role's temporary keys from the metadata server (after
+    its session token) sign every call, and the API takes nothing else."""
+    before = cloud.emu.snapshot()
+    cloud.emu.use_instance_role("cocoon-node")
+    environ = {k: v for k, v in cloud.emu.environ().items() if not k.startswith("VOLCENGINE_")}
+    pool_size = 25
+    result: ProvisionResult = cloud.ns.call(_provision, environ, cloud.pool_file, pool_size, {})
+    assert len(result.ips) == pool_size
+    assert cloud.emu.role_fetches >= 1 and cloud.emu.imds_tokens
+    cloud.ns.call(_teardown, environ, cloud.pool_file)
+    assert cloud.emu.snapshot() == before

@@ -456,6 +456,17 @@ RETRIED = {
     "500": Fault(status=500, count=2),
     "timeout": Fault(delay=0.6),  # applied late: the retry must not apply twice
     "dropped": Fault(drop=True),
+    # Compute's "another operation on this resource is still running": waited out
+    "resourceNotReady": Fault(
+        status=400,
+        count=2,
+        body={
+            "error": {
+                "message": "The resource 'projects/p/zones/z/instances/node-1' is not ready",
+                "errors": [{"reason": "resourceNotReady"}],
+            }
+        },
+    ),
 }
 
 
