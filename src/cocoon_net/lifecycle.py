@@ -167,6 +167,13 @@ def describe_options(opts: NodeOptions, platform: str) -> list[str]:
         ("node-name", opts.node_name),
         ("subnet", str(opts.subnet)),
         ("gateway", str(opts.gateway)),
+    ]
+    if opts.subnet_auto:  # not claimed yet: only its size is known
+        rows[2:] = [
+            ("subnet", f"auto (the first free /{opts.subnet.prefixlen}, claimed by init)"),
+            ("gateway", "(its first host)"),
+        ]
+    rows += [
         ("primary-nic", opts.primary_nic or "(auto)"),
         ("pool-size", f"{opts.pool_size}{first_last}"),
         ("dns", ",".join(map(str, opts.dns))),
@@ -242,7 +249,6 @@ def provision_node(opts: NodeOptions, environ: Mapping[str, str] | None = None) 
         if not result.ips:
             raise CocoonError(f"{platform_name} returned no addresses for {opts.subnet}")
         _apply_result(pool, result, opts)
-        pool.extra.pop("incomplete", None)
         # The pool is durable before the kernel is touched: a failing host setup can be
         # retried by running the same command again, and teardown knows every resource.
         state.save(opts.paths.pool_file, pool)
@@ -252,6 +258,8 @@ def provision_node(opts: NodeOptions, environ: Mapping[str, str] | None = None) 
             manage_firewall=opts.manage_iptables,
             bridge_mac=opts.bridge_mac,
         )
+        if pool.extra.pop("incomplete", None) is not None:
+            state.save(opts.paths.pool_file, pool)
     lines = replaced + [f"  {c}" for c in changes]
     if opts.command == "init":
         lines.append(
@@ -433,8 +441,15 @@ def reconcile_host(
 def _dry_run(opts: NodeOptions, platform_name: str) -> list[str]:
     from cocoon_net.node import hostsetup
 
-    lines = describe_options(opts, platform_name)
     existing = read_pool(opts.paths)
+    if opts.subnet_auto:
+        if existing is None or not existing.subnet:
+            return describe_options(opts, platform_name)
+        net = existing.network
+        opts = dataclasses.replace(
+            opts, subnet=net, gateway=net.network_address + 1, subnet_auto=False
+        )
+    lines = describe_options(opts, platform_name)
     pool = _pending_state(opts, platform_name, existing)
     pool.ips = [str(ip) for ip in config.first_hosts(opts.subnet, opts.gateway, opts.pool_size)]
     spec = host_spec(

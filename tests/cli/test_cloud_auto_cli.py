@@ -44,6 +44,8 @@ def test_gke_auto_rerun_keeps_the_subnet_and_teardown_says_what_happens_to_the_r
     assert "pass --range-cidr" in _error_line(proc.stderr)
     assert not paths.pool.exists() and gce.snapshot() == before
 
+    dry = _ok(*run_args(paths, "init", *init, "--dry-run", netns=ns.name), env=env)
+    assert "subnet:          auto (the first free /24, claimed by init)" in dry
     out = _ok(*run_args(paths, "init", *init, "--range-cidr", "172.20.0.0/16", netns=ns.name),
               env=env)  # fmt: skip
     assert "10 IPs provisioned on 172.20.0.0/24 (gke)" in out
@@ -54,6 +56,8 @@ def test_gke_auto_rerun_keeps_the_subnet_and_teardown_says_what_happens_to_the_r
     again = _ok(*run_args(paths, "init", *init, netns=ns.name), env=env)
     assert "on 172.20.0.0/24 (gke)" in again and gce.state.mutations_applied == mutations
 
+    dry = _ok(*run_args(paths, "init", *init, "--dry-run", netns=ns.name), env=env)
+    assert "subnet:          172.20.0.0/24" in dry  # what this node holds
     dry = _ok(*run_args(paths, "teardown", "--dry-run", netns=ns.name), env=env)
     assert "remove range cocoon-pods=172.20.0.0/16 if no instance uses it any more" in dry
     _ok(*run_args(paths, "teardown", netns=ns.name), env=env)
