@@ -296,6 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dry-run", action="store_true", help="list what would be removed; change nothing"
     )
+    p.add_argument(
+        "--remove-range",
+        action="store_true",
+        help="gke: also remove the cocoon-pods range once no instance uses it",
+    )
     return root
 
 
@@ -361,7 +366,11 @@ def _cmd_teardown(args: argparse.Namespace) -> int:
     from cocoon_net.lifecycle import teardown_node
 
     _enter_netns(args)
-    _print(teardown_node(_paths(args), dry_run=args.dry_run, environ=os.environ))
+    _print(
+        teardown_node(
+            _paths(args), dry_run=args.dry_run, environ=os.environ, remove_range=args.remove_range
+        )
+    )
     return 0
 
 

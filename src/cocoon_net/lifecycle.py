@@ -473,7 +473,13 @@ def lease_files(lease_file: Path) -> list[Path]:
     return sorted(p for p in lease_file.parent.glob(lease_file.name + "*") if p.is_file())
 
 
-def teardown_node(paths: config.Paths, *, dry_run: bool, environ: Mapping[str, str]) -> list[str]:
+def teardown_node(
+    paths: config.Paths,
+    *,
+    dry_run: bool,
+    environ: Mapping[str, str],
+    remove_range: bool = False,
+) -> list[str]:
     if read_pool(paths) is None:
         return [f"nothing to tear down: no pool state at {paths.pool_file}"]
     from cocoon_net.node import hostsetup
@@ -489,6 +495,8 @@ def teardown_node(paths: config.Paths, *, dry_run: bool, environ: Mapping[str, s
         if pool is None:
             return [f"nothing to tear down: no pool state at {paths.pool_file}"]
         platform = get_platform(pool.platform or "static", environ)
+        if remove_range:  # the operator's word that the shared range is cocoon-net's
+            pool.cloud["removeRange"] = True
         lease_file = paths.lease_file_for(pool.lease_file)
         conflist = paths.conflist_for(pool.cni_conflist)
         manage = pool.manage_iptables

@@ -120,3 +120,33 @@ def test_an_incomplete_init_is_undone_before_another_node_takes_the_state_dir(
     assert {s.name for s in emu.subnets.values()} == {"default", "b-vms"}  # a's is gone
     _ok(*run_args(paths, "teardown", netns=ns.name), env=env)
     assert emu.snapshot() == before
+
+
+def test_gke_remove_range_takes_a_range_no_instance_uses(
+    gce_node: tuple[Netns, GceEmulator],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    ns, gce = gce_node
+    paths = NodePaths(tmp_path)
+    env = gce.environ(COCOON_NET_GCE_AGENT_CONFIG=str(tmp_path / "agent.cfg"))
+    before = gce.snapshot()
+    init = ["--platform", "gke", "--node-name", "n1", "--subnet", "172.20.5.0/24"]
+    _ok(*run_args(paths, "init", *init, "--pool-size", "10", netns=ns.name), env=env)
+    dry = _ok(*run_args(paths, "teardown", "--dry-run", netns=ns.name), env=env)
+    assert "keep range cocoon-pods (not claimed with --subnet auto" in dry
+    dry = _ok(*run_args(paths, "teardown", "--dry-run", "--remove-range", netns=ns.name), env=env)
+    assert "remove range cocoon-pods if no instance uses it any more" in dry
+    gce.add_node("n2", "42:01:0a:80:02:02")  # another instance comes to hold an alias in it
+    n2 = next(i for p, i in gce.state.instances.items() if p.endswith("/n2"))["networkInterfaces"][
+        0
+    ]
+    n2["aliasIpRanges"] = [{"subnetworkRangeName": "cocoon-pods", "ipCidrRange": "172.20.5.8/29"}]
+    proc = cocoon(*run_args(paths, "teardown", "--remove-range", netns=ns.name), env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "kept: other instances still use it" in proc.stderr
+    assert gce.subnet["secondaryIpRanges"] != []
+    n2["aliasIpRanges"] = []  # n2 goes away
+    _ok(*run_args(paths, "init", *init, "--pool-size", "10", netns=ns.name), env=env)
+    _ok(*run_args(paths, "teardown", "--remove-range", netns=ns.name), env=env)
+    after = gce.snapshot()
+    assert after["subnets"] == before["subnets"]  # the range is gone

@@ -206,7 +206,8 @@ def test_teardown_is_safe_to_rerun_and_status_reports(gce: GceEmulator, tmp_path
     assert "MISSING" in node.platform().status(node.state())[1].value
     assert cfg.read_text() == "[IpForwarding]\nip_aliases = true\n"  # restored once, kept
     assert node.platform().plan_teardown(node.state())[1:] == [
-        "keep range cocoon-pods (not claimed with --subnet auto)"
+        "keep range cocoon-pods (not claimed with --subnet auto; --remove-range removes it "
+        "once no instance uses it)"
     ]
     # init after teardown takes the restored value as the original again
     node.init()
@@ -243,7 +244,8 @@ def test_adopt_records_the_existing_alias_as_adopted(gce: GceEmulator, tmp_path:
     assert lines[1].value == f"pods-legacy:{SUBNET} present (adopted: teardown leaves it)"
     assert node.platform().plan_teardown(node.state()) == [
         f"keep alias pods-legacy:{SUBNET} on nic0: adopted, not ours",
-        "keep range cocoon-pods (not claimed with --subnet auto)",
+        "keep range cocoon-pods (not claimed with --subnet auto; --remove-range removes it "
+        "once no instance uses it)",
     ]
 
 
@@ -280,7 +282,8 @@ def test_go_tool_init_pool_json_teardown_removes_its_alias_only(
     node = Node(gce, tmp_path)
     assert node.platform().plan_teardown(node.state()) == [
         f"remove alias cocoon-pods:{SUBNET} from nic0 of this instance (other aliases kept)",
-        "keep range cocoon-pods (not claimed with --subnet auto)",
+        "keep range cocoon-pods (not claimed with --subnet auto; --remove-range removes it "
+        "once no instance uses it)",
     ]
     node.teardown()
     # exactly `cocoon-pods:<pool subnet>`: another node-sized cocoon-pods alias is not the

@@ -235,14 +235,18 @@ class GkePlatform:
             lines.append(f"restore [IpForwarding] ip_aliases in {self.agent_config}")
         if localroute.is_go_cron_for(self.go_cron, state.network):
             lines.append(f"remove {self.go_cron}, the Go tool's reboot fix for this pool")
-        fleet = state.cloud.get("fleetRange")
-        if fleet:
+        remove, fleet = _range_to_remove(state.cloud)
+        if remove:
             lines.append(
-                f"remove range {RANGE_NAME}={fleet} if no instance uses it any more (the "
-                "last node's teardown does; the cloud refuses while any alias is in it)"
+                f"remove range {RANGE_NAME}{'=' + str(fleet) if fleet else ''} if no instance "
+                "uses it any more (the last node's teardown does; the cloud refuses while any "
+                "alias is in it)"
             )
         else:
-            lines.append(f"keep range {RANGE_NAME} (not claimed with --subnet auto)")
+            lines.append(
+                f"keep range {RANGE_NAME} (not claimed with --subnet auto; --remove-range "
+                "removes it once no instance uses it)"
+            )
         return lines
 
     def teardown(self, state: PoolState, record: ResourceRecorder) -> None:
@@ -280,23 +284,24 @@ class GkePlatform:
                 log.info("removed %s, the Go tool's reboot fix for this pool", self.go_cron)
         except CocoonError as exc:
             failures.append(str(exc))
-        fleet = state.cloud.get("fleetRange")
-        if fleet and not failures:
+        remove, fleet = _range_to_remove(state.cloud)
+        if remove and not failures:
             try:
-                self._remove_fleet_range(state, IPv4Network(str(fleet)))
+                self._remove_fleet_range(state, fleet)
             except CocoonError as exc:
                 failures.append(str(exc))
         if failures:
             raise CloudError("gke teardown incomplete: " + " | ".join(failures))
 
-    def _remove_fleet_range(self, state: PoolState, fleet: IPv4Network) -> None:
-        """The last node of a --subnet auto fleet removes the range; while any instance
-        holds an alias in it the cloud refuses, and the range stays for them."""
+    def _remove_fleet_range(self, state: PoolState, fleet: IPv4Network | None) -> None:
+        """The last node of a --subnet auto fleet removes the range (fleet: its CIDR, or
+        None for whatever the range is, on --remove-range); while any instance holds an
+        alias in it the cloud refuses, and the range stays for them."""
         ref = SubnetRef.from_url(str(state.cloud.get("subnetwork", "")))
         for _ in range(gce_compute.FINGERPRINT_ATTEMPTS):
             subnetwork = self.compute.get_subnetwork(ref)
             current = subnetwork.secondary_range(RANGE_NAME)
-            if current is None or IPv4Network(current) != fleet:
+            if current is None or fleet not in (None, IPv4Network(current)):
                 log.info("range %s=%s is gone already", RANGE_NAME, fleet)
                 return
             try:
@@ -479,6 +484,14 @@ def _where(inst: InstanceInfo, subnet: IPv4Network) -> dict[str, Any]:
         "aliasCidr": str(subnet),
         "aliasOwned": True,
     }
+
+
+def _range_to_remove(cloud: Mapping[str, Any]) -> tuple[bool, IPv4Network | None]:
+    """Whether teardown removes the range once unused, and at which CIDR only (None: at
+    whatever CIDR it has, the operator's --remove-range)."""
+    if cloud.get("fleetRange"):
+        return True, IPv4Network(str(cloud["fleetRange"]))
+    return bool(cloud.get("removeRange")), None
 
 
 def _fleet(request: NodeRequest) -> dict[str, Any]:
