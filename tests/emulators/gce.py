@@ -17,6 +17,12 @@ calls need a Bearer token the emulator issued. Faults beyond HTTP-level ones (se
 tests.emulators.Fault): `fail_next_operation(code)` makes the next mutation's Operation end
 DONE with that error and nothing applied; `before_next_mutation(fn)` runs fn (e.g. an
 operator's concurrent edit) just before the next mutation is checked.
+
+Several instances: `add_node(name, mac, netns=...)` adds an instance on the same subnetwork
+with its own metadata server (in that namespace), as each VM reaches only its own. All
+servers share one state under one lock: an alias block one instance holds is refused to
+another with the operation error IP_IN_USE_BY_ANOTHER_RESOURCE, and a secondary range an
+alias uses cannot be removed (resourceInUseByAnotherResource).
 """
 
 from __future__ import annotations

@@ -11,6 +11,8 @@ lives under /latest/meta-data/.
     emu.inject("AttachNetworkInterface", "InternalError", times=2)
     emu.attach_delay = 3.0                   # a slow attach
     emu.on_attach = lambda mac, eni: ...     # hot-plug: create the OS interface
+    instance_id, environ = emu.add_node(netns="cnt-y")   # another instance, its own metadata
+    emu.use_instance_role("node-role")       # only the role's temporary keys are taken
     emu.stop()
 
 Error codes are those the real API documents where known (SignatureDoesNotMatch,

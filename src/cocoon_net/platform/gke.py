@@ -10,6 +10,11 @@ failure stopped, and a second run changes nothing):
   5. the guest agent: turn its alias routes off in its config and delete the local route.
 Everything teardown needs is recorded before the change that needs undoing is made.
 
+With `--subnet auto`, claim_subnet runs first: nic0's `cocoon-pods` block if it holds one,
+else the first block of the fleet range (created at --range-cidr when absent) that the cloud
+lets nic0 add; Compute refuses a block another instance holds, so nodes never share one. The
+last node's teardown removes that fleet range (the cloud refuses while an alias is in it).
+
 Ownership is a record, never a guess. init records `aliasOwned: true` for `cocoon-pods:<subnet>`
 before it adds it; adopt records the alias it found with `aliasOwned: false`. teardown removes
 an alias only when the record says it is ours, and restores the agent config; the shared range

@@ -9,7 +9,9 @@ of attempts and by an overall deadline. A cloud plugs in two hooks: `sign` is ca
 attempt afresh (signatures carry timestamps, tokens expire), and `classify` reads clouds that
 report errors inside a 200 response's JSON envelope. HTTP statuses and transport failures
 become errors.py's CloudError subclasses in one place, `status_error` and `_transport_error`;
-messages name the method and the URL with secret-looking query values redacted.
+messages name the method and the URL's path (and action) only, so even several of them fit
+one line; the full URL, secret-looking query values redacted, goes to the debug log. Every
+retry is logged at info: a wait is never silent.
 
 Mutations are retried like reads, so callers must make them idempotent (GCE `requestId`,
 Volcengine `ClientToken`). requests is imported lazily so `--help` and `status` stay fast.

@@ -7,8 +7,15 @@ What init makes, in order, each recorded in pool.json["cloud"] the moment it exi
 2. an ingress rule in the instance's own security group (or `--security-group`) accepting all
    traffic from the VPC CIDR, when no rule already does;
 3. ENIs `<node>-eni-<n>` tagged for this node, one per 20 addresses of `--pool-size` (at most
-   7: EBM instances take 1 primary + 7 ENIs of 20 secondary IPs each), each created, attached,
-   given its IPs and brought up by MAC in its own thread; statuses are polled, never slept on.
+   7: EBM instances take 1 primary + 7 ENIs of 20 secondary IPs each), created with their IPs,
+   attached and brought up by MAC, all ENIs through each phase together; statuses are polled
+   for all of them in one describe per round, never slept on.
+
+A mutation without an idempotency token (attach, detach, unassign, delete) is judged by the
+resource's state afterwards, not by its answer: a retry refused because the first attempt did
+happen ("is Attaching") is no failure. With `--subnet auto`, claim_subnet creates the node's
+subnet in the first free block of the VPC; the cloud's refusal of overlapping subnets keeps
+nodes apart.
 
 "Ours" means tagged for this node or recorded in pool.json, plus the ENIs the Go tool's init
 made for this node (named `<node>-eni-<n>`, untagged, attached here, in the node's subnet):
