@@ -308,21 +308,26 @@ def _replace_incomplete(
     existing: PoolState | None, opts: NodeOptions, platform: str, env: Mapping[str, str]
 ) -> list[str]:
     """A failed init must not block an init with other arguments: pool.json of an init that
-    never completed, for another node or platform, is torn down (what it records, nothing
-    else), and the operator is told."""
+    never completed, for another node, platform or subnet, is torn down (what it records,
+    nothing else), and the operator is told."""
     if opts.command != "init" or existing is None or "incomplete" not in existing.extra:
         return []
-    if existing.node_name == opts.node_name and existing.platform in ("", platform):
+    same_subnet = opts.subnet_auto or existing.network == opts.subnet
+    if existing.node_name == opts.node_name and existing.platform in ("", platform) and same_subnet:
         return []
     log.warning(
-        "%s holds an init of node %r (%s) that never completed: undoing what it records "
+        "%s holds an init of node %r (%s, %s) that never completed: undoing what it records "
         "before this init",
         opts.paths.pool_file,
         existing.node_name,
         existing.platform,
+        existing.subnet,
     )
     lines = teardown_node(opts.paths, dry_run=False, environ=env)
-    return [f"replaced the incomplete init of node {existing.node_name!r}:", *lines[:-1]]
+    return [
+        f"replaced the incomplete init of node {existing.node_name!r} on {existing.subnet}:",
+        *lines[:-1],
+    ]
 
 
 def _state_lock(paths: config.Paths, command: str) -> lock.StateLock:

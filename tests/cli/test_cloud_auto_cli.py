@@ -10,6 +10,8 @@ import json
 from ipaddress import IPv4Network
 from pathlib import Path
 
+import pytest
+
 from cocoon_net import state
 from cocoon_net.errors import MAX_LINE
 from tests.cli.test_cloud_cli import _ok, gce_node, volc_node  # noqa: F401 - fixtures
@@ -87,9 +89,19 @@ def test_a_failed_init_never_blocks_an_init_with_other_arguments(
     assert emu.snapshot() == before
 
 
-def test_an_incomplete_init_is_undone_before_another_node_takes_the_state_dir(
+@pytest.mark.parametrize(
+    ("other", "node", "subnet"),
+    [
+        (["--node-name", "b", "--subnet", "auto"], "b", "172.20.1.0/24"),
+        (["--node-name", "a", "--subnet", "172.20.101.0/24"], "a", "172.20.101.0/24"),
+    ],
+)
+def test_an_incomplete_init_is_undone_before_an_init_with_other_arguments(
     volc_node: tuple[Netns, VolcEmulator],  # noqa: F811
     tmp_path: Path,
+    other: list[str],
+    node: str,
+    subnet: str,
 ) -> None:
     """Made a subnet and ENIs, then failed: a different init says so and removes them first."""
     ns, emu = volc_node
@@ -110,14 +122,14 @@ def test_an_incomplete_init_is_undone_before_another_node_takes_the_state_dir(
     assert len(emu.subnets) == 2  # ours was made
 
     emu.faults.clear()
-    other = ["--node-name", "b", "--subnet", "auto"]
     proc = cocoon(*run_args(paths, "init", *init, *other, netns=ns.name), env=env)
     assert proc.returncode == 0, proc.stderr
-    assert "replaced the incomplete init of node 'a'" in proc.stdout
+    assert "replaced the incomplete init of node 'a' on 172.20.100.0/24" in proc.stdout
     assert "never completed: undoing what it records" in proc.stderr
     pool = state.load(paths.pool)
-    assert pool.node_name == "b" and pool.network == IPv4Network("172.20.1.0/24")
-    assert {s.name for s in emu.subnets.values()} == {"default", "b-vms"}  # a's is gone
+    assert pool.node_name == node and pool.network == IPv4Network(subnet)
+    made = {(s.name, str(s.cidr)) for s in emu.subnets.values()}
+    assert made == {("default", "172.20.0.0/24"), (f"{node}-vms", subnet)}  # the first is gone
     _ok(*run_args(paths, "teardown", netns=ns.name), env=env)
     assert emu.snapshot() == before
 

@@ -983,6 +983,8 @@ class _Teardown:
                     "Priority": "1",
                 },
             )
+        except CloudNotFound:
+            pass  # an earlier attempt's answer was lost: the rule is gone
         except CloudError as exc:
             return [f"security group rule in {sg['id']}: {exc}"]
         self._record({"securityGroup": {**sg, "ruleCreated": False}})
