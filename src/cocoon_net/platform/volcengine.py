@@ -757,13 +757,16 @@ class _Provision:
         by_slot.update(made)
         enis = {slot: by_slot[slot] for slot in range(1, len(targets) + 1) if slot in by_slot}
         ids = [eni.id for eni in enis.values()]
-        found = self.p._wait_enis(ids, "to be ready", _settled, first=TYPICAL_CREATE)
+        first = TYPICAL_CREATE if made else 0.0
+        found = self.p._wait_enis(ids, "to be ready", _settled, first=first)
         to_attach = [e for e in found.values() if e.status == "Available"]
         attached = self._each(to_attach, lambda eni: self._attach(eni, here), failures)
         refused = {eni.id for eni in to_attach} - set(attached)
         ids = [eni_id for eni_id in ids if eni_id not in refused]
         wait = TYPICAL_ATTACH if to_attach else 0.0
-        found = self.p._wait_enis(ids, f"to attach to {here}", _attached, first=wait)
+        found = self.p._wait_enis(
+            ids, f"to attach to {here}", lambda eni: _attached(eni, here), first=wait
+        )
         by_id = {eni.id: slot for slot, eni in enis.items()}
         changed = self._each(
             list(found.values()), lambda eni: self._size(eni, targets[by_id[eni.id] - 1]), failures
@@ -882,7 +885,9 @@ def _settled(eni: Eni) -> bool:
     return eni.status in ("Available", "InUse")
 
 
-def _attached(eni: Eni) -> bool:
+def _attached(eni: Eni, instance_id: str) -> bool:
+    if eni.device_id not in ("", instance_id):
+        raise CloudError(f"ENI {eni.id} is attached to {eni.device_id}, not to {instance_id}")
     if eni.status == "Available":
         # The attach was accepted, then undone by the cloud: say so instead of waiting out
         # the deadline. The ENI stays recorded, so a rerun attaches it again.
