@@ -82,6 +82,7 @@ class GceState:
     tokens: set[str] = field(default_factory=set)
     token_grants: list[str] = field(default_factory=list)  # "metadata" or "jwt:<client_email>"
     mutations_applied: int = 0
+    list_calls: int = 0  # instances.aggregatedList pages served
 
 
 class OperationFailed(Exception):
@@ -301,7 +302,28 @@ class GceEmulator:
                 return self._mutate(req, path, self._patch_subnet)
         if path in self.state.instances and req.method == "GET":
             return Reply(200, self.state.instances[path])
+        if path.endswith("/aggregated/instances") and req.method == "GET":
+            return self._aggregated(req, path.split("/")[1])
         return _error(404, "notFound", f"The resource '{path}' was not found")
+
+    def _aggregated(self, req: Request, project: str) -> Reply:
+        """instances.aggregatedList: the project's instances by zone, in pages."""
+        instances = sorted(
+            (p, i) for p, i in self.state.instances.items() if p.split("/")[1] == project
+        )
+        size = int(req.query.get("maxResults", "500"))
+        start = int(req.query.get("pageToken") or 0)
+        page = instances[start : start + size]
+        items: dict[str, dict[str, list[dict[str, Any]]]] = {}
+        for path, inst in page:
+            items.setdefault(f"zones/{path.split('/')[3]}", {"instances": []})["instances"].append(
+                inst
+            )
+        body: dict[str, Any] = {"kind": "compute#instanceAggregatedList", "items": items}
+        if start + size < len(instances):
+            body["nextPageToken"] = str(start + size)
+        self.state.list_calls += 1
+        return Reply(200, body)
 
     def _mutate(
         self, req: Request, path: str, apply: Callable[[Request, str], Reply | None]

@@ -21,6 +21,7 @@ from cocoon_net.platform.base import NodeRequest
 from cocoon_net.platform.gke import GkePlatform
 from cocoon_net.platform.http import RetryPolicy
 from cocoon_net.state import PoolState
+from tests.emulators import Fault
 from tests.emulators.gce import GceEmulator
 
 FLEET = "172.20.0.0/16"
@@ -95,6 +96,9 @@ def test_first_node_creates_the_range_others_reuse_it_last_removes_it(
     assert nodes[2].init() == claimed[2]
     with pytest.raises(UsageError, match="differs from the existing range"):
         FleetNode(gce, tmp_path, "node-x").init(range_cidr="172.21.0.0/16")
+    # the listing told nodes 2 and 3 what was held: not one add was refused
+    assert gce.state.list_calls >= 2
+    assert not [op for op in gce.state.operations.values() if "error" in op]
     plan = nodes[0].teardown()
     assert any("remove range cocoon-pods=172.20.0.0/16 if no instance uses it" in p for p in plan)
     assert gce.subnet["secondaryIpRanges"] != []  # kept: two nodes still use it
@@ -108,6 +112,9 @@ def test_first_node_creates_the_range_others_reuse_it_last_removes_it(
 
 def test_nodes_racing_for_blocks_end_with_different_ones(gce: GceEmulator, tmp_path: Path) -> None:
     gce.set_secondary([{"rangeName": "cocoon-pods", "ipCidrRange": FLEET}])
+    # No permission to list instances: no node knows what the others hold, every one tries
+    # the blocks in order and only the cloud's refusals keep them apart.
+    gce.server.inject(Fault(status=403, count=1000, path="/aggregated/instances"))
     nodes = [FleetNode(gce, tmp_path, f"node-{i}") for i in range(12)]
     with ThreadPoolExecutor(max_workers=len(nodes)) as pool:
         claimed = list(pool.map(lambda node: node.init(), nodes))

@@ -254,6 +254,30 @@ class Compute:
         )
         self.wait(op, f"projects/{sub.ref.project}/regions/{sub.ref.region}")
 
+    def aliases_in(self, project: str, subnetwork: str) -> list[IPv4Network]:
+        """Every alias range of the project's instances on subnetwork (instances.aggregatedList,
+        all pages): what other nodes hold, so a claim skips them instead of trying each."""
+        out: list[IPv4Network] = []
+        token = ""
+        while True:
+            params = {"maxResults": "500", **({"pageToken": token} if token else {})}
+            body = self.http.request_json(
+                "GET", f"{self.base}/projects/{project}/aggregated/instances", params=params
+            )
+            for scoped in (body.get("items") or {}).values():
+                for inst in scoped.get("instances") or ():
+                    for nic in inst.get("networkInterfaces") or ():
+                        if SubnetRef.from_url(str(nic.get("subnetwork", ""))).path != subnetwork:
+                            continue
+                        nets = (
+                            _net(str(a.get("ipCidrRange", "")))
+                            for a in nic.get("aliasIpRanges") or ()
+                        )
+                        out += [n for n in nets if n is not None]
+            token = str(body.get("nextPageToken") or "")
+            if not token:
+                return out
+
     def get_nic(self, project: str, zone: str, instance: str) -> Nic:
         path = f"projects/{project}/zones/{zone}/instances/{instance}"
         body = self.http.request_json("GET", f"{self.base}/{path}")

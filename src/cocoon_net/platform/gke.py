@@ -136,15 +136,18 @@ class GkePlatform:
         one end with different blocks. The range is created at --range-cidr when absent."""
         inst = self.metadata.instance()
         nic = self.compute.get_nic(inst.project, inst.zone, inst.name)
-        held = gce_compute.held_block(nic.aliases, RANGE_NAME)
-        if held is not None:
-            return held
+        mine = gce_compute.held_block(nic.aliases, RANGE_NAME)
+        if mine is not None:
+            return mine
         ref = SubnetRef.from_url(nic.subnetwork)
         fleet = self._fleet_range(ref, request.options.get("range_cidr", ""), record)
         prefix = request.subnet.prefixlen
         if prefix < fleet.prefixlen:
             raise UsageError(f"--subnet-prefix {prefix} is larger than range {RANGE_NAME}={fleet}")
+        taken = self._held_elsewhere(inst, ref)
         for block in fleet.subnets(new_prefix=prefix):
+            if any(block.overlaps(net) for net in taken):
+                continue
             try:
                 self._ensure_alias(inst, block)
             except gce_compute.AddressInUse:
@@ -156,6 +159,17 @@ class GkePlatform:
             f"every /{prefix} of range {RANGE_NAME}={fleet} is held by another instance: "
             "widen the range or tear down unused nodes"
         )
+
+    def _held_elsewhere(self, inst: InstanceInfo, ref: SubnetRef) -> list[IPv4Network]:
+        """The alias blocks instances of our project hold on the subnetwork: skipped without
+        a try. Only a hint (instances of other service projects are not listed, and the list
+        ages at once): the cloud's refusal stays the arbiter. Without the permission to
+        list, every block is simply tried in order."""
+        try:
+            return self.compute.aliases_in(inst.project, ref.path)
+        except CloudError as exc:
+            log.info("cannot list the instances' aliases, trying blocks in order: %s", exc)
+            return []
 
     def _fleet_range(self, ref: SubnetRef, wanted: str, record: ResourceRecorder) -> IPv4Network:
         subnetwork = self.compute.get_subnetwork(ref)
