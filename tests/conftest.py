@@ -11,7 +11,7 @@ import pytest
 from tests.support.netns import Netns, is_root, netns
 
 # Variables that would let a developer's shell (or a real cloud) leak into a test.
-_ENV_PREFIXES = ("COCOON_NET_", "VOLCENGINE_", "GCE_", "GOOGLE_")
+_ENV_PREFIXES = ("COCOON_NET_", "VOLCENGINE_", "GCE_", "GOOGLE_", "AWS_")
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,474 @@
+"""init's and teardown's steps on EC2, each change recorded in pool.json the moment it is made.
+
+A create that carries a ClientToken gets its token recorded before it is sent: a rerun after
+a lost answer sends the same token and EC2 hands back the ENI the first attempt made, even
+while DescribeNetworkInterfaces does not show it yet (EC2 is eventually consistent).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import uuid
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from ipaddress import IPv4Network
+from typing import TYPE_CHECKING, Any
+
+from cocoon_net import proc
+from cocoon_net.errors import CloudConflict, CloudError, CloudNotFound, HostSetupError
+from cocoon_net.node import nic
+from cocoon_net.platform.aws import plan
+from cocoon_net.platform.aws.plan import MODE_PREFIX, Eni, Limits
+from cocoon_net.platform.base import NodeRequest, ProvisionResult, ResourceRecorder
+from cocoon_net.platform.volc_api import wait_for
+from cocoon_net.state import PoolState
+
+if TYPE_CHECKING:
+    from cocoon_net.platform.aws.platform import AwsPlatform
+
+log = logging.getLogger("cocoon_net.platform.aws")
+
+
+def _network(raw: Mapping[str, Any]) -> IPv4Network | None:
+    try:
+        return IPv4Network(str(raw.get("CidrBlock", "")), strict=False)
+    except ValueError:
+        return None
+
+
+def _permission(cidr: str, description: str = "") -> list[dict[str, Any]]:
+    rng = {"CidrIp": cidr, **({"Description": description} if description else {})}
+    return [{"IpProtocol": "-1", "IpRanges": [rng]}]
+
+
+def rule_description(node: str) -> str:
+    """Marks the ingress rule as this node's, in the cloud itself."""
+    return f"cocoon-net {node}: VM subnet"
+
+
+def _records(enis: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    # A list, so merging into pool.json["cloud"] replaces it whole and a deletion sticks.
+    return [
+        dict(e) for e in sorted(enis.values(), key=lambda e: (int(e.get("slot") or 0), e["id"]))
+    ]
+
+
+class Provision:
+    """One run of init; safe to re-run after a failure or crash at any point."""
+
+    def __init__(self, platform: AwsPlatform, request: NodeRequest, record: ResourceRecorder):
+        self.p = platform
+        self.req = request
+        self._record = record
+        self._lock = threading.Lock()  # ENI threads record concurrently
+        prev = request.cloud
+        self.subnet: dict[str, Any] = dict(prev.get("subnet") or {})
+        self.enis: dict[str, dict[str, Any]] = {
+            str(e["id"]): dict(e) for e in prev.get("enis") or () if isinstance(e, dict)
+        }
+        self.tokens: dict[str, str] = dict(prev.get("clientTokens") or {})
+        self._sg_record: dict[str, Any] = {}
+
+    def _save(self, eni: Eni, ifname: str = "") -> None:
+        with self._lock:
+            ifname = ifname or str(self.enis.get(eni.id, {}).get("ifname") or "")
+            self.enis[eni.id] = plan.eni_record(eni, self.req.subnet, ifname)
+            self._record({"enis": _records(self.enis)})
+
+    def run(self) -> ProvisionResult:
+        ident = self.p.identity()
+        self._record({"instanceId": ident.instance_id, "vpcId": ident.vpc_id})
+        instance = self.p.instance(ident.instance_id)
+        limits = self.p.limits(str(instance.get("InstanceType")))
+        targets = plan.unit_targets(self.req.pool_size, limits)  # before any change
+        self._record({"limits": limits.record()})
+        cidrs = self.p.vpc_cidrs(ident.vpc_id)
+        if not any(self.req.subnet.subnet_of(c) for c in cidrs):
+            raise CloudError(
+                f"--subnet {self.req.subnet} is outside VPC {ident.vpc_id} "
+                f"({', '.join(map(str, cidrs))}): pick a free range inside the VPC"
+            )
+        subnet_id = self._ensure_subnet(ident.vpc_id, ident.zone)
+        sg = self._ensure_rule(instance)
+        done = self._ensure_enis(ident.instance_id, subnet_id, sg, limits, targets)
+        enis = [eni for eni, _ in done]
+        return ProvisionResult(
+            ips=plan.pool_ips(enis, self.req.subnet, self.req.gateway, self.req.pool_size),
+            secondary_nics=[ifname for _, ifname in done],
+            vpc_cidrs=cidrs,
+            subnet_id=subnet_id,
+            eni_ids=[eni.id for eni in enis],
+            cloud={
+                "instanceId": ident.instance_id,
+                "vpcId": ident.vpc_id,
+                "limits": limits.record(),
+                "subnet": self.subnet,
+                "securityGroup": self._sg_record,
+                "enis": _records(self.enis),
+            },
+        )
+
+    # The seam for `--subnet auto`: the CIDR arrives chosen in request.subnet; this step
+    # only finds or creates the VPC subnet that holds exactly it.
+    def _ensure_subnet(self, vpc_id: str, zone: str) -> str:
+        cidr, node = self.req.subnet, self.req.node_name
+        subnets = self.p.subnets(vpc_id)
+        match = next((s for s in subnets if _network(s) == cidr), None)
+        if match is not None:
+            subnet_id = str(match["SubnetId"])
+            tags = {str(t["Key"]): str(t.get("Value")) for t in match.get("Tags") or ()}
+            created = bool(
+                (self.subnet.get("id") == subnet_id and self.subnet.get("created"))
+                or tags.get(plan.TAG_NODE) == node
+            )
+            if match.get("AvailabilityZone") != zone:
+                raise CloudError(
+                    f"subnet {subnet_id} ({cidr}) is in {match.get('AvailabilityZone')} but this "
+                    f"instance is in {zone}: ENIs need a subnet in the instance's zone"
+                )
+        else:
+            clash = next((s for s in subnets if (n := _network(s)) and n.overlaps(cidr)), None)
+            if clash is not None:
+                raise CloudError(
+                    f"--subnet {cidr} overlaps subnet {clash.get('SubnetId')} "
+                    f"({clash.get('CidrBlock')}) of VPC {vpc_id}: pick a free range"
+                )
+            answer = self.p.api().call(
+                "CreateSubnet",
+                {
+                    "VpcId": vpc_id,
+                    "CidrBlock": str(cidr),
+                    "AvailabilityZone": zone,
+                    "TagSpecifications": [
+                        {"ResourceType": "subnet", "Tags": plan.node_tags(node, f"{node}-vms")}
+                    ],
+                },
+            )
+            subnet_id = str(answer["Subnet"]["SubnetId"])
+            created = True
+        self.subnet = {"id": subnet_id, "cidr": str(cidr), "created": created}
+        self._record({"subnet": self.subnet})
+        wait_for(
+            lambda: self.p.api().call(
+                "DescribeSubnets", {"Filters": [{"Name": "subnet-id", "Values": [subnet_id]}]}
+            ),
+            lambda r: any(s.get("State") == "available" for s in r.get("Subnets") or ()),
+            what=f"subnet {subnet_id} to become available",
+            policy=self.p.poll,
+        )
+        return subnet_id
+
+    def _ensure_rule(self, instance: Mapping[str, Any]) -> str:
+        """Let the VM subnet into the instance's own security group, which our ENIs get too."""
+        sg = self.req.options.get("security_group", "")
+        if not sg:
+            primary = [
+                n
+                for n in instance.get("NetworkInterfaces") or ()
+                if (n.get("Attachment") or {}).get("DeviceIndex") == 0
+            ]
+            groups = [g["GroupId"] for n in primary for g in n.get("Groups") or ()]
+            groups = groups or [g["GroupId"] for g in instance.get("SecurityGroups") or ()]
+            if not groups:
+                raise CloudError(
+                    f"cannot find the security group of {instance.get('InstanceId')}: "
+                    "pass --security-group"
+                )
+            sg = str(groups[0])
+        cidr, api = self.req.subnet, self.p.api()
+        answer = api.call("DescribeSecurityGroups", {"GroupIds": [sg]})
+        perms = [
+            p for g in answer.get("SecurityGroups") or () for p in g.get("IpPermissions") or ()
+        ]
+        description = rule_description(self.req.node_name)
+        covering = [p for p in perms if plan.rule_covers(p, cidr)]
+        if not covering:
+            # A repeat after a lost answer is refused as a duplicate: the rule is there.
+            with contextlib.suppress(CloudConflict):
+                api.call(
+                    "AuthorizeSecurityGroupIngress",
+                    {"GroupId": sg, "IpPermissions": _permission(str(cidr), description)},
+                )
+        created = not covering or any(
+            r.get("Description") == description for p in covering for r in p.get("IpRanges") or ()
+        )
+        self._sg_record = {"id": sg, "cidr": str(cidr), "ruleCreated": created}
+        self._record({"securityGroup": self._sg_record})
+        return sg
+
+    def _ensure_enis(
+        self, instance_id: str, subnet_id: str, sg: str, limits: Limits, targets: list[int]
+    ) -> list[tuple[Eni, str]]:
+        node = self.req.node_name
+        ours = self.p.our_enis(node, set(self.enis))
+        by_slot: dict[int, Eni] = {}
+        for eni in ours:
+            self._save(eni)
+            if eni.instance_id not in ("", instance_id):
+                raise CloudError(
+                    f"ENI {eni.id} is tagged for {node} but attached to {eni.instance_id}: "
+                    f"detach it there or remove its {plan.TAG_NODE} tag"
+                )
+            if eni.slot is not None and eni.slot not in by_slot:
+                by_slot[eni.slot] = eni
+        # Slots beyond --pool-size keep their ENI with no addresses, so the pool is exactly
+        # what was asked for; teardown removes them.
+        wanted = dict(enumerate(targets, start=1))
+        wanted.update({slot: 0 for slot in by_slot if slot > len(targets)})
+        loose = [s for s in wanted if s not in by_slot or not by_slot[s].instance_id]
+        here = self.p.describe({"Name": "attachment.instance-id", "Values": [instance_id]})
+        # Chosen up front: parallel attaches must not race for the same device index.
+        indexes = dict(
+            zip(
+                loose,
+                plan.free_device_indexes((e.device_index for e in here), len(loose)),
+                strict=True,
+            )
+        )
+        failures: list[tuple[str, Exception]] = []
+        results: dict[int, tuple[Eni, str]] = {}
+        with ThreadPoolExecutor(max_workers=len(wanted), thread_name_prefix="eni") as pool:
+            futures = {
+                slot: pool.submit(
+                    self._slot,
+                    instance_id,
+                    subnet_id,
+                    sg,
+                    limits.mode,
+                    slot,
+                    n,
+                    by_slot.get(slot),
+                    indexes.get(slot, 0),
+                )
+                for slot, n in wanted.items()
+            }
+            for slot, future in sorted(futures.items()):
+                try:
+                    results[slot] = future.result()
+                except (CloudError, HostSetupError) as exc:
+                    failures.append((plan.eni_name(node, slot), exc))
+        if failures:
+            first = failures[0][1]
+            if len(failures) == 1:
+                raise first
+            text = "; ".join(f"{what}: {exc}" for what, exc in failures)
+            raise (type(first) if isinstance(first, CloudError) else CloudError)(text)
+        return [results[slot] for slot in sorted(results)]
+
+    def _create(self, subnet_id: str, sg: str, mode: str, slot: int, target: int) -> Eni:
+        node, name = self.req.node_name, plan.eni_name(self.req.node_name, slot)
+        with self._lock:
+            token = self.tokens.setdefault(str(slot), f"cocoon-{uuid.uuid4().hex}")
+            self._record({"clientTokens": dict(self.tokens)})
+        params: dict[str, Any] = {
+            "SubnetId": subnet_id,
+            "Groups": [sg],
+            "Description": f"cocoon-net VM addresses of node {node}",
+            "TagSpecifications": [
+                {"ResourceType": "network-interface", "Tags": plan.node_tags(node, name, slot)}
+            ],
+            "ClientToken": token,
+        }
+        if target:
+            count = "Ipv4PrefixCount" if mode == MODE_PREFIX else "SecondaryPrivateIpAddressCount"
+            params[count] = target
+        raw = self.p.api().call("CreateNetworkInterface", params)["NetworkInterface"]
+        eni = Eni.from_api(raw)
+        self._save(eni)
+        with self._lock:  # the record names the ENI now: the token has done its job
+            self.tokens.pop(str(slot), None)
+            self._record({"clientTokens": dict(self.tokens)})
+        return self.p.wait_eni(eni.id, "to become available", lambda e: e.status == "available")
+
+    def _slot(
+        self,
+        instance_id: str,
+        subnet_id: str,
+        sg: str,
+        mode: str,
+        slot: int,
+        target: int,
+        eni: Eni | None,
+        device_index: int,
+    ) -> tuple[Eni, str]:
+        """One ENI from nothing (or from wherever a previous run stopped) to an OS link that is
+        up with `target` prefixes or secondary IPs."""
+        api = self.p.api()
+        if eni is None:
+            eni = self._create(subnet_id, sg, mode, slot, target)
+        if eni.subnet_id != subnet_id:
+            raise CloudError(
+                f"ENI {eni.id} is in subnet {eni.subnet_id}, not {subnet_id}: "
+                "run 'cocoon-net teardown' before changing --subnet"
+            )
+        if not eni.instance_id:
+            if eni.status != "available":
+                eni = self.p.wait_eni(
+                    eni.id, "to become available", lambda e: e.status == "available"
+                )
+            api.call(
+                "AttachNetworkInterface",
+                {
+                    "NetworkInterfaceId": eni.id,
+                    "InstanceId": instance_id,
+                    "DeviceIndex": device_index,
+                },
+            )
+        if eni.attachment_status != "attached":
+            eni = self.p.wait_eni(
+                eni.id, f"to attach to {instance_id}", lambda e: e.attachment_status == "attached"
+            )
+        self._save(eni)
+        ips, prefixes = plan.excess(eni, mode, target)
+        if ips:
+            api.call(
+                "UnassignPrivateIpAddresses",
+                {"NetworkInterfaceId": eni.id, "PrivateIpAddresses": ips},
+            )
+        if prefixes:
+            api.call(
+                "UnassignPrivateIpAddresses",
+                {"NetworkInterfaceId": eni.id, "Ipv4Prefixes": prefixes},
+            )
+        have = eni.units(mode) - (len(prefixes) if mode == MODE_PREFIX else len(ips))
+        if have < target:
+            count = "Ipv4PrefixCount" if mode == MODE_PREFIX else "SecondaryPrivateIpAddressCount"
+            api.call(
+                "AssignPrivateIpAddresses", {"NetworkInterfaceId": eni.id, count: target - have}
+            )
+        if ips or prefixes or have != target:
+            eni = self.p.wait_eni(
+                eni.id,
+                f"to hold {target} {mode} units",
+                lambda e: plan.excess(e, mode, target) == ([], []) and e.units(mode) == target,
+            )
+        ifname = _link_up(eni.mac, self.p)
+        self._save(eni, ifname)
+        return eni, ifname
+
+
+def _link_up(mac: str, platform: AwsPlatform) -> str:
+    """The OS interface of an attached ENI, found by MAC once hot-plug made it appear."""
+    name = wait_for(
+        lambda: nic.link_by_mac(mac),
+        lambda found: found is not None,
+        what=f"network interface with MAC {mac} to appear",
+        policy=platform.poll,
+    )
+    assert name is not None
+    proc.run(["ip", "link", "set", "dev", name, "up"])
+    return name
+
+
+class Teardown:
+    """Remove what init made, every step attempted, each success recorded at once; what
+    could not be removed is raised as one CloudError, and a rerun finishes the job."""
+
+    def __init__(self, platform: AwsPlatform, state: PoolState, record: ResourceRecorder):
+        self.p = platform
+        self.state = state
+        self._record = record
+        self._lock = threading.Lock()
+        self.enis: dict[str, dict[str, Any]] = {
+            str(e["id"]): dict(e) for e in state.cloud.get("enis") or () if isinstance(e, dict)
+        }
+
+    def run(self) -> None:
+        cloud, node = self.state.cloud, self.state.node_name
+        instance_id = str(cloud.get("instanceId") or self.p.identity().instance_id)
+        failures: list[str] = []
+        ours = self.p.our_enis(node, set(self.enis))
+        with self._lock:  # forget recorded ENIs that are already gone, learn unrecorded ones
+            self.enis = {
+                e.id: self.enis.get(e.id) or {"id": e.id, "slot": e.slot or 0} for e in ours
+            }
+            self._record({"enis": _records(self.enis)})
+        if ours:
+            with ThreadPoolExecutor(max_workers=len(ours), thread_name_prefix="eni") as pool:
+                futures = {eni.id: pool.submit(self._remove_eni, eni, instance_id) for eni in ours}
+                for eni_id, future in futures.items():
+                    try:
+                        future.result()
+                    except CloudError as exc:
+                        failures.append(f"ENI {eni_id}: {exc}")
+        kept = [str(i) for i in cloud.get("adoptedEnis") or () if str(i) not in self.enis]
+        if kept:
+            log.info("adopted ENIs %s are not ours: left in place", ", ".join(kept))
+        failures += self._remove_rule(cloud.get("securityGroup") or self._unrecorded_rule())
+        failures += self._remove_subnet(cloud.get("subnet") or {}, cloud.get("vpcId"))
+        if failures:
+            raise CloudError(
+                "AWS teardown incomplete: "
+                + "; ".join(failures)
+                + " (re-run 'cocoon-net teardown' to finish)"
+            )
+        self._record({"clientTokens": {}})
+
+    def _remove_eni(self, eni: Eni, instance_id: str) -> None:
+        api = self.p.api()
+        if eni.instance_id and eni.instance_id != instance_id:
+            raise CloudError(f"attached to another instance ({eni.instance_id}); left alone")
+        if eni.attachment_id and eni.attachment_status != "detaching":
+            api.call("DetachNetworkInterface", {"AttachmentId": eni.attachment_id})
+        if eni.instance_id:
+            with contextlib.suppress(CloudNotFound):
+                self.p.wait_eni(eni.id, "to detach", lambda e: e.status == "available")
+        with contextlib.suppress(CloudNotFound):  # an earlier attempt's answer was lost
+            api.call("DeleteNetworkInterface", {"NetworkInterfaceId": eni.id})
+        with self._lock:
+            self.enis.pop(eni.id, None)
+            self._record({"enis": _records(self.enis)})
+
+    def _unrecorded_rule(self) -> dict[str, Any]:
+        """A crash between AuthorizeSecurityGroupIngress and its record leaves only the
+        rule's description to go by: our rule in any group of the VPC."""
+        vpc_id = self.state.cloud.get("vpcId")
+        if not vpc_id:
+            return {}
+        answer = self.p.api().call(
+            "DescribeSecurityGroups", {"Filters": [{"Name": "vpc-id", "Values": [str(vpc_id)]}]}
+        )
+        mark = rule_description(self.state.node_name)
+        for group in answer.get("SecurityGroups") or ():
+            for perm in group.get("IpPermissions") or ():
+                for rng in perm.get("IpRanges") or ():
+                    if rng.get("Description") == mark and perm.get("IpProtocol") == "-1":
+                        return {"id": group["GroupId"], "cidr": rng["CidrIp"], "ruleCreated": True}
+        return {}
+
+    def _remove_rule(self, sg: Mapping[str, Any]) -> list[str]:
+        if not sg.get("ruleCreated"):
+            return []
+        try:
+            with contextlib.suppress(CloudNotFound):  # revoked by a run whose answer was lost
+                self.p.api().call(
+                    "RevokeSecurityGroupIngress",
+                    {"GroupId": str(sg["id"]), "IpPermissions": _permission(str(sg["cidr"]))},
+                )
+        except CloudError as exc:
+            return [f"security group rule in {sg['id']}: {exc}"]
+        self._record({"securityGroup": {**sg, "ruleCreated": False}})
+        return []
+
+    def _remove_subnet(self, subnet: Mapping[str, Any], vpc_id: Any) -> list[str]:
+        subnet_id = str(subnet.get("id") or "") if subnet.get("created") else ""
+        if not subnet_id and vpc_id:
+            # A crash between CreateSubnet and its record leaves only the tag to go by.
+            tagged = [
+                s
+                for s in self.p.subnets(str(vpc_id))
+                if {"Key": plan.TAG_NODE, "Value": self.state.node_name} in (s.get("Tags") or ())
+                and str(s["SubnetId"]) != subnet.get("id")
+            ]
+            subnet_id = str(tagged[0]["SubnetId"]) if tagged else ""
+        if not subnet_id:
+            return []
+        try:
+            with contextlib.suppress(CloudNotFound):
+                self.p.api().call("DeleteSubnet", {"SubnetId": subnet_id})
+        except CloudError as exc:
+            return [f"subnet {subnet_id}: {exc}"]
+        self._record({"subnet": {}})
+        return []
