@@ -559,7 +559,7 @@ class AwsWorld:
         )
         if attach:
             self.client.attach_network_interface(
-                NetworkInterfaceId=eni, InstanceId=self.instance_id, DeviceIndex=5
+                NetworkInterfaceId=eni, InstanceId=self.instance_id, DeviceIndex=1
             )
         return str(eni)
 

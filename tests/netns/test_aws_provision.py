@@ -7,7 +7,7 @@ listen in that namespace, and the proxy hot-plugs a veth link with the ENI's MAC
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
@@ -30,15 +30,6 @@ NODE = "node-a"
 SUBNET = IPv4Network("10.0.100.0/24")
 FAST_RETRY = RetryPolicy(attempts=4, deadline=20.0, base_delay=0.01, max_delay=0.05)
 FAST_POLL = PollPolicy(timeout=20.0, first=0.02, interval=0.1)
-
-
-@pytest.fixture(scope="session")
-def moto_server() -> Iterator[MotoServer]:
-    server = MotoServer().start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 class Cloud:
@@ -224,8 +215,8 @@ def test_foreign_enis_are_never_touched(cloud: Cloud) -> None:
     after = world.snapshot()
     assert after["enis"][attached] == before["enis"][attached]
     assert after["enis"][loose] == before["enis"][loose]
-    # Our ENI took the next free device index, not the foreign one's.
-    assert cloud.ours()[0]["Attachment"]["DeviceIndex"] == 1
+    # Our ENI took the next free device index, not the foreign one's (1).
+    assert cloud.ours()[0]["Attachment"]["DeviceIndex"] == 2
     cloud.teardown()
     assert world.snapshot() == before
 
