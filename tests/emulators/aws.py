@@ -15,7 +15,8 @@ query API to it and adds:
   `ipv4PrefixSet` in the answers (moto ignores them), only on Nitro instance types;
 - the per-ENI address limit of the attached instance's type (PrivateIpAddressLimitExceeded);
 - addresses handed out lowest-first and never twice (moto draws them at random, unchecked);
-- ClientToken idempotency: a repeated token gets the first answer back;
+- ClientToken idempotency: a repeated token gets the first answer back, or
+  IdempotentParameterMismatch when its other parameters differ;
 - hot-plug: an attach creates a veth link with the ENI's MAC in the namespace, a detach
   removes it, as the hypervisor would;
 - faults: throttling and errors answered before moto sees the call, lost answers (moto does
@@ -136,7 +137,8 @@ class Ec2Proxy:
         self.calls: list[str] = []
         self.faults: list[Fault] = []
         self.prefixes: dict[str, list[IPv4Network]] = {}  # ENI id -> delegated /28s
-        self._tokens: dict[tuple[str, str], tuple[int, bytes]] = {}
+        # (action, token) -> the parameters and the answer of the first call
+        self._tokens: dict[tuple[str, str], tuple[dict[str, str], int, bytes]] = {}
         self._hidden: dict[str, list[Any]] = {}  # describe action -> [[id, answers left]]
         self._hide_next: dict[str, int] = {}
         self._lock = threading.RLock()  # one mutation at a time, as allocation needs
@@ -303,13 +305,19 @@ class Ec2Proxy:
     ) -> tuple[int, bytes]:
         token = form.get("ClientToken")
         if token and (action, token) in self._tokens:
-            return self._tokens[(action, token)]
+            first, status, body = self._tokens[(action, token)]
+            if first != form:
+                raise ProxyError(
+                    "IdempotentParameterMismatch",
+                    "the client token was used with other parameters",
+                )
+            return status, body
         special = getattr(self, f"_a_{action}", None)
         status, body = special(form, headers) if special else self._forward(form, headers)
         if status == 200:
             body = self._after(action, form, body)
         if token and status == 200:
-            self._tokens[(action, token)] = (status, body)
+            self._tokens[(action, token)] = (dict(form), status, body)
         return status, body
 
     def _after(self, action: str, form: dict[str, str], body: bytes) -> bytes:

@@ -299,6 +299,22 @@ def test_each_init_fault_is_retried_or_fails_clearly_and_rerun_and_teardown_reco
     assert world.snapshot() == before
 
 
+def test_a_rerun_with_another_size_after_a_lost_create_gets_the_same_eni(cloud: Cloud) -> None:
+    before = cloud.world.snapshot()
+    cloud.world.proxy.inject("CreateNetworkInterface", "lost", times=99)
+    # and the ENI stays out of the next Describe answers: the rerun's search by tag misses it
+    cloud.world.proxy.hide_new("CreateNetworkInterface", describes=2)
+    with pytest.raises(CloudError, match="CreateNetworkInterface"):
+        cloud.init(pool_size=40)
+    cloud.world.proxy.faults.clear()
+    result = cloud.init(pool_size=64)  # the recorded token, sent with the first count
+    (eni,) = cloud.ours()
+    assert len(cloud.world.proxy.prefixes[eni["NetworkInterfaceId"]]) == 4
+    assert len(result.ips) == 64 and cloud.recorded()["clientTokens"] == {}
+    cloud.teardown()
+    assert cloud.world.snapshot() == before
+
+
 @pytest.mark.parametrize("create", ["CreateNetworkInterface", "CreateSubnet"])
 def test_a_new_resource_not_yet_visible_is_waited_for(cloud: Cloud, create: str) -> None:
     before = cloud.world.snapshot()

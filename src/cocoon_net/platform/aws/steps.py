@@ -68,7 +68,12 @@ class Provision:
         self.enis: dict[str, dict[str, Any]] = {
             str(e["id"]): dict(e) for e in prev.get("enis") or () if isinstance(e, dict)
         }
-        self.tokens: dict[str, str] = dict(prev.get("clientTokens") or {})
+        # slot -> the token and address count of a create that may have happened
+        self.tokens: dict[str, dict[str, Any]] = {
+            str(k): dict(v)
+            for k, v in (prev.get("clientTokens") or {}).items()
+            if isinstance(v, dict)
+        }
         self._sg_record: dict[str, Any] = {}
 
     def _save(self, eni: Eni, ifname: str = "") -> None:
@@ -213,6 +218,10 @@ class Provision:
                 )
             if eni.slot is not None and eni.slot not in by_slot:
                 by_slot[eni.slot] = eni
+        with self._lock:  # a token whose ENI is found has done its job
+            for slot in by_slot:
+                self.tokens.pop(str(slot), None)
+            self._record({"clientTokens": dict(self.tokens)})
         # Slots beyond --pool-size keep their ENI with no addresses, so the pool is exactly
         # what was asked for; teardown removes them.
         wanted = dict(enumerate(targets, start=1))
@@ -260,8 +269,14 @@ class Provision:
     def _create(self, subnet_id: str, sg: str, mode: str, slot: int, target: int) -> Eni:
         node, name = self.req.node_name, plan.eni_name(self.req.node_name, slot)
         with self._lock:
-            token = self.tokens.setdefault(str(slot), f"cocoon-{uuid.uuid4().hex}")
+            # A repeat must match the first create in every parameter, or EC2 refuses it
+            # (IdempotentParameterMismatch): a rerun asking for another size sends the first
+            # count, and the assign step below corrects it.
+            pending = self.tokens.setdefault(
+                str(slot), {"token": f"cocoon-{uuid.uuid4().hex}", "units": target}
+            )
             self._record({"clientTokens": dict(self.tokens)})
+        units = int(pending["units"])
         params: dict[str, Any] = {
             "SubnetId": subnet_id,
             "Groups": [sg],
@@ -269,11 +284,11 @@ class Provision:
             "TagSpecifications": [
                 {"ResourceType": "network-interface", "Tags": plan.node_tags(node, name, slot)}
             ],
-            "ClientToken": token,
+            "ClientToken": str(pending["token"]),
         }
-        if target:
+        if units:
             count = "Ipv4PrefixCount" if mode == MODE_PREFIX else "SecondaryPrivateIpAddressCount"
-            params[count] = target
+            params[count] = units
         raw = self.p.api().call("CreateNetworkInterface", params)["NetworkInterface"]
         eni = Eni.from_api(raw)
         self._save(eni)
