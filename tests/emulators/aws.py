@@ -13,7 +13,8 @@ query API to it and adds:
 - prefix delegation as EC2 documents it: `Ipv4PrefixCount` / `Ipv4Prefix.N` on
   CreateNetworkInterface, AssignPrivateIpAddresses and UnassignPrivateIpAddresses, and
   `ipv4PrefixSet` in the answers (moto ignores them), only on Nitro instance types;
-- the per-ENI address limit of the attached instance's type (PrivateIpAddressLimitExceeded);
+- the instance type's limits: ENIs per instance (AttachmentLimitExceeded) and addresses per
+  ENI (PrivateIpAddressLimitExceeded);
 - addresses handed out lowest-first and never twice (moto draws them at random, unchecked);
 - ClientToken idempotency: a repeated token gets the first answer back, or
   IdempotentParameterMismatch when its other parameters differ;
@@ -455,6 +456,13 @@ class Ec2Proxy:
     def _a_AttachNetworkInterface(
         self, form: dict[str, str], headers: dict[str, str]
     ) -> tuple[int, bytes]:
+        instance_id = form.get("InstanceId", "")
+        root = self.moto("DescribeInstances", {"InstanceId.1": instance_id})
+        max_enis, _, _ = instance_type_limits(root.findtext(f".//{_q('instanceType')}") or "")
+        if len(self.enis(**{"attachment.instance-id": instance_id})) >= max_enis:
+            raise ProxyError(
+                "AttachmentLimitExceeded", f"instance {instance_id} takes {max_enis} ENIs"
+            )
         status, body = self._forward(form, headers)
         if status == 200 and self.hotplug and self.netns:
             eni_id = form.get("NetworkInterfaceId", "")

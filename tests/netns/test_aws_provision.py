@@ -197,6 +197,17 @@ def test_prefixes_spread_over_enis_full_ones_first(cloud: Cloud) -> None:
     cloud.teardown()
 
 
+@pytest.mark.parametrize("cloud", ["m5.large"], indirect=True)
+def test_an_eni_slot_taken_by_someone_else_fails_the_attach_clearly(cloud: Cloud) -> None:
+    cloud.world.add_foreign_eni()  # 1 of the m5.large's 2 secondary ENI slots
+    before = cloud.world.snapshot()
+    with pytest.raises(CloudQuotaError, match="AttachmentLimitExceeded"):
+        cloud.init(pool_size=200)  # 9 + 4 prefixes: two ENIs
+    assert len(cloud.ours()) == 2  # both recorded; teardown removes both
+    cloud.teardown()
+    assert cloud.world.snapshot() == before
+
+
 def test_init_twice_changes_nothing(cloud: Cloud) -> None:
     first = cloud.init(pool_size=40)
     snapshot = cloud.world.snapshot()
