@@ -299,7 +299,7 @@ def test_each_init_fault_is_retried_or_fails_clearly_and_rerun_and_teardown_reco
     if error is None:
         result = cloud.init(pool_size=40)
     else:
-        with pytest.raises(error):
+        with pytest.raises(error, match=action):  # says which call, not a later timeout
             cloud.init(pool_size=40)
         world.proxy.faults.clear()
         result = cloud.init(pool_size=40)
