@@ -188,3 +188,21 @@ def test_status_and_dry_run_teardown_never_load_the_sdk(node: Node) -> None:
         assert "cocoon_net.platform.aws" in proc.stderr or argv[0] == "status"
         assert "botocore" not in proc.stderr
     node.ok("teardown")
+
+
+def test_aws_adopt_changes_nothing_and_teardown_finds_ours_by_tag(node: Node) -> None:
+    foreign = node.world.add_foreign_eni()
+    cloud_before = node.world.snapshot()
+    node.ok("init", *INIT, "--pool-size", "40")
+    made = sorted(state.load(node.paths.pool).ips)
+    node.paths.pool.unlink()  # pool.json lost: adopt registers the node again
+    calls = len(node.world.proxy.calls)
+    out = node.ok("adopt", *INIT, "--pool-size", "40")
+    assert "40 IPs registered on 10.0.100.0/24 (aws, cloud preserved)" in out
+    assert all(c.startswith("Describe") for c in node.world.proxy.calls[calls:])
+    pool = state.load(node.paths.pool)
+    assert sorted(pool.ips) == made
+    assert foreign not in pool.eni_ids  # it holds no address of the VM subnet
+    # adopt recorded neither the subnet nor the rule: teardown goes by their tag and mark
+    node.ok("teardown")
+    assert node.world.snapshot() == cloud_before
