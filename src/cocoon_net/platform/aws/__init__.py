@@ -1,5 +1,5 @@
 """AWS EC2: pure plan (plan.py), instance metadata (imds.py), the EC2 API (ec2.py), the
-platform (platform.py) and its provision/teardown steps (steps.py)."""
+platform (platform.py) and its steps (provision.py, teardown.py)."""
 
 from __future__ import annotations
 

@@ -276,3 +276,22 @@ def free_device_indexes(used: Iterable[int | None], count: int) -> list[int]:
             out.append(index)
         index += 1
     return out
+
+
+def permission(cidr: str, description: str = "") -> list[dict[str, Any]]:
+    """The ingress permission init adds: every protocol from cidr."""
+    rng = {"CidrIp": cidr, **({"Description": description} if description else {})}
+    return [{"IpProtocol": "-1", "IpRanges": [rng]}]
+
+
+def rule_description(node: str) -> str:
+    """Marks the ingress rule as this node's, in the cloud itself."""
+    return f"cocoon-net {node}: VM subnet"
+
+
+def eni_records(enis: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """pool.json's `enis`: a list, so merging into pool.json["cloud"] replaces it whole and a
+    deletion sticks."""
+    return [
+        dict(e) for e in sorted(enis.values(), key=lambda e: (int(e.get("slot") or 0), e["id"]))
+    ]

@@ -137,7 +137,7 @@ class AwsPlatform:
     # --- the Platform contract -------------------------------------------------------------
 
     def provision(self, request: NodeRequest, record: ResourceRecorder) -> ProvisionResult:
-        from cocoon_net.platform.aws.steps import Provision
+        from cocoon_net.platform.aws.provision import Provision
 
         return Provision(self, request, record).run()
 
@@ -267,6 +267,6 @@ class AwsPlatform:
         return lines
 
     def teardown(self, state: PoolState, record: ResourceRecorder) -> None:
-        from cocoon_net.platform.aws.steps import Teardown
+        from cocoon_net.platform.aws.teardown import Teardown
 
         Teardown(self, state, record).run()

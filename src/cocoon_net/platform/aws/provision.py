@@ -1,4 +1,4 @@
-"""init's and teardown's steps on EC2, each change recorded in pool.json the moment it is made.
+"""init's steps on EC2, each change recorded in pool.json the moment it is made.
 
 A create that carries a ClientToken gets its token recorded before it is sent: a rerun after
 a lost answer sends the same token and EC2 hands back the ENI the first attempt made, even
@@ -8,7 +8,6 @@ while DescribeNetworkInterfaces does not show it yet (EC2 is eventually consiste
 from __future__ import annotations
 
 import contextlib
-import logging
 import threading
 import uuid
 from collections.abc import Mapping
@@ -17,18 +16,15 @@ from ipaddress import IPv4Network
 from typing import TYPE_CHECKING, Any
 
 from cocoon_net import proc
-from cocoon_net.errors import CloudConflict, CloudError, CloudNotFound, HostSetupError
+from cocoon_net.errors import CloudConflict, CloudError, HostSetupError
 from cocoon_net.node import nic
 from cocoon_net.platform.aws import plan
 from cocoon_net.platform.aws.plan import MODE_PREFIX, Eni, Limits
 from cocoon_net.platform.base import NodeRequest, ProvisionResult, ResourceRecorder
 from cocoon_net.platform.volc_api import wait_for
-from cocoon_net.state import PoolState
 
 if TYPE_CHECKING:
     from cocoon_net.platform.aws.platform import AwsPlatform
-
-log = logging.getLogger("cocoon_net.platform.aws")
 
 
 def _network(raw: Mapping[str, Any]) -> IPv4Network | None:
@@ -36,23 +32,6 @@ def _network(raw: Mapping[str, Any]) -> IPv4Network | None:
         return IPv4Network(str(raw.get("CidrBlock", "")), strict=False)
     except ValueError:
         return None
-
-
-def _permission(cidr: str, description: str = "") -> list[dict[str, Any]]:
-    rng = {"CidrIp": cidr, **({"Description": description} if description else {})}
-    return [{"IpProtocol": "-1", "IpRanges": [rng]}]
-
-
-def rule_description(node: str) -> str:
-    """Marks the ingress rule as this node's, in the cloud itself."""
-    return f"cocoon-net {node}: VM subnet"
-
-
-def _records(enis: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
-    # A list, so merging into pool.json["cloud"] replaces it whole and a deletion sticks.
-    return [
-        dict(e) for e in sorted(enis.values(), key=lambda e: (int(e.get("slot") or 0), e["id"]))
-    ]
 
 
 class Provision:
@@ -80,7 +59,7 @@ class Provision:
         with self._lock:
             ifname = ifname or str(self.enis.get(eni.id, {}).get("ifname") or "")
             self.enis[eni.id] = plan.eni_record(eni, self.req.subnet, ifname)
-            self._record({"enis": _records(self.enis)})
+            self._record({"enis": plan.eni_records(self.enis)})
 
     def run(self) -> ProvisionResult:
         ident = self.p.identity()
@@ -111,7 +90,7 @@ class Provision:
                 "limits": limits.record(),
                 "subnet": self.subnet,
                 "securityGroup": self._sg_record,
-                "enis": _records(self.enis),
+                "enis": plan.eni_records(self.enis),
             },
         )
 
@@ -187,14 +166,14 @@ class Provision:
         perms = [
             p for g in answer.get("SecurityGroups") or () for p in g.get("IpPermissions") or ()
         ]
-        description = rule_description(self.req.node_name)
+        description = plan.rule_description(self.req.node_name)
         covering = [p for p in perms if plan.rule_covers(p, cidr)]
         if not covering:
             # A repeat after a lost answer is refused as a duplicate: the rule is there.
             with contextlib.suppress(CloudConflict):
                 api.call(
                     "AuthorizeSecurityGroupIngress",
-                    {"GroupId": sg, "IpPermissions": _permission(str(cidr), description)},
+                    {"GroupId": sg, "IpPermissions": plan.permission(str(cidr), description)},
                 )
         created = not covering or any(
             r.get("Description") == description for p in covering for r in p.get("IpRanges") or ()
@@ -375,115 +354,3 @@ def _link_up(mac: str, platform: AwsPlatform) -> str:
     assert name is not None
     proc.run(["ip", "link", "set", "dev", name, "up"])
     return name
-
-
-class Teardown:
-    """Remove what init made, every step attempted, each success recorded at once; what
-    could not be removed is raised as one CloudError, and a rerun finishes the job."""
-
-    def __init__(self, platform: AwsPlatform, state: PoolState, record: ResourceRecorder):
-        self.p = platform
-        self.state = state
-        self._record = record
-        self._lock = threading.Lock()
-        self.enis: dict[str, dict[str, Any]] = {
-            str(e["id"]): dict(e) for e in state.cloud.get("enis") or () if isinstance(e, dict)
-        }
-
-    def run(self) -> None:
-        cloud, node = self.state.cloud, self.state.node_name
-        instance_id = str(cloud.get("instanceId") or self.p.identity().instance_id)
-        failures: list[str] = []
-        ours = self.p.our_enis(node, set(self.enis))
-        with self._lock:  # forget recorded ENIs that are already gone, learn unrecorded ones
-            self.enis = {
-                e.id: self.enis.get(e.id) or {"id": e.id, "slot": e.slot or 0} for e in ours
-            }
-            self._record({"enis": _records(self.enis)})
-        if ours:
-            with ThreadPoolExecutor(max_workers=len(ours), thread_name_prefix="eni") as pool:
-                futures = {eni.id: pool.submit(self._remove_eni, eni, instance_id) for eni in ours}
-                for eni_id, future in futures.items():
-                    try:
-                        future.result()
-                    except CloudError as exc:
-                        failures.append(f"ENI {eni_id}: {exc}")
-        kept = [str(i) for i in cloud.get("adoptedEnis") or () if str(i) not in self.enis]
-        if kept:
-            log.info("adopted ENIs %s are not ours: left in place", ", ".join(kept))
-        failures += self._remove_rule(cloud.get("securityGroup") or self._unrecorded_rule())
-        failures += self._remove_subnet(cloud.get("subnet") or {}, cloud.get("vpcId"))
-        if failures:
-            raise CloudError(
-                "AWS teardown incomplete: "
-                + "; ".join(failures)
-                + " (re-run 'cocoon-net teardown' to finish)"
-            )
-        self._record({"clientTokens": {}})
-
-    def _remove_eni(self, eni: Eni, instance_id: str) -> None:
-        api = self.p.api()
-        if eni.instance_id and eni.instance_id != instance_id:
-            raise CloudError(f"attached to another instance ({eni.instance_id}); left alone")
-        if eni.attachment_id and eni.attachment_status != "detaching":
-            api.call("DetachNetworkInterface", {"AttachmentId": eni.attachment_id})
-        if eni.instance_id:
-            with contextlib.suppress(CloudNotFound):
-                self.p.wait_eni(eni.id, "to detach", lambda e: e.status == "available")
-        with contextlib.suppress(CloudNotFound):  # an earlier attempt's answer was lost
-            api.call("DeleteNetworkInterface", {"NetworkInterfaceId": eni.id})
-        with self._lock:
-            self.enis.pop(eni.id, None)
-            self._record({"enis": _records(self.enis)})
-
-    def _unrecorded_rule(self) -> dict[str, Any]:
-        """A crash between AuthorizeSecurityGroupIngress and its record leaves only the
-        rule's description to go by: our rule in any group of the VPC."""
-        vpc_id = self.state.cloud.get("vpcId")
-        if not vpc_id:
-            return {}
-        answer = self.p.api().call(
-            "DescribeSecurityGroups", {"Filters": [{"Name": "vpc-id", "Values": [str(vpc_id)]}]}
-        )
-        mark = rule_description(self.state.node_name)
-        for group in answer.get("SecurityGroups") or ():
-            for perm in group.get("IpPermissions") or ():
-                for rng in perm.get("IpRanges") or ():
-                    if rng.get("Description") == mark and perm.get("IpProtocol") == "-1":
-                        return {"id": group["GroupId"], "cidr": rng["CidrIp"], "ruleCreated": True}
-        return {}
-
-    def _remove_rule(self, sg: Mapping[str, Any]) -> list[str]:
-        if not sg.get("ruleCreated"):
-            return []
-        try:
-            with contextlib.suppress(CloudNotFound):  # revoked by a run whose answer was lost
-                self.p.api().call(
-                    "RevokeSecurityGroupIngress",
-                    {"GroupId": str(sg["id"]), "IpPermissions": _permission(str(sg["cidr"]))},
-                )
-        except CloudError as exc:
-            return [f"security group rule in {sg['id']}: {exc}"]
-        self._record({"securityGroup": {**sg, "ruleCreated": False}})
-        return []
-
-    def _remove_subnet(self, subnet: Mapping[str, Any], vpc_id: Any) -> list[str]:
-        subnet_id = str(subnet.get("id") or "") if subnet.get("created") else ""
-        if not subnet_id and vpc_id:
-            # A crash between CreateSubnet and its record leaves only the tag to go by.
-            tagged = [
-                s
-                for s in self.p.subnets(str(vpc_id))
-                if {"Key": plan.TAG_NODE, "Value": self.state.node_name} in (s.get("Tags") or ())
-                and str(s["SubnetId"]) != subnet.get("id")
-            ]
-            subnet_id = str(tagged[0]["SubnetId"]) if tagged else ""
-        if not subnet_id:
-            return []
-        try:
-            with contextlib.suppress(CloudNotFound):
-                self.p.api().call("DeleteSubnet", {"SubnetId": subnet_id})
-        except CloudError as exc:
-            return [f"subnet {subnet_id}: {exc}"]
-        self._record({"subnet": {}})
-        return []
