@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.emulators.aws import MotoServer
 from tests.support.netns import Netns, is_root, netns
 
 # Variables that would let a developer's shell (or a real cloud) leak into a test.
-_ENV_PREFIXES = ("COCOON_NET_", "VOLCENGINE_", "GCE_", "GOOGLE_")
+_ENV_PREFIXES = ("COCOON_NET_", "VOLCENGINE_", "GCE_", "GOOGLE_", "AWS_")
 
 
 @pytest.fixture(autouse=True)
@@ -28,6 +29,16 @@ def make_netns() -> Iterator[Callable[[str], Netns]]:
         pytest.skip("needs root to create network namespaces")
     with ExitStack() as stack:
         yield lambda tag="": stack.enter_context(netns(tag))
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[MotoServer]:
+    """moto's EC2 in server mode on 127.0.0.1, one per test session (tests reset it)."""
+    server = MotoServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture

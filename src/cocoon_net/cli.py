@@ -111,7 +111,7 @@ def _add_node_flags(p: argparse.ArgumentParser, *, pool_default: int) -> None:
     p.add_argument(
         "--platform",
         default="",
-        help="gke, volcengine or static (default: detected from instance metadata)",
+        help="gke, volcengine, aws or static (default: detected from instance metadata)",
     )
     p.add_argument("--node-name", required=True, help="virtual node name (required)")
     p.add_argument(
@@ -186,7 +186,7 @@ def _add_node_flags(p: argparse.ArgumentParser, *, pool_default: int) -> None:
     p.add_argument(
         "--security-group",
         default="",
-        help="volcengine: security group for the ENIs (default: the instance's own)",
+        help="volcengine, aws: security group for the ENIs (default: the instance's own)",
     )
     _add_state_dir(p)
     _add_lease_file(p)

@@ -42,7 +42,7 @@ POOL_SIZE_ADOPT = 253
 ROUTE_PROTO = 203
 GO_ROUTE_PROTO = 3
 
-PLATFORMS = ("gke", "volcengine", "static")
+PLATFORMS = ("gke", "volcengine", "aws", "static")
 
 ENV_PREFIX = "COCOON_NET_"
 ENV_LOG_LEVEL = "COCOON_NET_LOG_LEVEL"

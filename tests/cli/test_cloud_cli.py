@@ -58,6 +58,7 @@ def test_gke_init_status_teardown(gce_node: tuple[Netns, GceEmulator], tmp_path:
     env = gce.environ(
         COCOON_NET_GCE_AGENT_CONFIG=str(tmp_path / "instance_configs.cfg"),
         COCOON_NET_VOLCENGINE_METADATA_URL=CLOSED,
+        AWS_EC2_METADATA_SERVICE_ENDPOINT=CLOSED,
     )
     gce.set_secondary([{"rangeName": "operator", "ipCidrRange": "10.9.0.0/24"}])
     gce.set_aliases([{"ipCidrRange": "10.9.0.0/28", "subnetworkRangeName": "operator"}])

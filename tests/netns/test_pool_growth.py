@@ -283,6 +283,7 @@ def test_gke_init_grows_the_pool_of_a_running_daemon(
     env = gce.environ(
         COCOON_NET_GCE_AGENT_CONFIG=str(tmp_path / "instance_configs.cfg"),
         COCOON_NET_VOLCENGINE_METADATA_URL=CLOSED,
+        AWS_EC2_METADATA_SERVICE_ENDPOINT=CLOSED,
     )
     alias = {"ipCidrRange": str(sandbox.subnet), "subnetworkRangeName": "cocoon-pods"}
     mutations: list[int] = []

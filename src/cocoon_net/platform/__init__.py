@@ -16,6 +16,7 @@ _MODULES = {
     "static": "cocoon_net.platform.static",
     "gke": "cocoon_net.platform.gke",
     "volcengine": "cocoon_net.platform.volcengine",
+    "aws": "cocoon_net.platform.aws",
 }
 
 

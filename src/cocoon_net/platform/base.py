@@ -1,4 +1,4 @@
-"""The contract every platform (gke, volcengine, static) fulfils.
+"""The contract every platform (gke, volcengine, aws, static) fulfils.
 
 A platform turns a validated NodeRequest into addresses the network routes to this node
 (provision), finds them when they already exist (adopt), reports them (status) and removes

@@ -3,11 +3,13 @@
 Only init and adopt detect, and only without --platform; status, teardown and the daemon use
 the platform recorded in pool.json. A probe is a hit only when the server answers 200 and, for
 GCE, echoes `Metadata-Flavor: Google` (a captive portal or proxy answering any URL is not
-GCE). Both probes run in parallel threads with a 2 s timeout, so a node on neither cloud
-waits 2 s, not 4. Plain urllib without proxies: no cloud library is loaded to find out.
+GCE). EC2's probe is IMDSv2's token PUT, which an instance answers even when it refuses plain
+IMDSv1 GETs. The probes run in parallel threads with a 2 s timeout, so a node on no cloud
+waits 2 s, not 6. Plain urllib without proxies: no cloud library is loaded to find out.
 
-Endpoints follow configuration only: GCE_METADATA_HOST (as Google's libraries read it) and
-COCOON_NET_VOLCENGINE_METADATA_URL.
+Endpoints follow configuration only: GCE_METADATA_HOST (as Google's libraries read it),
+COCOON_NET_VOLCENGINE_METADATA_URL and AWS_EC2_METADATA_SERVICE_ENDPOINT (as the AWS SDK
+reads it).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from cocoon_net.errors import UsageError
+from cocoon_net.platform.aws import imds
 from cocoon_net.platform.gce_metadata import FLAVOR, metadata_url
 
 ENV_VOLCENGINE_METADATA_URL = "COCOON_NET_VOLCENGINE_METADATA_URL"
@@ -32,6 +35,7 @@ class Probe:
     url: str
     headers: Mapping[str, str]
     accept: Callable[[Mapping[str, str]], bool]  # judges the answer's headers
+    method: str = "GET"
 
 
 @dataclass(frozen=True)
@@ -52,12 +56,19 @@ def probes(environ: Mapping[str, str]) -> list[Probe]:
             lambda headers: headers.get("Metadata-Flavor") == "Google",
         ),
         Probe("volcengine", volc.rstrip("/") + "/instance-id", {}, lambda headers: True),
+        Probe(
+            "aws",
+            imds.endpoint(environ) + imds.TOKEN_PATH,
+            {imds.TOKEN_TTL_HEADER: "60"},
+            lambda headers: True,
+            method="PUT",
+        ),
     ]
 
 
 def run_probe(probe: Probe, timeout: float = PROBE_TIMEOUT) -> Outcome:
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    request = urllib.request.Request(probe.url, headers=dict(probe.headers))
+    request = urllib.request.Request(probe.url, headers=dict(probe.headers), method=probe.method)
     try:
         with opener.open(request, timeout=timeout) as response:
             response.read(4096)
@@ -82,7 +93,7 @@ def decide(outcomes: list[Outcome]) -> str:
         misses = "; ".join(f"{o.platform}: {o.url}: {o.detail}" for o in outcomes)
         raise UsageError(
             f"platform auto-detection failed: no metadata server answered ({misses}); "
-            "pass --platform gke, volcengine or static"
+            "pass --platform gke, volcengine, aws or static"
         )
     raise UsageError(
         f"platform auto-detection ambiguous: {' and '.join(hits)} metadata servers both "

@@ -1,0 +1,134 @@
+"""teardown's steps on EC2: remove what init made and nothing else, each removal recorded at
+once, every step attempted; a rerun finishes what one run could not."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+from cocoon_net.errors import CloudError, CloudNotFound
+from cocoon_net.platform.aws import plan
+from cocoon_net.platform.aws.plan import Eni
+from cocoon_net.platform.base import ResourceRecorder
+from cocoon_net.state import PoolState
+
+if TYPE_CHECKING:
+    from cocoon_net.platform.aws.platform import AwsPlatform
+
+log = logging.getLogger("cocoon_net.platform.aws")
+
+
+class Teardown:
+    """Remove what init made, every step attempted, each success recorded at once; what
+    could not be removed is raised as one CloudError, and a rerun finishes the job."""
+
+    def __init__(self, platform: AwsPlatform, state: PoolState, record: ResourceRecorder):
+        self.p = platform
+        self.state = state
+        self._record = record
+        self._lock = threading.Lock()
+        self.enis: dict[str, dict[str, Any]] = {
+            str(e["id"]): dict(e) for e in state.cloud.get("enis") or () if isinstance(e, dict)
+        }
+
+    def run(self) -> None:
+        cloud, node = self.state.cloud, self.state.node_name
+        instance_id = str(cloud.get("instanceId") or self.p.identity().instance_id)
+        failures: list[str] = []
+        ours = self.p.our_enis(node, set(self.enis))
+        with self._lock:  # forget recorded ENIs that are already gone, learn unrecorded ones
+            self.enis = {
+                e.id: self.enis.get(e.id) or {"id": e.id, "slot": e.slot or 0} for e in ours
+            }
+            self._record({"enis": plan.eni_records(self.enis)})
+        if ours:
+            with ThreadPoolExecutor(max_workers=len(ours), thread_name_prefix="eni") as pool:
+                futures = {eni.id: pool.submit(self._remove_eni, eni, instance_id) for eni in ours}
+                for eni_id, future in futures.items():
+                    try:
+                        future.result()
+                    except CloudError as exc:
+                        failures.append(f"ENI {eni_id}: {exc}")
+        kept = [str(i) for i in cloud.get("adoptedEnis") or () if str(i) not in self.enis]
+        if kept:
+            log.info("adopted ENIs %s are not ours: left in place", ", ".join(kept))
+        failures += self._remove_rule(cloud.get("securityGroup") or self._unrecorded_rule())
+        failures += self._remove_subnet(cloud.get("subnet") or {}, cloud.get("vpcId"))
+        if failures:
+            raise CloudError(
+                "AWS teardown incomplete: "
+                + "; ".join(failures)
+                + " (re-run 'cocoon-net teardown' to finish)"
+            )
+        self._record({"clientTokens": {}})
+
+    def _remove_eni(self, eni: Eni, instance_id: str) -> None:
+        api = self.p.api()
+        if eni.instance_id and eni.instance_id != instance_id:
+            raise CloudError(f"attached to another instance ({eni.instance_id}); left alone")
+        if eni.attachment_id and eni.attachment_status != "detaching":
+            api.call("DetachNetworkInterface", {"AttachmentId": eni.attachment_id})
+        if eni.instance_id:
+            with contextlib.suppress(CloudNotFound):
+                self.p.wait_eni(eni.id, "to detach", lambda e: e.status == "available")
+        with contextlib.suppress(CloudNotFound):  # an earlier attempt's answer was lost
+            api.call("DeleteNetworkInterface", {"NetworkInterfaceId": eni.id})
+        with self._lock:
+            self.enis.pop(eni.id, None)
+            self._record({"enis": plan.eni_records(self.enis)})
+
+    def _unrecorded_rule(self) -> dict[str, Any]:
+        """A crash between AuthorizeSecurityGroupIngress and its record leaves only the
+        rule's description to go by: our rule in any group of the VPC."""
+        vpc_id = self.state.cloud.get("vpcId")
+        if not vpc_id:
+            return {}
+        answer = self.p.api().call(
+            "DescribeSecurityGroups", {"Filters": [{"Name": "vpc-id", "Values": [str(vpc_id)]}]}
+        )
+        mark = plan.rule_description(self.state.node_name)
+        for group in answer.get("SecurityGroups") or ():
+            for perm in group.get("IpPermissions") or ():
+                for rng in perm.get("IpRanges") or ():
+                    if rng.get("Description") == mark and perm.get("IpProtocol") == "-1":
+                        return {"id": group["GroupId"], "cidr": rng["CidrIp"], "ruleCreated": True}
+        return {}
+
+    def _remove_rule(self, sg: Mapping[str, Any]) -> list[str]:
+        if not sg.get("ruleCreated"):
+            return []
+        try:
+            with contextlib.suppress(CloudNotFound):  # revoked by a run whose answer was lost
+                self.p.api().call(
+                    "RevokeSecurityGroupIngress",
+                    {"GroupId": str(sg["id"]), "IpPermissions": plan.permission(str(sg["cidr"]))},
+                )
+        except CloudError as exc:
+            return [f"security group rule in {sg['id']}: {exc}"]
+        self._record({"securityGroup": {**sg, "ruleCreated": False}})
+        return []
+
+    def _remove_subnet(self, subnet: Mapping[str, Any], vpc_id: Any) -> list[str]:
+        subnet_id = str(subnet.get("id") or "") if subnet.get("created") else ""
+        if not subnet_id and vpc_id:
+            # A crash between CreateSubnet and its record leaves only the tag to go by.
+            tagged = [
+                s
+                for s in self.p.subnets(str(vpc_id))
+                if {"Key": plan.TAG_NODE, "Value": self.state.node_name} in (s.get("Tags") or ())
+                and str(s["SubnetId"]) != subnet.get("id")
+            ]
+            subnet_id = str(tagged[0]["SubnetId"]) if tagged else ""
+        if not subnet_id:
+            return []
+        try:
+            with contextlib.suppress(CloudNotFound):
+                self.p.api().call("DeleteSubnet", {"SubnetId": subnet_id})
+        except CloudError as exc:
+            return [f"subnet {subnet_id}: {exc}"]
+        self._record({"subnet": {}})
+        return []
