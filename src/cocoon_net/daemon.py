@@ -1,21 +1,24 @@
 """The composition root of `cocoon-net daemon`: the only place long-lived objects are built.
 
-Start-up: daemon lock -> state lock, pool.json, host setup -> lease recovery -> route
-reconcile -> bind -> ready. Lease recovery trusts the journal and snapshot (dhcp/store.py)
-and also every /32 route of ours (and of the Go tool) on the bridge: an address with a
-route but no lease is held for a lease time and confirmed only to the VM that asks for it,
-so a lost lease file can never put one address on two VMs.
+Start-up: daemon lock -> state lock, pool.json, host setup -> lease recovery -> VM guard
+(node/guard.py, replaced whole in one transaction) -> bind -> route reconcile -> ready.
+Lease recovery trusts the journal and snapshot (dhcp/store.py) and also every /32 route
+of ours (and of the Go tool) on the bridge: an address with a route but no lease is held
+for a lease time and confirmed only to the VM that asks for it, so a lost lease file can
+never put one address on two VMs.
 
 The daemon holds the daemon lock for its whole life (one daemon per node; teardown refuses
 while it runs) and the state lock only while it reads pool.json and applies host setup, which
 records its changes there: init and adopt can grow the pool of a running daemon, then ask it
 over the control socket to re-read pool.json. SIGTERM stops it gracefully (leases flushed,
-routes kept: VMs keep their traffic across a restart); SIGHUP re-reads pool.json too.
+routes and the guard kept: VMs keep their traffic, and stay guarded, across a restart);
+SIGHUP re-reads pool.json too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -33,7 +36,8 @@ from cocoon_net.dhcp.settings import DhcpSettings, Route
 from cocoon_net.dhcp.store import LeaseStore, Recovered
 from cocoon_net.errors import CocoonError, StateError
 from cocoon_net.lock import StateLock
-from cocoon_net.node import arp, nic, routes, rtnl
+from cocoon_net.node import arp, guard, nic, routes, rtnl
+from cocoon_net.node.nft import Nft
 from cocoon_net.platform import get_platform
 from cocoon_net.platform.base import Platform
 from cocoon_net.sdnotify import Notifier, watchdog_interval
@@ -59,6 +63,7 @@ class DaemonOptions:
     skip_iptables: bool
     metrics_addr: str
     lease_seconds: int
+    guard: bool = True
     relay_from: tuple[IPv4Address, ...] = ()
     domain: str = ""
     search: tuple[str, ...] = ()
@@ -126,6 +131,7 @@ class Daemon:
         self._reload_due = False
         self._reloading = asyncio.Lock()
         self._platform: Platform | None = None
+        self.guard: guard.Guard | None = None
 
     @property
     def bridge(self) -> str:
@@ -186,6 +192,7 @@ class Daemon:
         for change in changes:
             log.info("recovery: %s %s", change.op, getattr(change, "lease", change))
         await self.store.commit(effects.records(changes))
+        self.guard = self._start_guard(now)
         counters = PromCounters(metrics) if metrics is not None else Counters()
         self.server = DhcpServer(
             bridge=self.bridge,
@@ -193,6 +200,7 @@ class Daemon:
             table=self.table,
             store=self.store,
             routes=route_sock,
+            guard=self.guard,
             counters=counters,
         )
         self.server.open()
@@ -201,6 +209,7 @@ class Daemon:
         metrics_server = self._start_metrics(metrics)
         events = rtnl.EventSocket()
         asyncio.get_running_loop().add_reader(events.fileno(), self._on_netlink, events)
+        self._guard_ports()  # a port attached since the guard was installed
         stats = self.table.stats(now)
         ready = (
             f"serving {self.pool.subnet} on {self.bridge}: {stats.total} addresses, "
@@ -229,6 +238,8 @@ class Daemon:
             if metrics_server is not None:
                 metrics_server.stop()
             route_sock.close()
+            if self.guard is not None:
+                self.guard.nft.close()
         return 0
 
     def _setup_host(self, lock_wait: float) -> PoolState:
@@ -240,6 +251,86 @@ class Daemon:
             for change in lifecycle.reconcile_host(pool, self.opts.paths, manage_firewall=manage):
                 log.info("host setup: %s", change)
         return pool
+
+    def _start_guard(self, now: float) -> guard.Guard | None:
+        """Install the VM guard for the recovered leases before the first request is read
+        (or remove it under --no-guard). Its tables are recorded in pool.json before they
+        are made, so teardown always knows them."""
+        nft = Nft()
+        if not self.opts.guard:
+            if self.pool.guard.installed:
+                for line in guard.remove(nft):
+                    log.warning("guard: %s (--no-guard)", line)
+                self._record_guard(installed=False)
+            nft.close()
+            log.warning("VM guard off (--no-guard): any VM may send from any address")
+            return None
+        record = self.pool.guard
+        policy = guard.GuardPolicy(
+            bridge=self.bridge,
+            gateway=self.pool.gateway_ip,
+            allow_vm_to_vm=record.allow_vm_to_vm,
+            allow_ipv6=record.allow_ipv6,
+        )
+        handle = guard.Guard(policy, nft)
+        kernel = guard.read_kernel(nft)  # the previous daemon's, if any: see guarded()
+        if not record.installed:
+            self._record_guard(installed=True)
+        elements = effects.guarded(self.table, kernel.elements if kernel else {}, now)
+        handle.install(elements, guard.bridge_ports(self.bridge))
+        log.info(
+            "VM guard on: %d addresses guarded on %d ports (VM to VM %s, IPv6 %s)",
+            len(handle.elements), len(handle.ports),
+            "allowed" if policy.allow_vm_to_vm else "dropped",
+            "allowed" if policy.allow_ipv6 else "dropped",
+        )  # fmt: skip
+        return handle
+
+    def _record_guard(self, *, installed: bool) -> None:
+        with StateLock(self.opts.paths.lock_file, "daemon", wait=START_LOCK_WAIT):
+            pool = state.load(self.opts.paths.pool_file)
+            pool.guard = dataclasses.replace(pool.guard, installed=installed)
+            state.save(self.opts.paths.pool_file, pool)
+        self.pool.guard = pool.guard
+
+    def guard_status(self) -> dict[str, Any]:
+        if self.guard is None:
+            return {"state": "off", "guarded": 0, "ports": 0}
+        return {"state": "on", "guarded": len(self.guard.elements), "ports": len(self.guard.ports)}
+
+    def _check_guard(self) -> None:
+        """Every second: our tables still there? (`nft flush ruleset` removes every table;
+        listing the table names is cheap, comparing every element waits for the reconcile.)"""
+        if self.guard is None:
+            return
+        try:
+            present = len(guard.our_tables(self.guard.nft)) == 2
+        except CocoonError as exc:
+            log.error("VM guard: %s", exc)
+            return
+        if not present:
+            self._reconcile_guard()
+
+    def _reconcile_guard(self) -> None:
+        if self.guard is None:
+            return
+        wanted = effects.guarded(self.table, self.guard.elements, time.time())
+        try:
+            problem = self.guard.reconcile(wanted, guard.bridge_ports(self.bridge))
+        except CocoonError as exc:
+            log.error("VM guard: %s (retrying)", exc)
+            return
+        if problem:
+            log.warning("VM guard: %s; restored (%d addresses)", problem, len(wanted))
+
+    def _guard_ports(self) -> None:
+        if self.guard is None:
+            return
+        try:
+            for change in self.guard.set_ports(guard.bridge_ports(self.bridge)):
+                log.info("%s", change)
+        except CocoonError as exc:
+            log.error("guard ports: %s (the reconcile loop retries)", exc)
 
     def _fix_host(self) -> None:
         """What the cloud's agents did to the host behind our back, undone again."""
@@ -254,13 +345,20 @@ class Daemon:
     def _metrics(self) -> Any:
         if not self.opts.metrics_addr:
             return None
-        from cocoon_net.metrics import Metrics, PoolCounts
+        from cocoon_net.metrics import GuardCounts, Metrics, PoolCounts
 
         def counts() -> PoolCounts:
             s = self.table.stats(time.time())
             return PoolCounts(s.total, s.free, s.leased, s.offered, s.quarantined)
 
-        return Metrics(counts)
+        reader = guard.CounterReader()
+
+        def guard_counts() -> GuardCounts | None:
+            if self.guard is None:
+                return None
+            return GuardCounts(len(self.guard.elements), reader.read())
+
+        return Metrics(counts, guard_counts)
 
     def _start_metrics(self, metrics: Any) -> Any:
         if metrics is None:
@@ -346,7 +444,9 @@ class Daemon:
         if not changes:
             return
         await self.store.commit(effects.records(changes))
-        self.server.sync_routes(effects.touched(changes))
+        touched = effects.touched(changes)
+        self.server.sync_routes(touched)
+        self.server.sync_guard(touched)
 
     # ------------------------------------------------------------------ loops
 
@@ -360,6 +460,7 @@ class Daemon:
                 await self.persist(changes)
             except CocoonError as exc:
                 log.error("expiry: %s", exc)
+            self._check_guard()
 
     async def _reconcile_loop(self) -> None:
         while True:
@@ -383,6 +484,7 @@ class Daemon:
                 await asyncio.to_thread(self._fix_host)
                 if self.server.bound:
                     await self._reconcile_routes()
+                self._reconcile_guard()
             except CocoonError as exc:
                 log.error("reconcile: %s (retrying)", exc)
 
@@ -400,7 +502,9 @@ class Daemon:
         at once; any other change to links, addresses or routes triggers a reconcile."""
         repair: set[IPv4Address] = set()
         now = time.time()
+        links = False
         for event in events.drain():
+            links = links or event.kind in (rtnl.RTM_NEWLINK, rtnl.RTM_DELLINK)
             if not event.ours:
                 self._reconcile_due.set()
             elif (
@@ -409,6 +513,8 @@ class Daemon:
                 and self.table.needs_route(event.dst, now)
             ):
                 repair.add(event.dst)
+        if links:  # a port attached or gone: guard it now, not at the next reconcile
+            self._guard_ports()
         if repair:
             log.warning("lease routes removed from outside, restoring: %s", sorted(repair))
             self.server.sync_routes(repair)
