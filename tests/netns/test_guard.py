@@ -202,7 +202,7 @@ def test_no_rogue_dhcp_server_no_router_advertisement(
     node3: tuple[Sandbox, NodeDaemon],
 ) -> None:
     sandbox, node = node3
-    vm_a, vm_b, vm_c = sandbox.vms
+    _, vm_b, vm_c = sandbox.vms
     Udhcpc(sandbox, vm_b).start()
     isolation_off(sandbox, vm_b, vm_c)
     served_before = drops(node, "dhcp_server")
@@ -210,32 +210,25 @@ def test_no_rogue_dhcp_server_no_router_advertisement(
     # B runs a DHCP server of its own (dnsmasq); C's DISCOVER reaches it, its OFFER does not
     # reach C, and C gets its lease from the node.
     leases = vm_b.statedir / "rogue.leases"
+    dnsmasq = [
+        "dnsmasq", "--no-daemon", "--port=0", "--interface", vm_b.ifname, "--bind-interfaces",
+        "--dhcp-range=172.20.100.200,172.20.100.250,1m", "--dhcp-authoritative", "--no-ping",
+        f"--dhcp-leasefile={leases}", "--pid-file=", "--conf-file=/dev/null",
+    ]  # fmt: skip
     rogue = sandbox.popen(
-        vm_b.netns,
-        [
-            "dnsmasq",
-            "--no-daemon",
-            "--port=0",
-            "--interface",
-            vm_b.ifname,
-            "--bind-interfaces",
-            "--dhcp-range=172.20.100.200,172.20.100.250,1m",
-            "--dhcp-authoritative",
-            "--no-ping",
-            f"--dhcp-leasefile={leases}",
-            "--pid-file=",
-            "--conf-file=/dev/null",
-        ],  # fmt: skip
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        vm_b.netns, dnsmasq, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
     try:
+        assert rogue.stderr is not None
+        for line in rogue.stderr:  # ready once its DHCP socket is bound
+            if "sockets bound" in line:
+                break
         sniffer = Sniffer(sandbox, vm_c.netns, vm_c.ifname, f"udp67:{vm_b.mac}", seconds=4)
         ip_c = Udhcpc(sandbox, vm_c).start()
         assert sniffer.count() == 0, "C received a DHCP reply from B"
     finally:
         rogue.terminate()
-        rogue.wait(timeout=10)
+        rogue.communicate(timeout=10)
     assert not IPv4Address("172.20.100.200") <= ip_c <= IPv4Address("172.20.100.250")
     assert drops(node, "dhcp_server") > served_before
 
@@ -247,10 +240,13 @@ def test_no_rogue_dhcp_server_no_router_advertisement(
     assert drops(node, "router_advert") == ra_before + 3
 
 
-def _via_gateway(sandbox: Sandbox, src: Vm, dst: IPv4Address) -> subprocess.CompletedProcess[str]:
-    """src pings dst routed through the node (not at layer 2)."""
-    sandbox.run(src.netns, ["ip", "route", "replace", f"{dst}/32", "via", str(sandbox.gateway)])
-    return ping(sandbox, src.netns, dst, "-c", "3", "-i", "0.2", "-W", "1")
+def _via_gateway(
+    sandbox: Sandbox, src: Vm, src_ip: IPv4Address, dst: Vm, dst_ip: IPv4Address
+) -> subprocess.CompletedProcess[str]:
+    """src pings dst, both ways routed through the node (port isolation stops layer 2)."""
+    for vm, peer in ((src, dst_ip), (dst, src_ip)):
+        sandbox.run(vm.netns, ["ip", "route", "replace", f"{peer}/32", "via", str(sandbox.gateway)])
+    return ping(sandbox, src.netns, dst_ip, "-c", "3", "-i", "0.2", "-W", "1")
 
 
 def test_vms_cannot_reach_each_other_through_the_gateway(
@@ -258,10 +254,9 @@ def test_vms_cannot_reach_each_other_through_the_gateway(
 ) -> None:
     sandbox, node = node3
     vm_a, vm_b, _ = sandbox.vms
-    ip_a = Udhcpc(sandbox, vm_a).start()
-    Udhcpc(sandbox, vm_b).start()
+    ip_a, ip_b = Udhcpc(sandbox, vm_a).start(), Udhcpc(sandbox, vm_b).start()
     before = drops(node, "vm_to_vm")
-    assert received(_via_gateway(sandbox, vm_b, ip_a)) == 0
+    assert received(_via_gateway(sandbox, vm_b, ip_b, vm_a, ip_a)) == 0
     assert drops(node, "vm_to_vm") >= before + 3
     conflist = json.loads((node.paths.cni_conf_dir / "30-cocoon-dhcp.conflist").read_text())
     assert conflist["plugins"][0]["portIsolation"] is True
@@ -270,9 +265,8 @@ def test_vms_cannot_reach_each_other_through_the_gateway(
 def test_allow_vm_to_vm(tmp_path: Path) -> None:
     with node_with_daemon(2, tmp_path, adopt_flags=["--allow-vm-to-vm"]) as (sandbox, node):
         vm_a, vm_b = sandbox.vms
-        ip_a = Udhcpc(sandbox, vm_a).start()
-        Udhcpc(sandbox, vm_b).start()
-        assert received(_via_gateway(sandbox, vm_b, ip_a)) == 3
+        ip_a, ip_b = Udhcpc(sandbox, vm_a).start(), Udhcpc(sandbox, vm_b).start()
+        assert received(_via_gateway(sandbox, vm_b, ip_b, vm_a, ip_a)) == 3
         pool = json.loads(node.paths.pool_file.read_text())
         assert pool["guard"]["allowVmToVm"] is True
         conflist = json.loads((node.paths.cni_conf_dir / "30-cocoon-dhcp.conflist").read_text())

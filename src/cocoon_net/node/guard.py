@@ -119,7 +119,9 @@ def inet_chains(policy: GuardPolicy) -> tuple[Chain, ...]:
     rules: tuple[str, ...] = ()
     if not policy.allow_vm_to_vm:
         bridge = _quote(policy.bridge)
-        rules = (f"iifname {bridge} oifname {bridge} counter name vm_to_vm drop",)
+        # Routed only (addressed to the gateway's MAC): with br_netfilter on, frames bridged
+        # between two ports pass this hook too, as broadcast or otherhost.
+        rules = (f"iifname {bridge} oifname {bridge} meta pkttype host counter name vm_to_vm drop",)
     return (Chain("forward", "type filter hook forward priority -200; policy accept;", rules),)
 
 
