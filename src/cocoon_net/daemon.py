@@ -239,7 +239,7 @@ class Daemon:
                 metrics_server.stop()
             route_sock.close()
             if self.guard is not None:
-                self.guard.nft.close()
+                self.guard.close()
         return 0
 
     def _setup_host(self, lock_wait: float) -> PoolState:

@@ -390,10 +390,10 @@ def _one_vm_is_one_element(leases: int) -> dict[str, int]:
         "release": lambda: table.release(vm, ip, now),
     }
     for step, change in steps.items():
-        sent = nft.transactions
+        sent = handle.writer.transactions
         touched = effects.touched(change())
         handle.update(effects.guard_elements(table, handle.elements, touched, now))
-        counts[f"{step}_transactions"] = nft.transactions - sent
+        counts[f"{step}_transactions"] = handle.writer.transactions - sent
     nft.run("add table inet cocoon-end\n")  # a marker: everything before it was printed
     lines: list[str] = []
     assert monitor.stdout is not None

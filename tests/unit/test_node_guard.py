@@ -18,21 +18,19 @@ MAC_A, MAC_B = "02:00:00:00:00:0a", "02:00:00:00:00:0b"
 POLICY = guard.GuardPolicy("cni0", IPv4Address("10.0.0.1"))
 
 
-def test_one_lease_change_is_one_element_command() -> None:
+def test_one_lease_change_is_one_element_change() -> None:
     current = {A: MAC_A}
-    assert guard.element_commands(current, {A: MAC_A}) == []  # a renewal: nothing
-    assert guard.element_commands(current, {B: MAC_B}) == [
-        f"add element bridge cocoon-net leased {{ {MAC_B} . {B} }}"
-    ]
-    assert guard.element_commands(current, {A: None}) == [
-        f"delete element bridge cocoon-net leased {{ {MAC_A} . {A} }}"
-    ]
-    assert guard.element_commands(current, {C: None}) == []  # nothing there to delete
+    assert guard.element_changes(current, {A: MAC_A}) == ([], [])  # a renewal: nothing
+    assert guard.element_changes(current, {B: MAC_B}) == ([], [(B, MAC_B)])
+    assert guard.element_changes(current, {A: None}) == ([(A, MAC_A)], [])
+    assert guard.element_changes(current, {C: None}) == ([], [])  # nothing there to delete
     # the address moved to another MAC: out with the old pair, in with the new
-    assert guard.element_commands(current, {A: MAC_B}) == [
-        f"delete element bridge cocoon-net leased {{ {MAC_A} . {A} }}",
-        f"add element bridge cocoon-net leased {{ {MAC_B} . {A} }}",
-    ]
+    assert guard.element_changes(current, {A: MAC_B}) == ([(A, MAC_A)], [(A, MAC_B)])
+
+
+def test_element_key_pads_the_mac_to_four_byte_words() -> None:
+    key = guard.element_key(A, MAC_A)
+    assert key == bytes.fromhex("02000000000a00000a000002")
 
 
 def test_render_replaces_both_tables_in_one_transaction() -> None:

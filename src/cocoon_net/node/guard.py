@@ -36,7 +36,7 @@ from ipaddress import IPv4Address
 
 from cocoon_net import proc
 from cocoon_net.errors import HostSetupError
-from cocoon_net.node.nft import Nft
+from cocoon_net.node.nft import NFPROTO_BRIDGE, ElementSocket, Nft
 
 log = logging.getLogger("cocoon_net.guard")
 
@@ -165,20 +165,29 @@ def render(policy: GuardPolicy, ports: Iterable[str], elements: Mapping[IPv4Addr
     return "\n".join(lines) + "\n"
 
 
-def element_commands(
+Pair = tuple[IPv4Address, str]
+
+
+def element_changes(
     current: Mapping[IPv4Address, str], wanted: Mapping[IPv4Address, str | None]
-) -> list[str]:
-    """The element changes that make @leased say wanted (None: no element) for its addresses."""
-    out: list[str] = []
+) -> tuple[list[Pair], list[Pair]]:
+    """The (deletes, adds) that make @leased say wanted (None: no element) for its addresses."""
+    deletes: list[Pair] = []
+    adds: list[Pair] = []
     for ip, mac in sorted(wanted.items()):
         old = current.get(ip)
         if old == mac:
             continue
         if old is not None:
-            out.append(f"delete element {BRIDGE_TABLE} leased {{ {_mac_ip(ip, old)} }}")
+            deletes.append((ip, old))
         if mac is not None:
-            out.append(f"add element {BRIDGE_TABLE} leased {{ {_mac_ip(ip, mac)} }}")
-    return out
+            adds.append((ip, mac))
+    return deletes, adds
+
+
+def element_key(ip: IPv4Address, mac: str) -> bytes:
+    """The set key of `mac . ip` as the kernel stores it: each field padded to 4 bytes."""
+    return bytes.fromhex(mac.replace(":", "")) + b"\0\0" + ip.packed
 
 
 def port_commands(current: Iterable[str], wanted: Iterable[str]) -> list[str]:
@@ -256,6 +265,7 @@ class Guard:
     def __init__(self, policy: GuardPolicy, nft: Nft | None = None) -> None:
         self.policy = policy
         self.nft = nft or Nft()
+        self.writer = ElementSocket(NFPROTO_BRIDGE, TABLE, "leased")
         self.elements: dict[IPv4Address, str] = {}
         self.ports: set[str] = set()
 
@@ -266,15 +276,20 @@ class Guard:
 
     def update(self, wanted: Mapping[IPv4Address, str | None]) -> None:
         """Put these addresses' elements in line, in one transaction (nothing if in line)."""
-        commands = element_commands(self.elements, wanted)
-        if not commands:
-            return
-        self.nft.run("\n".join(commands) + "\n")
+        deletes, adds = element_changes(self.elements, wanted)
+        self.writer.apply(
+            [element_key(ip, mac) for ip, mac in deletes],
+            [element_key(ip, mac) for ip, mac in adds],
+        )
         for ip, mac in wanted.items():
             if mac is None:
                 self.elements.pop(ip, None)
             else:
                 self.elements[ip] = mac
+
+    def close(self) -> None:
+        self.writer.close()
+        self.nft.close()
 
     def set_ports(self, ports: Iterable[str]) -> list[str]:
         """Make @ports the bridge's ports; the ports added and removed, as log lines."""
