@@ -1,7 +1,8 @@
 """The composition root of `cocoon-net daemon`: the only place long-lived objects are built.
 
-Start-up: daemon lock -> state lock, pool.json, host setup -> lease recovery -> VM guard
-(node/guard.py, replaced whole in one transaction) -> bind -> route reconcile -> ready.
+Start-up: daemon lock -> state lock, pool.json, host setup -> lease recovery -> ARP probe of
+held addresses -> VM guard (node/guard.py, replaced whole in one transaction) -> bind ->
+route reconcile -> ready.
 Lease recovery trusts the journal and snapshot (dhcp/store.py) and also every /32 route
 of ours (and of the Go tool) on the bridge: an address with a route but no lease is held
 for a lease time and confirmed only to the VM that asks for it, so a lost lease file can
@@ -192,7 +193,10 @@ class Daemon:
         for change in changes:
             log.info("recovery: %s %s", change.op, getattr(change, "lease", change))
         await self.store.commit(effects.records(changes))
-        self.guard = self._start_guard(now)
+        # Asked before the guard is installed: it would drop the answers of VMs it does not
+        # know yet.
+        answering = await self._answering(self._unconfirmed(route_sock))
+        self.guard = self._start_guard(now, answering)
         counters = PromCounters(metrics) if metrics is not None else Counters()
         self.server = DhcpServer(
             bridge=self.bridge,
@@ -204,7 +208,7 @@ class Daemon:
             counters=counters,
         )
         self.server.open()
-        await self._reconcile_routes(first=True)
+        await self._reconcile_routes(answering=answering)
         control_server = await control.serve(self.opts.paths.control_socket, control.handler(self))
         metrics_server = self._start_metrics(metrics)
         events = rtnl.EventSocket()
@@ -252,10 +256,12 @@ class Daemon:
                 log.info("host setup: %s", change)
         return pool
 
-    def _start_guard(self, now: float) -> guard.Guard | None:
+    def _start_guard(self, now: float, answering: dict[IPv4Address, str]) -> guard.Guard | None:
         """Install the VM guard for the recovered leases before the first request is read
         (or remove it under --no-guard). Its tables are recorded in pool.json before they
-        are made, so teardown always knows them."""
+        are made, so teardown always knows them. A held address whose VM answered ARP (a
+        node taken over from the Go tool) stays usable by the MAC that answered, and by
+        nobody else, until its VM asks for it."""
         nft = Nft()
         if not self.opts.guard:
             if self.pool.guard.installed:
@@ -276,7 +282,8 @@ class Daemon:
         kernel = guard.read_kernel(nft)  # the previous daemon's, if any: see guarded()
         if not record.installed:
             self._record_guard(installed=True)
-        elements = effects.guarded(self.table, kernel.elements if kernel else {}, now)
+        known = {**answering, **(kernel.elements if kernel else {})}
+        elements = effects.guarded(self.table, known, now)
         handle.install(elements, guard.bridge_ports(self.bridge))
         log.info(
             "VM guard on: %d addresses guarded on %d ports (VM to VM %s, IPv6 %s)",
@@ -388,7 +395,14 @@ class Daemon:
         found = self._kernel_routes(sock)
         return {ip for ips in found.values() for ip in ips if ip in subnet}
 
-    async def _reconcile_routes(self, *, first: bool = False) -> None:
+    def _unconfirmed(self, sock: rtnl.RouteSocket) -> set[IPv4Address]:
+        """Held addresses with a Go tool's boot route: whether their VM answers decides."""
+        now = time.time()
+        leased = {lease.ip for lease in self.table.leases(now)}
+        boot = self._kernel_routes(sock)[config.GO_ROUTE_PROTO]
+        return routes.unconfirmed(self.table.routed_addresses(now), leased, boot)
+
+    async def _reconcile_routes(self, *, answering: dict[IPv4Address, str] | None = None) -> None:
         """Routes = leases (+ recovered holds): missing ones added, ours without one removed,
         anyone else's untouched. The Go tool's proto-boot route for a pool address is taken
         over (replaced in place) once a lease or, at start-up, an answer on the bridge shows
@@ -398,16 +412,13 @@ class Daemon:
         wanted = self.table.routed_addresses(now)
         leased = {lease.ip for lease in self.table.leases(now)}
         boot = found[config.GO_ROUTE_PROTO]
-        answering: set[IPv4Address] = set()
-        if first:
-            answering = await self._answering(routes.unconfirmed(wanted, leased, boot))
         diff = routes.plan_reconcile(
             wanted=wanted,
             leased=leased,
             ours=found[config.ROUTE_PROTO],
             boot=boot,
             subnet=self.pool.network,
-            answering=answering,
+            answering=set(answering or ()),
         )
         if diff:
             failed = self.server.sync_routes(set(diff.add) | set(diff.remove))
@@ -420,16 +431,17 @@ class Daemon:
                 log.info("took over %d proto-boot routes: %s", len(taken),
                          " ".join(map(str, taken)))  # fmt: skip
 
-    async def _answering(self, targets: set[IPv4Address]) -> set[IPv4Address]:
-        """The targets whose VM answers ARP on the bridge (none when it cannot be asked)."""
+    async def _answering(self, targets: set[IPv4Address]) -> dict[IPv4Address, str]:
+        """The targets whose VM answers ARP on the bridge, with its MAC (none when it cannot
+        be asked)."""
         if not targets:
-            return set()
+            return {}
         try:
             found = await asyncio.to_thread(arp.probe, self.bridge, self.pool.gateway_ip, targets)
         except OSError as exc:
             log.warning("ARP probe on %s: %s; holding %d routed addresses", self.bridge,
                         exc.strerror or exc, len(targets))  # fmt: skip
-            return set()
+            return {}
         log.info(
             "recovery: %d of %d routed addresses without a lease answer on %s; their routes "
             "are taken over, the rest stay held until their VM asks",

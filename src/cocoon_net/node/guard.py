@@ -36,6 +36,7 @@ from ipaddress import IPv4Address
 
 from cocoon_net import proc
 from cocoon_net.errors import HostSetupError
+from cocoon_net.node import rtnl
 from cocoon_net.node.nft import NFPROTO_BRIDGE, ElementSocket, Nft
 
 log = logging.getLogger("cocoon_net.guard")
@@ -199,9 +200,11 @@ def port_commands(current: Iterable[str], wanted: Iterable[str]) -> list[str]:
 
 def bridge_ports(bridge: str) -> set[str]:
     """The bridge's ports now (none when the bridge is gone)."""
-    result = proc.run(["ip", "-json", "link", "show", "master", bridge], ok_codes=(0, 1))
+    result = proc.run(["ip", "-json", "link", "show", "master", bridge], ok_codes=(0, 1, 255))
     if result.returncode != 0:
-        return set()
+        if rtnl.ifindex(bridge) is None:
+            return set()
+        raise HostSetupError(f"ip link show master {bridge}: {result.stderr.strip()}")
     return {str(link["ifname"]) for link in json.loads(result.stdout or "[]")}
 
 
