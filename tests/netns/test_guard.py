@@ -42,7 +42,7 @@ DROPS = "cocoon_net_guard_drops_total"
 
 # Counts the frames on IFNAME that match KIND for SECONDS; prints "ready" once listening and
 # the count at the end. KIND: echo:IP (ICMP echo requests to IP), udp67:MAC (DHCP server
-# replies from MAC), ra:MAC (IPv6 router advertisements from MAC).
+# replies from MAC), ra:MAC (IPv6 router advertisements from MAC), ip6:MAC (any IPv6 from MAC).
 _SNIFF = r"""
 import socket, sys, time
 ifname, seconds, kind = sys.argv[1], float(sys.argv[2]), sys.argv[3]
@@ -65,6 +65,8 @@ while time.monotonic() < end:
         ihl = (f[14] & 15) * 4
         count += int.from_bytes(f[14 + ihl:16 + ihl], "big") == 67
     elif what == "ra" and etype == 0x86DD and f[20] == 58 and f[54] == 134 and src == arg:
+        count += 1
+    elif what == "ip6" and etype == 0x86DD and src == arg:
         count += 1
 print(count, flush=True)
 """
@@ -103,9 +105,10 @@ def arp_frame(mac: str, ip: IPv4Address, *, op: int) -> bytes:
     return b"\xff" * 6 + mac_bytes(mac) + b"\x08\x06" + arp
 
 
-def ra_frame(mac: str) -> bytes:
-    """An IPv6 router advertisement from a link-local address to all nodes."""
-    icmp = struct.pack("!BBHBBHII", 134, 0, 0, 64, 0, 1800, 0, 0)
+def ra_frame(mac: str, icmp_type: int = 134) -> bytes:
+    """An IPv6 router advertisement (or another ICMPv6 type) from a link-local address to
+    all nodes."""
+    icmp = struct.pack("!BBHBBHII", icmp_type, 0, 0, 64, 0, 1800, 0, 0)
     src = bytes.fromhex("fe80000000000000") + bytes.fromhex("0000000000000001")
     dst = bytes.fromhex("ff020000000000000000000000000001")
     ip6 = struct.pack("!IHBB", 6 << 28, len(icmp), 58, 255) + src + dst
@@ -238,6 +241,13 @@ def test_no_rogue_dhcp_server_no_router_advertisement(
     Netns(vm_b.netns).call(send_frames, vm_b.ifname, [ra_frame(vm_b.mac)] * 3)
     assert sniffer.count() == 0, "C received B's router advertisement"
     assert drops(node, "router_advert") == ra_before + 3
+
+    # Nor any other IPv6: the node was not set up with --allow-ipv6.
+    ipv6_before = drops(node, "ipv6")
+    sniffer = Sniffer(sandbox, vm_c.netns, vm_c.ifname, f"ip6:{vm_b.mac}", seconds=2)
+    Netns(vm_b.netns).call(send_frames, vm_b.ifname, [ra_frame(vm_b.mac, icmp_type=128)] * 2)
+    assert sniffer.count() == 0, "C received B's IPv6"
+    assert drops(node, "ipv6") >= ipv6_before + 2  # B's own router solicitations count too
 
 
 def _via_gateway(
