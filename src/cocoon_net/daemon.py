@@ -133,6 +133,7 @@ class Daemon:
         self._reloading = asyncio.Lock()
         self._platform: Platform | None = None
         self.guard: guard.Guard | None = None
+        self._guard_reader = guard.CounterReader()  # a context of its own, for threads
 
     @property
     def bridge(self) -> str:
@@ -279,7 +280,10 @@ class Daemon:
             allow_ipv6=record.allow_ipv6,
         )
         handle = guard.Guard(policy, nft)
-        kernel = guard.read_kernel(nft)  # the previous daemon's, if any: see guarded()
+        # The previous daemon's elements matter only for addresses held without a lease
+        # (effects.guarded); listing them costs seconds with tens of thousands of VMs.
+        held = self.table.recovered_addresses(now)
+        kernel = guard.read_kernel(nft) if held else None
         if not record.installed:
             self._record_guard(installed=True)
         known = {**answering, **(kernel.elements if kernel else {})}
@@ -311,19 +315,27 @@ class Daemon:
         if self.guard is None:
             return
         try:
-            present = len(guard.our_tables(self.guard.nft)) == 2
+            if not self.guard.present():
+                self._repair_guard(None)
         except CocoonError as exc:
             log.error("VM guard: %s", exc)
-            return
-        if not present:
-            self._reconcile_guard()
 
-    def _reconcile_guard(self) -> None:
+    async def _reconcile_guard(self) -> None:
+        """Compare every rule count, port and element with the kernel. The listing takes
+        seconds with tens of thousands of VMs, so it is read in a thread; a snapshot that
+        changes made meanwhile have outdated is left for the next round."""
         if self.guard is None:
             return
+        generation = self.guard.generation
+        kernel = await asyncio.to_thread(self._guard_reader.snapshot)
+        if self.guard.generation == generation:
+            self._repair_guard(kernel)
+
+    def _repair_guard(self, kernel: guard.KernelGuard | None) -> None:
+        assert self.guard is not None
         wanted = effects.guarded(self.table, self.guard.elements, time.time())
         try:
-            problem = self.guard.reconcile(wanted, guard.bridge_ports(self.bridge))
+            problem = self.guard.reconcile(wanted, guard.bridge_ports(self.bridge), kernel)
         except CocoonError as exc:
             log.error("VM guard: %s (retrying)", exc)
             return
@@ -496,7 +508,7 @@ class Daemon:
                 await asyncio.to_thread(self._fix_host)
                 if self.server.bound:
                     await self._reconcile_routes()
-                self._reconcile_guard()
+                await self._reconcile_guard()
             except CocoonError as exc:
                 log.error("reconcile: %s (retrying)", exc)
 

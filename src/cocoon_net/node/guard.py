@@ -37,7 +37,7 @@ from ipaddress import IPv4Address
 from cocoon_net import proc
 from cocoon_net.errors import HostSetupError
 from cocoon_net.node import rtnl
-from cocoon_net.node.nft import NFPROTO_BRIDGE, ElementSocket, Nft
+from cocoon_net.node.nft import NFPROTO_BRIDGE, NFPROTO_INET, ElementSocket, Nft
 
 log = logging.getLogger("cocoon_net.guard")
 
@@ -215,7 +215,6 @@ class KernelGuard:
     ports: frozenset[str]
     elements: dict[IPv4Address, str]
     rules: dict[str, int]  # "bridge/vm_ipv4" -> number of rules
-    counters: dict[str, int]  # reason -> packets
 
 
 def our_tables(nft: Nft) -> list[str]:
@@ -235,7 +234,6 @@ def read_kernel(nft: Nft) -> KernelGuard | None:
     ports: set[str] = set()
     elements: dict[IPv4Address, str] = {}
     rules: dict[str, int] = {}
-    counters: dict[str, int] = {}
     for family in ("bridge", "inet"):
         for item in nft.json(f"list table {family} {TABLE}"):
             if "set" in item:
@@ -251,9 +249,7 @@ def read_kernel(nft: Nft) -> KernelGuard | None:
             elif "rule" in item:
                 key = f"{family}/{item['rule']['chain']}"
                 rules[key] = rules.get(key, 0) + 1
-            elif "counter" in item:
-                counters[item["counter"]["name"]] = int(item["counter"]["packets"])
-    return KernelGuard(frozenset(ports), elements, rules, counters)
+    return KernelGuard(frozenset(ports), elements, rules)
 
 
 def expected_rules(policy: GuardPolicy) -> dict[str, int]:
@@ -271,11 +267,13 @@ class Guard:
         self.writer = ElementSocket(NFPROTO_BRIDGE, TABLE, "leased")
         self.elements: dict[IPv4Address, str] = {}
         self.ports: set[str] = set()
+        self.generation = 0  # changes made so far: a kernel snapshot older than one is stale
 
     def install(self, elements: Mapping[IPv4Address, str], ports: Iterable[str]) -> None:
         """Replace our tables with the whole guard, in one transaction."""
         self.nft.run(render(self.policy, ports, elements))
         self.elements, self.ports = dict(elements), set(ports)
+        self.generation += 1
 
     def update(self, wanted: Mapping[IPv4Address, str | None]) -> None:
         """Put these addresses' elements in line, in one transaction (nothing if in line)."""
@@ -284,6 +282,7 @@ class Guard:
             [element_key(ip, mac) for ip, mac in deletes],
             [element_key(ip, mac) for ip, mac in adds],
         )
+        self.generation += 1
         for ip, mac in wanted.items():
             if mac is None:
                 self.elements.pop(ip, None)
@@ -300,16 +299,28 @@ class Guard:
         commands = port_commands(self.ports, want)
         if commands:
             self.nft.run("\n".join(commands) + "\n")
+            self.generation += 1
         changes = [f"guard port {p} added" for p in sorted(want - self.ports)]
         changes += [f"guard port {p} removed" for p in sorted(self.ports - want)]
         self.ports = want
         return changes
 
-    def reconcile(self, elements: Mapping[IPv4Address, str], ports: Iterable[str]) -> str:
-        """Check the kernel against what it should hold; rebuild it whole when it differs.
-        Returns what was wrong ("" when nothing)."""
+    def present(self) -> bool:
+        """Both tables exist (cheap: asked every second)."""
+        return self.writer.has_table(NFPROTO_BRIDGE, TABLE) and self.writer.has_table(
+            NFPROTO_INET, TABLE
+        )
+
+    def reconcile(
+        self,
+        elements: Mapping[IPv4Address, str],
+        ports: Iterable[str],
+        kernel: KernelGuard | None,
+    ) -> str:
+        """Check a snapshot of the kernel (read_kernel, taken at this generation) against
+        what it should hold; rebuild the tables whole when it differs. Returns what was
+        wrong ("" when nothing)."""
         want_ports = set(ports)
-        kernel = read_kernel(self.nft)
         if kernel is None:
             problem = "tables missing"
         elif kernel.rules != expected_rules(self.policy):
@@ -334,25 +345,33 @@ def remove(nft: Nft, *, dry_run: bool = False) -> list[str]:
     return [f"{verb} nftables table {t}" for t in found]
 
 
-def counters(nft: Nft) -> dict[str, int]:
-    """Packets dropped so far, by reason (empty when the guard is not installed)."""
-    try:
-        kernel = read_kernel(nft)
-    except HostSetupError as exc:
-        log.debug("guard counters: %s", exc)
-        return {}
-    return kernel.counters if kernel is not None else {}
-
-
 class CounterReader:
-    """The guard's counters for the metrics threads: a context of their own, one at a time."""
+    """Reads the guard's tables from other threads (metrics, the reconcile's listing): a
+    context of their own, one reader at a time."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._nft: Nft | None = None
+        self._counters: ElementSocket | None = None
+
+    def _context(self) -> Nft:
+        if self._nft is None:
+            self._nft = Nft()
+        return self._nft
 
     def read(self) -> dict[str, int]:
+        """Packets dropped so far, by reason (empty when the guard is not installed)."""
         with self._lock:
-            if self._nft is None:
-                self._nft = Nft()
-            return counters(self._nft)
+            if self._counters is None:
+                self._counters = ElementSocket(NFPROTO_BRIDGE, TABLE, "leased")
+            try:
+                found = self._counters.counters(NFPROTO_BRIDGE, TABLE)
+                found.update(self._counters.counters(NFPROTO_INET, TABLE))
+            except HostSetupError as exc:
+                log.debug("guard counters: %s", exc)
+                return {}
+            return found
+
+    def snapshot(self) -> KernelGuard | None:
+        with self._lock:
+            return read_kernel(self._context())
