@@ -133,7 +133,7 @@ class Daemon:
         self._reloading = asyncio.Lock()
         self._platform: Platform | None = None
         self.guard: guard.Guard | None = None
-        self._guard_reader = guard.CounterReader()  # a context of its own, for threads
+        self._guard_reader = guard.GuardReader()  # for the metrics and reconcile threads
 
     @property
     def bridge(self) -> str:
@@ -370,12 +370,10 @@ class Daemon:
             s = self.table.stats(time.time())
             return PoolCounts(s.total, s.free, s.leased, s.offered, s.quarantined)
 
-        reader = guard.CounterReader()
-
         def guard_counts() -> GuardCounts | None:
             if self.guard is None:
                 return None
-            return GuardCounts(len(self.guard.elements), reader.read())
+            return GuardCounts(len(self.guard.elements), self._guard_reader.read())
 
         return Metrics(counts, guard_counts)
 

@@ -462,3 +462,39 @@ def test_lost_lease_file(tmp_path: Path, tables: str) -> None:
         assert kernel_elements(sandbox) == (
             {ip_a: vm_a.mac, ip_b: vm_b.mac} if tables == "kept" else {ip_a: vm_a.mac}
         )
+
+
+def _tampered(change: str) -> tuple[str, bool]:
+    """Run in a fresh namespace: install a guard, let someone change it by hand, reconcile;
+    what reconcile found and whether the kernel holds the whole guard again."""
+    handle = guard.Guard(guard.GuardPolicy("cni0", IPv4Address("10.0.0.1")))
+    elements = {IPv4Address("10.0.0.2"): "02:00:00:00:00:02"}
+    handle.install(elements, ["veth0"])
+    handle.nft.run(change + "\n")
+    reader = guard.GuardReader()
+    problem = handle.reconcile(elements, ["veth0"], reader.snapshot())
+    after = reader.snapshot()
+    whole = (
+        after is not None
+        and after.elements == elements
+        and after.ports == {"veth0"}
+        and after.rules == guard.expected_rules(handle.policy)
+    )
+    return problem, whole
+
+
+@pytest.mark.parametrize(
+    ("change", "found"),
+    [
+        ("delete element bridge cocoon-net leased { 02:00:00:00:00:02 . 10.0.0.2 }",
+         "leased addresses differ"),
+        ("add element bridge cocoon-net leased { 02:00:00:00:00:09 . 10.0.0.9 }",
+         "leased addresses differ"),
+        ("flush chain bridge cocoon-net vm_ipv4", "rules changed"),
+        ("delete element bridge cocoon-net ports { \"veth0\" }", "ports differ"),
+        ("delete table inet cocoon-net", "tables missing"),
+    ],
+)  # fmt: skip
+def test_reconcile_rebuilds_a_changed_guard(change: str, found: str) -> None:
+    with netns("guard") as ns:
+        assert ns.call(_tampered, change) == (found, True)
