@@ -46,7 +46,7 @@ from bench.ladder import (
 from bench.relay import RelayStep, relay_lines, run_perfdhcp
 from bench.servers import SERVERS, CocoonNet
 
-DEFAULT_SERVERS = ("kea", "dnsmasq", "dnsmasq-ping", "cocoon-net")
+DEFAULT_SERVERS = ("kea", "dnsmasq", "dnsmasq-ping", "cocoon-net", "cocoon-net-no-guard")
 FULL_RATES = (100, 250, 500, 1000, 2000, 4000, 8000)
 SMOKE_RATES = (50,)
 # Debian packages of the peers; perfdhcp comes with kea-admin (testbed-facts #3).
@@ -194,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ready_timeout=10.0,
     )
     if not args.no_install and not args.smoke:
-        ensure_packages([SERVERS[n].binary for n in names if n != "cocoon-net"], log)
+        ensure_packages([SERVERS[n].binary for n in names if not n.startswith("cocoon-net")], log)
     # SIGTERM unwinds like Ctrl-C, through every cleanup below.
     signal.signal(signal.SIGTERM, _raise_interrupt)
     stamp = time.strftime("%Y%m%dT%H%M%S")
@@ -246,6 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         *report.summary_table(runs, max(cfg.rates)),
         "",
         *report.ratio_lines(runs, max(cfg.rates)),
+        *report.guard_lines(runs),
     ]
     if startups:
         lines += ["", "start to ready, idle RSS, status", *figures.startup_lines(startups, timings)]

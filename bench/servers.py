@@ -293,6 +293,7 @@ class CocoonNet(ServerUnderTest):
 
     name = "cocoon-net"
     binary = "cocoon-net"
+    extra_flags: tuple[str, ...] = ()
 
     def __init__(self, site: Site, workdir: Path, *, profile_to: Path | None = None) -> None:
         super().__init__(site, workdir)
@@ -344,7 +345,7 @@ class CocoonNet(ServerUnderTest):
         ]
         if self.site.relay is not None:
             argv += ["--relay-from", str(self.site.relay)]
-        return argv
+        return argv + list(self.extra_flags)
 
     def _is_ready(self, wait: float) -> bool:
         """READY=1 on $NOTIFY_SOCKET, or a new control socket appearing, whichever is first
@@ -383,6 +384,13 @@ class CocoonNet(ServerUnderTest):
                 self._notify = None
 
 
+class CocoonNetNoGuard(CocoonNet):
+    """The same daemon without its VM guard: what the guard costs is the difference."""
+
+    name = "cocoon-net-no-guard"
+    extra_flags = ("--no-guard",)
+
+
 def _inode(path: Path) -> int | None:
     try:
         return path.stat().st_ino
@@ -391,5 +399,5 @@ def _inode(path: Path) -> int | None:
 
 
 SERVERS: dict[str, type[ServerUnderTest]] = {
-    cls.name: cls for cls in (CocoonNet, Kea, Dnsmasq, DnsmasqPing)
+    cls.name: cls for cls in (CocoonNet, CocoonNetNoGuard, Kea, Dnsmasq, DnsmasqPing)
 }

@@ -184,6 +184,18 @@ def _add_node_flags(p: argparse.ArgumentParser, *, pool_default: int) -> None:
         help="bridge MAC address (default: 02:c0 followed by the gateway's four bytes)",
     )
     p.add_argument(
+        "--allow-vm-to-vm",
+        action="store_true",
+        help="let VMs reach each other (through the gateway and, without port isolation in "
+        "the CNI conflist, directly); default: only the VPC and the outside",
+    )
+    p.add_argument(
+        "--allow-ipv6",
+        action="store_true",
+        help="let VMs send IPv6 (router advertisements and DHCPv6 replies stay dropped); "
+        "default: IPv6 from VMs is dropped",
+    )
+    p.add_argument(
         "--security-group",
         default="",
         help="volcengine, aws: security group for the ENIs (default: the instance's own)",
@@ -229,6 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_dir(p)
     p.add_argument(
         "--skip-iptables", action="store_true", help="do not install or change firewall rules"
+    )
+    p.add_argument(
+        "--no-guard",
+        action="store_true",
+        help="escape hatch: run without the VM guard (any VM may then use any address) and "
+        "remove its tables if this daemon installed them (default: guard on)",
     )
     p.add_argument(
         "--metrics-addr",
@@ -350,6 +368,8 @@ def _node_options(args: argparse.Namespace) -> NodeOptions:
         dry_run=args.dry_run,
         platform_options=config.platform_options(args.security_group, args.range_cidr),
         subnet_auto=auto,
+        allow_vm_to_vm=args.allow_vm_to_vm,
+        allow_ipv6=args.allow_ipv6,
     )
 
 
@@ -396,6 +416,7 @@ def _cmd_daemon(args: argparse.Namespace) -> int:
     opts = DaemonOptions(
         paths=_paths(args),
         skip_iptables=args.skip_iptables,
+        guard=not args.no_guard,
         metrics_addr=args.metrics_addr,
         lease_seconds=config.parse_duration(args.lease_time, flag="--lease-time"),
         relay_from=tuple(config.parse_ipv4(ip, flag="--relay-from") for ip in args.relay_from),

@@ -114,6 +114,10 @@ class Served(Protocol):
         """Our /32 routes on the bridge now."""
         ...
 
+    def guard_status(self) -> dict[str, Any]:
+        """The VM guard: state "on" or "off", addresses guarded, bridge ports covered."""
+        ...
+
     async def persist(self, changes: list[Change]) -> None:
         """Make changes durable and put the routes in line with them."""
         ...
@@ -155,6 +159,7 @@ def _leases(daemon: Served, now: float) -> dict[str, Any]:
             "offered": stats.offered,
             "quarantined": stats.quarantined,
         },
+        "guard": daemon.guard_status(),
         "leases": [
             {
                 "ip": str(lease.ip),

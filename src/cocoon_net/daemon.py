@@ -1,21 +1,25 @@
 """The composition root of `cocoon-net daemon`: the only place long-lived objects are built.
 
-Start-up: daemon lock -> state lock, pool.json, host setup -> lease recovery -> route
-reconcile -> bind -> ready. Lease recovery trusts the journal and snapshot (dhcp/store.py)
-and also every /32 route of ours (and of the Go tool) on the bridge: an address with a
-route but no lease is held for a lease time and confirmed only to the VM that asks for it,
-so a lost lease file can never put one address on two VMs.
+Start-up: daemon lock -> state lock, pool.json, host setup -> lease recovery -> ARP probe of
+held addresses -> VM guard (node/guard.py, replaced whole in one transaction) -> bind ->
+route reconcile -> ready.
+Lease recovery trusts the journal and snapshot (dhcp/store.py) and also every /32 route
+of ours (and of the Go tool) on the bridge: an address with a route but no lease is held
+for a lease time and confirmed only to the VM that asks for it, so a lost lease file can
+never put one address on two VMs.
 
 The daemon holds the daemon lock for its whole life (one daemon per node; teardown refuses
 while it runs) and the state lock only while it reads pool.json and applies host setup, which
 records its changes there: init and adopt can grow the pool of a running daemon, then ask it
 over the control socket to re-read pool.json. SIGTERM stops it gracefully (leases flushed,
-routes kept: VMs keep their traffic across a restart); SIGHUP re-reads pool.json too.
+routes and the guard kept: VMs keep their traffic, and stay guarded, across a restart);
+SIGHUP re-reads pool.json too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -33,7 +37,8 @@ from cocoon_net.dhcp.settings import DhcpSettings, Route
 from cocoon_net.dhcp.store import LeaseStore, Recovered
 from cocoon_net.errors import CocoonError, StateError
 from cocoon_net.lock import StateLock
-from cocoon_net.node import arp, nic, routes, rtnl
+from cocoon_net.node import arp, guard, nic, routes, rtnl
+from cocoon_net.node.nft import Nft
 from cocoon_net.platform import get_platform
 from cocoon_net.platform.base import Platform
 from cocoon_net.sdnotify import Notifier, watchdog_interval
@@ -59,6 +64,7 @@ class DaemonOptions:
     skip_iptables: bool
     metrics_addr: str
     lease_seconds: int
+    guard: bool = True
     relay_from: tuple[IPv4Address, ...] = ()
     domain: str = ""
     search: tuple[str, ...] = ()
@@ -126,6 +132,8 @@ class Daemon:
         self._reload_due = False
         self._reloading = asyncio.Lock()
         self._platform: Platform | None = None
+        self.guard: guard.Guard | None = None
+        self._guard_reader = guard.GuardReader()  # for the metrics and reconcile threads
 
     @property
     def bridge(self) -> str:
@@ -186,6 +194,10 @@ class Daemon:
         for change in changes:
             log.info("recovery: %s %s", change.op, getattr(change, "lease", change))
         await self.store.commit(effects.records(changes))
+        # Asked before the guard is installed: it would drop the answers of VMs it does not
+        # know yet.
+        answering = await self._answering(self._unconfirmed(route_sock))
+        self.guard = self._start_guard(now, answering)
         counters = PromCounters(metrics) if metrics is not None else Counters()
         self.server = DhcpServer(
             bridge=self.bridge,
@@ -193,14 +205,16 @@ class Daemon:
             table=self.table,
             store=self.store,
             routes=route_sock,
+            guard=self.guard,
             counters=counters,
         )
         self.server.open()
-        await self._reconcile_routes(first=True)
+        await self._reconcile_routes(answering=answering)
         control_server = await control.serve(self.opts.paths.control_socket, control.handler(self))
         metrics_server = self._start_metrics(metrics)
         events = rtnl.EventSocket()
         asyncio.get_running_loop().add_reader(events.fileno(), self._on_netlink, events)
+        self._guard_ports()  # a port attached since the guard was installed
         stats = self.table.stats(now)
         ready = (
             f"serving {self.pool.subnet} on {self.bridge}: {stats.total} addresses, "
@@ -229,6 +243,8 @@ class Daemon:
             if metrics_server is not None:
                 metrics_server.stop()
             route_sock.close()
+            if self.guard is not None:
+                self.guard.close()
         return 0
 
     def _setup_host(self, lock_wait: float) -> PoolState:
@@ -240,6 +256,100 @@ class Daemon:
             for change in lifecycle.reconcile_host(pool, self.opts.paths, manage_firewall=manage):
                 log.info("host setup: %s", change)
         return pool
+
+    def _start_guard(self, now: float, answering: dict[IPv4Address, str]) -> guard.Guard | None:
+        """Install the VM guard for the recovered leases before the first request is read
+        (or remove it under --no-guard). Its tables are recorded in pool.json before they
+        are made, so teardown always knows them. A held address whose VM answered ARP (a
+        node taken over from the Go tool) stays usable by the MAC that answered, and by
+        nobody else, until its VM asks for it."""
+        nft = Nft()
+        if not self.opts.guard:
+            if self.pool.guard.installed:
+                for line in guard.remove(nft):
+                    log.warning("guard: %s (--no-guard)", line)
+                self._record_guard(installed=False)
+            nft.close()
+            log.warning("VM guard off (--no-guard): any VM may send from any address")
+            return None
+        record = self.pool.guard
+        policy = guard.GuardPolicy(
+            bridge=self.bridge,
+            gateway=self.pool.gateway_ip,
+            allow_vm_to_vm=record.allow_vm_to_vm,
+            allow_ipv6=record.allow_ipv6,
+        )
+        handle = guard.Guard(policy, nft)
+        # The previous daemon's elements matter only for addresses held without a lease
+        # (effects.guarded); listing them costs seconds with tens of thousands of VMs.
+        held = self.table.recovered_addresses(now)
+        kernel = guard.read_kernel(nft) if held else None
+        if not record.installed:
+            self._record_guard(installed=True)
+        known = {**answering, **(kernel.elements if kernel else {})}
+        elements = effects.guarded(self.table, known, now)
+        handle.install(elements, guard.bridge_ports(self.bridge))
+        log.info(
+            "VM guard on: %d addresses guarded on %d ports (VM to VM %s, IPv6 %s)",
+            len(handle.elements), len(handle.ports),
+            "allowed" if policy.allow_vm_to_vm else "dropped",
+            "allowed" if policy.allow_ipv6 else "dropped",
+        )  # fmt: skip
+        return handle
+
+    def _record_guard(self, *, installed: bool) -> None:
+        with StateLock(self.opts.paths.lock_file, "daemon", wait=START_LOCK_WAIT):
+            pool = state.load(self.opts.paths.pool_file)
+            pool.guard = dataclasses.replace(pool.guard, installed=installed)
+            state.save(self.opts.paths.pool_file, pool)
+        self.pool.guard = pool.guard
+
+    def guard_status(self) -> dict[str, Any]:
+        if self.guard is None:
+            return {"state": "off", "guarded": 0, "ports": 0}
+        return {"state": "on", "guarded": len(self.guard.elements), "ports": len(self.guard.ports)}
+
+    def _check_guard(self) -> None:
+        """Every second: our tables still there? (`nft flush ruleset` removes every table;
+        listing the table names is cheap, comparing every element waits for the reconcile.)"""
+        if self.guard is None:
+            return
+        try:
+            if not self.guard.present():
+                self._repair_guard(None)
+        except CocoonError as exc:
+            log.error("VM guard: %s", exc)
+
+    async def _reconcile_guard(self) -> None:
+        """Compare every rule count, port and element with the kernel. The listing takes
+        seconds with tens of thousands of VMs, so it is read in a thread; a snapshot that
+        changes made meanwhile have outdated is left for the next round."""
+        if self.guard is None:
+            return
+        generation = self.guard.generation
+        kernel = await asyncio.to_thread(self._guard_reader.snapshot)
+        if self.guard.generation == generation:
+            self._repair_guard(kernel)
+
+    def _repair_guard(self, kernel: guard.KernelGuard | None) -> None:
+        assert self.guard is not None
+        wanted = effects.guarded(self.table, self.guard.elements, time.time())
+        try:
+            problem = self.guard.reconcile(wanted, guard.bridge_ports(self.bridge), kernel)
+        except CocoonError as exc:
+            log.error("VM guard: %s (retrying)", exc)
+            return
+        if problem:
+            log.warning("VM guard: %s; restored (%d addresses)", problem, len(wanted))
+
+    def _guard_ports(self) -> None:
+        if self.guard is None:
+            return
+        try:
+            for change in self.guard.set_ports(guard.bridge_ports(self.bridge)):
+                log.info("%s", change)
+        except CocoonError as exc:
+            log.error("guard ports: %s (the reconcile loop retries)", exc)
 
     def _fix_host(self) -> None:
         """What the cloud's agents did to the host behind our back, undone again."""
@@ -254,13 +364,18 @@ class Daemon:
     def _metrics(self) -> Any:
         if not self.opts.metrics_addr:
             return None
-        from cocoon_net.metrics import Metrics, PoolCounts
+        from cocoon_net.metrics import GuardCounts, Metrics, PoolCounts
 
         def counts() -> PoolCounts:
             s = self.table.stats(time.time())
             return PoolCounts(s.total, s.free, s.leased, s.offered, s.quarantined)
 
-        return Metrics(counts)
+        def guard_counts() -> GuardCounts | None:
+            if self.guard is None:
+                return None
+            return GuardCounts(len(self.guard.elements), self._guard_reader.read())
+
+        return Metrics(counts, guard_counts)
 
     def _start_metrics(self, metrics: Any) -> Any:
         if metrics is None:
@@ -290,7 +405,14 @@ class Daemon:
         found = self._kernel_routes(sock)
         return {ip for ips in found.values() for ip in ips if ip in subnet}
 
-    async def _reconcile_routes(self, *, first: bool = False) -> None:
+    def _unconfirmed(self, sock: rtnl.RouteSocket) -> set[IPv4Address]:
+        """Held addresses with a Go tool's boot route: whether their VM answers decides."""
+        now = time.time()
+        leased = {lease.ip for lease in self.table.leases(now)}
+        boot = self._kernel_routes(sock)[config.GO_ROUTE_PROTO]
+        return routes.unconfirmed(self.table.routed_addresses(now), leased, boot)
+
+    async def _reconcile_routes(self, *, answering: dict[IPv4Address, str] | None = None) -> None:
         """Routes = leases (+ recovered holds): missing ones added, ours without one removed,
         anyone else's untouched. The Go tool's proto-boot route for a pool address is taken
         over (replaced in place) once a lease or, at start-up, an answer on the bridge shows
@@ -300,16 +422,13 @@ class Daemon:
         wanted = self.table.routed_addresses(now)
         leased = {lease.ip for lease in self.table.leases(now)}
         boot = found[config.GO_ROUTE_PROTO]
-        answering: set[IPv4Address] = set()
-        if first:
-            answering = await self._answering(routes.unconfirmed(wanted, leased, boot))
         diff = routes.plan_reconcile(
             wanted=wanted,
             leased=leased,
             ours=found[config.ROUTE_PROTO],
             boot=boot,
             subnet=self.pool.network,
-            answering=answering,
+            answering=set(answering or ()),
         )
         if diff:
             failed = self.server.sync_routes(set(diff.add) | set(diff.remove))
@@ -322,16 +441,17 @@ class Daemon:
                 log.info("took over %d proto-boot routes: %s", len(taken),
                          " ".join(map(str, taken)))  # fmt: skip
 
-    async def _answering(self, targets: set[IPv4Address]) -> set[IPv4Address]:
-        """The targets whose VM answers ARP on the bridge (none when it cannot be asked)."""
+    async def _answering(self, targets: set[IPv4Address]) -> dict[IPv4Address, str]:
+        """The targets whose VM answers ARP on the bridge, with its MAC (none when it cannot
+        be asked)."""
         if not targets:
-            return set()
+            return {}
         try:
             found = await asyncio.to_thread(arp.probe, self.bridge, self.pool.gateway_ip, targets)
         except OSError as exc:
             log.warning("ARP probe on %s: %s; holding %d routed addresses", self.bridge,
                         exc.strerror or exc, len(targets))  # fmt: skip
-            return set()
+            return {}
         log.info(
             "recovery: %d of %d routed addresses without a lease answer on %s; their routes "
             "are taken over, the rest stay held until their VM asks",
@@ -346,7 +466,9 @@ class Daemon:
         if not changes:
             return
         await self.store.commit(effects.records(changes))
-        self.server.sync_routes(effects.touched(changes))
+        touched = effects.touched(changes)
+        self.server.sync_routes(touched)
+        self.server.sync_guard(touched)
 
     # ------------------------------------------------------------------ loops
 
@@ -360,6 +482,7 @@ class Daemon:
                 await self.persist(changes)
             except CocoonError as exc:
                 log.error("expiry: %s", exc)
+            self._check_guard()
 
     async def _reconcile_loop(self) -> None:
         while True:
@@ -383,6 +506,7 @@ class Daemon:
                 await asyncio.to_thread(self._fix_host)
                 if self.server.bound:
                     await self._reconcile_routes()
+                await self._reconcile_guard()
             except CocoonError as exc:
                 log.error("reconcile: %s (retrying)", exc)
 
@@ -400,7 +524,9 @@ class Daemon:
         at once; any other change to links, addresses or routes triggers a reconcile."""
         repair: set[IPv4Address] = set()
         now = time.time()
+        links = False
         for event in events.drain():
+            links = links or event.kind in (rtnl.RTM_NEWLINK, rtnl.RTM_DELLINK)
             if not event.ours:
                 self._reconcile_due.set()
             elif (
@@ -409,6 +535,8 @@ class Daemon:
                 and self.table.needs_route(event.dst, now)
             ):
                 repair.add(event.dst)
+        if links:  # a port attached or gone: guard it now, not at the next reconcile
+            self._guard_ports()
         if repair:
             log.warning("lease routes removed from outside, restoring: %s", sorted(repair))
             self.server.sync_routes(repair)

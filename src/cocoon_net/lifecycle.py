@@ -15,7 +15,7 @@ import logging
 import os
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,7 +25,7 @@ from cocoon_net.errors import CocoonError, StateError
 from cocoon_net.fsutil import atomic_write, remove_file
 from cocoon_net.platform import get_platform
 from cocoon_net.platform.base import NodeRequest, Platform, ProvisionResult, ResourceRecorder
-from cocoon_net.state import HostRecord, PoolState
+from cocoon_net.state import GuardRecord, HostRecord, PoolState
 
 if TYPE_CHECKING:  # node.hostsetup is imported when used: status never needs it
     from cocoon_net.node.hostsetup import HostSpec
@@ -57,6 +57,8 @@ class NodeOptions:
     manage_iptables: bool
     paths: config.Paths
     dry_run: bool = False
+    allow_vm_to_vm: bool = False
+    allow_ipv6: bool = False
     platform_options: Mapping[str, str] = field(default_factory=dict)
     subnet_auto: bool = False  # subnet is config.AUTO_PLACEHOLDER until claimed
 
@@ -102,6 +104,7 @@ def host_spec(
         drop_internal_access=pool.drop_internal_access,
         vpc_cidrs=tuple(config.parse_cidr_list(pool.vpc_cidrs, flag="vpcCIDRs")),
         conflist=paths.conflist_for(pool.cni_conflist),
+        port_isolation=not pool.guard.allow_vm_to_vm,
     )
 
 
@@ -142,6 +145,11 @@ def _pending_state(opts: NodeOptions, platform: str, existing: PoolState | None)
         cni_conflist=str(opts.paths.conflist),
         host=existing.host if existing is not None else HostRecord(),
         cloud=dict(existing.cloud) if existing is not None else {},
+        guard=GuardRecord(
+            allow_vm_to_vm=opts.allow_vm_to_vm,
+            allow_ipv6=opts.allow_ipv6,
+            installed=existing is not None and existing.guard.installed,
+        ),
         extra=dict(existing.extra) if existing is not None else {},
     )
 
@@ -186,6 +194,8 @@ def describe_options(opts: NodeOptions, platform: str) -> list[str]:
         ("lease-file", str(opts.lease_file)),
         ("cni-conflist", str(opts.paths.conflist)),
         ("manage-iptables", str(opts.manage_iptables).lower()),
+        ("allow-vm-to-vm", str(opts.allow_vm_to_vm).lower()),
+        ("allow-ipv6", str(opts.allow_ipv6).lower()),
     ]
     verb = "provision networking" if opts.command == "init" else "adopt node"
     lines = [f"[dry-run] would {verb} with config:"]
@@ -471,6 +481,19 @@ def _dry_run(opts: NodeOptions, platform_name: str) -> list[str]:
     return lines
 
 
+def _remove_guard(*, dry_run: bool) -> list[str]:
+    """The VM guard's tables, which the daemon installed and recorded (it leaves them in
+    place when it stops, so VMs stay guarded across a restart)."""
+    from cocoon_net.node import guard
+    from cocoon_net.node.nft import Nft
+
+    nft = Nft()
+    try:
+        return guard.remove(nft, dry_run=dry_run)
+    finally:
+        nft.close()
+
+
 def lease_files(lease_file: Path) -> list[Path]:
     """The lease snapshot and every companion file the store keeps beside it."""
     if not lease_file.parent.is_dir():
@@ -514,6 +537,8 @@ def teardown_node(
             actions += hostsetup.plan_teardown(
                 pool.host, pool.bridge, pool.network, conflist, manage
             )
+            if pool.guard.installed:
+                actions += _remove_guard(dry_run=True)
             actions += [f"remove {p}" for p in lease_files(lease_file)]
             actions.append(f"remove {paths.pool_file}")
             return lines + [f"  {a}" for a in actions]
@@ -529,6 +554,10 @@ def teardown_node(
         except CocoonError as exc:
             errors.append(str(exc))
         try:
+            if pool.guard.installed:
+                done += _remove_guard(dry_run=False)
+                pool.guard = replace(pool.guard, installed=False)
+                state.save(paths.pool_file, pool)
             done += hostsetup.teardown(pool.host, pool.bridge, pool.network, conflist, manage)
             pool.host = HostRecord()
             state.save(paths.pool_file, pool)

@@ -3,8 +3,9 @@ import and status/--help must stay fast).
 
 The three series of the Go tool keep their names and meaning; the rest add what an operator
 needs to see a problem: packets by type and result, drops by reason, pool occupancy, fsync
-latency, route operations. The HTTP endpoint refuses connections from the VM subnet, so VMs
-cannot read it even when it listens on the gateway address.
+latency, route operations, and the VM guard's drops by reason. The HTTP endpoint refuses
+connections from the VM subnet, so VMs cannot read it even when it listens on the gateway
+address.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from cocoon_net.errors import UsageError
@@ -69,11 +70,47 @@ class _PoolCollector(Collector):
             yield GaugeMetricFamily(f"cocoon_net_dhcp_pool_{name}", f"Number of {text}.", value)
 
 
+@dataclass(frozen=True)
+class GuardCounts:
+    guarded: int  # addresses the guard lets their VM use
+    drops: dict[str, int]  # packets the guard dropped, by reason (the kernel's counters)
+
+
+class _GuardCollector(Collector):
+    """The guard's kernel counters, read at scrape time (no series while the guard is off)."""
+
+    def __init__(self, read: Callable[[], GuardCounts | None]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[Metric]:
+        c = self._read()
+        if c is None:
+            return
+        yield GaugeMetricFamily(
+            "cocoon_net_guard_addresses",
+            "Addresses the VM guard lets their leaseholder's MAC use.",
+            value=c.guarded,
+        )
+        drops = CounterMetricFamily(
+            "cocoon_net_guard_drops",
+            "Packets from VM ports the VM guard dropped, by reason.",
+            labels=["reason"],
+        )
+        for reason, packets in sorted(c.drops.items()):
+            drops.add_metric([reason], packets)
+        yield drops
+
+
 class Metrics:
-    def __init__(self, pool_counts: Callable[[], PoolCounts]) -> None:
+    def __init__(
+        self,
+        pool_counts: Callable[[], PoolCounts],
+        guard_counts: Callable[[], GuardCounts | None] = lambda: None,
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=False)  # pool counts exist only at scrape
         self.registry.register(ProcessCollector(registry=None))
         self.registry.register(_PoolCollector(pool_counts))
+        self.registry.register(_GuardCollector(guard_counts))
         r = self.registry
         self.lease_total = Counter(
             "cocoon_net_dhcp_lease_total",

@@ -45,6 +45,8 @@ def offline_changes(existing: PoolState, wanted: PoolState) -> list[str]:
         ("drop-cidr", sorted(existing.drop_cidrs), sorted(wanted.drop_cidrs)),
         ("vpc-cidr", sorted(existing.vpc_cidrs), sorted(wanted.vpc_cidrs)),
         ("manage-iptables", existing.manage_iptables, wanted.manage_iptables),
+        ("allow-vm-to-vm", existing.guard.allow_vm_to_vm, wanted.guard.allow_vm_to_vm),
+        ("allow-ipv6", existing.guard.allow_ipv6, wanted.guard.allow_ipv6),
         ("lease-file", existing.lease_file or wanted.lease_file, wanted.lease_file),
         ("cni-conflist", existing.cni_conflist or wanted.cni_conflist, wanted.cni_conflist),
     ]

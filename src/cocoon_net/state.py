@@ -17,7 +17,8 @@ A file as the Go tool writes it (our loader reads these unchanged)::
 We write the same keys in the same order, then our own additions (what later commands need
 and the Go tool lost): whether iptables is ours to manage, the VPC CIDRs VMs reach unmasked,
 the bridge name and MTU, the lease file and conflist paths, what host setup changed (so
-teardown can undo exactly that) and the cloud resources each platform created. Keys we do not
+teardown can undo exactly that), the cloud resources each platform created and the VM
+guard's policy and tables. Keys we do not
 know are kept as they are, so a newer cocoon-net's additions survive a rewrite by this one.
 """
 
@@ -59,6 +60,7 @@ _OUR_KEYS = (
     "cniConflist",
     "host",
     "cloud",
+    "guard",
 )
 
 
@@ -102,6 +104,35 @@ class HostRecord:
 
 
 @dataclass
+class GuardRecord:
+    """The VM guard's policy (init/adopt flags) and whether the daemon installed its tables,
+    so teardown removes them only when they are ours."""
+
+    allow_vm_to_vm: bool = False
+    allow_ipv6: bool = False
+    installed: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "allowVmToVm": self.allow_vm_to_vm,
+            "allowIPv6": self.allow_ipv6,
+            "installed": self.installed,
+        }
+
+    @classmethod
+    def from_json(cls, raw: Any) -> GuardRecord:
+        if raw is None:
+            return cls()
+        if not isinstance(raw, dict):
+            raise ValueError("guard must be an object")
+        return cls(
+            allow_vm_to_vm=bool(raw.get("allowVmToVm", False)),
+            allow_ipv6=bool(raw.get("allowIPv6", False)),
+            installed=bool(raw.get("installed", False)),
+        )
+
+
+@dataclass
 class PoolState:
     platform: str
     node_name: str
@@ -126,6 +157,7 @@ class PoolState:
     cni_conflist: str = ""
     host: HostRecord = field(default_factory=HostRecord)
     cloud: dict[str, Any] = field(default_factory=dict)  # owned by the platform
+    guard: GuardRecord = field(default_factory=GuardRecord)
     extra: dict[str, Any] = field(default_factory=dict)  # unknown keys, kept verbatim
 
     # Typed views; valid because load() and the commands validate before saving.
@@ -174,6 +206,7 @@ class PoolState:
         out["cniConflist"] = self.cni_conflist
         out["host"] = self.host.to_json()
         out["cloud"] = self.cloud
+        out["guard"] = self.guard.to_json()
         out.update(self.extra)
         return out
 
@@ -205,6 +238,7 @@ class PoolState:
                 cni_conflist=_str(raw, "cniConflist"),
                 host=HostRecord.from_json(raw.get("host")),
                 cloud=dict(raw.get("cloud") or {}),
+                guard=GuardRecord.from_json(raw.get("guard")),
                 extra={k: v for k, v in raw.items() if k not in _GO_KEYS + _OUR_KEYS},
             )
         except (TypeError, ValueError) as exc:

@@ -34,6 +34,11 @@ def _pool_rows(pool: state.PoolState) -> list[tuple[str, str]]:
         ("Bridge", pool.bridge),
         ("MTU", str(pool.mtu) if pool.mtu else "primary NIC's"),
         ("Iptables", "managed" if pool.manage_iptables else "left alone"),
+        (
+            "VM policy",
+            f"VM to VM {'allowed' if pool.guard.allow_vm_to_vm else 'dropped'}, "
+            f"IPv6 {'allowed' if pool.guard.allow_ipv6 else 'dropped'}",
+        ),
         ("VPC CIDRs", ", ".join(pool.vpc_cidrs) or "(none: all egress masqueraded)"),
         ("Lease file", pool.lease_file or "(default)"),
     ]
@@ -52,7 +57,12 @@ def _live(paths: config.Paths, pool: state.PoolState) -> dict[str, Any]:
     """Leases from the running daemon, else from the lease files; `source` says which."""
     try:
         answer = control.request(paths.control_socket, {"cmd": "leases"})
-        return {"source": "daemon", "pool": answer["pool"], "leases": answer["leases"]}
+        return {
+            "source": "daemon",
+            "pool": answer["pool"],
+            "guard": answer.get("guard"),
+            "leases": answer["leases"],
+        }
     except StateError as exc:
         daemon_error = str(exc)
     path = paths.lease_file_for(pool.lease_file)
@@ -82,6 +92,7 @@ def _lease_lines(live: dict[str, Any]) -> list[str]:
             f"{counts['offered']} offered, {counts['quarantined']} quarantined, "
             f"{counts['free']} free"
         )
+    lines.append(f"{'Guard:':12}{_guard_line(live.get('guard'))}")
     lines.append(f"{'Leases:':12}{len(live['leases'])} active (from {live['source']})")
     if live.get("error"):
         lines.append(f"{'':12}unavailable: {live['error']}")
@@ -95,6 +106,14 @@ def _lease_lines(live: dict[str, Any]) -> list[str]:
                 f"  {lease['ip']:15} {lease['mac']:17} {left:>10}  {route:5}  {lease['hostname']}"
             )
     return lines
+
+
+def _guard_line(guard: dict[str, Any] | None) -> str:
+    if guard is None:
+        return "unknown (daemon not running)"
+    if guard["state"] != "on":
+        return "OFF (--no-guard): any VM may send from any address"
+    return f"on: {guard['guarded']} VMs guarded on {guard['ports']} bridge ports"
 
 
 def _duration(seconds: float) -> str:

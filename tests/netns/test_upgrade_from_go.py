@@ -121,6 +121,7 @@ def into_go_layout(
         "iptables -F COCOON-INPUT; iptables -X COCOON-INPUT",
         "iptables -t nat -F COCOON-POSTROUTING; iptables -t nat -X COCOON-POSTROUTING",
         "iptables -P FORWARD DROP",  # as Docker or kube leave it: only ACCEPTed traffic passes
+        "nft delete table bridge cocoon-net; nft delete table inet cocoon-net",  # our VM guard
         *(f"iptables {rule}" for rule in go_rules(ours["subnet"])),
     ]
     # The Go tool's routes: proto boot, scope global (replace keeps each in place).

@@ -74,8 +74,8 @@ class NodeDaemon(SandboxNode):
             extra=extra,
         )
 
-    def adopt(self, node_name: str = "demo") -> str:
-        return super().adopt(node_name)
+    def adopt(self, node_name: str = "demo", *extra: str) -> str:
+        return super().adopt(node_name, *extra)
 
     def close(self) -> None:
         """Kill the daemon if it still runs (the sandbox removes the namespaces after)."""
@@ -174,13 +174,18 @@ def _canonical(sample: str) -> str:
 
 @contextlib.contextmanager
 def node_with_daemon(
-    vms: int, root: Path, *, start: bool = True, **daemon_kwargs: Any
+    vms: int,
+    root: Path,
+    *,
+    start: bool = True,
+    adopt_flags: Sequence[str] = (),
+    **daemon_kwargs: Any,
 ) -> Iterator[tuple[Sandbox, NodeDaemon]]:
     """A sandbox with `vms` VMs, adopted, VMs attached to cni0, the daemon ready (if start)."""
     with Sandbox(vms, tmpdir=root) as sandbox:
         node = NodeDaemon(sandbox, root / "node", **daemon_kwargs)
         try:
-            node.adopt()
+            node.adopt("demo", *adopt_flags)
             if start:
                 node.start()
             yield sandbox, node

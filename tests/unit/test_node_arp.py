@@ -26,7 +26,7 @@ def test_request_is_a_broadcast_who_has_from_the_gateway() -> None:
 
 
 def test_only_arp_replies_name_their_sender() -> None:
-    assert arp.replier(reply(VM)) == VM
+    assert arp.replier(reply(VM)) == (VM, VM_MAC.hex(":"))
     assert arp.replier(reply(VM, op=arp.ARP_REQUEST)) is None
     assert arp.replier(reply(VM, ethertype=arp.ETH_P_IP)) is None
     assert arp.replier(reply(VM)[:30]) is None

@@ -1,13 +1,14 @@
-"""What a batch of lease-table changes means for the disk: journal records, as pure code.
+"""What a batch of lease-table changes means for the disk and the kernel, as pure code.
 
-Routes are not derived change by change: after any change the daemon makes the kernel's
-/32 routes for the touched addresses match the table (an address that someone still holds
-keeps its route, whatever happened to the lease that ended), see Server._sync_routes.
+Routes and guard elements are not derived change by change: after any change the daemon
+makes the kernel's /32 routes and the guard's `MAC . address` elements for the touched
+addresses match the table (an address that someone still holds keeps its route, whatever
+happened to the lease that ended), see DhcpServer.sync_routes and sync_guard.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from ipaddress import IPv4Address
 
 from cocoon_net.dhcp.leasefile import Record
@@ -15,6 +16,7 @@ from cocoon_net.dhcp.leases import (
     Change,
     Expire,
     Grant,
+    LeaseTable,
     Quarantine,
     Release,
     Renew,
@@ -60,3 +62,33 @@ def touched(changes: Iterable[Change]) -> set[IPv4Address]:
 def grants(changes: Iterable[Change]) -> set[IPv4Address]:
     """Addresses newly bound: their route must exist before the ACK leaves."""
     return {c.lease.ip for c in changes if isinstance(c, Grant)}
+
+
+def guard_elements(
+    table: LeaseTable, current: Mapping[IPv4Address, str], ips: Iterable[IPv4Address], now: float
+) -> dict[IPv4Address, str | None]:
+    """Which MAC may send from each address (None: nobody). A lease's MAC; for an address
+    held after the lease file was lost (a route, no lease yet), the MAC the guard already
+    allows, which the previous daemon set from a lease: that VM keeps working until it
+    renews, and every other VM is kept off the address."""
+    out: dict[IPv4Address, str | None] = {}
+    for ip in ips:
+        lease = table.lease_at(ip, now)
+        if lease is not None:
+            out[ip] = lease.mac
+        elif table.needs_route(ip, now):
+            out[ip] = current.get(ip)
+        else:
+            out[ip] = None
+    return out
+
+
+def guarded(
+    table: LeaseTable, current: Mapping[IPv4Address, str], now: float
+) -> dict[IPv4Address, str]:
+    """Every element the guard should hold now (see guard_elements)."""
+    out = {lease.ip: lease.mac for lease in table.leases(now)}
+    for ip in table.recovered_addresses(now):
+        if ip in current:
+            out[ip] = current[ip]
+    return out

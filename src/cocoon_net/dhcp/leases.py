@@ -227,6 +227,10 @@ class LeaseTable:
         offer = self._offers.get(mac)
         return offer if offer is not None and offer.until > now else None
 
+    def lease_at(self, ip: IPv4Address, now: float) -> Lease | None:
+        lease = self._lease_at.get(ip)
+        return lease if lease is not None and lease.expires > now else None
+
     def holder(self, ip: IPv4Address, now: float) -> str | None:
         """The MAC holding `ip` by an active lease or an unexpired offer."""
         lease = self._lease_at.get(ip)

@@ -9,7 +9,8 @@ kernel from answering unicast renewals with ICMP port-unreachable.
 
 Order for a REQUEST that binds an address: the table decides at once (one thread, so no two
 requests can take the same address), the journal records are fsync'ed (group commit), the
-/32 route is installed, and only then does the ACK leave. A failure at any step sends nothing:
+/32 route is installed and the guard lets the VM's MAC use the address (node/guard.py), and
+only then does the ACK leave. A failure at any step sends nothing:
 the client retries, and the periodic route reconcile repairs the kernel.
 """
 
@@ -33,6 +34,7 @@ from cocoon_net.dhcp.settings import DhcpSettings
 from cocoon_net.dhcp.store import LeaseStore
 from cocoon_net.errors import CocoonError
 from cocoon_net.node import nic, rtnl
+from cocoon_net.node.guard import Guard
 
 log = logging.getLogger("cocoon_net.dhcp")
 
@@ -85,6 +87,7 @@ class DhcpServer:
         table: LeaseTable,
         store: LeaseStore,
         routes: rtnl.RouteSocket,
+        guard: Guard | None = None,
         counters: Counters | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -93,6 +96,7 @@ class DhcpServer:
         self.table = table
         self.store = store
         self.routes = routes
+        self.guard = guard
         self.counters = counters or Counters()
         self.clock = clock
         self.limiter = RateLimiter.from_settings(settings)
@@ -256,14 +260,18 @@ class DhcpServer:
                     self.counters.packet(item.type_name, "store_failed")
                     self.counters.lease(False)
             return
-        failed = self.sync_routes(effects.touched(changes))
+        touched = effects.touched(changes)
+        route_failed = self.sync_routes(touched)
+        guard_failed = self.sync_guard(touched)
         for item in batch:
             if item.reply is None:
                 continue
-            if failed & effects.grants(item.changes):
-                # No ACK for an address the VPC cannot reach; the client retries and the
-                # reconcile loop repairs the route (spec §10, decc2d4).
-                self.counters.packet(item.type_name, "route_failed")
+            granted = effects.grants(item.changes)
+            if granted & (route_failed | guard_failed):
+                # No ACK for an address the VPC cannot reach or the VM may not use yet; the
+                # client retries and the reconcile loop repairs the route or the guard.
+                why = "route_failed" if granted & route_failed else "guard_failed"
+                self.counters.packet(item.type_name, why)
                 self.counters.lease(False)
                 continue
             self._send(item.reply, item.type_name)
@@ -285,6 +293,19 @@ class DhcpServer:
             log.error("route %s %s/32 dev %s: %s", "add" if op.add else "del", op.ip,
                       self.bridge, reason)  # fmt: skip
         return {op.ip for op in failures}
+
+    def sync_guard(self, ips: set[IPv4Address]) -> set[IPv4Address]:
+        """Make the guard's elements of ips match the table, in one nftables transaction;
+        return the addresses that failed (all of them, when it fails)."""
+        if self.guard is None or not ips:
+            return set()
+        wanted = effects.guard_elements(self.table, self.guard.elements, ips, self.clock())
+        try:
+            self.guard.update(wanted)
+        except CocoonError as exc:
+            log.error("guard: %s", exc)
+            return set(ips)
+        return set()
 
     def _note_exhaustion(self, decision: policy.Decision, now: float) -> None:
         exhausted = isinstance(decision, policy.Drop) and decision.reason == "pool_exhausted"

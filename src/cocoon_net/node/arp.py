@@ -2,7 +2,8 @@
 
 The daemon asks this once at start-up, for pool addresses that have a route but no lease (a
 lease file lost or written by another program): an address whose VM answers is in use, so its
-route is taken over as ours. Frame building and parsing are pure; `probe` is the only I/O.
+route is taken over as ours, and the VM guard lets the MAC that answered keep using it.
+Frame building and parsing are pure; `probe` is the only I/O.
 
 A request is the one the bridge itself would send (RFC 826): from the bridge's MAC and the
 gateway address, broadcast. Only replies (op 2) count, and only from the addresses asked.
@@ -32,16 +33,16 @@ def request_frame(mac: bytes, sender: IPv4Address, target: IPv4Address) -> bytes
     return BROADCAST + mac + struct.pack("!H", ETH_P_ARP) + arp
 
 
-def replier(frame: bytes) -> IPv4Address | None:
-    """The sender address of an ARP reply frame; None for anything else."""
+def replier(frame: bytes) -> tuple[IPv4Address, str] | None:
+    """The sender address and MAC of an ARP reply frame; None for anything else."""
     if len(frame) < _ETH_HEADER + _ARP.size:
         return None
     if struct.unpack_from("!H", frame, 12)[0] != ETH_P_ARP:
         return None
-    htype, ptype, hlen, plen, op, _sha, spa, _tha, _tpa = _ARP.unpack_from(frame, _ETH_HEADER)
+    htype, ptype, hlen, plen, op, sha, spa, _tha, _tpa = _ARP.unpack_from(frame, _ETH_HEADER)
     if (htype, ptype, hlen, plen, op) != (1, ETH_P_IP, 6, 4, ARP_REPLY):
         return None
-    return IPv4Address(spa)
+    return IPv4Address(spa), sha.hex(":")
 
 
 def probe(
@@ -51,13 +52,14 @@ def probe(
     *,
     rounds: int = 3,
     wait: float = 0.25,
-) -> set[IPv4Address]:
-    """The targets that answer an ARP request on ifname within `rounds` tries of `wait` s.
+) -> dict[IPv4Address, str]:
+    """The targets that answer an ARP request on ifname within `rounds` tries of `wait` s,
+    with the MAC that answered.
 
     Blocking (the daemon runs it in a thread). Raises OSError when ifname cannot be used.
     """
     pending = set(targets)
-    answered: set[IPv4Address] = set()
+    answered: dict[IPv4Address, str] = {}
     if not pending:
         return answered
     with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ARP)) as sock:
@@ -71,10 +73,10 @@ def probe(
                 ready, _, _ = select.select([sock], [], [], left)
                 if not ready:
                     break
-                ip = replier(sock.recv(2048))
-                if ip is not None and ip in pending:
-                    pending.discard(ip)
-                    answered.add(ip)
+                answer = replier(sock.recv(2048))
+                if answer is not None and answer[0] in pending:
+                    pending.discard(answer[0])
+                    answered[answer[0]] = answer[1]
             if not pending:
                 break
     return answered

@@ -16,8 +16,11 @@ from cocoon_net import config, fsutil
 from cocoon_net.errors import HostSetupError
 
 
-def render_conflist(bridge: str = config.DEFAULT_BRIDGE) -> bytes:
-    """The Go tool's exact bytes for cni0: keys sorted, 2-space indent, trailing newline."""
+def render_conflist(bridge: str = config.DEFAULT_BRIDGE, port_isolation: bool = True) -> bytes:
+    """The Go tool's exact bytes for cni0: keys sorted, 2-space indent, trailing newline.
+
+    Without port isolation (`--allow-vm-to-vm`) VMs reach each other directly at layer 2 as
+    they do through the gateway; the guard still checks every frame's addresses."""
     conf = {
         "cniVersion": "1.0.0",
         "name": config.CNI_NETWORK_NAME,
@@ -28,7 +31,7 @@ def render_conflist(bridge: str = config.DEFAULT_BRIDGE) -> bytes:
                 "ipam": {},
                 "isGateway": False,
                 "macspoofchk": True,
-                "portIsolation": True,
+                "portIsolation": port_isolation,
                 "type": "bridge",
             }
         ],
@@ -36,10 +39,10 @@ def render_conflist(bridge: str = config.DEFAULT_BRIDGE) -> bytes:
     return (json.dumps(conf, indent=2, sort_keys=True) + "\n").encode()
 
 
-def plan_conflist(path: Path, bridge: str) -> list[str]:
+def plan_conflist(path: Path, bridge: str, port_isolation: bool = True) -> list[str]:
     """What ensure_conflist would do: nothing when the file already holds our bytes."""
     try:
-        if path.read_bytes() == render_conflist(bridge):
+        if path.read_bytes() == render_conflist(bridge, port_isolation):
             return []
     except FileNotFoundError:
         pass
@@ -48,11 +51,12 @@ def plan_conflist(path: Path, bridge: str) -> list[str]:
     return [f"write {path}"]
 
 
-def ensure_conflist(path: Path, bridge: str) -> list[str]:
+def ensure_conflist(path: Path, bridge: str, port_isolation: bool = True) -> list[str]:
     """Write the conflist atomically (0644; directory 0750 when created) unless identical."""
-    changes = plan_conflist(path, bridge)
+    changes = plan_conflist(path, bridge, port_isolation)
     if changes:
-        fsutil.atomic_write(path, render_conflist(bridge), mode=0o644, dir_mode=0o750)
+        data = render_conflist(bridge, port_isolation)
+        fsutil.atomic_write(path, data, mode=0o644, dir_mode=0o750)
     return changes
 
 

@@ -39,6 +39,7 @@ class HostSpec:
     drop_internal_access: bool
     vpc_cidrs: tuple[IPv4Network, ...]
     conflist: Path
+    port_isolation: bool = True  # off only when VMs may talk to each other
 
 
 def _bridge_spec(spec: HostSpec, primary: str | None) -> bridge.BridgeSpec:
@@ -105,8 +106,8 @@ def reconcile(
         changes += firewall.ensure(fw_spec, dry_run=dry_run)
 
     if dry_run:
-        return record, changes + cni.plan_conflist(spec.conflist, spec.bridge)
-    changes += cni.ensure_conflist(spec.conflist, spec.bridge)
+        return record, changes + cni.plan_conflist(spec.conflist, spec.bridge, spec.port_isolation)
+    changes += cni.ensure_conflist(spec.conflist, spec.bridge, spec.port_isolation)
     return record, changes
 
 

@@ -71,8 +71,9 @@ class SandboxNode:
             raise HostSetupError(f"cocoon-net {argv[0]}: {result.stderr.strip()}")
         return result.stdout
 
-    def adopt(self, node_name: str = "sandbox") -> str:
-        """Register the sandbox's subnet as a static pool; VMs reach the 'VPC' unmasqueraded."""
+    def adopt(self, node_name: str = "sandbox", *extra: str) -> str:
+        """Register the sandbox's subnet as a static pool; VMs reach the 'VPC' unmasqueraded.
+        extra: more adopt flags (e.g. --allow-vm-to-vm)."""
         out = self.cocoon(
             "adopt",
             "--platform", "static",
@@ -81,6 +82,7 @@ class SandboxNode:
             "--manage-iptables",
             "--vpc-cidr", str(self.sandbox.node_uplink.network),
             *self._path_flags(cni=True),
+            *extra,
         )  # fmt: skip
         self.sandbox.attach_vms(config.DEFAULT_BRIDGE)
         return out
