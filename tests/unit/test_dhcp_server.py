@@ -1,0 +1,305 @@
+"""The server's persist path with a real lease store on tmp files, a recording route socket
+and recording packet sockets: for every kind of grant the journal is written and
+fdatasync'ed, then the /32 route is installed, and only then does the ACK leave; when any of
+those steps fails nothing leaves at all."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+from typing import cast
+
+import pytest
+
+from cocoon_net.dhcp import frames, packet
+from cocoon_net.dhcp.leases import LeaseTable
+from cocoon_net.dhcp.model import ZERO_IP, DhcpMessage, MessageType, Op, Opt
+from cocoon_net.dhcp.server import DhcpServer
+from cocoon_net.dhcp.settings import DhcpSettings
+from cocoon_net.dhcp.store import LeaseStore
+from cocoon_net.node import rtnl
+
+A = IPv4Address
+GW = A("172.20.100.1")
+RELAY = A("172.20.100.250")
+POOL = [A(f"172.20.100.{i}") for i in range(2, 6)]
+SETTINGS = DhcpSettings(
+    server_id=GW,
+    subnet=IPv4Network("172.20.100.0/24"),
+    router=GW,
+    relay_allowed_from=frozenset({RELAY}),
+)
+SERVER_MAC = bytes.fromhex("0200000000fe")
+VM_MAC = "02:00:00:00:00:01"
+RELAY_MAC = "02:00:00:00:00:fa"
+T0 = 1_000_000.0
+BCAST = A("255.255.255.255")
+IP = POOL[0]
+IFINDEX = 7
+
+
+@dataclass
+class Events:
+    """Everything observable, in the order it happened: ("fsync", journal text),
+    ("route", ops), ("send", DHCP message)."""
+
+    log: list[tuple[str, object]] = field(default_factory=list)
+
+    def kinds(self) -> list[str]:
+        return [kind for kind, _ in self.log]
+
+
+class RecordingRoutes(rtnl.RouteSocket):
+    """A route socket that records its batches instead of talking to the kernel."""
+
+    def __init__(self, events: Events, fail: bool = False) -> None:  # no netlink socket
+        self.events, self.fail = events, fail
+
+    def apply(self, ops: object, ifindex: int) -> dict[rtnl.RouteOp, str]:
+        batch = list(cast("list[rtnl.RouteOp]", ops))
+        assert ifindex == IFINDEX
+        self.events.log.append(("route", batch))
+        return dict.fromkeys(batch, "Network is unreachable") if self.fail else {}
+
+
+class RecordingSocket:
+    """Stands in for the packet socket (frames in, frames out) and the relay UDP socket."""
+
+    def __init__(self, events: Events, incoming: list[bytes] | None = None) -> None:
+        self.events, self.incoming = events, incoming or []
+
+    def recv(self, size: int) -> bytes:
+        if not self.incoming:
+            raise BlockingIOError
+        return self.incoming.pop(0)
+
+    def send(self, frame: bytes) -> int:
+        parsed = frames.parse_frame(frame, port=68)
+        assert parsed is not None
+        self.events.log.append(("send", packet.decode(parsed.payload)))
+        return len(frame)
+
+    def sendto(self, data: bytes, address: tuple[str, int]) -> int:
+        self.events.log.append(("send", packet.decode(data)))
+        return len(data)
+
+    def fileno(self) -> int:
+        return -1
+
+
+@pytest.fixture
+def events(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Events]:
+    """Record every fdatasync with what the journal held when it was called."""
+    out = Events()
+    real = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        real(fd)
+        journal = os.readlink(f"/proc/self/fd/{fd}")
+        out.log.append(("fsync", Path(journal).read_text()))
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    yield out
+
+
+def request(
+    mtype: MessageType,
+    *,
+    mac: str = VM_MAC,
+    ciaddr: IPv4Address = ZERO_IP,
+    giaddr: IPv4Address = ZERO_IP,
+    **opts: IPv4Address,
+) -> DhcpMessage:
+    raw: dict[int, bytes] = {Opt.MESSAGE_TYPE: bytes([mtype])}
+    for name, value in opts.items():
+        raw[Opt[name.upper()]] = value.packed
+    return DhcpMessage(
+        Op.BOOTREQUEST,
+        0xBEEF,
+        bytes.fromhex(mac.replace(":", "")),
+        ciaddr=ciaddr,
+        giaddr=giaddr,
+        options=raw,
+    )
+
+
+def frame(msg: DhcpMessage, *, src_mac: str, src_ip: IPv4Address, dst_ip: IPv4Address) -> bytes:
+    dst_mac = b"\xff" * 6 if dst_ip == A("255.255.255.255") else SERVER_MAC
+    return frames.build_frame(
+        bytes.fromhex(src_mac.replace(":", "")),
+        dst_mac,
+        src_ip,
+        dst_ip,
+        67 if src_ip == RELAY else 68,
+        67,
+        packet.encode(msg),
+    )
+
+
+def vm(msg: DhcpMessage, *, src_ip: IPv4Address = ZERO_IP, dst: IPv4Address = BCAST) -> bytes:
+    return frame(msg, src_mac=VM_MAC, src_ip=src_ip, dst_ip=dst)
+
+
+def relayed(msg: DhcpMessage) -> bytes:
+    return frame(msg, src_mac=RELAY_MAC, src_ip=RELAY, dst_ip=GW)
+
+
+DISCOVER = vm(request(MessageType.DISCOVER))
+SELECT = vm(request(MessageType.REQUEST, requested_ip=IP, server_id=GW))
+RENEW = vm(request(MessageType.REQUEST, ciaddr=IP), src_ip=IP, dst=GW)
+REBIND = vm(request(MessageType.REQUEST, ciaddr=IP), src_ip=IP)
+
+# Every way a REQUEST binds an address anew (a Grant), each after the exchange that makes it
+# legal: (frames before, the REQUEST).
+NEW_GRANTS: dict[str, tuple[list[bytes], bytes]] = {
+    "selecting": ([DISCOVER], SELECT),
+    "renewing-a-lost-lease": ([], RENEW),
+    "rebinding-a-lost-lease": ([], REBIND),
+    "relayed": (
+        [relayed(request(MessageType.DISCOVER, giaddr=RELAY))],
+        relayed(request(MessageType.REQUEST, giaddr=RELAY, requested_ip=IP, server_id=GW)),
+    ),
+}
+# And every way it extends a lease the client holds (a Renew).
+RENEWALS: dict[str, tuple[list[bytes], bytes]] = {
+    "init-reboot": ([DISCOVER, SELECT], vm(request(MessageType.REQUEST, requested_ip=IP))),
+    "renewing": ([DISCOVER, SELECT], RENEW),
+    "rebinding": ([DISCOVER, SELECT], REBIND),
+}
+GRANTS = NEW_GRANTS | RENEWALS
+
+
+@dataclass
+class Rig:
+    server: DhcpServer
+    store: LeaseStore
+    events: Events
+
+    def feed(self, *data: bytes) -> None:
+        """Frames arrive on the packet socket; wait until everything they caused is done."""
+        sock = cast("RecordingSocket", self.server._packet_sock)
+        sock.incoming.extend(data)
+
+        async def run() -> None:
+            self.server._on_frames()
+            await self.server.drain()
+
+        asyncio.run(run())
+
+
+def rig(tmp_path: Path, events: Events, *, routes_fail: bool = False) -> Iterator[Rig]:
+    store = LeaseStore(tmp_path / "leases.json", clock=lambda: T0)
+    store.open()
+    table = LeaseTable(POOL)
+    server = DhcpServer(
+        bridge="cni0",
+        settings=SETTINGS,
+        table=table,
+        store=store,
+        routes=RecordingRoutes(events, fail=routes_fail),
+        clock=lambda: T0,
+    )
+    server._packet_sock = cast("object", RecordingSocket(events))  # type: ignore[assignment]
+    server._udp_sock = cast("object", RecordingSocket(events))  # type: ignore[assignment]
+    server.state.ifindex, server.state.mac = IFINDEX, SERVER_MAC
+    try:
+        yield Rig(server, store, events)
+    finally:
+        store.close(compact=False)
+
+
+@pytest.fixture
+def ok(tmp_path: Path, events: Events) -> Iterator[Rig]:
+    yield from rig(tmp_path, events)
+
+
+@pytest.fixture
+def no_route(tmp_path: Path, events: Events) -> Iterator[Rig]:
+    yield from rig(tmp_path, events, routes_fail=True)
+
+
+def acks(events: Events) -> list[DhcpMessage]:
+    sent = [cast("DhcpMessage", m) for kind, m in events.log if kind == "send"]
+    return [m for m in sent if m.message_type is MessageType.ACK]
+
+
+@pytest.mark.parametrize("kind", sorted(GRANTS))
+def test_every_grant_is_synced_then_routed_then_acked(ok: Rig, kind: str) -> None:
+    before, grant = GRANTS[kind]
+    ok.feed(*before)
+    ok.events.log.clear()
+    ok.feed(grant)
+    kinds = ok.events.kinds()
+    assert kinds == ["fsync", "route", "send"], kinds
+    journal = cast("str", ok.events.log[0][1])
+    assert str(IP) in journal and VM_MAC in journal  # the fsync covered this very grant
+    route = cast("list[rtnl.RouteOp]", ok.events.log[1][1])
+    assert route == [rtnl.RouteOp(True, IP)]
+    (ack,) = acks(ok.events)
+    assert ack.yiaddr == IP
+
+
+@pytest.mark.parametrize("kind", sorted(NEW_GRANTS))
+def test_no_ack_leaves_when_the_route_cannot_be_installed(no_route: Rig, kind: str) -> None:
+    before, grant = NEW_GRANTS[kind]
+    no_route.feed(*before)
+    no_route.events.log.clear()
+    no_route.feed(grant)
+    assert "send" not in no_route.events.kinds()
+    assert no_route.events.kinds() == ["fsync", "route"]
+
+
+@pytest.mark.parametrize("kind", sorted(GRANTS))
+def test_no_route_and_no_ack_when_the_fsync_fails(
+    ok: Rig, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before, grant = GRANTS[kind]
+    ok.feed(*before)
+    ok.events.log.clear()
+
+    def broken(fd: int) -> None:
+        ok.events.log.append(("fsync-failed", fd))
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", broken)
+    ok.feed(grant)
+    assert ok.events.kinds() == ["fsync-failed"]
+    assert ok.store.stats().failed
+
+
+def test_an_offer_needs_nothing_durable_and_leaves_at_once(ok: Rig) -> None:
+    ok.feed(vm(request(MessageType.DISCOVER)))
+    assert ok.events.kinds() == ["send"]
+    sent = cast("DhcpMessage", ok.events.log[0][1])
+    assert sent.message_type is MessageType.OFFER
+
+
+def test_a_decline_is_synced_and_its_route_removed_with_no_reply(ok: Rig) -> None:
+    ok.feed(DISCOVER, SELECT)
+    ok.events.log.clear()
+    ok.feed(vm(request(MessageType.DECLINE, requested_ip=IP, server_id=GW)))
+    assert ok.events.kinds() == ["fsync", "route"]
+    journal = cast("str", ok.events.log[0][1])
+    assert "quarantine" in journal
+    assert ok.events.log[1][1] == [rtnl.RouteOp(False, IP)]
+
+
+def test_one_wake_up_is_one_commit_and_one_route_batch(ok: Rig) -> None:
+    other = "02:00:00:00:00:02"
+    two = [
+        RENEW,
+        frame(
+            request(MessageType.REQUEST, mac=other, ciaddr=POOL[1]),
+            src_mac=other,
+            src_ip=POOL[1],
+            dst_ip=GW,
+        ),
+    ]
+    ok.feed(*two)
+    assert ok.events.kinds() == ["fsync", "route", "send", "send"]
+    assert sorted(m.yiaddr for m in acks(ok.events)) == POOL[:2]
