@@ -27,7 +27,11 @@ def make_netns() -> Iterator[Callable[[str], Netns]]:
     if not is_root():
         pytest.skip("needs root to create network namespaces")
     with ExitStack() as stack:
-        yield lambda tag="": stack.enter_context(netns(tag))
+
+        def make(tag: str = "") -> Netns:
+            return stack.enter_context(netns(tag))
+
+        yield make
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -67,25 +66,25 @@ def results(tmp_path: Path) -> dict[str, dict[str, object]]:
 
 
 def test_smoke_runs_every_server_and_cleans_up(tmp_path: Path) -> None:
+    # The bench installs the peers it lacks (bench/run.py): a peer it could not run, or a
+    # cocoon-net that failed, fails this test; only the test below hides them on purpose.
     output = run_bench(tmp_path, "--servers", "kea,dnsmasq,cocoon-net")
     assert not made_namespaces(output) & existing_namespaces()
     servers = results(tmp_path)
     assert set(servers) == {"kea", "dnsmasq", "cocoon-net"}
-    for name, binary in PEERS.items():
+    for name in ("kea", "dnsmasq", "cocoon-net"):
         server = servers[name]
-        if shutil.which(binary) is None:
-            assert f"{name}: skipped ({binary} not installed)" in output
-            continue
-        # A peer that is installed answers the direct path: every client sent a DISCOVER,
-        # and REQUESTs and ACKs came back for clients of their own MACs.
-        assert server["status"] == "ok", server["status"]
-        (step,) = server["steps"]  # type: ignore[misc]
-        lg = step["loadgen"]
-        assert lg["discovers"] == lg["clients"] > 0
-        assert 0 < lg["acks"] <= lg["requests"] <= lg["offers"] <= lg["clients"]
-        assert step["server_hwm_kib"] > 0
-    # cocoon-net either ran the ladder or its failure is recorded, never silently missing.
-    assert servers["cocoon-net"]["status"] == "ok" or "cocoon-net:" in output
+        # Every server answers the direct path: every client sent a DISCOVER, and REQUESTs
+        # and ACKs came back for clients of their own MACs.
+        assert server["status"] == "ok", f"{name}: {server['status']}\n{output}"
+        steps = server["steps"]
+        assert isinstance(steps, list) and steps, name
+        for step in steps:
+            lg = step["loadgen"]
+            assert lg["discovers"] == lg["clients"] > 0, name
+            assert 0 < lg["acks"] <= lg["requests"] <= lg["offers"] <= lg["clients"], name
+            assert step["server_hwm_kib"] > 0, name
+    assert "skipped" not in output
     assert "start to ready" in output
 
 

@@ -32,7 +32,9 @@ def prl(*codes: int) -> dict[str, bytes]:
     return {str(int(Opt.PARAM_REQUEST_LIST)): bytes(codes)}
 
 
-def build(request: DhcpMessage, settings: DhcpSettings = SETTINGS, lease: Lease | None = LEASE):
+def build(
+    request: DhcpMessage, settings: DhcpSettings = SETTINGS, lease: Lease | None = LEASE
+) -> dict[int, bytes]:
     return options.build(request, MessageType.ACK, settings, lease)
 
 

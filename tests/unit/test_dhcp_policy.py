@@ -106,12 +106,11 @@ def dora(table: LeaseTable, mac: str, now: float = T0) -> IPv4Address:
 def test_client_state_per_rfc2131_4_3_2(
     sid: bool, req: bool, ciaddr: bool, bcast: bool, state: ClientState | None
 ) -> None:
-    opts: dict[str, IPv4Address] = {}
+    m = msg(MessageType.REQUEST, ciaddr=POOL[0] if ciaddr else ZERO_IP)
     if sid:
-        opts["server_id"] = GW
+        m.options[Opt.SERVER_ID] = GW.packed
     if req:
-        opts["requested_ip"] = POOL[0]
-    m = msg(MessageType.REQUEST, ciaddr=POOL[0] if ciaddr else ZERO_IP, **opts)
+        m.options[Opt.REQUESTED_IP] = POOL[0].packed
     assert policy.client_state(m, ctx(broadcast=bcast)) is state
 
 
