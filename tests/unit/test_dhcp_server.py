@@ -9,7 +9,7 @@ import asyncio
 import errno
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import cast
@@ -19,7 +19,7 @@ import pytest
 from cocoon_net.dhcp import frames, packet
 from cocoon_net.dhcp.leases import LeaseTable
 from cocoon_net.dhcp.model import ZERO_IP, DhcpMessage, MessageType, Op, Opt
-from cocoon_net.dhcp.server import DhcpServer
+from cocoon_net.dhcp.server import Counters, DhcpServer
 from cocoon_net.dhcp.settings import DhcpSettings
 from cocoon_net.dhcp.store import LeaseStore
 from cocoon_net.node import rtnl
@@ -54,6 +54,26 @@ class Events:
         return [kind for kind, _ in self.log]
 
 
+class RecordingCounters(Counters):
+    """The metrics the server reports, as ("packet", type, result), ("lease", ok),
+    ("route", op, ok) and ("drop", reason)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[object, ...]] = []
+
+    def packet(self, mtype: str, result: str) -> None:
+        self.seen.append(("packet", mtype, result))
+
+    def drop(self, reason: str) -> None:
+        self.seen.append(("drop", reason))
+
+    def lease(self, ok: bool) -> None:
+        self.seen.append(("lease", ok))
+
+    def route(self, op: str, ok: bool) -> None:
+        self.seen.append(("route", op, ok))
+
+
 class RecordingRoutes(rtnl.RouteSocket):
     """A route socket that records its batches instead of talking to the kernel."""
 
@@ -72,6 +92,7 @@ class RecordingSocket:
 
     def __init__(self, events: Events, incoming: list[bytes] | None = None) -> None:
         self.events, self.incoming = events, incoming or []
+        self.sent: list[tuple[str, str]] = []  # (destination MAC or "udp", IP)
 
     def recv(self, size: int) -> bytes:
         if not self.incoming:
@@ -81,10 +102,13 @@ class RecordingSocket:
     def send(self, frame: bytes) -> int:
         parsed = frames.parse_frame(frame, port=68)
         assert parsed is not None
+        assert frame[6:12] == SERVER_MAC and parsed.src_ip == GW
+        self.sent.append((frame[:6].hex(":"), str(parsed.dst_ip)))
         self.events.log.append(("send", packet.decode(parsed.payload)))
         return len(frame)
 
     def sendto(self, data: bytes, address: tuple[str, int]) -> int:
+        self.sent.append(("udp", f"{address[0]}:{address[1]}"))
         self.events.log.append(("send", packet.decode(data)))
         return len(data)
 
@@ -179,6 +203,7 @@ class Rig:
     server: DhcpServer
     store: LeaseStore
     events: Events
+    counters: RecordingCounters
 
     def feed(self, *data: bytes) -> None:
         """Frames arrive on the packet socket; wait until everything they caused is done."""
@@ -196,7 +221,9 @@ def rig(tmp_path: Path, events: Events, *, routes_fail: bool = False) -> Iterato
     store = LeaseStore(tmp_path / "leases.json", clock=lambda: T0)
     store.open()
     table = LeaseTable(POOL)
+    counters = RecordingCounters()
     server = DhcpServer(
+        counters=counters,
         bridge="cni0",
         settings=SETTINGS,
         table=table,
@@ -208,7 +235,7 @@ def rig(tmp_path: Path, events: Events, *, routes_fail: bool = False) -> Iterato
     server._udp_sock = cast("object", RecordingSocket(events))  # type: ignore[assignment]
     server.state.ifindex, server.state.mac = IFINDEX, SERVER_MAC
     try:
-        yield Rig(server, store, events)
+        yield Rig(server, store, events, counters)
     finally:
         store.close(compact=False)
 
@@ -233,6 +260,7 @@ def test_every_grant_is_synced_then_routed_then_acked(ok: Rig, kind: str) -> Non
     before, grant = GRANTS[kind]
     ok.feed(*before)
     ok.events.log.clear()
+    ok.counters.seen.clear()
     ok.feed(grant)
     kinds = ok.events.kinds()
     assert kinds == ["fsync", "route", "send"], kinds
@@ -242,6 +270,59 @@ def test_every_grant_is_synced_then_routed_then_acked(ok: Rig, kind: str) -> Non
     assert route == [rtnl.RouteOp(True, IP)]
     (ack,) = acks(ok.events)
     assert ack.yiaddr == IP
+    assert ok.counters.seen == [
+        ("route", "add", True),
+        ("packet", "request", "ack"),
+        ("lease", True),
+    ]
+
+
+# Where each ACK goes (RFC 2131 4.1): to the relay, to ciaddr, or to the new address.
+ACK_TO = {
+    "selecting": (VM_MAC, str(IP)),
+    "renewing-a-lost-lease": (VM_MAC, str(IP)),
+    "rebinding-a-lost-lease": (VM_MAC, str(IP)),
+    "relayed": ("udp", f"{RELAY}:67"),
+    "init-reboot": (VM_MAC, str(IP)),
+    "renewing": (VM_MAC, str(IP)),
+    "rebinding": (VM_MAC, str(IP)),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(GRANTS))
+def test_each_ack_goes_where_the_rfc_says(ok: Rig, kind: str) -> None:
+    before, grant = GRANTS[kind]
+    ok.feed(*before)
+    packets = cast("RecordingSocket", ok.server._packet_sock)
+    udp = cast("RecordingSocket", ok.server._udp_sock)
+    packets.sent.clear()
+    udp.sent.clear()
+    ok.feed(grant)
+    assert packets.sent + udp.sent == [ACK_TO[kind]]
+
+
+def test_a_broadcast_flag_gets_a_broadcast_reply(ok: Rig) -> None:
+    flagged = replace(request(MessageType.DISCOVER), flags=0x8000)
+    ok.feed(vm(flagged))
+    assert cast("RecordingSocket", ok.server._packet_sock).sent == [
+        ("ff:ff:ff:ff:ff:ff", "255.255.255.255")
+    ]
+
+
+def test_a_frame_whose_sender_is_not_its_chaddr_is_dropped(ok: Rig) -> None:
+    ok.feed(frame(request(MessageType.DISCOVER), src_mac=RELAY_MAC, src_ip=ZERO_IP, dst_ip=BCAST))
+    assert ok.events.log == []
+    assert ok.counters.seen == [
+        ("drop", "chaddr_mismatch"),
+        ("packet", "discover", "chaddr_mismatch"),
+    ]
+
+
+def test_a_malformed_frame_is_counted_and_dropped(ok: Rig) -> None:
+    good = vm(request(MessageType.DISCOVER))
+    ok.feed(good[: 14 + 20 + 8 + 100])
+    assert ok.events.log == []
+    assert [c[0] for c in ok.counters.seen] == ["drop"]
 
 
 @pytest.mark.parametrize("kind", sorted(NEW_GRANTS))
@@ -249,9 +330,15 @@ def test_no_ack_leaves_when_the_route_cannot_be_installed(no_route: Rig, kind: s
     before, grant = NEW_GRANTS[kind]
     no_route.feed(*before)
     no_route.events.log.clear()
+    no_route.counters.seen.clear()
     no_route.feed(grant)
     assert "send" not in no_route.events.kinds()
     assert no_route.events.kinds() == ["fsync", "route"]
+    assert no_route.counters.seen == [
+        ("route", "add", False),
+        ("packet", "request", "route_failed"),
+        ("lease", False),
+    ]
 
 
 @pytest.mark.parametrize("kind", sorted(GRANTS))
@@ -267,9 +354,11 @@ def test_no_route_and_no_ack_when_the_fsync_fails(
         raise OSError(errno.EIO, "Input/output error")
 
     monkeypatch.setattr(os, "fdatasync", broken)
+    ok.counters.seen.clear()
     ok.feed(grant)
     assert ok.events.kinds() == ["fsync-failed"]
     assert ok.store.stats().failed
+    assert ok.counters.seen == [("packet", "request", "store_failed"), ("lease", False)]
 
 
 def test_an_offer_needs_nothing_durable_and_leaves_at_once(ok: Rig) -> None:
@@ -277,12 +366,19 @@ def test_an_offer_needs_nothing_durable_and_leaves_at_once(ok: Rig) -> None:
     assert ok.events.kinds() == ["send"]
     sent = cast("DhcpMessage", ok.events.log[0][1])
     assert sent.message_type is MessageType.OFFER
+    assert ok.counters.seen == [("packet", "discover", "offer")]
 
 
 def test_a_decline_is_synced_and_its_route_removed_with_no_reply(ok: Rig) -> None:
     ok.feed(DISCOVER, SELECT)
     ok.events.log.clear()
+    ok.counters.seen.clear()
     ok.feed(vm(request(MessageType.DECLINE, requested_ip=IP, server_id=GW)))
+    assert ok.counters.seen == [
+        ("drop", "declined"),
+        ("packet", "decline", "declined"),
+        ("route", "del", True),
+    ]
     assert ok.events.kinds() == ["fsync", "route"]
     journal = cast("str", ok.events.log[0][1])
     assert "quarantine" in journal
