@@ -22,6 +22,7 @@ from cocoon_net.dhcp.model import ZERO_IP, DhcpMessage, MessageType, Op, Opt
 from cocoon_net.dhcp.server import Counters, DhcpServer
 from cocoon_net.dhcp.settings import DhcpSettings
 from cocoon_net.dhcp.store import LeaseStore
+from cocoon_net.errors import CocoonError
 from cocoon_net.node import rtnl
 
 A = IPv4Address
@@ -322,7 +323,7 @@ def test_a_malformed_frame_is_counted_and_dropped(ok: Rig) -> None:
     good = vm(request(MessageType.DISCOVER))
     ok.feed(good[: 14 + 20 + 8 + 100])
     assert ok.events.log == []
-    assert [c[0] for c in ok.counters.seen] == ["drop"]
+    assert ok.counters.seen == [("drop", "bad_ip_header")]  # IP length past the frame
 
 
 @pytest.mark.parametrize("kind", sorted(NEW_GRANTS))
@@ -399,3 +400,45 @@ def test_one_wake_up_is_one_commit_and_one_route_batch(ok: Rig) -> None:
     ok.feed(*two)
     assert ok.events.kinds() == ["fsync", "route", "send", "send"]
     assert sorted(m.yiaddr for m in acks(ok.events)) == POOL[:2]
+
+
+def test_an_offer_leaves_at_once_and_a_grant_waits_for_the_disk(ok: Rig) -> None:
+    assert ok.server.handle_frame(DISCOVER) is None
+    assert ok.events.kinds() == ["send"]
+    durable = ok.server.handle_frame(SELECT)
+    assert durable is not None
+    assert ok.events.kinds() == ["send"]  # the ACK waits for the commit and the route
+
+
+def test_a_flood_from_one_mac_is_rate_limited(ok: Rig) -> None:
+    ok.feed(*[DISCOVER] * (SETTINGS.rate_burst + 5))
+    assert ("drop", "rate_limited") in ok.counters.seen
+    assert ok.events.kinds().count("send") <= SETTINGS.rate_burst
+
+
+def test_routes_are_not_touched_while_unbound_and_count_as_failed(ok: Rig) -> None:
+    ok.server._packet_sock = None
+    assert ok.server.sync_routes({IP}) == {IP}
+    assert ok.server.sync_routes(set()) == set()
+    assert ok.events.log == []
+
+
+def test_a_route_socket_error_fails_every_route_of_the_batch(
+    tmp_path: Path, events: Events
+) -> None:
+    class Broken(RecordingRoutes):
+        def apply(self, ops: object, ifindex: int) -> dict[rtnl.RouteOp, str]:
+            raise CocoonError("netlink socket closed")
+
+    for r in rig(tmp_path, events):
+        r.server.routes = Broken(events)
+        r.feed(DISCOVER)
+        events.log.clear()
+        r.counters.seen.clear()
+        r.feed(SELECT)
+        assert events.kinds() == ["fsync"]
+        assert r.counters.seen == [
+            ("route", "add", False),
+            ("packet", "request", "route_failed"),
+            ("lease", False),
+        ]
