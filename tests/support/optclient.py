@@ -19,8 +19,8 @@ class OptionsUdhcpc(Udhcpc):
         options = shlex.quote(str(self.statedir / "options"))
         dump = "".join(f'echo "{name}=${{{name}:-}}" >> {options}.new\n' for name in RECORDED)
         return (
-            f'case "$1" in bound|renew)\n: > {options}.new\n{dump}mv {options}.new {options} ;;\n'
-            "esac\n" + super()._script_body()
+            'if [ "$1" = bound ] || [ "$1" = renew ]; then\n'
+            f": > {options}.new\n{dump}mv {options}.new {options}\nfi\n" + super()._script_body()
         )
 
     def _argv(self) -> list[str]:
