@@ -44,7 +44,9 @@ def client(**kwargs: object) -> tuple[HttpClient, Sleeps]:
     sleeps = Sleeps()
     opts: dict[str, object] = {
         "service": "Test API",
-        "timeout": 0.3,
+        # Generous: a loaded machine must not turn a normal answer into a timeout (and an
+        # extra attempt); the timeout tests pass their own, far below their fault's delay.
+        "timeout": 10.0,
         "retry": RetryPolicy(attempts=4, deadline=30, base_delay=0.5, max_delay=4),
         "sleep": sleeps,
         "rng": random.Random(7),
@@ -143,13 +145,13 @@ def test_quota_errors_are_recognised(server: EmulatorServer) -> None:
 
 
 def test_timeouts_are_retried_then_reported(server: EmulatorServer) -> None:
-    server.inject(Fault(delay=0.6, count=1))
-    http, sleeps = client(timeout=0.2)
+    server.inject(Fault(delay=5.0, count=1))
+    http, sleeps = client(timeout=0.5)
     assert http.request_json("GET", server.url + "/x")["path"] == "/x"
     assert len(sleeps) == 1
 
-    server.inject(Fault(delay=0.6, count=2))
-    http, _ = client(timeout=0.2, retry=RetryPolicy(attempts=2, deadline=30))
+    server.inject(Fault(delay=5.0, count=2))
+    http, _ = client(timeout=0.5, retry=RetryPolicy(attempts=2, deadline=30))
     with pytest.raises(CloudTimeout, match=r"GET http://127\.0\.0\.1:\d+/x: no answer within"):
         http.request("GET", server.url + "/x")
 
