@@ -442,3 +442,57 @@ def test_a_route_socket_error_fails_every_route_of_the_batch(
             ("packet", "request", "route_failed"),
             ("lease", False),
         ]
+
+
+OTHER = "02:00:00:00:00:02"
+
+
+def other_renew(ip: IPv4Address) -> bytes:
+    msg = request(MessageType.REQUEST, mac=OTHER, ciaddr=ip)
+    return frame(msg, src_mac=OTHER, src_ip=ip, dst_ip=GW)
+
+
+def test_a_failed_commit_fails_every_grant_of_its_batch(
+    ok: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", broken)
+    ok.feed(RENEW, other_renew(POOL[1]))
+    assert ok.counters.seen == [("packet", "request", "store_failed"), ("lease", False)] * 2
+
+
+def test_a_failed_route_withholds_only_its_own_ack(tmp_path: Path, events: Events) -> None:
+    class FailsFirst(RecordingRoutes):
+        def apply(self, ops: object, ifindex: int) -> dict[rtnl.RouteOp, str]:
+            batch = list(cast("list[rtnl.RouteOp]", ops))
+            self.events.log.append(("route", batch))
+            return {op: "No buffer space" for op in batch if op.ip == POOL[0]}
+
+    for r in rig(tmp_path, events):
+        r.server.routes = FailsFirst(events)
+        r.feed(RENEW, other_renew(POOL[1]))
+        assert [m.yiaddr for m in acks(events)] == [POOL[1]]
+
+
+def test_a_plain_drop_leaves_nothing_to_persist(ok: Rig) -> None:
+    stranger = frame(request(MessageType.DISCOVER), src_mac=OTHER, src_ip=ZERO_IP, dst_ip=BCAST)
+    assert ok.server.handle_frame(stranger) is None
+
+
+def test_a_bootp_request_is_counted_as_bootp(ok: Rig) -> None:
+    bootp = replace(request(MessageType.DISCOVER), options={})
+    ok.feed(vm(bootp))
+    assert ok.counters.seen == [("drop", "no_message_type"), ("packet", "bootp", "no_message_type")]
+
+
+def test_pool_exhaustion_is_noted_when_it_starts(ok: Rig) -> None:
+    for n in range(len(POOL)):
+        mac = f"02:00:00:00:01:{n:02x}"
+        ok.feed(frame(request(MessageType.DISCOVER, mac=mac), src_mac=mac, src_ip=ZERO_IP,
+                      dst_ip=BCAST))  # fmt: skip
+    assert ok.server.state.exhausted_since is None
+    ok.feed(DISCOVER)
+    assert ("drop", "pool_exhausted") in ok.counters.seen
+    assert ok.server.state.exhausted_since == T0
