@@ -614,3 +614,13 @@ def test_a_relayed_inform_is_answered_through_its_relay() -> None:
     decision = handle(inform, relay_ctx(), LeaseTable(POOL), S, T0)
     assert isinstance(decision, Reply)
     assert decision.dest == Destination(RELAY, 67, "02:00:00:00:00:fa")
+
+
+def test_an_exhausted_pool_still_reports_the_leases_that_ran_out() -> None:
+    # The only address is reserved for ME, whose lease has run out: YOU gets nothing, and the
+    # expiry found on the way must still reach the journal and the routes.
+    table = LeaseTable(POOL[:1], reservations={ME: POOL[0]})
+    table.grant(ME, POOL[0], T0, 10)
+    decision = handle(msg(MessageType.DISCOVER, YOU), ctx(YOU), table, S, T0 + 20)
+    assert isinstance(decision, Drop) and decision.reason == Why.POOL_EXHAUSTED
+    assert [type(c).__name__ for c in decision.changes] == ["Expire"]
