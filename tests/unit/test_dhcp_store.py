@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from ipaddress import IPv4Address
@@ -710,3 +711,36 @@ def test_a_journal_deleted_under_the_writer_is_named_in_the_error(path: Path) ->
         assert str(info.value).endswith(": deleted while in use")
     finally:
         s.close()
+
+
+def test_a_cancelled_waiter_does_not_strand_the_others_of_its_batch(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    entered, gate = threading.Event(), threading.Event()
+    real = os.fdatasync
+
+    def held(fd: int) -> None:
+        entered.set()
+        gate.wait(30)
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", held)
+    s = LeaseStore(path)
+    s.open()
+
+    async def run() -> None:
+        first = asyncio.create_task(s.commit([Record.grant(lease(1))]))
+        await asyncio.to_thread(entered.wait, 30)  # the writer holds the first batch
+        cancelled = asyncio.create_task(s.commit([Record.grant(lease(2))]))
+        waiting = asyncio.create_task(s.commit([Record.grant(lease(3))]))
+        await asyncio.sleep(0)  # both queued: they will be the next batch together
+        cancelled.cancel()
+        gate.set()
+        await asyncio.wait_for(asyncio.gather(first, waiting), 30)
+
+    try:
+        asyncio.run(run())
+    finally:
+        gate.set()
+        s.close()
+    assert set(reopen(path).leases) == {lease(n).mac for n in (1, 2, 3)}
