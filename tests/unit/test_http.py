@@ -350,3 +350,33 @@ def test_a_request_that_cannot_be_sent_is_not_retried() -> None:
         http.request("GET", "ftp://127.0.0.1/x")
     assert sleeps == []
     assert type(info.value) is CloudError
+
+
+def test_redirects_are_not_followed() -> None:
+    def moved(req: Request) -> Reply:
+        if req.path == "/old":
+            return Reply(302, b"", headers={"Location": "/new"})
+        return Reply(200, {"path": req.path})
+
+    with serve(moved) as srv:
+        http, _ = client()
+        assert http.request("GET", srv.url + "/old").status_code == 302
+
+
+def test_without_an_auth_hint_the_generic_one_is_given(server: EmulatorServer) -> None:
+    server.inject(Fault(status=401))
+    http, _ = client()
+    with pytest.raises(CloudAuthError, match=r"check the credentials' roles and scopes\)$"):
+        http.request("GET", server.url + "/x")
+
+
+def test_a_connection_error_without_detail_is_named_by_its_type() -> None:
+    import requests
+
+    class Refusing(requests.Session):
+        def request(self, *args: object, **kwargs: object) -> requests.Response:
+            raise requests.ConnectionError()
+
+    http, _ = client(session=Refusing(), retry=RetryPolicy(attempts=1))
+    with pytest.raises(CloudError, match=r"cannot connect \(ConnectionError\)$"):
+        http.request("GET", "http://127.0.0.1:9/x")
