@@ -311,3 +311,11 @@ def test_without_option_55_the_lease_times_lead() -> None:
 
 def test_u32_takes_the_whole_unsigned_range() -> None:
     assert options.u32(0xFFFFFFFE) == b"\xff\xff\xff\xfe"
+
+
+def test_search_domains_and_ntp_servers_are_sent_when_asked() -> None:
+    settings = replace(SETTINGS, search=("a.example", "b.example"), ntp=(A("10.0.0.9"),))
+    got = build(req(**prl(Opt.DOMAIN_SEARCH, Opt.NTP)), settings)
+    assert got[Opt.DOMAIN_SEARCH] == options.search_list(["a.example", "b.example"])
+    assert got[Opt.DOMAIN_SEARCH].startswith(b"\x01a\x07example\x00")
+    assert got[Opt.NTP] == A("10.0.0.9").packed

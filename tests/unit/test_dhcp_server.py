@@ -496,3 +496,11 @@ def test_pool_exhaustion_is_noted_when_it_starts(ok: Rig) -> None:
     ok.feed(DISCOVER)
     assert ("drop", "pool_exhausted") in ok.counters.seen
     assert ok.server.state.exhausted_since == T0
+
+
+def test_a_decline_ahead_in_the_batch_does_not_hold_back_a_later_ack(ok: Rig) -> None:
+    ok.feed(DISCOVER, SELECT)
+    ok.events.log.clear()
+    decline = vm(request(MessageType.DECLINE, requested_ip=IP, server_id=GW))
+    ok.feed(decline, other_renew(POOL[1]))
+    assert [m.yiaddr for m in acks(ok.events)] == [POOL[1]]
