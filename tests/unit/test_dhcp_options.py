@@ -248,6 +248,7 @@ def opt_req(code: int, value: bytes) -> DhcpMessage:
         (b"vm-1.", "vm-1"),  # a trailing dot goes
         (b"boX.", "boX"),
         (b"a.b\0", "a.b"),  # so does a NUL terminator
+        (b"boX\0", "boX"),
         (b"x" * 253, "x" * 253),  # the longest name
         (b"x" * 254, ""),
         (b"\xffvm", ""),  # not ASCII
@@ -319,3 +320,7 @@ def test_search_domains_and_ntp_servers_are_sent_when_asked() -> None:
     assert got[Opt.DOMAIN_SEARCH] == options.search_list(["a.example", "b.example"])
     assert got[Opt.DOMAIN_SEARCH].startswith(b"\x01a\x07example\x00")
     assert got[Opt.NTP] == A("10.0.0.9").packed
+
+
+def test_search_names_keep_their_last_letters() -> None:
+    assert options.search_list(["a.boX"]) == b"\x01a\x03box\x00"  # lower-cased, not cut
