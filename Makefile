@@ -6,8 +6,10 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+MODULES ?=
+comma := ,
 
-.PHONY: setup system-deps test lint fmt demo bench lock clean
+.PHONY: setup system-deps test lint fmt demo bench mutate lock clean
 # Prerequisites are made in the order written: system-deps before setup, always.
 .NOTPARALLEL:
 
@@ -43,8 +45,11 @@ demo: system-deps setup  ## a node, a VPC peer and three VMs in namespaces: leas
 bench: system-deps setup  ## DHCP benchmark against Kea and dnsmasq in namespaces (root; BENCH_ARGS=--relay adds perfdhcp)
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
+mutate: setup  ## mutation testing of the guarantee-carrying modules (slow; MODULES=store,policy for some)
+	$(BIN)/python scripts/mutate $(subst $(comma), ,$(MODULES))
+
 lock:  ## refresh requirements.lock from pyproject.toml
 	$(BIN)/uv pip compile pyproject.toml --extra test -o requirements.lock -q
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis mutants

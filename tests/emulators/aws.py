@@ -342,7 +342,8 @@ class Ec2Proxy:
                 eni_id = item.findtext(_q("networkInterfaceId"))
                 if eni_id and item.find(_q("macAddress")) is not None:
                     self._add_prefix_set(item, eni_id)
-        return ET.tostring(root, encoding="utf-8", xml_declaration=True)
+        out: bytes = ET.tostring(root, encoding="utf-8", xml_declaration=True)
+        return out
 
     def _hide(self, action: str, root: ET.Element) -> None:
         hidden = self._hidden.get(action) or []

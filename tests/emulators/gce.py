@@ -150,7 +150,8 @@ class GceEmulator:
 
     @property
     def nic0(self) -> dict[str, Any]:
-        return self.state.instances[self.instance_path]["networkInterfaces"][0]
+        nic: dict[str, Any] = self.state.instances[self.instance_path]["networkInterfaces"][0]
+        return nic
 
     def snapshot(self) -> dict[str, Any]:
         """The cloud-visible state without fingerprints (they change on every write)."""
@@ -446,8 +447,8 @@ class GceEmulator:
                 return _error(
                     400, "invalid", f"secondary range {name!r} does not exist in the subnetwork"
                 )
-            if not ipaddress.ip_network(alias["ipCidrRange"]).subnet_of(
-                ipaddress.ip_network(parent)
+            if not ipaddress.IPv4Network(alias["ipCidrRange"]).subnet_of(
+                ipaddress.IPv4Network(parent)
             ):
                 return _error(
                     400, "invalid", f"alias {alias['ipCidrRange']} is outside range {name}"

@@ -57,10 +57,10 @@ class ImdsEmulator:
             return Reply(200, token, {"X-aws-ec2-metadata-token-ttl-seconds": ttl})
         if req.method != "GET" or not req.path.startswith("/latest/meta-data/"):
             return Reply(404, "")
-        token = req.headers.get("x-aws-ec2-metadata-token")
-        if token is None and not self.v1_allowed:
+        given = req.headers.get("x-aws-ec2-metadata-token")
+        if given is None and not self.v1_allowed:
             return Reply(401, "")
-        if token is not None and token not in self.tokens:
+        if given is not None and given not in self.tokens:
             return Reply(401, "")
         value = self.paths().get(req.path.removeprefix("/latest/meta-data/"))
         return Reply(200, value) if value is not None else Reply(404, "")

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -66,27 +67,37 @@ def results(tmp_path: Path) -> dict[str, dict[str, object]]:
     return {server["name"]: server for server in document["servers"]}
 
 
-def test_smoke_runs_every_server_and_cleans_up(tmp_path: Path) -> None:
-    output = run_bench(tmp_path, "--servers", "kea,dnsmasq,cocoon-net")
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, dict[str, Any]]]:
+    """One smoke run of every server: its output and its results by server."""
+    results_dir = tmp_path_factory.mktemp("bench")
+    output = run_bench(results_dir, "--servers", "kea,dnsmasq,cocoon-net")
     assert not made_namespaces(output) & existing_namespaces()
-    servers = results(tmp_path)
+    return output, results(results_dir)
+
+
+@pytest.mark.parametrize("name", ["cocoon-net", "dnsmasq", "kea"])
+def test_smoke_runs_every_server_and_cleans_up(
+    smoke: tuple[str, dict[str, dict[str, Any]]], name: str
+) -> None:
+    output, servers = smoke
     assert set(servers) == {"kea", "dnsmasq", "cocoon-net"}
-    for name, binary in PEERS.items():
-        server = servers[name]
-        if shutil.which(binary) is None:
-            assert f"{name}: skipped ({binary} not installed)" in output
-            continue
-        # A peer that is installed answers the direct path: every client sent a DISCOVER,
-        # and REQUESTs and ACKs came back for clients of their own MACs.
-        assert server["status"] == "ok", server["status"]
-        (step,) = server["steps"]  # type: ignore[misc]
+    server = servers[name]
+    binary = PEERS.get(name)
+    if binary is not None and shutil.which(binary) is None:
+        # Visible, and a failure under CI (tests/conftest.py): .ci/run installs the peers.
+        pytest.skip(f"{binary} is not installed (make bench installs it)")
+    # Every server answers the direct path: every client sent a DISCOVER, and REQUESTs
+    # and ACKs came back for clients of their own MACs. A failed cocoon-net fails here.
+    assert server["status"] == "ok", f"{name}: {server['status']}\n{output}"
+    steps = server["steps"]
+    assert isinstance(steps, list) and steps, name
+    for step in steps:
         lg = step["loadgen"]
-        assert lg["discovers"] == lg["clients"] > 0
-        assert 0 < lg["acks"] <= lg["requests"] <= lg["offers"] <= lg["clients"]
-        assert step["server_hwm_kib"] > 0
-    # cocoon-net either ran the ladder or its failure is recorded, never silently missing.
-    assert servers["cocoon-net"]["status"] == "ok" or "cocoon-net:" in output
-    assert "start to ready" in output
+        assert lg["discovers"] == lg["clients"] > 0, name
+        assert 0 < lg["acks"] <= lg["requests"] <= lg["offers"] <= lg["clients"], name
+        assert step["server_hwm_kib"] > 0, name
+    assert f"{name} start with" in output and "start to ready" in output
 
 
 def test_missing_peer_is_skipped_with_a_clear_line(tmp_path: Path) -> None:

@@ -16,14 +16,14 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from ipaddress import IPv4Address
 from pathlib import Path
 
 import pytest
 
 from cocoon_net.dhcp import effects
-from cocoon_net.dhcp.leases import LeaseTable
+from cocoon_net.dhcp.leases import Change, LeaseTable
 from cocoon_net.errors import HostSetupError
 from cocoon_net.node import guard
 from cocoon_net.node.nft import Nft
@@ -404,7 +404,7 @@ def _one_vm_is_one_element(leases: int) -> dict[str, int]:
     time.sleep(0.5)  # nft monitor subscribes before it prints anything
     counts: dict[str, int] = {}
     vm, ip = "02:aa:00:00:00:01", pool[leases]
-    steps = {
+    steps: dict[str, Callable[[], list[Change]]] = {
         "grant": lambda: table.grant(vm, ip, now, 3600),
         "release": lambda: table.release(vm, ip, now),
     }

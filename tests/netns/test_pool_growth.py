@@ -62,9 +62,10 @@ def _refused(proc: subprocess.CompletedProcess[str]) -> str:
 
 
 def _offers(vm: Vm) -> list[DhcpMessage]:
-    """The OFFERs a DISCOVER from vm's own MAC gets within a second."""
+    """The OFFER a DISCOVER from vm's own MAC gets: the first ends the wait, and 3 s of
+    silence (generous, for a loaded machine) means none."""
     replies: list[DhcpMessage] = Netns(vm.netns).call(
-        exchange, vm.ifname, vm.mac, [request(MessageType.DISCOVER, vm.mac)], listen=1.0
+        exchange, vm.ifname, vm.mac, [request(MessageType.DISCOVER, vm.mac)], listen=3.0, enough=1
     )
     return replies
 

@@ -7,6 +7,7 @@ place a test changes links, addresses, routes or firewall rules.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import pickle
 import re
@@ -15,6 +16,8 @@ import subprocess
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+CLONE_NEWNET = 0x40000000
 
 
 @dataclass
@@ -141,15 +144,41 @@ def netns(tag: str = "") -> Iterator[Netns]:
 
 
 def link_pair(a: Netns, a_if: str, b: Netns, b_if: str) -> None:
-    """A veth pair with one end in each namespace, both up."""
-    tmp = "v" + secrets.token_hex(5)
-    subprocess.run(
-        ["ip", "link", "add", tmp, "type", "veth", "peer", "name", tmp + "p"], check=True
-    )
-    subprocess.run(["ip", "link", "set", tmp, "netns", a.name, "name", a_if], check=True)
-    subprocess.run(["ip", "link", "set", tmp + "p", "netns", b.name, "name", b_if], check=True)
+    """A veth pair with one end in each namespace, both up.
+
+    Made inside `a` with its peer created directly in `b`: no link ever exists, not even
+    for a moment, in the namespace the tests run in.
+    """
+    a.ip("link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", b.name)
     a.ip("link", "set", a_if, "up")
     b.ip("link", "set", b_if, "up")
+
+
+@contextlib.contextmanager
+def joined(ns: Netns) -> Iterator[None]:
+    """Move the calling thread into ns, and back when the block ends.
+
+    For code under test that reads or changes the kernel itself (no --netns to pass): it
+    runs in the namespace, and so do the sockets it opens and the commands it starts.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        target = os.open(f"/run/netns/{ns.name}", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            if libc.setns(target, CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), f"setns into {ns.name}")
+        finally:
+            os.close(target)
+        try:
+            yield
+        finally:
+            if libc.setns(home, CLONE_NEWNET) != 0:
+                # Carrying on in the wrong namespace would make every later test lie.
+                os.write(2, f"cannot return from namespace {ns.name}\n".encode())
+                os._exit(70)
+    finally:
+        os.close(home)
 
 
 def is_root() -> bool:

@@ -66,9 +66,11 @@ def exchange(
     *,
     src_ip: IPv4Address = ZERO_IP,
     listen: float = 0.0,
+    enough: int = 0,
 ) -> list[DhcpMessage]:
     """Broadcast each message as one frame from src_mac on ifname; for `listen` seconds after
-    the last, collect the replies whose xid is one we sent. Run inside the sender's netns."""
+    the last, collect the replies whose xid is one we sent, stopping early once there are
+    `enough` (when not 0). Run inside the sender's netns."""
     xids = {m.xid for m in messages}
     replies: list[DhcpMessage] = []
     with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(_ETH_P_ALL)) as sock:
@@ -81,7 +83,7 @@ def exchange(
                 )
             )  # fmt: skip
         deadline = time.monotonic() + listen
-        while (left := deadline - time.monotonic()) > 0:
+        while (left := deadline - time.monotonic()) > 0 and not 0 < enough <= len(replies):
             ready, _, _ = select.select([sock], [], [], left)
             if not ready:
                 break

@@ -289,7 +289,7 @@ def checksum_scenario() -> list[bytes]:
     tx.send(edit(reply(b"bad-ip-sum"), 24, b"\x12\x34", reseal=False))
     tx.send(reply(b"good"))
     tx.send(reply(b"x" * 1400))
-    got = []
+    got: list[bytes] = []
     while len(got) < 2 and select.select([rx], [], [], 5)[0]:
         got.append(rx.recv(2048))
     return got

@@ -429,3 +429,19 @@ TableMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 test_table_invariants = TableMachine.TestCase
+
+
+def test_every_hold_ends_at_its_exact_instant() -> None:
+    # A lease, an offer and a quarantine all end at `until`: at that instant they are over.
+    t = LeaseTable(POOL, offer_hold=60)
+    t.grant(mac(1), POOL[0], 0.0, 100)
+    assert t.standing(mac(1), POOL[0], 100.0) is not Standing.LEASED
+    assert not t.needs_route(POOL[0], 100.0)
+    offered, _ = t.offer(mac(2), 0.0)
+    assert offered is not None
+    assert t.standing(mac(2), offered, 60.0) is not Standing.OFFERED
+    t.grant(mac(3), POOL[5], 0.0, 1000)
+    t.decline(mac(3), POOL[5], 0.0, 50)
+    assert not t.is_quarantined(POOL[5], 50.0)
+    t.expire(50.0)
+    assert t.stats(50.0).quarantined == 0 and POOL[5] not in t.snapshot().quarantine

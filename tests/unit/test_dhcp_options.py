@@ -32,7 +32,9 @@ def prl(*codes: int) -> dict[str, bytes]:
     return {str(int(Opt.PARAM_REQUEST_LIST)): bytes(codes)}
 
 
-def build(request: DhcpMessage, settings: DhcpSettings = SETTINGS, lease: Lease | None = LEASE):
+def build(
+    request: DhcpMessage, settings: DhcpSettings = SETTINGS, lease: Lease | None = LEASE
+) -> dict[int, bytes]:
     return options.build(request, MessageType.ACK, settings, lease)
 
 
@@ -231,3 +233,94 @@ def test_settings_defaults_are_valid() -> None:
     )
     good.validate()
     assert (good.t1, good.t2) == (43200, 75600)
+
+
+# ---------------------------------------------------------------------------- edges
+
+
+def opt_req(code: int, value: bytes) -> DhcpMessage:
+    return DhcpMessage(Op.BOOTREQUEST, 1, b"\x02\0\0\0\0\x01", options={code: value})
+
+
+@pytest.mark.parametrize(
+    ("raw", "name"),
+    [
+        (b"vm-1.", "vm-1"),  # a trailing dot goes
+        (b"boX.", "boX"),
+        (b"a.b\0", "a.b"),  # so does a NUL terminator
+        (b"boX\0", "boX"),
+        (b"x" * 253, "x" * 253),  # the longest name
+        (b"x" * 254, ""),
+        (b"\xffvm", ""),  # not ASCII
+        (b"vm 1", ""),
+        (b"", ""),
+    ],
+)
+def test_option_12_names(raw: bytes, name: str) -> None:
+    assert options.client_hostname(opt_req(Opt.HOSTNAME, raw)) == name
+
+
+def wire(*labels: bytes, end: bool = True) -> bytes:
+    return b"".join(bytes([len(x)]) + x for x in labels) + (b"\0" if end else b"")
+
+
+@pytest.mark.parametrize(
+    ("flags", "name", "expected"),
+    [
+        (0x01, b"vm1.example", "vm1.example"),  # S bit only: ASCII
+        (0x05, wire(b"vm1", b"example"), "vm1.example"),  # E bit: wire format
+        (0x04, wire(b"a"), "a"),
+        (0x04, wire(b"ab", end=False), "ab"),  # unterminated, exactly filled
+        (0x04, b"\x03ab", ""),  # a label longer than what is left
+        (0x04, wire(b"x" * 63), "x" * 63),
+        (0x04, wire(b"x" * 64), ""),  # labels are at most 63 octets
+    ],
+)
+def test_option_81_names(flags: int, name: bytes, expected: str) -> None:
+    raw = bytes([flags, 0, 0]) + name
+    assert options.client_hostname(opt_req(Opt.CLIENT_FQDN, raw)) == expected
+
+
+def test_domain_name_loses_only_its_trailing_dot() -> None:
+    assert options.domain_string("corp.boX.") == b"corp.boX"
+
+
+def test_long_values_are_counted_in_255_byte_parts() -> None:
+    size = options.encoded_size
+    assert size({1: b"x" * 256}) - size({1: b"x" * 255}) == 3  # one byte and one more header
+    assert size({1: b"x" * 255}) - size({1: b"x" * 254}) == 1
+
+
+def test_options_that_fit_exactly_are_all_kept() -> None:
+    opts = build(req())
+    assert options.fit(opts, options.encoded_size(opts)) == opts
+    assert options.fit(opts, options.encoded_size(opts) - 1) != opts
+
+
+def test_a_large_max_message_size_is_capped_by_the_link() -> None:
+    big = opt_req(Opt.MAX_MESSAGE_SIZE, b"\xff\xff")
+    assert options.budget(big, SETTINGS) == 1500 - 28
+    assert options.budget(big, replace(SETTINGS, mtu=9000)) == 9000 - 28
+
+
+def test_without_option_55_the_lease_times_lead() -> None:
+    codes = list(build(DhcpMessage(Op.BOOTREQUEST, 1, b"\x02\0\0\0\0\x01")))
+    assert codes[:5] == [
+        Opt.MESSAGE_TYPE, Opt.SERVER_ID, Opt.LEASE_TIME, Opt.RENEWAL_TIME, Opt.REBINDING_TIME
+    ]  # fmt: skip
+
+
+def test_u32_takes_the_whole_unsigned_range() -> None:
+    assert options.u32(0xFFFFFFFE) == b"\xff\xff\xff\xfe"
+
+
+def test_search_domains_and_ntp_servers_are_sent_when_asked() -> None:
+    settings = replace(SETTINGS, search=("a.example", "b.example"), ntp=(A("10.0.0.9"),))
+    got = build(req(**prl(Opt.DOMAIN_SEARCH, Opt.NTP)), settings)
+    assert got[Opt.DOMAIN_SEARCH] == options.search_list(["a.example", "b.example"])
+    assert got[Opt.DOMAIN_SEARCH].startswith(b"\x01a\x07example\x00")
+    assert got[Opt.NTP] == A("10.0.0.9").packed
+
+
+def test_search_names_keep_their_last_letters() -> None:
+    assert options.search_list(["a.boX"]) == b"\x01a\x03box\x00"  # lower-cased, not cut

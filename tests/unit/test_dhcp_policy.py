@@ -106,12 +106,11 @@ def dora(table: LeaseTable, mac: str, now: float = T0) -> IPv4Address:
 def test_client_state_per_rfc2131_4_3_2(
     sid: bool, req: bool, ciaddr: bool, bcast: bool, state: ClientState | None
 ) -> None:
-    opts: dict[str, IPv4Address] = {}
+    m = msg(MessageType.REQUEST, ciaddr=POOL[0] if ciaddr else ZERO_IP)
     if sid:
-        opts["server_id"] = GW
+        m.options[Opt.SERVER_ID] = GW.packed
     if req:
-        opts["requested_ip"] = POOL[0]
-    m = msg(MessageType.REQUEST, ciaddr=POOL[0] if ciaddr else ZERO_IP, **opts)
+        m.options[Opt.REQUESTED_IP] = POOL[0].packed
     assert policy.client_state(m, ctx(broadcast=bcast)) is state
 
 
@@ -562,3 +561,66 @@ def test_lease_loss_running_vms_keep_their_addresses() -> None:
     third = "02:00:00:00:00:03"
     first = handle(msg(MessageType.DISCOVER, third), ctx(third), table, S, T0 + 3)
     assert reply(first, MessageType.OFFER).yiaddr == POOL[0]
+
+
+# ---------------------------------------------------------------------------- reply details
+
+
+def relay_ctx() -> RequestContext:
+    return RequestContext("02:00:00:00:00:fa", RELAY, GW, False)
+
+
+def test_a_nak_carries_no_configuration() -> None:
+    nak = reply(
+        handle(msg(MessageType.REQUEST, server_id=GW, requested_ip=POOL[3]), ctx(),
+               LeaseTable(POOL), S, T0),
+        MessageType.NAK,
+    )  # fmt: skip
+    assert Opt.SERVER_ID in nak.options
+    for opt in (Opt.ROUTER, Opt.SUBNET_MASK, Opt.LEASE_TIME, Opt.DNS):
+        assert opt not in nak.options, opt
+
+
+def test_a_relayed_nak_sets_the_broadcast_bit_and_keeps_the_others() -> None:
+    request = msg(
+        MessageType.REQUEST, giaddr=RELAY, flags=0x0001, server_id=GW, requested_ip=POOL[3]
+    )
+    nak = reply(handle(request, relay_ctx(), LeaseTable(POOL), S, T0), MessageType.NAK)
+    assert nak.flags == BROADCAST_FLAG | 0x0001
+
+
+def test_a_relayed_ack_keeps_the_clients_flags() -> None:
+    table = LeaseTable(POOL)
+    discover = msg(MessageType.DISCOVER, giaddr=RELAY)
+    offer = reply(handle(discover, relay_ctx(), table, S, T0), MessageType.OFFER)
+    request = msg(MessageType.REQUEST, giaddr=RELAY, server_id=GW, requested_ip=offer.yiaddr)
+    ack = reply(handle(request, relay_ctx(), table, S, T0), MessageType.ACK)
+    assert ack.flags == 0
+
+
+def test_the_reply_echoes_the_hardware_type() -> None:
+    discover = replace(msg(MessageType.DISCOVER), htype=6)
+    assert reply(handle(discover, ctx(), LeaseTable(POOL), S, T0), MessageType.OFFER).htype == 6
+
+
+def test_a_discover_gets_the_free_address_it_asks_for() -> None:
+    discover = msg(MessageType.DISCOVER, requested_ip=POOL[5])
+    offer = reply(handle(discover, ctx(), LeaseTable(POOL), S, T0), MessageType.OFFER)
+    assert offer.yiaddr == POOL[5]
+
+
+def test_a_relayed_inform_is_answered_through_its_relay() -> None:
+    inform = msg(MessageType.INFORM, giaddr=RELAY, ciaddr=POOL[2])
+    decision = handle(inform, relay_ctx(), LeaseTable(POOL), S, T0)
+    assert isinstance(decision, Reply)
+    assert decision.dest == Destination(RELAY, 67, "02:00:00:00:00:fa")
+
+
+def test_an_exhausted_pool_still_reports_the_leases_that_ran_out() -> None:
+    # The only address is reserved for ME, whose lease has run out: YOU gets nothing, and the
+    # expiry found on the way must still reach the journal and the routes.
+    table = LeaseTable(POOL[:1], reservations={ME: POOL[0]})
+    table.grant(ME, POOL[0], T0, 10)
+    decision = handle(msg(MessageType.DISCOVER, YOU), ctx(YOU), table, S, T0 + 20)
+    assert isinstance(decision, Drop) and decision.reason == Why.POOL_EXHAUSTED
+    assert [type(c).__name__ for c in decision.changes] == ["Expire"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -17,6 +18,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from ipaddress import IPv4Address
@@ -619,3 +621,126 @@ def test_failed_write_behind_keeps_the_journal_and_is_logged_once(
     s.close()
     got = reopen(path)
     assert len(got.leases) == 19 and got.report.complete
+
+
+def test_a_commit_returns_after_its_records_were_written_and_fdatasynced(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[bytes] = []  # the journal as it was at each fdatasync
+    real = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        real(fd)
+        synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")).read_bytes())
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    took: list[float] = []
+    s = LeaseStore(path, observe_fsync=took.append)
+    s.open()
+    try:
+        asyncio.run(s.commit([Record.grant(lease(1)), Record.grant(lease(2))]))
+        assert synced and b'"ip":"10.0.0.2"' in synced[-1]
+        asyncio.run(s.commit([Record.grant(lease(3))]))
+        assert b'"ip":"10.0.0.3"' in synced[-1]
+        journal = role_path(path, Role.JOURNAL).read_bytes()
+        stats = s.stats()
+        assert (stats.batches, stats.records, stats.last_batch) == (2, 3, 1)
+        assert (stats.journal_records, stats.journal_bytes) == (3, len(journal))
+        assert len(took) == 2 and all(0 <= t < 60 for t in took)
+    finally:
+        s.close()
+
+
+def test_a_writer_crash_fails_the_waiting_commit_and_every_later_one(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = LeaseStore(path)
+    s.open()
+
+    def crash(fd: int) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(os, "fdatasync", crash)
+    try:
+        with pytest.raises(StateError) as info:
+            asyncio.run(asyncio.wait_for(s.commit([Record.grant(lease(1))]), 30))
+        assert str(info.value) == "lease journal writer crashed: RuntimeError('boom')"
+        assert s.stats().failed
+        with pytest.raises(StateError, match="crashed"):
+            asyncio.run(s.commit([Record.grant(lease(2))]))
+    finally:
+        s.close()
+
+
+def test_an_io_error_is_reported_with_its_reason(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = LeaseStore(path)
+    s.open()
+
+    def eio(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", eio)
+    try:
+        with pytest.raises(StateError) as info:
+            asyncio.run(asyncio.wait_for(s.commit([Record.grant(lease(1))]), 30))
+        journal = role_path(path, Role.JOURNAL)
+        assert str(info.value) == f"lease journal {journal}: Input/output error"
+    finally:
+        s.close()
+
+
+def test_a_store_never_opened_refuses_commits(path: Path) -> None:
+    with pytest.raises(StateError, match="not open"):
+        asyncio.run(asyncio.wait_for(LeaseStore(path).commit([Record.grant(lease(1))]), 5))
+
+
+def test_a_journal_deleted_under_the_writer_is_named_in_the_error(path: Path) -> None:
+    s = LeaseStore(path)
+    s.open()
+
+    async def run() -> None:
+        await s.commit([Record.grant(lease(1))])
+        shutil.rmtree(path.parent)
+        await asyncio.wait_for(s.commit([Record.grant(lease(2))]), 30)
+
+    try:
+        with pytest.raises(StateError) as info:
+            asyncio.run(run())
+        assert str(info.value).endswith(": deleted while in use")
+    finally:
+        s.close()
+
+
+def test_a_cancelled_waiter_does_not_strand_the_others_of_its_batch(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    entered, gate = threading.Event(), threading.Event()
+    real = os.fdatasync
+
+    def held(fd: int) -> None:
+        entered.set()
+        gate.wait(30)
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", held)
+    s = LeaseStore(path)
+    s.open()
+
+    async def run() -> None:
+        first = asyncio.create_task(s.commit([Record.grant(lease(1))]))
+        await asyncio.to_thread(entered.wait, 30)  # the writer holds the first batch
+        cancelled = asyncio.create_task(s.commit([Record.grant(lease(2))]))
+        waiting = asyncio.create_task(s.commit([Record.grant(lease(3))]))
+        await asyncio.sleep(0)  # both queued: they will be the next batch together
+        cancelled.cancel()
+        gate.set()
+        await asyncio.wait_for(asyncio.gather(first, waiting), 30)
+
+    try:
+        asyncio.run(run())
+    finally:
+        gate.set()
+        s.close()
+    assert set(reopen(path).leases) == {lease(n).mac for n in (1, 2, 3)}

@@ -1,5 +1,8 @@
 """The gke platform against the GCE emulator, called as the CLI calls it.
 
+Provisioning reads and changes the local routing table, so every test runs in a network
+namespace of its own (the emulator listens there too): nothing here touches the host's.
+
 Each test gets a fresh emulated project (instance node-1 in us-central1-a, subnetwork
 `default` 10.128.0.0/20) and reaches it only through GCE_METADATA_HOST and
 COCOON_NET_GCE_COMPUTE_URL. Sleeps are recorded instead of slept, so retries cost nothing.
@@ -9,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Iterator
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
@@ -31,11 +35,22 @@ from cocoon_net.platform.http import RetryPolicy
 from cocoon_net.state import PoolState
 from tests.emulators import Fault
 from tests.emulators.gce import GceEmulator
+from tests.support.netns import Netns, joined
 
 SUBNET = IPv4Network("172.20.100.0/24")
 OPERATOR_ALIAS = {"ipCidrRange": "10.128.0.64/28"}  # from the primary range, operator-owned
 OTHER_RANGE = {"rangeName": "gke-pods", "ipCidrRange": "10.40.0.0/14"}
 OTHER_ALIAS = {"subnetworkRangeName": "gke-pods", "ipCidrRange": "10.40.1.0/24"}
+
+
+@pytest.fixture
+def gce(make_netns: Callable[[str], Netns]) -> Iterator[GceEmulator]:
+    with joined(make_netns("gke")):
+        emulator = GceEmulator().start()
+        try:
+            yield emulator
+        finally:
+            emulator.stop()
 
 
 class Node:

@@ -45,7 +45,9 @@ def client(**kwargs: object) -> tuple[HttpClient, Sleeps]:
     sleeps = Sleeps()
     opts: dict[str, object] = {
         "service": "Test API",
-        "timeout": 0.3,
+        # Generous: a loaded machine must not turn a normal answer into a timeout (and an
+        # extra attempt); the timeout tests pass their own, far below their fault's delay.
+        "timeout": 10.0,
         "retry": RetryPolicy(attempts=4, deadline=30, base_delay=0.5, max_delay=4),
         "sleep": sleeps,
         "rng": random.Random(7),
@@ -144,13 +146,13 @@ def test_quota_errors_are_recognised(server: EmulatorServer) -> None:
 
 
 def test_timeouts_are_retried_then_reported(server: EmulatorServer) -> None:
-    server.inject(Fault(delay=0.6, count=1))
-    http, sleeps = client(timeout=0.2)
+    server.inject(Fault(delay=5.0, count=1))
+    http, sleeps = client(timeout=0.5)
     assert http.request_json("GET", server.url + "/x")["path"] == "/x"
     assert len(sleeps) == 1
 
-    server.inject(Fault(delay=0.6, count=2))
-    http, _ = client(timeout=0.2, retry=RetryPolicy(attempts=2, deadline=30))
+    server.inject(Fault(delay=5.0, count=2))
+    http, _ = client(timeout=0.5, retry=RetryPolicy(attempts=2, deadline=30))
     with pytest.raises(CloudTimeout, match=r"GET x: no answer within"):
         http.request("GET", server.url + "/x")
 
@@ -279,3 +281,144 @@ def test_one_line_keeps_the_cause_and_the_advice() -> None:
     assert len(line) == MAX_LINE and "\n" not in line
     assert line.startswith("first cause: ") and line.endswith("run teardown again")
     assert one_line("short\n  one") == "short one"
+
+
+class Highest(random.Random):
+    """Draws the top of every jitter range, so a delay shows its exponential cap."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return b
+
+
+def test_backoff_doubles_from_the_base_until_its_cap() -> None:
+    policy = RetryPolicy(base_delay=1.0, max_delay=100.0)
+    assert [backoff_delay(n, policy, Highest()) for n in range(5)] == [1, 2, 4, 8, 16]
+    assert backoff_delay(10, policy, Highest()) == 100.0
+
+
+def test_the_first_retry_waits_at_most_the_base_delay(server: EmulatorServer) -> None:
+    server.inject(Fault(drop=True, count=2))
+    http, sleeps = client(rng=Highest())
+    http.request("GET", server.url + "/x")
+    assert sleeps == [0.5, 1.0]  # no Retry-After from a dropped connection: backoff alone
+
+
+@pytest.mark.parametrize(
+    ("header", "slept"), [("3600", 60.0), ("Wed, 21 Oct 2015 07:28:00 GMT", 0.5)]
+)
+def test_retry_after_is_capped_and_a_date_leaves_the_backoff(
+    server: EmulatorServer, header: str, slept: float
+) -> None:
+    server.inject(Fault(status=503, headers={"Retry-After": header}))
+    http, sleeps = client(rng=Highest(), retry=RetryPolicy(attempts=3, deadline=600))
+    http.request("GET", server.url + "/x")
+    assert sleeps == [slept]
+
+
+def test_a_retry_that_would_end_at_the_deadline_is_not_made(server: EmulatorServer) -> None:
+    server.inject(Fault(status=503, headers={"Retry-After": "5"}))
+    http, sleeps = client(clock=lambda: 100.0, retry=RetryPolicy(attempts=3, deadline=5))
+    with pytest.raises(CloudError, match="HTTP 503"):
+        http.request("GET", server.url + "/x")
+    assert sleeps == []
+
+
+def test_each_attempt_waits_no_longer_than_the_time_left(server: EmulatorServer) -> None:
+    # A slow answer past the deadline is a timeout even though the per-call timeout is long.
+    server.inject(Fault(delay=3.0))
+    http, _ = client(timeout=30.0, retry=RetryPolicy(attempts=1, deadline=0.5))
+    with pytest.raises(CloudTimeout):
+        http.request("GET", server.url + "/x")
+
+
+def _mirror(req: Request) -> Reply:
+    return Reply(200, {"body": req.body.decode(), "type": req.headers.get("content-type", "")})
+
+
+def test_a_json_body_is_sent_compact_and_typed() -> None:
+    with serve(_mirror) as srv:
+        http, _ = client()
+        got = http.request_json("POST", srv.url + "/x", json={"a": [1, 2], "b": "c"})
+        assert got == {"body": '{"a":[1,2],"b":"c"}', "type": "application/json"}
+        own = http.request_json(
+            "POST", srv.url + "/x", json={}, headers={"Content-Type": "application/merge"}
+        )
+        assert own["type"] == "application/merge"
+        raw = http.request_json("POST", srv.url + "/x", data=b"plain")
+        assert raw == {"body": "plain", "type": ""}
+
+
+@pytest.mark.parametrize(
+    ("status", "detail", "kind"),
+    [
+        (429, "slow down", CloudQuotaError),
+        (400, "QUOTA_EXCEEDED for instances", CloudQuotaError),
+        (403, "Rate Limit Exceeded", CloudQuotaError),
+        (400, "bad request", CloudError),
+    ],
+)
+def test_throttling_and_quota_are_told_apart_from_other_errors(
+    server: EmulatorServer, status: int, detail: str, kind: type[CloudError]
+) -> None:
+    server.inject(Fault(status=status, body={"error": {"message": detail}}))
+    http, _ = client(retry=RetryPolicy(attempts=1))
+    with pytest.raises(CloudError) as info:
+        http.request("GET", server.url + "/x")
+    assert type(info.value) is kind
+    assert str(info.value).startswith(f"Test API: GET {server.url}/x: HTTP {status}: {detail}")
+
+
+def test_an_error_without_detail_says_only_its_status(server: EmulatorServer) -> None:
+    server.inject(Fault(status=404, body=b""))
+    http, _ = client()
+    with pytest.raises(CloudNotFound) as info:
+        http.request("GET", server.url + "/x")
+    assert str(info.value) == f"Test API: GET {server.url}/x: HTTP 404"
+
+
+def test_a_refused_connection_names_its_reason() -> None:
+    http, _ = client(retry=RetryPolicy(attempts=1))
+    with pytest.raises(CloudError) as info:
+        http.request("GET", "http://127.0.0.1:9/x")
+    assert "cannot connect (" in str(info.value) and "Connection refused" in str(info.value)
+    assert "Caused by" not in str(info.value)
+
+
+def test_a_request_that_cannot_be_sent_is_not_retried() -> None:
+    http, sleeps = client()
+    with pytest.raises(
+        CloudError, match=r"Test API: GET ftp://127.0.0.1/x: InvalidSchema: "
+    ) as info:
+        http.request("GET", "ftp://127.0.0.1/x")
+    assert sleeps == []
+    assert type(info.value) is CloudError
+
+
+def test_redirects_are_not_followed() -> None:
+    def moved(req: Request) -> Reply:
+        if req.path == "/old":
+            return Reply(302, b"", headers={"Location": "/new"})
+        return Reply(200, {"path": req.path})
+
+    with serve(moved) as srv:
+        http, _ = client()
+        assert http.request("GET", srv.url + "/old").status_code == 302
+
+
+def test_without_an_auth_hint_the_generic_one_is_given(server: EmulatorServer) -> None:
+    server.inject(Fault(status=401))
+    http, _ = client()
+    with pytest.raises(CloudAuthError, match=r"check the credentials' roles and scopes\)$"):
+        http.request("GET", server.url + "/x")
+
+
+def test_a_connection_error_without_detail_is_named_by_its_type() -> None:
+    import requests
+
+    class Refusing(requests.Session):
+        def request(self, *args: object, **kwargs: object) -> requests.Response:
+            raise requests.ConnectionError()
+
+    http, _ = client(session=Refusing(), retry=RetryPolicy(attempts=1))
+    with pytest.raises(CloudError, match=r"cannot connect \(ConnectionError\)$"):
+        http.request("GET", "http://127.0.0.1:9/x")

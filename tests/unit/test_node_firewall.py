@@ -272,3 +272,12 @@ def test_teardown_leaves_the_go_tools_untagged_rules() -> None:
     assert [r.text() for r in fw.delete] == [
         "-d 10.0.0.0/8 -i cni0 -m comment --comment cocoon-net-drop -j DROP"
     ]
+
+
+def test_each_table_drops_only_its_own_chains() -> None:
+    plan = firewall.FirewallPlan(
+        current=Ruleset((), ()), drop_chains=(("filter", "CN-A"), ("nat", "CN-B"))
+    )
+    assert firewall.render(plan) == (
+        "*filter\n:CN-A - [0:0]\n-X CN-A\nCOMMIT\n*nat\n:CN-B - [0:0]\n-X CN-B\nCOMMIT\n"
+    )

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import Any
+
 from cocoon_net.node.nic import Link, pick_by_mac, pick_default_route_dev
 
 MAC = "0a:1b:2c:3d:4e:5f"
@@ -23,7 +25,7 @@ def test_pick_by_mac_among_equals_takes_the_lowest_index() -> None:
 
 
 def test_default_route_with_lowest_metric_wins() -> None:
-    routes = [
+    routes: list[dict[str, Any]] = [
         {"dst": "10.0.0.0/8", "dev": "eth9"},
         {"dst": "default", "gateway": "10.0.0.1", "dev": "eth1", "metric": 200},
         {"dst": "default", "gateway": "10.0.0.1", "dev": "eth0", "metric": 100},

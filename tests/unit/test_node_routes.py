@@ -86,3 +86,10 @@ def test_our_routes_outside_the_subnet_are_never_removed() -> None:
     stray = IPv4Address("10.9.9.8")
     diff = plan_reconcile(wanted={A}, leased={A}, ours={A, B, stray}, boot=(), subnet=SUBNET)
     assert diff == RouteDiff(remove=(B,))
+
+
+def test_a_diff_is_true_when_it_adds_or_removes_anything() -> None:
+    a, b = IPv4Address("10.0.0.2"), IPv4Address("10.0.0.3")
+    assert not plan_routes([a], [a])
+    assert plan_routes([a, b], [a])  # only an add
+    assert plan_routes([a], [a, b])  # only a removal

@@ -5,9 +5,10 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
+from urllib.parse import urlencode, urlsplit
 
 import pytest
 import requests
@@ -34,7 +35,7 @@ from cocoon_net.platform.volc_api import (
     wait_for,
 )
 from cocoon_net.platform.volc_sign import Credentials, canonical_query, sign
-from tests.emulators.volcengine import VolcEmulator
+from tests.emulators.volcengine import VolcEmulator, signer_v4
 
 FAST = RetryPolicy(attempts=3, deadline=5.0, base_delay=0.01, max_delay=0.02)
 
@@ -309,3 +310,58 @@ def test_which_enis_the_go_tool_made_and_which_adopt_refuses() -> None:
     assert "is attached to i-other, not to this instance i-me" in str(
         volcengine.adopt_refusal(elsewhere, "n", "i-me", subnet)
     )
+
+
+def test_the_emulator_verifies_with_its_own_signer_held_to_the_sdk_vectors() -> None:
+    data = json.loads(
+        (Path(__file__).parent.parent / "data" / "volc_sign_vectors.json").read_text()
+    )
+    for v in data["vectors"]:
+        auth = v["expected"]["Authorization"]
+        names = auth.split("SignedHeaders=")[1].split(",")[0].split(";")
+        host = urlsplit(v["url"]).netloc
+        given = {k.lower(): x for k, x in v["headers"].items()}
+        wire = {
+            "host": host,
+            "x-date": v["expected"]["X-Date"],
+            "x-content-sha256": v["expected"]["X-Content-Sha256"],
+            "x-security-token": v["session_token"],
+            **given,
+        }
+        raw_query = urlencode(v["query"], doseq=True)
+        got = signer_v4(
+            v["method"], urlsplit(v["url"]).path, raw_query, {n: wire[n] for n in names},
+            v["body"].encode(), v["secret_access_key"], v["expected"]["X-Date"], v["region"],
+        )  # fmt: skip
+        assert got == auth.rsplit("Signature=", 1)[1], v["name"]
+
+
+@pytest.mark.parametrize(
+    ("region", "skew", "version", "code"),
+    [
+        ("cn-shanghai", 0, "2020-04-01", "InvalidCredential"),
+        ("cn-beijing", 16 * 60, "2020-04-01", "InvalidTimestamp"),
+        ("cn-beijing", -16 * 60, "2020-04-01", "InvalidTimestamp"),
+        ("cn-beijing", 0, "2099-01-01", "InvalidActionOrVersion"),
+    ],
+)
+def test_the_emulator_rejects_another_region_a_stale_date_and_an_unknown_version(
+    emu: VolcEmulator, region: str, skew: int, version: str, code: str
+) -> None:
+    creds = Credentials(emu.access_key, emu.secret_key, region)
+    query = {"Action": "DescribeVpcAttributes", "Version": version, "VpcId": emu.vpc_id}
+    when = datetime.now(UTC) + timedelta(seconds=skew)
+    headers = sign("GET", emu.base_url + "/", query, {}, b"", creds, when)
+    bad = requests.get(emu.base_url + "/", params=query, headers=headers, timeout=5)
+    assert bad.status_code >= 400
+    assert bad.json()["ResponseMetadata"]["Error"]["Code"] == code
+    assert emu.calls == []
+
+
+def test_the_client_signs_with_its_clock_and_a_drifted_clock_is_refused(
+    emu: VolcEmulator,
+) -> None:
+    creds = Credentials(emu.access_key, emu.secret_key, emu.region)
+    stale = VpcApi(emu.base_url, creds, retry=FAST, clock=lambda: datetime(2001, 1, 1, tzinfo=UTC))
+    with pytest.raises(CloudError, match="InvalidTimestamp"):
+        stale.call("DescribeVpcAttributes", {"VpcId": emu.vpc_id})

@@ -9,6 +9,8 @@ from cocoon_net.platform.aws.platform import AwsPlatform
 from cocoon_net.platform.http import RetryPolicy
 from cocoon_net.platform.volc_api import PollPolicy
 
+__all__ = ["AwsPlatform", "create"]
+
 
 def create(
     environ: Mapping[str, str],
