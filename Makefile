@@ -7,7 +7,7 @@ BIN     := $(VENV)/bin
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: setup system-deps test lint fmt demo bench lock clean
+.PHONY: setup system-deps test lint fmt demo bench lock clean dist wheelhouse
 # Prerequisites are made in the order written: system-deps before setup, always.
 .NOTPARALLEL:
 
@@ -43,8 +43,19 @@ demo: system-deps setup  ## a node, a VPC peer and three VMs in namespaces: leas
 bench: system-deps setup  ## DHCP benchmark against Kea and dnsmasq in namespaces (root; BENCH_ARGS=--relay adds perfdhcp)
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
+dist: setup  ## wheel and sdist in dist/, checked with twine
+	rm -rf dist
+	$(BIN)/uv build -q --sdist --wheel --out-dir dist
+	$(BIN)/uvx -q twine check --strict dist/*
+
+# The wheel and its locked dependencies, for scripts/install --wheelhouse on a host without
+# a network (the same Python and architecture as this machine).
+wheelhouse: dist  ## dist/wheelhouse: what scripts/install --wheelhouse needs
+	$(BIN)/pip download -q --disable-pip-version-check -d dist/wheelhouse \
+		-c requirements.lock dist/cocoon_net-*.whl
+
 lock:  ## refresh requirements.lock from pyproject.toml
 	$(BIN)/uv pip compile pyproject.toml --extra test -o requirements.lock -q
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) dist .pytest_cache .mypy_cache .ruff_cache .hypothesis

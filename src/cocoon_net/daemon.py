@@ -126,6 +126,8 @@ class Daemon:
         self._reload_due = False
         self._reloading = asyncio.Lock()
         self._platform: Platform | None = None
+        self._store_error = ""
+        self.metrics: Any = None
 
     @property
     def bridge(self) -> str:
@@ -144,16 +146,30 @@ class Daemon:
         self._fix_host()
         lease_file = self._lease_file()
         settings = dhcp_settings(self.pool, self.opts, nic.link_mtu(self.bridge))
-        metrics = self._metrics()
+        metrics = self.metrics = self._metrics()
+
+        def store_failed(error: str) -> None:
+            loop.call_soon_threadsafe(self._store_failed, error)
+
         self.store = LeaseStore(
             lease_file,
             observe_fsync=metrics.fsync_seconds.observe if metrics is not None else None,
+            on_failure=store_failed,
         )
         recovered = await asyncio.to_thread(self.store.open)
         try:
-            return await self._serve(settings, recovered, metrics, started)
+            code = await self._serve(settings, recovered, metrics, started)
         finally:
             await asyncio.to_thread(self.store.close)
+        if self._store_error:
+            raise StateError(f"lease store failed: {self._store_error}")
+        return code
+
+    def _store_failed(self, error: str) -> None:
+        """No lease can be granted any more: stop, so that systemd restarts the daemon and
+        the restart replays what is really on disk (or fails again, loudly, at start)."""
+        self._store_error = error
+        self.stop.set()
 
     async def _serve(
         self, settings: DhcpSettings, recovered: Recovered, metrics: Any, started: float
@@ -313,6 +329,8 @@ class Daemon:
         )
         if diff:
             failed = self.server.sync_routes(set(diff.add) | set(diff.remove))
+            if not first:
+                self._repaired("route", len(diff.add) + len(diff.remove) - len(failed))
             log.info(
                 "routes reconciled: %d added, %d removed%s",
                 len(diff.add), len(diff.remove), f", {len(failed)} failed" if failed else "",
@@ -411,7 +429,11 @@ class Daemon:
                 repair.add(event.dst)
         if repair:
             log.warning("lease routes removed from outside, restoring: %s", sorted(repair))
-            self.server.sync_routes(repair)
+            self._repaired("route", len(repair - self.server.sync_routes(repair)))
+
+    def _repaired(self, what: str, count: int) -> None:
+        if self.metrics is not None and count > 0:
+            self.metrics.repairs.labels(what).inc(count)
 
     def _request_reload(self) -> None:
         self._reload_due = True
@@ -423,6 +445,7 @@ class Daemon:
         if self.server.bound and index == self.server.state.ifindex:
             return
         log.warning("bridge %s changed (index %s); setting it up again", self.bridge, index)
+        self._repaired("bridge", 1)
         await asyncio.to_thread(self._setup_host, REPAIR_LOCK_WAIT)
         self.server.open()
 
