@@ -10,7 +10,9 @@ The daemon holds the daemon lock for its whole life (one daemon per node; teardo
 while it runs) and the state lock only while it reads pool.json and applies host setup, which
 records its changes there: init and adopt can grow the pool of a running daemon, then ask it
 over the control socket to re-read pool.json. SIGTERM stops it gracefully (leases flushed,
-routes kept: VMs keep their traffic across a restart); SIGHUP re-reads pool.json too.
+routes kept: VMs keep their traffic across a restart); SIGHUP re-reads pool.json too. A lease
+store that can no longer write stops it too, with exit code 1: under systemd the restart
+replays what is really on disk, or fails again at the first write while the disk is broken.
 """
 
 from __future__ import annotations

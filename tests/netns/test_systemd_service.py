@@ -70,7 +70,7 @@ class Node:
     clients: list[DhcpClient]
     baseline: dict[str, Entry]
 
-    def sh(self, script: str, *, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def script(self, script: str, *, check: bool = True) -> subprocess.CompletedProcess[str]:
         return self.box.inside("sh", "-c", script, check=check)
 
     def show(self, prop: str) -> str:
@@ -253,7 +253,7 @@ WATCHDOG_DROP_IN = "/run/systemd/system/cocoon-net.service.d/watchdog.conf"
 def test_watchdog_restarts_a_frozen_daemon(node: Node) -> None:
     # The shipped 30 s, shortened so that the test waits seconds; what systemd then does to
     # a stopped process (SIGABRT stays pending, so SIGKILL after TimeoutAbortSec) as well.
-    node.sh(
+    node.script(
         f"mkdir -p {os.path.dirname(WATCHDOG_DROP_IN)} && printf '[Service]\\n"
         f"WatchdogSec=2\\nTimeoutAbortSec=2\\n' > {WATCHDOG_DROP_IN} && systemctl daemon-reload"
     )
@@ -268,7 +268,7 @@ def test_watchdog_restarts_a_frozen_daemon(node: Node) -> None:
         assert node.restarts() == restarts + 1
         assert "Watchdog timeout" in node.box.inside("journalctl", "-u", UNIT).stdout
     finally:
-        node.sh(f"rm -f {WATCHDOG_DROP_IN} && systemctl daemon-reload")
+        node.script(f"rm -f {WATCHDOG_DROP_IN} && systemctl daemon-reload")
     node.box.inside("systemctl", "restart", UNIT)
     node.wait_active()
 
@@ -310,14 +310,14 @@ def test_a_full_lease_disk_fails_loudly_at_every_start_until_fixed(node: Node) -
     node.box.inside("systemctl", "start", UNIT)
     newcomer.release()  # its lease ends; its next request needs a write
     node.box.inside("systemctl", "stop", UNIT)
-    node.sh(
+    node.script(
         f"set -e; cp -a {STATE} /var/tmp/net; mount -t tmpfs -o size=256k,mode=0755 tmpfs "
         f"{STATE}; cp -a /var/tmp/net/. {STATE}/; rm -rf /var/tmp/net"
     )
     try:
         node.box.inside("systemctl", "start", UNIT)
         restarts = node.restarts()
-        node.sh(f"dd if=/dev/zero of={STATE}/filler bs=4k 2>/dev/null || true")
+        node.script(f"dd if=/dev/zero of={STATE}/filler bs=4k 2>/dev/null || true")
         asking = threading.Thread(target=_keep_asking, args=(newcomer,), daemon=True)
         asking.start()
         failed = re.compile(r"^cocoon-net: .*No space left on device", re.M)
@@ -337,7 +337,7 @@ def test_a_full_lease_disk_fails_loudly_at_every_start_until_fixed(node: Node) -
     finally:
         newcomer.stop()
         node.box.inside("systemctl", "stop", UNIT, check=False)
-        node.sh(
+        node.script(
             f"set -e; cp -a {STATE} /var/tmp/net; umount {STATE}; rm -rf {STATE}; "
             f"mv /var/tmp/net {STATE}",
             check=False,
