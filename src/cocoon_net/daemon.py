@@ -18,6 +18,7 @@ replays what is really on disk, or fails again at the first write while the disk
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -151,7 +152,8 @@ class Daemon:
         metrics = self.metrics = self._metrics()
 
         def store_failed(error: str) -> None:
-            loop.call_soon_threadsafe(self._store_failed, error)
+            with contextlib.suppress(RuntimeError):  # the loop is gone: we are exiting anyway
+                loop.call_soon_threadsafe(self._store_failed, error)
 
         self.store = LeaseStore(
             lease_file,

@@ -608,9 +608,10 @@ class LeaseStore:
             batch = batch + self._queue
             self._queue = []
             self._stats = replace(self._stats, failed=True)
-        self._resolve(batch, error)
+        # The owner hears first, so that it knows by the time any commit sees the error.
         if self._on_failure is not None:
             self._on_failure(error)
+        self._resolve(batch, error)
 
     def _snapshot_wait(self) -> float | None:
         """Seconds until the write-behind is due (<= 0: now), None when nothing waits for it."""
