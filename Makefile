@@ -9,7 +9,7 @@ BENCH_ARGS ?=
 MODULES ?=
 comma := ,
 
-.PHONY: setup system-deps test lint fmt demo bench mutate lock clean
+.PHONY: setup system-deps test lint fmt demo bench mutate lock clean dist wheelhouse
 # Prerequisites are made in the order written: system-deps before setup, always.
 .NOTPARALLEL:
 
@@ -48,8 +48,19 @@ bench: system-deps setup  ## DHCP benchmark against Kea and dnsmasq in namespace
 mutate: setup  ## mutation testing of the guarantee-carrying modules (slow; MODULES=store,policy for some)
 	$(BIN)/python scripts/mutate $(subst $(comma), ,$(MODULES))
 
+dist: setup  ## wheel and sdist in dist/, checked with twine
+	rm -rf dist
+	$(BIN)/uv build -q --sdist --wheel --out-dir dist
+	$(BIN)/uvx -q twine check --strict dist/*
+
+# The wheel and its locked dependencies, for scripts/install --wheelhouse on a host without
+# a network (the same Python and architecture as this machine).
+wheelhouse: dist  ## dist/wheelhouse: what scripts/install --wheelhouse needs
+	$(BIN)/pip download -q --disable-pip-version-check -d dist/wheelhouse \
+		-c requirements.lock dist/cocoon_net-*.whl
+
 lock:  ## refresh requirements.lock from pyproject.toml
 	$(BIN)/uv pip compile pyproject.toml --extra test -o requirements.lock -q
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis mutants
+	rm -rf $(VENV) dist .pytest_cache .mypy_cache .ruff_cache .hypothesis mutants

@@ -319,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="gke: also remove the cocoon-pods range once no instance uses it",
     )
+
+    p = command("completion", "print the shell completion script for bash, zsh or fish")
+    p.add_argument("shell", choices=("bash", "zsh", "fish"), help="the shell")
     return root
 
 
@@ -449,6 +452,13 @@ def _cmd_release(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_completion(args: argparse.Namespace) -> int:
+    from cocoon_net import completion
+
+    sys.stdout.write(completion.script(args.shell, build_parser()))
+    return 0
+
+
 def _paths_run(args: argparse.Namespace) -> Path:
     return Path(args.run_dir) / config.CONTROL_SOCKET
 
@@ -472,6 +482,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "release": _cmd_release,
     "status": _cmd_status,
     "teardown": _cmd_teardown,
+    "completion": _cmd_completion,
 }
 
 

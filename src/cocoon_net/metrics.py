@@ -11,6 +11,7 @@ address.
 from __future__ import annotations
 
 import logging
+import socketserver
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -143,6 +144,13 @@ class Metrics:
             registry=r,
         )
 
+        self.repairs = Counter(
+            "cocoon_net_repairs_total",
+            "Things found broken on the host and set right again, by what (route, bridge).",
+            ["what"],
+            registry=r,
+        )
+
     def render(self) -> bytes:
         return bytes(generate_latest(self.registry))
 
@@ -177,6 +185,12 @@ class MetricsServer:
 
         class Server(ThreadingHTTPServer):
             daemon_threads = True
+
+            def server_bind(self) -> None:
+                # HTTPServer's own looks the host's name up (getfqdn): on a node whose DNS
+                # does not answer that holds the daemon's start for 10 s.
+                socketserver.TCPServer.server_bind(self)
+                self.server_name, self.server_port = host, self.server_address[1]
 
             def verify_request(self, request: Any, client_address: Any) -> bool:
                 # VMs must not read host metrics, whatever address the server listens on.
