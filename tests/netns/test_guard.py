@@ -272,13 +272,22 @@ def test_vms_cannot_reach_each_other_through_the_gateway(
     assert conflist["plugins"][0]["portIsolation"] is True
 
 
-def test_allow_vm_to_vm(tmp_path: Path) -> None:
-    with node_with_daemon(2, tmp_path, adopt_flags=["--allow-vm-to-vm"]) as (sandbox, node):
+def test_allow_vm_to_vm_and_ipv6(tmp_path: Path) -> None:
+    flags = ["--allow-vm-to-vm", "--allow-ipv6"]
+    with node_with_daemon(2, tmp_path, adopt_flags=flags) as (sandbox, node):
         vm_a, vm_b = sandbox.vms
         ip_a, ip_b = Udhcpc(sandbox, vm_a).start(), Udhcpc(sandbox, vm_b).start()
         assert received(_via_gateway(sandbox, vm_b, ip_b, vm_a, ip_a)) == 3
         pool = json.loads(node.paths.pool_file.read_text())
         assert pool["guard"]["allowVmToVm"] is True
+        assert pool["guard"]["allowIPv6"] is True
+        # IPv6 passes (seen on the bridge by the node), router advertisements still do not.
+        ra_before = drops(node, "router_advert")
+        sniffer = Sniffer(sandbox, sandbox.node, "cni0", f"ip6:{vm_b.mac}", seconds=2)
+        frames = [ra_frame(vm_b.mac, icmp_type=128)] * 2 + [ra_frame(vm_b.mac)]
+        Netns(vm_b.netns).call(send_frames, vm_b.ifname, frames)
+        assert sniffer.count() >= 2
+        assert drops(node, "router_advert") == ra_before + 1
         conflist = json.loads((node.paths.cni_conf_dir / "30-cocoon-dhcp.conflist").read_text())
         assert conflist["plugins"][0]["portIsolation"] is False
 

@@ -47,7 +47,6 @@ INET_TABLE = f"inet {TABLE}"
 # Drop reasons, each a named counter (the metric's label).
 BRIDGE_REASONS = ("ip_spoof", "arp_spoof", "dhcp_server", "router_advert", "ipv6", "other")
 INET_REASONS = ("vm_to_vm",)
-REASONS = BRIDGE_REASONS + INET_REASONS
 
 
 @dataclass(frozen=True)
@@ -345,7 +344,7 @@ def remove(nft: Nft, *, dry_run: bool = False) -> list[str]:
     return [f"{verb} nftables table {t}" for t in found]
 
 
-class CounterReader:
+class GuardReader:
     """Reads the guard's tables from other threads (metrics, the reconcile's listing): a
     context of their own, one reader at a time."""
 
