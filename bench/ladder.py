@@ -114,9 +114,14 @@ class ServerRun:
 
     @property
     def lossless_rate(self) -> float | None:
-        """Highest target rate served losslessly (Step.lossless)."""
-        ok = [s.target for s in self.steps if s.lossless]
-        return max(ok) if ok else None
+        """The highest target rate below the first lossy step (Step.lossless): a higher step
+        that happened to be lossless after a lossy one does not raise it."""
+        rate = None
+        for step in sorted(self.steps, key=lambda s: s.target):
+            if not step.lossless:
+                break
+            rate = step.target
+        return rate
 
     @property
     def peak_goodput(self) -> float | None:
