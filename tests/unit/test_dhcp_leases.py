@@ -295,6 +295,23 @@ def test_a_held_address_stepped_over_goes_behind_the_free_ones() -> None:
     assert table.offer(mac(6), 0.0)[0] == ip(2)
 
 
+@pytest.mark.parametrize("compact_after", [0, 1, 3])
+def test_the_reuse_order_is_the_same_when_it_is_copied_afresh(compact_after: int) -> None:
+    def history(table: LeaseTable) -> list[IPv4Address | None]:
+        got = [table.offer(mac(i), 0.0)[0] for i in (1, 2, 3)]  # lapse at 60
+        dora(table, mac(4), 61.0)
+        dora(table, mac(5), 62.0)
+        table.release(mac(4), ip(5), 70.0)
+        table.decline(mac(5), ip(6), 71.0, 10.0)
+        got += [table.offer(mac(i), 90.0)[0] for i in range(10, 17)]
+        return got
+
+    reference = LeaseTable(POOL)
+    copied = LeaseTable(POOL)
+    copied.compact_after = compact_after
+    assert history(copied) == history(reference)
+
+
 def test_each_mac_finds_its_own_among_many_recovered_addresses() -> None:
     pool = [A(f"172.20.{i // 250}.{i % 250 + 2}") for i in range(2000)]
     in_use = {addr: (mac(n % 200) if n % 2 else "") for n, addr in enumerate(pool[:1500])}

@@ -183,6 +183,12 @@ class PoolStats:
 
 
 class LeaseTable:
+    # Addresses taken from the front of the reuse order (offered, or stepped over) before the
+    # order is copied afresh. A dict keeps a hole for each until it is next resized, and
+    # finding its first key steps over all of them: ~20 us per DISCOVER after 20,000 grants
+    # on a /16. Copying 65,000 entries every 4,096 takes ~0.5 us per DISCOVER.
+    compact_after = 4096
+
     def __init__(
         self,
         pool: Iterable[IPv4Address],
@@ -210,6 +216,7 @@ class LeaseTable:
         # never-bound addresses in ascending order, then unleased ones oldest-ended first.
         self._fresh: dict[IPv4Address, None] = {}
         self._idle: dict[IPv4Address, None] = {}
+        self._holes = 0  # taken from the front of _fresh or _idle since they were copied
         # The earliest time anything above can expire: expire() is free before it.
         self._next_deadline = math.inf
         self._set_pool(pool)
@@ -371,6 +378,7 @@ class LeaseTable:
             for ip in skipped:
                 del queue[ip]
                 queue[ip] = None
+            self._holes += len(skipped)
             if found is not None:
                 return found
         return None
@@ -392,6 +400,9 @@ class LeaseTable:
         for queue in (self._fresh, self._idle):
             if queue.pop(ip, 0) is None:
                 queue[ip] = None
+        self._holes += 1
+        if self._holes > self.compact_after:
+            self._fresh, self._idle, self._holes = dict(self._fresh), dict(self._idle), 0
         offer = Offer(mac, ip, now + self.offer_hold)
         self._offers[mac] = offer
         self._offer_at[ip] = offer
