@@ -17,12 +17,18 @@ from pathlib import Path
 from typing import Any
 
 from bench.bed import Bed
+from bench.loadgen import LATE_PCT_BEHIND
 from bench.procstat import CpuWindow, memory_kib
 from bench.servers import ServerFailed, ServerUnderTest
 
 REPO = Path(__file__).resolve().parent.parent
-SATURATED_DROPS_PCT = 50.0  # a step this lossy ends the ladder: higher rates only repeat it
-LOSSLESS_DROPS_PCT = 1.0
+SATURATED_DROPS_PCT = 50.0
+# Overload is measured up to this multiple of a server's lossless rate; past it, a step that
+# lost more than SATURATED_DROPS_PCT ends the ladder (higher rates only repeat it).
+OVERLOAD_MULTIPLES = (2.0, 3.0)
+# A step is lossless when at least this share of the offered exchanges completed with every
+# reply within a client's patience, at no less than this share of the target rate.
+LOSSLESS_SHARE = 0.99
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,42 @@ class Step:
     # that carried them (group commit: records / batches per fsync).
     journal_records: int = 0
     journal_batches: int = 0
+    window_seconds: float = 0.0  # the load's go-to-done window the CPU figure covers
+
+    @property
+    def target(self) -> float:
+        return float(self.loadgen["target_rate"])
+
+    @property
+    def goodput(self) -> float:
+        return float(self.loadgen["goodput"])
+
+    @property
+    def lossless(self) -> bool:
+        lg = self.loadgen
+        return (
+            lg["completed"] >= LOSSLESS_SHARE * lg["clients"]
+            and self.goodput >= LOSSLESS_SHARE * self.target
+        )
+
+    @property
+    def generator_behind(self) -> bool:
+        """The generator could not offer the target rate evenly: DISCOVERs went out under 99 %
+        of it or in bursts, or replies overflowed its own queue. Such a step measured the
+        generator, not the server."""
+        lg = self.loadgen
+        return bool(
+            lg["discover_rate"] < LOSSLESS_SHARE * self.target
+            or lg["loadgen_socket_drops"] > 0
+            or lg["late_pct"] > LATE_PCT_BEHIND
+        )
+
+    @property
+    def cpu_ms_per_dora(self) -> float | None:
+        acks = int(self.loadgen["acks"])
+        if not acks or not self.window_seconds:
+            return None
+        return self.server_cpu_pct / 100 * self.window_seconds / acks * 1000
 
     @property
     def batch_size(self) -> float | None:
@@ -72,9 +114,27 @@ class ServerRun:
 
     @property
     def lossless_rate(self) -> float | None:
-        """Highest target rate completed with at most 1 % drops."""
-        ok = [s.loadgen["target_rate"] for s in self.steps if s.drops_pct <= LOSSLESS_DROPS_PCT]
-        return max(ok) if ok else None
+        """The highest target rate below the first lossy step (Step.lossless): a higher step
+        that happened to be lossless after a lossy one does not raise it."""
+        rate = None
+        for step in sorted(self.steps, key=lambda s: s.target):
+            if not step.lossless:
+                break
+            rate = step.target
+        return rate
+
+    @property
+    def peak_goodput(self) -> float | None:
+        return max((s.goodput for s in self.steps), default=None)
+
+    def step_at_least(self, rate: float) -> Step | None:
+        """The lowest step offering at least `rate`: where overload at that rate was measured."""
+        return min(
+            (s for s in self.steps if s.target >= rate), key=lambda s: s.target, default=None
+        )
+
+    def step_at(self, rate: float) -> Step | None:
+        return next((s for s in self.steps if s.target == rate), None)
 
     @property
     def peak_rss_kib(self) -> int | None:
@@ -140,6 +200,7 @@ def run_step(bed: Bed, server: ServerUnderTest, rate: float, clients: int, grace
         max(0.0, other),
         journal.get("records", 0) - journal_before.get("records", 0),
         journal.get("batches", 0) - journal_before.get("batches", 0),
+        done - go,
     )
 
 
@@ -165,7 +226,9 @@ def run_ladder(
             step = run_step(bed, server, rate, clients, cfg.grace)
             result.steps.append(step)
             log(_progress(server.name, step))
-            if step.drops_pct > SATURATED_DROPS_PCT:
+            if step.drops_pct > SATURATED_DROPS_PCT and rate >= max(OVERLOAD_MULTIPLES) * (
+                result.lossless_rate or 0.0
+            ):
                 break
     except ServerFailed as exc:
         result.status = f"failed: {exc}"
@@ -178,12 +241,13 @@ def run_ladder(
 def _progress(name: str, step: Step) -> str:
     lg = step.loadgen
     return (
-        f"{name}: {lg['target_rate']:g}/s x {lg['clients']}: {lg['achieved_rate']:.0f} DORA/s, "
+        f"{name}: {lg['target_rate']:g}/s x {lg['clients']}: goodput {lg['goodput']:.0f}/s, "
         f"{lg['drops_pct']:.1f} % drops, p99 {lg['offer_latency']['p99_ms']:.2f}/"
         f"{lg['ack_latency']['p99_ms']:.2f} ms, cpu {step.server_cpu_pct:.0f} % "
         f"(other {step.other_cpu_pct:.0f} %), socket drops "
         f"server {step.server_socket_drops} loadgen {lg['loadgen_socket_drops']}, "
         f"{lg['late_pct']:.0f} % of DISCOVERs late"
+        + (", GENERATOR BEHIND" if step.generator_behind else "")
         + (
             f", {step.journal_records} lease records in {step.journal_batches} fsyncs "
             f"({step.batch_size:.1f} per fsync)"

@@ -41,10 +41,10 @@ from cocoon_net.dhcp.frames import (
     SERVER_PORT,
     attach_filter,
     build_frame,
-    parse_frame,
+    udp_checksum,
 )
 from cocoon_net.dhcp.model import ZERO_IP, DhcpMessage, MessageType, Op, Opt
-from cocoon_net.dhcp.packet import MalformedPacket, decode, encode
+from cocoon_net.dhcp.packet import MAGIC_COOKIE, MalformedPacket, encode
 
 BROADCAST_IP = IPv4Address("255.255.255.255")
 # linux/if_packet.h and asm-generic/socket.h; the socket module exports neither.
@@ -56,6 +56,18 @@ SO_RCVBUFFORCE = 33
 PACKET_STATISTICS = 6
 _TIMESPEC = struct.Struct("@qq")
 LATE_SECONDS = 0.001
+# Above this share of late DISCOVERs the step was sent in bursts, not at the target rate.
+LATE_PCT_BEHIND = 10.0
+# A reply later than this is one the client has given up on: its exchange is not completed.
+CLIENT_PATIENCE_NS = 1_000_000_000
+# Offsets in a frame this generator builds (IPv4 header without options) and in a DHCP message.
+_UDP_AT = ETH_HEADER_SIZE + 20
+_UDP_CSUM_AT = _UDP_AT + 6
+_OPTIONS_AT = 240
+_PAD, _END, _MESSAGE_TYPE, _SERVER_ID = (
+    int(o) for o in (Opt.PAD, Opt.END, Opt.MESSAGE_TYPE, Opt.SERVER_ID)
+)
+_OFFER, _ACK, _NAK = (int(m) for m in (MessageType.OFFER, MessageType.ACK, MessageType.NAK))
 # What dhclient asks for (subnet mask, broadcast, router, DNS, domain, hostname, MTU, NTP).
 PARAM_REQUEST_LIST = bytes([1, 28, 3, 6, 15, 12, 26, 42])
 
@@ -116,6 +128,12 @@ class StepResult:
     send_seconds: float  # first DISCOVER to last DISCOVER
     busy_seconds: float  # first DISCOVER to last ACK
     achieved_rate: float  # ACKs per busy second
+    # Exchanges whose OFFER and ACK each came within a client's patience of its message.
+    completed: int
+    # Completed exchanges per second of offered load (first DISCOVER to one slot past the
+    # last): what the clients got, late replies and backlog not counted.
+    goodput: float
+    discover_rate: float  # DISCOVERs actually sent per second
     drops_pct: float  # clients without an ACK
     offer_latency: Latency  # DISCOVER -> OFFER
     ack_latency: Latency  # REQUEST -> ACK
@@ -221,13 +239,77 @@ def request_frame(mac: bytes, xid: int, offered: IPv4Address, server_id: bytes) 
     return _frame(mac, msg)
 
 
-def _reply(data: bytes) -> DhcpMessage | None:
-    """The DHCP reply a frame carries, or None; raises MalformedPacket for broken ones."""
-    frame = parse_frame(data, port=CLIENT_PORT)
-    if frame is None:
+class RequestTemplate:
+    """One client's REQUEST, built before the clock starts with the offered address and the
+    server identifier left blank: on an OFFER only those 8 octets and the UDP checksum change,
+    so answering costs a copy and a checksum instead of an encode and a frame build."""
+
+    def __init__(self, mac: bytes, xid: int) -> None:
+        frame = request_frame(mac, xid, ZERO_IP, bytes(4))
+        self.frame = frame
+        # Each blank is the option's code and length followed by four zero octets.
+        self.requested_at = frame.index(bytes([Opt.REQUESTED_IP, 4, 0, 0, 0, 0])) + 2
+        self.server_id_at = frame.index(bytes([Opt.SERVER_ID, 4, 0, 0, 0, 0])) + 2
+
+    def fill(self, offered: bytes, server_id: bytes) -> bytes:
+        out = bytearray(self.frame)
+        out[self.requested_at : self.requested_at + 4] = offered
+        out[self.server_id_at : self.server_id_at + 4] = server_id
+        out[_UDP_CSUM_AT : _UDP_CSUM_AT + 2] = b"\0\0"
+        segment = bytes(out[_UDP_AT:])
+        out[_UDP_CSUM_AT : _UDP_CSUM_AT + 2] = udp_checksum(
+            ZERO_IP, BROADCAST_IP, segment
+        ).to_bytes(2, "big")
+        return bytes(out)
+
+
+@dataclass(frozen=True)
+class Reply:
+    """The few fields of a server's reply the clients act on."""
+
+    kind: int  # option 53
+    xid: int
+    chaddr: bytes  # the first 6 octets
+    yiaddr: bytes
+    server_id: bytes | None
+
+
+def _reply(data: bytes) -> Reply | None:
+    """The DHCP reply a frame carries, or None for a request; raises MalformedPacket for a
+    broken one. The kernel filter already passed only unfragmented IPv4 UDP to port 68, so
+    only the DHCP fields a client needs are read, at their fixed offsets (RFC 2131 §2)."""
+    if len(data) < ETH_HEADER_SIZE + 20:
+        raise MalformedPacket("too_short", "frame without an IPv4 header")
+    start = ETH_HEADER_SIZE + (data[ETH_HEADER_SIZE] & 0x0F) * 4 + 8
+    if len(data) < start + _OPTIONS_AT + 1 or data[start + 236 : start + 240] != MAGIC_COOKIE:
+        raise MalformedPacket("too_short", "no DHCP header and cookie")
+    if data[start] != Op.BOOTREPLY:
         return None
-    msg = decode(frame.payload)
-    return msg if msg.op == Op.BOOTREPLY else None
+    kind = 0
+    server_id = None
+    i, end = start + _OPTIONS_AT, len(data)
+    while i < end:
+        code = data[i]
+        if code == _END:
+            break
+        if code == _PAD:
+            i += 1
+            continue
+        if i + 1 >= end or i + 2 + data[i + 1] > end:
+            raise MalformedPacket("truncated_option", f"option {code} runs past the frame")
+        size = data[i + 1]
+        if code == _MESSAGE_TYPE and size == 1:
+            kind = data[i + 2]
+        elif code == _SERVER_ID:
+            server_id = data[i + 2 : i + 2 + size]
+        i += 2 + size
+    return Reply(
+        kind,
+        int.from_bytes(data[start + 4 : start + 8], "big"),
+        data[start + 28 : start + 34],
+        data[start + 16 : start + 20],
+        server_id,
+    )
 
 
 def run_step(
@@ -243,16 +325,20 @@ def run_step(
     xid_base = secrets.randbits(32)
     xids = [(xid_base + i) & 0xFFFFFFFF for i in range(clients)]
     index = {xid: i for i, xid in enumerate(xids)}
-    # Built before the clock starts: the DISCOVERs do not depend on anything the server says.
+    # Built before the clock starts; a REQUEST only needs the offer's two addresses patched in.
     discovers = [discover_frame(mac, xid) for mac, xid in zip(macs, xids, strict=True)]
+    requests = [RequestTemplate(mac, xid) for mac, xid in zip(macs, xids, strict=True)]
     sent_discover = [0] * clients
     sent_request = [0] * clients
     offer_ns: list[int] = []
     ack_ns: list[int] = []
     acked_at = [0] * clients
+    completed = 0
     counts = {"offers": 0, "requests": 0, "acks": 0, "naks": 0, "duplicates": 0, "malformed": 0}
+    send = port.send
 
     def handle(data: bytes, stamp: int) -> None:
+        nonlocal completed
         try:
             msg = _reply(data)
         except MalformedPacket:
@@ -263,27 +349,31 @@ def run_step(
         i = index.get(msg.xid)
         if i is None or msg.chaddr != macs[i]:
             return  # another step's straggler, or not ours
-        kind = msg.message_type
-        if kind == MessageType.OFFER:
+        kind = msg.kind
+        if kind == _OFFER:
             if sent_request[i]:
                 counts["duplicates"] += 1
                 return
-            server_id = msg.options.get(Opt.SERVER_ID)
-            if server_id is None or len(server_id) != 4:
+            if msg.server_id is None or len(msg.server_id) != 4:
                 counts["malformed"] += 1
                 return
             counts["offers"] += 1
             offer_ns.append(stamp - sent_discover[i])
-            sent_request[i] = port.send(request_frame(macs[i], msg.xid, msg.yiaddr, server_id))
+            sent_request[i] = send(requests[i].fill(msg.yiaddr, msg.server_id))
             counts["requests"] += 1
-        elif kind == MessageType.ACK and sent_request[i]:
+        elif kind == _ACK and sent_request[i]:
             if acked_at[i]:
                 counts["duplicates"] += 1
                 return
             counts["acks"] += 1
             acked_at[i] = stamp
             ack_ns.append(stamp - sent_request[i])
-        elif kind == MessageType.NAK:
+            if (
+                stamp - sent_request[i] <= CLIENT_PATIENCE_NS
+                and sent_request[i] - sent_discover[i] <= CLIENT_PATIENCE_NS
+            ):
+                completed += 1
+        elif kind == _NAK:
             counts["naks"] += 1
 
     port.drops()  # reset the counters
@@ -296,7 +386,7 @@ def run_step(
         now = time.monotonic()
         due = min(clients, int((now - start) * rate) + 1)
         while sent < due:
-            sent_discover[sent] = port.send(discovers[sent])
+            sent_discover[sent] = send(discovers[sent])
             if now - (start + sent / rate) > LATE_SECONDS:
                 late += 1
             sent += 1
@@ -313,6 +403,7 @@ def run_step(
     cpu = time.process_time() - cpu_start
 
     first_ns = sent_discover[0] if clients else 0
+    offered = (sent_discover[sent - 1] - first_ns) / 1e9 + 1 / rate if sent else 0.0
     last_ack = max(acked_at, default=0)
     busy = (last_ack - first_ns) / 1e9 if counts["acks"] else 0.0
     return StepResult(
@@ -329,6 +420,9 @@ def run_step(
         busy_seconds=busy,
         # N completions span N - 1 intervals.
         achieved_rate=(counts["acks"] - 1) / busy if busy > 0 else 0.0,
+        completed=completed,
+        goodput=completed / offered if offered else 0.0,
+        discover_rate=sent / offered if offered else 0.0,
         drops_pct=100.0 * (clients - counts["acks"]) / clients if clients else 0.0,
         offer_latency=Latency.of(offer_ns),
         ack_latency=Latency.of(ack_ns),
@@ -359,11 +453,7 @@ def probe(port: PacketPort, mac: bytes, timeout: float, interval: float = 0.01) 
                     msg = _reply(data)
                 except MalformedPacket:
                     continue
-                if (
-                    msg is not None
-                    and msg.message_type == MessageType.OFFER
-                    and pending.get(msg.xid) == msg.chaddr
-                ):
+                if msg is not None and msg.kind == _OFFER and pending.get(msg.xid) == msg.chaddr:
                     return stamp
     return None
 

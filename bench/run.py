@@ -47,7 +47,7 @@ from bench.relay import RelayStep, relay_lines, run_perfdhcp
 from bench.servers import SERVERS, CocoonNet
 
 DEFAULT_SERVERS = ("kea", "dnsmasq", "dnsmasq-ping", "cocoon-net", "cocoon-net-no-guard")
-FULL_RATES = (100, 250, 500, 1000, 2000, 4000, 8000)
+FULL_RATES = (1000, 2000, 3000, 4000, 5000, 6000, 8000, 10000, 12000)
 SMOKE_RATES = (50,)
 # Debian packages of the peers; perfdhcp comes with kea-admin (testbed-facts #3).
 PACKAGES = {
@@ -66,7 +66,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help=f"comma-separated, run in this order (default {','.join(DEFAULT_SERVERS)})",
     )
     p.add_argument("--rates", default="", help="DORA/s ladder, e.g. 100,500,2000")
-    p.add_argument("--seconds", type=float, default=3.0, help="seconds of load per step")
+    p.add_argument("--seconds", type=float, default=1.2, help="seconds of load per step")
     p.add_argument("--subnet", default="172.20.0.0/16", help="the pool's subnet (a /16)")
     p.add_argument("--relay", action="store_true", help="also run perfdhcp on the relay path")
     p.add_argument("--no-figures", action="store_true", help="ladder only: skip start-up etc.")

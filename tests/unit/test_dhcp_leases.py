@@ -285,6 +285,49 @@ def test_an_untaken_offer_goes_behind_the_other_free_addresses() -> None:
     assert [table.offer(mac(i), 61.0)[0] for i in (4, 5, 6, 7)] == [ip(5), ip(6), ip(7), ip(2)]
 
 
+def test_a_held_address_stepped_over_goes_behind_the_free_ones() -> None:
+    # Held addresses at the front of the order are stepped over once and moved back, so
+    # allocation does not walk all of them again for every DISCOVER.
+    table = LeaseTable(POOL, reservations={mac(9): ip(2)})
+    assert table.offer(mac(1), 0.0)[0] == ip(3)
+    table.set_reservations({})  # .2 is free now, but was stepped over while held
+    assert [table.offer(mac(i), 0.0)[0] for i in (2, 3, 4, 5)] == [ip(4), ip(5), ip(6), ip(7)]
+    assert table.offer(mac(6), 0.0)[0] == ip(2)
+
+
+@pytest.mark.parametrize("compact_after", [0, 1, 3])
+def test_the_reuse_order_is_the_same_when_it_is_copied_afresh(compact_after: int) -> None:
+    def history(table: LeaseTable) -> list[IPv4Address | None]:
+        got = [table.offer(mac(i), 0.0)[0] for i in (1, 2, 3)]  # lapse at 60
+        dora(table, mac(4), 61.0)
+        dora(table, mac(5), 62.0)
+        table.release(mac(4), ip(5), 70.0)
+        table.decline(mac(5), ip(6), 71.0, 10.0)
+        got += [table.offer(mac(i), 90.0)[0] for i in range(10, 17)]
+        return got
+
+    reference = LeaseTable(POOL)
+    copied = LeaseTable(POOL)
+    copied.compact_after = compact_after
+    assert history(copied) == history(reference)
+
+
+def test_each_mac_finds_its_own_among_many_recovered_addresses() -> None:
+    pool = [A(f"172.20.{i // 250}.{i % 250 + 2}") for i in range(2000)]
+    in_use = {addr: (mac(n % 200) if n % 2 else "") for n, addr in enumerate(pool[:1500])}
+    table = LeaseTable(pool)
+    table.load([], [], {}, 0.0, in_use=in_use, recovery_hold=1000.0)
+    # mac(1) used .. every 200th address from pool[1]: it gets the lowest of them back.
+    assert table.offer(mac(1), 1.0)[0] == pool[1]
+    table.grant(mac(1), pool[1], 1.0, DAY)
+    # Confirmed, that one is a lease: its next own recovered address is the one after it.
+    table.release(mac(1), pool[1], 2.0)
+    assert table.offer(mac(1), 3.0)[0] == pool[1]  # its last address, free again
+    assert table.offer(mac(2), 3.0)[0] == pool[1500]  # even MACs' entries are in the "" half
+    assert table.offer(mac(3), 3.0)[0] == pool[3]
+    assert table.offer(mac(199), 3.0)[0] == pool[199]
+
+
 def test_a_declined_address_stays_last_after_a_reload() -> None:
     table = LeaseTable(POOL)
     dora(table, mac(1), 0.0)  # .2

@@ -6,6 +6,8 @@ from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Network
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cocoon_net.dhcp import options
 from cocoon_net.dhcp.model import DhcpMessage, Lease, MessageType, Op, Opt
@@ -17,6 +19,7 @@ N = IPv4Network
 GW = A("172.20.100.1")
 SETTINGS = DhcpSettings(server_id=GW, subnet=N("172.20.100.0/24"), router=GW)
 LEASE = Lease("02:00:00:00:00:01", A("172.20.100.2"), 1000.0)
+MAC = bytes.fromhex("020000000001")
 
 
 def req(**opts: bytes) -> DhcpMessage:
@@ -324,3 +327,57 @@ def test_search_domains_and_ntp_servers_are_sent_when_asked() -> None:
 
 def test_search_names_keep_their_last_letters() -> None:
     assert options.search_list(["a.boX"]) == b"\x01a\x03box\x00"  # lower-cased, not cut
+
+
+# Shared by all examples, so the cache holds entries of earlier clients of other kinds.
+CACHED_SETTINGS = [
+    replace(SETTINGS, search=search, dns=(GW,), ntp=(GW,))
+    for search in ((), ("a.example",), tuple(f"d{i}.example.org" for i in range(30)))
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    asked=st.none() | st.lists(st.integers(1, 254), max_size=40).map(bytes),
+    client_id=st.none() | st.binary(min_size=2, max_size=60),
+    agent=st.none() | st.binary(min_size=2, max_size=200),
+    limit=st.sampled_from([300, 400, 548, 1472]),
+    mtype=st.sampled_from([MessageType.OFFER, MessageType.ACK, MessageType.NAK]),
+    leased=st.booleans(),
+    cfg=st.sampled_from(CACHED_SETTINGS),
+)
+def test_reply_options_from_the_cache_are_what_building_them_gives(
+    asked: bytes | None,
+    client_id: bytes | None,
+    agent: bytes | None,
+    limit: int,
+    mtype: MessageType,
+    leased: bool,
+    cfg: DhcpSettings,
+) -> None:
+    chain = options.NAK_CHAIN if mtype is MessageType.NAK else options.CHAIN
+    lease = LEASE if leased else None
+    opts: dict[int, bytes] = {Opt.MESSAGE_TYPE: bytes([MessageType.REQUEST])}
+    for code, value in (
+        (Opt.PARAM_REQUEST_LIST, asked),
+        (Opt.CLIENT_ID, client_id),
+        (Opt.RELAY_AGENT_INFO, agent),
+    ):
+        if value is not None:
+            opts[code] = value
+    request = DhcpMessage(op=Op.BOOTREQUEST, xid=1, chaddr=MAC, options=opts)
+    expected = options.fit(options.build(request, mtype, cfg, lease, chain), limit)
+    # Twice: the first call fills the cache, the second is served from it; and a client of
+    # the same kind with other echoed values gets its own values back.
+    for _ in range(2):
+        got = options.for_reply(request, mtype, cfg, lease, chain, limit)
+        assert list(got.items()) == list(expected.items())
+    other = dict(opts)
+    for code in (Opt.CLIENT_ID, Opt.RELAY_AGENT_INFO):
+        if code in other:
+            other[code] = bytes(reversed(other[code]))
+    twin = replace(request, options=other)
+    got = options.for_reply(twin, mtype, cfg, lease, chain, limit)
+    assert list(got.items()) == list(
+        options.fit(options.build(twin, mtype, cfg, lease, chain), limit).items()
+    )

@@ -21,13 +21,13 @@ Allocation order for a MAC (`offer`): its reservation; its active lease; its une
 its last address if free; the address it asks for (option 50) if free and nobody else's; then
 the free address unused for the longest time: never-used ones first in ascending order, then
 by when they were last released, so a just-freed address is the last one handed to a new VM
-(an address offered and not taken goes to the back of its group).
+(an address offered and not taken, or stepped over while it was held, goes to the back of its
+group: each DISCOVER then costs O(1) amortized, whatever number of addresses is held).
 """
 
 from __future__ import annotations
 
 import enum
-import itertools
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
@@ -183,6 +183,12 @@ class PoolStats:
 
 
 class LeaseTable:
+    # Addresses taken from the front of the reuse order (offered, or stepped over) before the
+    # order is copied afresh. A dict keeps a hole for each until it is next resized, and
+    # finding its first key steps over all of them: ~20 us per DISCOVER after 20,000 grants
+    # on a /16. Copying 65,000 entries every 4,096 takes ~0.5 us per DISCOVER.
+    compact_after = 4096
+
     def __init__(
         self,
         pool: Iterable[IPv4Address],
@@ -203,10 +209,14 @@ class LeaseTable:
         self._history: dict[IPv4Address, Lease] = {}
         self._last_ip: dict[str, IPv4Address] = {}
         self._recovered: dict[IPv4Address, _Recovered] = {}
+        # The recovered addresses of each known MAC, so a DISCOVER finds its own without
+        # walking every recovered address (thousands after a lost lease file).
+        self._recovered_of: dict[str, set[IPv4Address]] = {}
         # Step 6 of the allocation order, kept ready so a DISCOVER does not scan the pool:
         # never-bound addresses in ascending order, then unleased ones oldest-ended first.
         self._fresh: dict[IPv4Address, None] = {}
         self._idle: dict[IPv4Address, None] = {}
+        self._holes = 0  # taken from the front of _fresh or _idle since they were copied
         # The earliest time anything above can expire: expire() is free before it.
         self._next_deadline = math.inf
         self._set_pool(pool)
@@ -331,8 +341,8 @@ class LeaseTable:
         last = self._last_ip.get(mac)
         if last is not None and self.standing(mac, last, now) is Standing.REMEMBERED:
             yield last
-        for ip, rec in self._recovered.items():
-            if rec.mac == mac and self.standing(mac, ip, now) is Standing.RECOVERED_MINE:
+        for ip in sorted(self._recovered_of.get(mac, ()), key=int):
+            if self.standing(mac, ip, now) is Standing.RECOVERED_MINE:
                 yield ip
 
     def _free_for_new(self, ip: IPv4Address, now: float) -> bool:
@@ -350,8 +360,28 @@ class LeaseTable:
             return own
         if requested is not None and self.standing(mac, requested, now) is Standing.UNKNOWN:
             return requested
-        candidates = itertools.chain(self._fresh, self._idle)
-        return next((ip for ip in candidates if self._free_for_new(ip, now)), None)
+        return self._first_free(now)
+
+    def _first_free(self, now: float) -> IPv4Address | None:
+        """The first free address in the reuse order. Those stepped over on the way are held
+        (offered, quarantined, reserved, recovered) and go to the back of their queue: each
+        is stepped over once, not by every DISCOVER, so allocation costs O(1) amortized
+        however many addresses are held."""
+        for queue in (self._fresh, self._idle):
+            skipped: list[IPv4Address] = []
+            found = None
+            for ip in queue:
+                if self._free_for_new(ip, now):
+                    found = ip
+                    break
+                skipped.append(ip)
+            for ip in skipped:
+                del queue[ip]
+                queue[ip] = None
+            self._holes += len(skipped)
+            if found is not None:
+                return found
+        return None
 
     # ------------------------------------------------------------------ mutations
 
@@ -370,6 +400,9 @@ class LeaseTable:
         for queue in (self._fresh, self._idle):
             if queue.pop(ip, 0) is None:
                 queue[ip] = None
+        self._holes += 1
+        if self._holes > self.compact_after:
+            self._fresh, self._idle, self._holes = dict(self._fresh), dict(self._idle), 0
         offer = Offer(mac, ip, now + self.offer_hold)
         self._offers[mac] = offer
         self._offer_at[ip] = offer
@@ -410,7 +443,9 @@ class LeaseTable:
                 changes.append(Revoke(self._end_lease(old, now), "moved"))
             changes.append(Grant(lease))
         self._drop_offer(mac)
-        self._recovered.pop(ip, None)
+        recovered = self._recovered.pop(ip, None)
+        if recovered is not None:
+            self._recovered_of.get(recovered.mac, set()).discard(ip)
         self._leases[mac] = lease
         self._lease_at[ip] = lease
         self._remember(lease)
@@ -480,6 +515,7 @@ class LeaseTable:
             self._drop_offer(offer.mac)
         self._quarantine = {ip: q for ip, q in self._quarantine.items() if q.until > now}
         self._recovered = {ip: r for ip, r in self._recovered.items() if r.until > now}
+        self._index_recovered()
         self._reset_deadline()
         return changes
 
@@ -494,6 +530,7 @@ class LeaseTable:
             changes.append(Withdraw(offer.mac, offer.ip))
         self._quarantine = {ip: q for ip, q in self._quarantine.items() if ip in self._in_pool}
         self._recovered = {ip: r for ip, r in self._recovered.items() if ip in self._in_pool}
+        self._index_recovered()
         for ip in [ip for ip in self._history if ip not in self._in_pool]:
             self._forget(ip)
         self._rebuild_order()
@@ -564,6 +601,7 @@ class LeaseTable:
         for ip, mac in (in_use or {}).items():
             if ip in self._in_pool and ip not in self._lease_at:
                 self._recovered[ip] = _Recovered(mac, now + recovery_hold)
+        self._index_recovered()
         self._rebuild_order()
         self._reset_deadline()
         return changes
@@ -578,6 +616,12 @@ class LeaseTable:
         self._fresh = {ip: None for ip in self._pool if ip not in self._history}
         idle = [le for ip, le in self._history.items() if ip not in self._lease_at]
         self._idle = {le.ip: None for le in sorted(idle, key=_end_key)}
+
+    def _index_recovered(self) -> None:
+        self._recovered_of = {}
+        for ip, rec in self._recovered.items():
+            if rec.mac:
+                self._recovered_of.setdefault(rec.mac, set()).add(ip)
 
     def _idle_last(self, ip: IPv4Address) -> None:
         """`ip` just became free after use: the last to go to a new client."""

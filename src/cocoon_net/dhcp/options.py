@@ -87,6 +87,8 @@ def routes_with_default(settings: DhcpSettings) -> tuple[tuple[IPv4Network, IPv4
 # ---------------------------------------------------------------------------- the chain
 
 Options = dict[int, bytes]
+# A step reads the settings and whether there is a lease, never the request or the lease's
+# fields; only `echo` copies from the request. for_reply() caches on exactly that.
 Step = Callable[[DhcpMessage, Options, DhcpSettings, Lease | None], None]
 
 
@@ -260,6 +262,49 @@ def fit(options: Options, limit: int) -> Options:
             break
         if code not in _PROTECTED:
             del out[code]
+    return out
+
+
+_REPLY_CACHE: dict[tuple[object, ...], tuple[DhcpSettings, Options]] = {}
+_REPLY_CACHE_SIZE = 4096  # distinct client kinds; a flood of odd ones only empties it
+
+
+def for_reply(
+    request: DhcpMessage,
+    msg_type: MessageType,
+    settings: DhcpSettings,
+    lease: Lease | None,
+    chain: tuple[Step, ...],
+    limit: int,
+) -> Options:
+    """fit(build(...), limit), built once per kind of client and patched after.
+
+    The result depends on the request only through option 55, the budget and the echoed
+    options (whose lengths decide what fits, and whose values are copied in), so the same
+    VM image asking again gets a copy of the options built for the first one, with its own
+    echoes put in. The settings are part of the key by identity: a reload makes new ones.
+    """
+    echoes = [request.options.get(code) for code in _TAIL]
+    key = (
+        id(settings),
+        chain,
+        msg_type,
+        lease is None,
+        request.options.get(Opt.PARAM_REQUEST_LIST),
+        limit,
+        *(None if value is None else len(value) for value in echoes),
+    )
+    hit = _REPLY_CACHE.get(key)
+    if hit is None or hit[0] is not settings:
+        built = fit(build(request, msg_type, settings, lease, chain), limit)
+        if len(_REPLY_CACHE) >= _REPLY_CACHE_SIZE:
+            _REPLY_CACHE.clear()
+        _REPLY_CACHE[key] = (settings, built)
+        return dict(built)
+    out = dict(hit[1])
+    for code, value in zip(_TAIL, echoes, strict=True):
+        if value is not None:
+            out[code] = value  # present in the cached copy: same length, always kept by fit()
     return out
 
 

@@ -28,6 +28,8 @@ from cocoon_net.dhcp.model import ZERO_IP, DhcpMessage, Op, Opt
 _HEADER = struct.Struct("!BBBBIHHIIII16s64s128s")
 HEADER_SIZE = _HEADER.size  # 236
 MAGIC_COOKIE = b"\x63\x82\x53\x63"  # 99.130.83.99, RFC 2131 §3
+# Plain ints: comparing them costs less than comparing IntEnum members, in a per-octet loop.
+_PAD, _END, _MESSAGE_TYPE = int(Opt.PAD), int(Opt.END), int(Opt.MESSAGE_TYPE)
 OPTIONS_OFFSET = HEADER_SIZE + len(MAGIC_COOKIE)  # 240
 _SNAME = slice(44, 108)
 _FILE = slice(108, 236)
@@ -221,6 +223,27 @@ def _put_option(out: bytearray, code: int, value: bytes) -> None:
         out.append(code)
         out.append(len(chunk))
         out += chunk
+
+
+def peek_message_type(data: bytes, start: int) -> int | None:
+    """Option 53 of the DHCP message at data[start:], read without decoding the rest, or None
+    when it is not found in the options field. For shedding load only: a message that is
+    served still goes through decode(), which checks everything this skips (an option 53 in
+    an overloaded sname or file field is not seen here)."""
+    pos, end = start + OPTIONS_OFFSET, len(data)
+    if data[start + HEADER_SIZE : start + OPTIONS_OFFSET] != MAGIC_COOKIE:
+        return None
+    while pos + 2 < end:
+        code = data[pos]
+        if code == _PAD:
+            pos += 1
+        elif code == _END:
+            return None
+        elif code == _MESSAGE_TYPE:
+            return data[pos + 2] if data[pos + 1] == 1 else None
+        else:
+            pos += 2 + data[pos + 1]
+    return None
 
 
 def encode(msg: DhcpMessage, *, max_size: int = DEFAULT_MAX_SIZE) -> bytes:

@@ -354,7 +354,7 @@ def _reply(
     nak = mtype is MessageType.NAK
     chain = options.NAK_CHAIN if nak else options.CHAIN
     max_size = options.budget(request, settings)
-    opts = options.fit(options.build(request, mtype, settings, lease, chain), max_size)
+    opts = options.for_reply(request, mtype, settings, lease, chain, max_size)
     flags = request.flags
     if nak and request.giaddr != ZERO_IP:
         # RFC 2131 §4.3.2: a NAK through a relay has the broadcast bit set for the relay.

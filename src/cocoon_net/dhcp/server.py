@@ -20,6 +20,7 @@ import asyncio
 import errno
 import logging
 import socket
+import struct
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from typing import Any
 
 from cocoon_net.dhcp import effects, frames, packet, policy
 from cocoon_net.dhcp.leases import Change, LeaseTable
-from cocoon_net.dhcp.model import ZERO_IP, DhcpMessage
+from cocoon_net.dhcp.model import ZERO_IP, DhcpMessage, MessageType
 from cocoon_net.dhcp.ratelimit import RateLimiter
 from cocoon_net.dhcp.settings import DhcpSettings
 from cocoon_net.dhcp.store import LeaseStore
@@ -41,6 +42,32 @@ log = logging.getLogger("cocoon_net.dhcp")
 BROADCAST_MAC = b"\xff" * 6
 _READ_BATCH = 64  # frames handled per wake-up before yielding to other tasks
 _SO_BINDTODEVICE = 25
+_SO_TIMESTAMPNS = 35  # asm-generic/socket.h; the socket module does not export it
+_TIMESPEC = struct.Struct("@qq")
+_ANCILLARY = socket.CMSG_SPACE(_TIMESPEC.size)
+_SOL_PACKET = 263
+_PACKET_STATISTICS = 6  # struct tpacket_stats; reading it resets the counters
+_DISCOVER = int(MessageType.DISCOVER)
+
+# Overload: a request that waited in the receive queue this long tells that the server is
+# behind. An OFFER then only adds a REQUEST to a queue that is already too long, while the
+# REQUESTs in it complete exchanges already under way: a late DISCOVER is dropped unread (its
+# client sends another), so past capacity the work goes to finishing exchanges and goodput
+# stays at capacity instead of collapsing under a backlog of exchanges nobody can finish.
+STALE_DISCOVER_SECONDS = 0.25
+# Any request older than this is dropped unread: RFC 2131 §4.1 clients retransmit after 4 s
+# (+-1), so by then a reply answers a message its client has already replaced.
+STALE_REQUEST_SECONDS = 3.0
+
+
+def shed_reason(age: float, frame: bytes) -> str | None:
+    """Why a request frame that waited `age` seconds in the receive queue is dropped unread,
+    or None to serve it. Only a late frame is looked into, and only for its option 53."""
+    if age < STALE_DISCOVER_SECONDS:
+        return None
+    if age >= STALE_REQUEST_SECONDS:
+        return "stale_request"
+    return "stale_discover" if _peek_type(frame) == _DISCOVER else None
 
 
 @dataclass(frozen=True)
@@ -121,6 +148,8 @@ class DhcpServer:
         mac = _link_mac(self.bridge)
         sock = frames.open_server_socket(self.bridge)
         _grow_receive_buffer(sock)
+        # The kernel's receive time of each frame: how long it waited for us (shed_reason).
+        sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
         sock.setblocking(False)
         udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         try:
@@ -190,7 +219,7 @@ class DhcpServer:
             return
         for _ in range(_READ_BATCH):
             try:
-                data = sock.recv(4096)
+                data, ancillary, _flags, _addr = sock.recvmsg(4096, _ANCILLARY)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -199,6 +228,13 @@ class DhcpServer:
                     self.close_sockets()
                     return
                 raise
+            if ancillary:
+                sec, nsec = _TIMESPEC.unpack_from(ancillary[0][2])
+                # The wall clock, as the kernel stamps: never self.clock, which a test may move.
+                reason = shed_reason(time.time() - sec - nsec / 1e9, data)
+                if reason is not None:
+                    self.counters.drop(reason)
+                    continue
             try:
                 durable = self.handle_frame(data)
             except Exception:  # a bug must cost one packet, never the server
@@ -207,6 +243,13 @@ class DhcpServer:
                 continue
             if durable is not None:
                 batch.append(durable)
+        # A full batch means more is queued: report what the kernel dropped for a full
+        # receive buffer since the last look (rarely asked: only when the queue is deep).
+        _packets, dropped = struct.unpack(
+            "@II", sock.getsockopt(_SOL_PACKET, _PACKET_STATISTICS, 8)
+        )
+        for _ in range(dropped):
+            self.counters.drop("receive_buffer_full")
 
     # ------------------------------------------------------------------ requests
 
@@ -371,8 +414,10 @@ def _result_name(message: DhcpMessage) -> str:
 
 
 # A boot storm of hundreds of VMs arrives faster than one Python thread decodes it; the
-# default receive buffer (~200 KiB) held about 370 DISCOVERs before the kernel dropped.
-RECEIVE_BUFFER = 8 << 20
+# default receive buffer (~200 KiB) held about 370 DISCOVERs before the kernel dropped. 2 MiB
+# holds about 3,700: a second or more of work, longer than shed_reason lets anything wait, so
+# a deeper queue would only hold requests that are dropped unread.
+RECEIVE_BUFFER = 2 << 20
 _SO_RCVBUFFORCE = 33
 
 
@@ -381,6 +426,14 @@ def _grow_receive_buffer(sock: socket.socket) -> None:
         sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, RECEIVE_BUFFER)
     except OSError:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
+
+
+def _peek_type(frame: bytes) -> int | None:
+    """Option 53 of a frame the kernel filter let in (IPv4, UDP to port 67, unfragmented)."""
+    if len(frame) < frames.ETH_HEADER_SIZE + 1:
+        return None
+    udp = frames.ETH_HEADER_SIZE + (frame[frames.ETH_HEADER_SIZE] & 0x0F) * 4
+    return packet.peek_message_type(frame, udp + frames.UDP_HEADER_SIZE)
 
 
 def _link_mac(name: str) -> bytes:
