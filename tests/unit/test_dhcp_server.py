@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import pytest
 
@@ -95,10 +95,11 @@ class RecordingSocket:
         self.events, self.incoming = events, incoming or []
         self.sent: list[tuple[str, str]] = []  # (destination MAC or "udp", IP)
 
-    def recv(self, size: int) -> bytes:
+    def recvmsg(self, size: int, ancsize: int) -> tuple[bytes, list[Any], int, Any]:
+        # No receive timestamp: the frame is as fresh as the server can tell.
         if not self.incoming:
             raise BlockingIOError
-        return self.incoming.pop(0)
+        return self.incoming.pop(0), [], 0, None
 
     def send(self, frame: bytes) -> int:
         parsed = frames.parse_frame(frame, port=68)

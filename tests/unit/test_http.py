@@ -365,7 +365,7 @@ def test_throttling_and_quota_are_told_apart_from_other_errors(
     with pytest.raises(CloudError) as info:
         http.request("GET", server.url + "/x")
     assert type(info.value) is kind
-    assert str(info.value).startswith(f"Test API: GET {server.url}/x: HTTP {status}: {detail}")
+    assert str(info.value).startswith(f"Test API: GET x: HTTP {status}: {detail}")
 
 
 def test_an_error_without_detail_says_only_its_status(server: EmulatorServer) -> None:
@@ -373,7 +373,7 @@ def test_an_error_without_detail_says_only_its_status(server: EmulatorServer) ->
     http, _ = client()
     with pytest.raises(CloudNotFound) as info:
         http.request("GET", server.url + "/x")
-    assert str(info.value) == f"Test API: GET {server.url}/x: HTTP 404"
+    assert str(info.value) == "Test API: GET x: HTTP 404"
 
 
 def test_a_refused_connection_names_its_reason() -> None:
@@ -386,9 +386,7 @@ def test_a_refused_connection_names_its_reason() -> None:
 
 def test_a_request_that_cannot_be_sent_is_not_retried() -> None:
     http, sleeps = client()
-    with pytest.raises(
-        CloudError, match=r"Test API: GET ftp://127.0.0.1/x: InvalidSchema: "
-    ) as info:
+    with pytest.raises(CloudError, match=r"Test API: GET x: InvalidSchema: ") as info:
         http.request("GET", "ftp://127.0.0.1/x")
     assert sleeps == []
     assert type(info.value) is CloudError
