@@ -13,7 +13,9 @@ while it runs) and the state lock only while it reads pool.json and applies host
 records its changes there: init and adopt can grow the pool of a running daemon, then ask it
 over the control socket to re-read pool.json. SIGTERM stops it gracefully (leases flushed,
 routes and the guard kept: VMs keep their traffic, and stay guarded, across a restart);
-SIGHUP re-reads pool.json too.
+SIGHUP re-reads pool.json too. A lease store that can no longer write stops it too, with exit
+code 1: under systemd the restart replays what is really on disk, or fails again at the first
+write while the disk is broken.
 """
 
 from __future__ import annotations
@@ -134,6 +136,8 @@ class Daemon:
         self._platform: Platform | None = None
         self.guard: guard.Guard | None = None
         self._guard_reader = guard.GuardReader()  # for the metrics and reconcile threads
+        self._store_error = ""
+        self.metrics: Any = None
 
     @property
     def bridge(self) -> str:
@@ -152,16 +156,29 @@ class Daemon:
         self._fix_host()
         lease_file = self._lease_file()
         settings = dhcp_settings(self.pool, self.opts, nic.link_mtu(self.bridge))
-        metrics = self._metrics()
+        metrics = self.metrics = self._metrics()
+
+        def store_failed(error: str) -> None:
+            loop.call_soon_threadsafe(self._store_failed, error)
+
         self.store = LeaseStore(
             lease_file,
             observe_fsync=metrics.fsync_seconds.observe if metrics is not None else None,
+            on_failure=store_failed,
         )
         recovered = await asyncio.to_thread(self.store.open)
         try:
-            return await self._serve(settings, recovered, metrics, started)
+            code = await self._serve(settings, recovered, metrics, started)
         finally:
             await asyncio.to_thread(self.store.close)
+        # The store logged its failure, once; the exit code tells systemd to restart.
+        return 1 if self._store_error else code
+
+    def _store_failed(self, error: str) -> None:
+        """No lease can be granted any more: stop, so that systemd restarts the daemon and
+        the restart replays what is really on disk (or fails again, loudly, at start)."""
+        self._store_error = error
+        self.stop.set()
 
     async def _serve(
         self, settings: DhcpSettings, recovered: Recovered, metrics: Any, started: float
@@ -432,6 +449,8 @@ class Daemon:
         )
         if diff:
             failed = self.server.sync_routes(set(diff.add) | set(diff.remove))
+            if answering is None:  # not the start-up's own reconcile
+                self._repaired("route", len(diff.add) + len(diff.remove) - len(failed))
             log.info(
                 "routes reconciled: %d added, %d removed%s",
                 len(diff.add), len(diff.remove), f", {len(failed)} failed" if failed else "",
@@ -539,7 +558,11 @@ class Daemon:
             self._guard_ports()
         if repair:
             log.warning("lease routes removed from outside, restoring: %s", sorted(repair))
-            self.server.sync_routes(repair)
+            self._repaired("route", len(repair - self.server.sync_routes(repair)))
+
+    def _repaired(self, what: str, count: int) -> None:
+        if self.metrics is not None and count > 0:
+            self.metrics.repairs.labels(what).inc(count)
 
     def _request_reload(self) -> None:
         self._reload_due = True
@@ -551,6 +574,7 @@ class Daemon:
         if self.server.bound and index == self.server.state.ifindex:
             return
         log.warning("bridge %s changed (index %s); setting it up again", self.bridge, index)
+        self._repaired("bridge", 1)
         await asyncio.to_thread(self._setup_host, REPAIR_LOCK_WAIT)
         self.server.open()
 

@@ -11,6 +11,7 @@ address.
 from __future__ import annotations
 
 import logging
+import socketserver
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -143,6 +144,13 @@ class Metrics:
             registry=r,
         )
 
+        self.repairs = Counter(
+            "cocoon_net_repairs_total",
+            "Things found broken on the host and set right again, by what (route, bridge).",
+            ["what"],
+            registry=r,
+        )
+
     def render(self) -> bytes:
         return bytes(generate_latest(self.registry))
 
@@ -150,9 +158,16 @@ class Metrics:
 def parse_listen(addr: str) -> tuple[str, int]:
     """':9092', '127.0.0.1:9092' or '[::1]:9092' -> (host, port)."""
     host, sep, port = addr.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
-        raise UsageError(f"invalid --metrics-addr {addr!r}: expected [HOST]:PORT, e.g. :9092")
-    return host.strip("[]"), int(port)
+    host = host.strip("[]")
+    bad = not sep or not port.isdigit() or int(port) > 65535
+    try:
+        if host:
+            ip_address(host)  # a name would be looked up at bind time, after host setup
+    except ValueError:
+        bad = True
+    if bad:
+        raise UsageError(f"invalid --metrics-addr {addr!r}: expected [IP]:PORT, e.g. :9092")
+    return host, int(port)
 
 
 class MetricsServer:
@@ -177,6 +192,12 @@ class MetricsServer:
 
         class Server(ThreadingHTTPServer):
             daemon_threads = True
+
+            def server_bind(self) -> None:
+                # HTTPServer's own looks the host's name up (getfqdn): on a node whose DNS
+                # does not answer that holds the daemon's start for 10 s.
+                socketserver.TCPServer.server_bind(self)
+                self.server_name, self.server_port = host, self.server_address[1]
 
             def verify_request(self, request: Any, client_address: Any) -> bool:
                 # VMs must not read host metrics, whatever address the server listens on.

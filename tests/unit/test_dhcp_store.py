@@ -349,7 +349,8 @@ def test_commit_checks_records_and_refuses_after_close(path: Path, store: LeaseS
 
 def test_writer_failure_fails_every_waiting_commit(path: Path) -> None:
     fsyncs: list[float] = []
-    s = LeaseStore(path, observe_fsync=fsyncs.append)
+    failures: list[str] = []
+    s = LeaseStore(path, observe_fsync=fsyncs.append, on_failure=failures.append)
     s.open()
 
     async def run() -> list[BaseException | None]:
@@ -362,6 +363,8 @@ def test_writer_failure_fails_every_waiting_commit(path: Path) -> None:
     assert all(isinstance(r, StateError) for r in results)
     assert "deleted while in use" in str(results[0])
     assert s.stats().failed and len(fsyncs) >= 1
+    # The owner learns once, so that it can stop (the daemon exits for systemd to restart it).
+    assert len(failures) == 1 and "deleted while in use" in failures[0]
     with pytest.raises(StateError, match="deleted"):
         asyncio.run(s.commit([Record.grant(lease(3))]))
     s.close()

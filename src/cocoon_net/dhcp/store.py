@@ -382,6 +382,7 @@ class LeaseStore:
     """The journal writer. open() recovers and starts it; commit() from the event loop.
 
     Shut down with `await asyncio.to_thread(store.close)`: close() waits for queued commits.
+    `on_failure(error)` learns, from the writer thread, that the store has failed for good.
     `snapshot_lag` and `snapshot_share` pace the write-behind of leases.json (module
     docstring); `clock` is wall time (history retention), `monotonic` measures the lag.
     """
@@ -395,6 +396,7 @@ class LeaseStore:
         history_retention: float = 30 * 86400,
         max_corrupt: int = 100,
         observe_fsync: Callable[[float], None] | None = None,
+        on_failure: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.time,
         snapshot_lag: float = 2.0,
         snapshot_share: float = 0.2,
@@ -409,6 +411,7 @@ class LeaseStore:
         self.history_retention = history_retention
         self.max_corrupt = max_corrupt
         self._observe_fsync = observe_fsync
+        self._on_failure = on_failure  # called once, from the writer thread
         self._clock = clock
         self._monotonic = monotonic
         self.pace = SnapshotPace(snapshot_lag, snapshot_share)
@@ -605,6 +608,9 @@ class LeaseStore:
             batch = batch + self._queue
             self._queue = []
             self._stats = replace(self._stats, failed=True)
+        # The owner first: a waiter woken by the failure finds it already told.
+        if self._on_failure is not None:
+            self._on_failure(error)
         self._resolve(batch, error)
 
     def _snapshot_wait(self) -> float | None:
