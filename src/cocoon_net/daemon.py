@@ -39,7 +39,7 @@ from cocoon_net.dhcp.settings import DhcpSettings, Route
 from cocoon_net.dhcp.store import LeaseStore, Recovered
 from cocoon_net.errors import CocoonError, StateError
 from cocoon_net.lock import StateLock
-from cocoon_net.node import arp, guard, nic, routes, rtnl
+from cocoon_net.node import arp, guard, nic, routes, rtnl, watch
 from cocoon_net.node.nft import Nft
 from cocoon_net.platform import get_platform
 from cocoon_net.platform.base import Platform
@@ -49,7 +49,8 @@ from cocoon_net.state import PoolState
 log = logging.getLogger("cocoon_net.daemon")
 
 SWEEP_SECONDS = 1.0  # lease expiry: cheap when nothing is due (LeaseTable.expire)
-RECONCILE_SECONDS = 30.0  # routes and bridge, besides netlink events
+RECONCILE_SECONDS = 30.0  # host setup, routes and guard in full, besides kernel events
+HOST_CHECK_SECONDS = 5.0  # sysctls and the conflist: no kernel event reports them
 EVENT_SETTLE_SECONDS = 0.3  # netlink events come in bursts; reconcile once per burst
 # init may hold the state lock through minutes of cloud calls: a starting daemon waits for it
 # (within systemd's start timeout); a running one retries its host repair at the next round.
@@ -138,6 +139,7 @@ class Daemon:
         self._guard_reader = guard.GuardReader()  # for the metrics and reconcile threads
         self._store_error = ""
         self.metrics: Any = None
+        self._host_check: watch.HostCheck | None = None
 
     @property
     def bridge(self) -> str:
@@ -152,7 +154,9 @@ class Daemon:
             loop.add_signal_handler(signum, self.stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._request_reload)
 
-        self.pool = self._setup_host(START_LOCK_WAIT)
+        self.pool, changes = self._setup_host(START_LOCK_WAIT)
+        for change in changes:
+            log.info("host setup: %s", change)
         self._fix_host()
         lease_file = self._lease_file()
         settings = dhcp_settings(self.pool, self.opts, nic.link_mtu(self.bridge))
@@ -231,6 +235,8 @@ class Daemon:
         metrics_server = self._start_metrics(metrics)
         events = rtnl.EventSocket()
         asyncio.get_running_loop().add_reader(events.fileno(), self._on_netlink, events)
+        ruleset = watch.RulesetEvents()
+        asyncio.get_running_loop().add_reader(ruleset.fileno(), self._on_ruleset, ruleset)
         self._guard_ports()  # a port attached since the guard was installed
         stats = self.table.stats(now)
         ready = (
@@ -242,6 +248,7 @@ class Daemon:
         tasks = [
             asyncio.create_task(self._sweep_loop()),
             asyncio.create_task(self._reconcile_loop()),
+            asyncio.create_task(self._host_check_loop()),
             asyncio.create_task(self._watchdog_loop()),
         ]
         try:
@@ -251,6 +258,8 @@ class Daemon:
             self.notify.stopping()
             asyncio.get_running_loop().remove_reader(events.fileno())
             events.close()
+            asyncio.get_running_loop().remove_reader(ruleset.fileno())
+            ruleset.close()
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -264,15 +273,20 @@ class Daemon:
                 self.guard.close()
         return 0
 
-    def _setup_host(self, lock_wait: float) -> PoolState:
-        """Host setup from pool.json as it is now. It records what it changes in pool.json,
-        so it runs under the state lock, after the init or adopt that holds it."""
+    def _setup_host(self, lock_wait: float) -> tuple[PoolState, list[str]]:
+        """Host setup from pool.json as it is now, and what it changed. It records what it
+        changes in pool.json, so it runs under the state lock, after the init or adopt that
+        holds it. It also refreshes what the periodic host check compares with."""
         with StateLock(self.opts.paths.lock_file, "daemon", wait=lock_wait):
             pool = state.load(self.opts.paths.pool_file)
             manage = pool.manage_iptables and not self.opts.skip_iptables
-            for change in lifecycle.reconcile_host(pool, self.opts.paths, manage_firewall=manage):
-                log.info("host setup: %s", change)
-        return pool
+            changes = lifecycle.reconcile_host(pool, self.opts.paths, manage_firewall=manage)
+        spec = lifecycle.host_spec(pool, self.opts.paths, manage_firewall=manage)
+        self._host_check = watch.HostCheck.of(
+            spec.bridge, spec.primary_nic or nic.primary_nic(), spec.secondary_nics,
+            spec.conflist, spec.port_isolation,
+        )  # fmt: skip
+        return pool, changes
 
     def _start_guard(self, now: float, answering: dict[IPv4Address, str]) -> guard.Guard | None:
         """Install the VM guard for the recovered leases before the first request is read
@@ -358,6 +372,7 @@ class Daemon:
             return
         if problem:
             log.warning("VM guard: %s; restored (%d addresses)", problem, len(wanted))
+            self._repaired("guard", 1)
 
     def _guard_ports(self) -> None:
         if self.guard is None:
@@ -521,7 +536,7 @@ class Daemon:
                 except CocoonError as exc:  # the old pool stays served
                     log.error("reload: %s", exc)
             try:
-                await self._check_bridge()
+                await self._heal_host()
                 await asyncio.to_thread(self._fix_host)
                 if self.server.bound:
                     await self._reconcile_routes()
@@ -568,15 +583,34 @@ class Daemon:
         self._reload_due = True
         self._reconcile_due.set()
 
-    async def _check_bridge(self) -> None:
-        """Rebind when the bridge was deleted or recreated (its index changed)."""
+    async def _heal_host(self) -> None:
+        """Host setup again: whatever differs from ours now (a bridge deleted, set down, its
+        address, MTU or MAC changed; our chains or jumps gone; a sysctl or the conflist
+        changed) is set right, logged once and counted. Then the DHCP socket follows a
+        bridge that was recreated (its index changed)."""
+        _pool, changes = await asyncio.to_thread(self._setup_host, REPAIR_LOCK_WAIT)
+        for change in changes:
+            log.warning("repaired: %s", change)
+            self._repaired(watch.repair_kind(change), 1)
         index = rtnl.ifindex(self.bridge)
-        if self.server.bound and index == self.server.state.ifindex:
-            return
-        log.warning("bridge %s changed (index %s); setting it up again", self.bridge, index)
-        self._repaired("bridge", 1)
-        await asyncio.to_thread(self._setup_host, REPAIR_LOCK_WAIT)
-        self.server.open()
+        if not self.server.bound or index != self.server.state.ifindex:
+            log.warning("bridge %s is new (index %s): serving DHCP on it", self.bridge, index)
+            self.server.open()
+
+    def _on_ruleset(self, ruleset: watch.RulesetEvents) -> None:
+        if ruleset.drain():
+            self._reconcile_due.set()
+
+    async def _host_check_loop(self) -> None:
+        """Sysctls and the conflist, read every few seconds: a difference brings the full
+        reconcile forward."""
+        while True:
+            await asyncio.sleep(HOST_CHECK_SECONDS)
+            check = self._host_check
+            drift = check.drift() if check is not None else []  # a few small reads
+            if drift:
+                log.debug("host check: %s", "; ".join(drift))
+                self._reconcile_due.set()
 
     async def reload(self, *, keep_leases: bool = False) -> int:
         """SIGHUP or a `reload` request: re-read pool.json; leases outside a shrunk pool end

@@ -146,7 +146,8 @@ class Metrics:
 
         self.repairs = Counter(
             "cocoon_net_repairs_total",
-            "Things found broken on the host and set right again, by what (route, bridge).",
+            "Things found changed on the host and set right again, by what (route, bridge, "
+            "firewall, sysctl, conflist, guard).",
             ["what"],
             registry=r,
         )
