@@ -211,13 +211,15 @@ class Daemon:
             now,
             in_use=dict.fromkeys(in_use, ""),
             recovery_hold=float(self.opts.lease_seconds),
+            holds=recovered.holds,
         )
         for change in changes:
             log.info("recovery: %s %s", change.op, getattr(change, "lease", change))
         await self.store.commit(effects.records(changes))
         # Asked before the guard is installed: it would drop the answers of VMs it does not
-        # know yet.
-        answering = await self._answering(self._unconfirmed(route_sock))
+        # know yet. A held address is then confirmed to the MAC that answered, and to no other.
+        answering = await self._answering(self.table.recovered_addresses(now))
+        self.table.identify(answering)
         self.guard = self._start_guard(now, answering)
         counters = PromCounters(metrics) if metrics is not None else Counters()
         self.server = DhcpServer(
@@ -437,13 +439,6 @@ class Daemon:
         found = self._kernel_routes(sock)
         return {ip for ips in found.values() for ip in ips if ip in subnet}
 
-    def _unconfirmed(self, sock: rtnl.RouteSocket) -> set[IPv4Address]:
-        """Held addresses with a Go tool's boot route: whether their VM answers decides."""
-        now = time.time()
-        leased = {lease.ip for lease in self.table.leases(now)}
-        boot = self._kernel_routes(sock)[config.GO_ROUTE_PROTO]
-        return routes.unconfirmed(self.table.routed_addresses(now), leased, boot)
-
     async def _reconcile_routes(self, *, answering: dict[IPv4Address, str] | None = None) -> None:
         """Routes = leases (+ recovered holds): missing ones added, ours without one removed,
         anyone else's untouched. The Go tool's proto-boot route for a pool address is taken
@@ -480,11 +475,8 @@ class Daemon:
         be asked)."""
         if not targets:
             return {}
-        try:
-            found = await asyncio.to_thread(arp.probe, self.bridge, self.pool.gateway_ip, targets)
-        except OSError as exc:
-            log.warning("ARP probe on %s: %s; holding %d routed addresses", self.bridge,
-                        exc.strerror or exc, len(targets))  # fmt: skip
+        found = await self._arp(targets)
+        if found is None:
             return {}
         log.info(
             "recovery: %d of %d routed addresses without a lease answer on %s; their routes "
@@ -492,6 +484,15 @@ class Daemon:
             len(found), len(targets), self.bridge,
         )  # fmt: skip
         return found
+
+    async def _arp(self, targets: set[IPv4Address]) -> dict[IPv4Address, str] | None:
+        """Who answers for targets on the bridge; None when the bridge cannot be asked."""
+        try:
+            return await asyncio.to_thread(arp.probe, self.bridge, self.pool.gateway_ip, targets)
+        except OSError as exc:
+            log.warning("ARP probe on %s: %s; holding %d addresses", self.bridge,
+                        exc.strerror or exc, len(targets))  # fmt: skip
+            return None
 
     def lease_routes(self) -> set[IPv4Address]:
         return self._kernel_routes(self.server.routes)[config.ROUTE_PROTO]
@@ -514,9 +515,25 @@ class Daemon:
                 log.info("lease %s: %s", change.op, getattr(change, "lease", change))
             try:
                 await self.persist(changes)
+                await self._probe_ended_holds()
             except CocoonError as exc:
                 log.error("expiry: %s", exc)
             self._check_guard()
+
+    async def _probe_ended_holds(self) -> None:
+        """An address whose hold (after a lost lease file) or quarantine (a DECLINE) ended goes
+        to a new VM only once nobody answers ARP for it on the bridge; one that answers is
+        held again, for a lease time, for the MAC that answered."""
+        asked = self.table.unprobed()
+        if not asked:
+            return
+        answers = await self._arp(asked)
+        if answers is None:
+            return  # asked again at the next sweep; until then nobody gets them
+        changes = self.table.probed(asked, answers, time.time(), float(self.opts.lease_seconds))
+        for ip in sorted(answers):
+            log.warning("%s still answers ARP on %s (%s): held again", ip, self.bridge, answers[ip])
+        await self.persist(changes)
 
     async def _reconcile_loop(self) -> None:
         while True:

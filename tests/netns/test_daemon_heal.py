@@ -125,11 +125,11 @@ def test_sysctl_and_conflist_come_back_within_the_periodic_check(tmp_path: Path)
         conflist = next(daemon.paths.cni_conf_dir.glob("*.conflist"))
         ours = conflist.read_bytes()
         before = daemon.metric(REPAIRS, what="sysctl")
-        node(sandbox, ["sysctl", "-qw", "net.ipv4.ip_forward=0"])
+        node(sandbox, ["sh", "-c", "echo 0 > /proc/sys/net/ipv4/ip_forward"])
         repaired_within(
             daemon, "sysctl", before, HOST_CHECK_SECONDS + 1,
-            lambda: proc.run(["ip", "netns", "exec", sandbox.node, "sysctl", "-n",
-                              "net.ipv4.ip_forward"]).stdout.strip() == "1",
+            lambda: proc.run(["ip", "netns", "exec", sandbox.node, "cat",
+                              "/proc/sys/net/ipv4/ip_forward"]).stdout.strip() == "1",
         )  # fmt: skip
 
         before = daemon.metric(REPAIRS, what="conflist")

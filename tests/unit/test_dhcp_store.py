@@ -622,3 +622,19 @@ def test_failed_write_behind_keeps_the_journal_and_is_logged_once(
     s.close()
     got = reopen(path)
     assert len(got.leases) == 19 and got.report.complete
+
+
+def test_hold_deadlines_survive_replay_and_compaction_until_they_pass(path: Path) -> None:
+    later = float(int(time.time()) + 3600)  # META keeps whole seconds
+    s = LeaseStore(path)
+    s.open()
+    held, past, claimed = IPv4Address("10.0.0.7"), IPv4Address("10.0.0.8"), lease(9)
+
+    async def run() -> None:
+        await s.commit([Record.hold(held, later), Record.hold(past, T0)])
+        await s.commit([Record.hold(claimed.ip, later), Record.grant(claimed)])
+
+    asyncio.run(run())
+    assert load(path).holds == {held: later, past: T0}  # the journal, replayed
+    s.close()  # compacts: META keeps the deadline still ahead, and only that one
+    assert reopen(path).holds == {held: later}

@@ -95,7 +95,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -172,6 +172,7 @@ class Recovered:
     quarantine: Mapping[IPv4Address, float]  # declined IP -> end of probation
     seq: int  # last journal sequence number used
     report: LoadReport
+    holds: Mapping[IPv4Address, float] = field(default_factory=dict)  # routed, no lease: until
 
 
 def _digest(data: bytes | None) -> str:
@@ -261,6 +262,7 @@ def _recover(path: Path, max_corrupt: int, repair: bool) -> tuple[Recovered, Lea
     if meta is not None:
         state.history.update((h.mac, h) for h in meta.history)
         state.quarantine.update(meta.quarantine)
+        state.holds.update(meta.holds)
 
     snapshot_lost, foreign = "", False
     skipped: tuple[str, ...] = ()
@@ -316,7 +318,7 @@ def _recover(path: Path, max_corrupt: int, repair: bool) -> tuple[Recovered, Lea
     )
     seq = max(meta.seq if meta else 0, replayed.last_seq)
     copy = state.copy()
-    return Recovered(copy.leases, copy.history, copy.quarantine, seq, report), state
+    return Recovered(copy.leases, copy.history, copy.quarantine, seq, report, copy.holds), state
 
 
 # ---------------------------------------------------------------- the running store
@@ -674,6 +676,7 @@ class LeaseStore:
                 h for mac, h in self._state.history.items() if self._state.leases.get(mac) != h
             ),
             quarantine=dict(self._state.quarantine),
+            holds={ip: t for ip, t in self._state.holds.items() if t > self._clock()},
         )
         atomic_write(role_path(self.path, Role.META), encode_meta(meta))
         atomic_write(self.path, snapshot)
