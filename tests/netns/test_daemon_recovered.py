@@ -81,3 +81,35 @@ def test_lost_lease_file_holds_for_the_vm_that_answers_and_for_one_lease_time(
         fresh = Udhcpc(sandbox, third).start()
         assert fresh not in held.values()
         assert not daemon.errors()
+
+
+def test_an_address_someone_answers_for_is_not_offered_when_its_quarantine_ends(
+    tmp_path: Path,
+) -> None:
+    # Without the guard (which would drop the squatter's ARP answers and its traffic alike),
+    # a VM may keep using an address it declined; the one-address pool makes any offer that
+    # address.
+    with node_with_daemon(
+        2,
+        tmp_path,
+        adopt_flags=("--pool-size", "1"),
+        extra=("--no-guard", "--decline-quarantine", "10s"),
+    ) as (sandbox, daemon):
+        squatter, newcomer = sandbox.vms
+        client = Udhcpc(sandbox, squatter)
+        ip = client.start()
+        client.stop()  # the address stays on its eth0: it answers ARP
+        decline = request(
+            MessageType.DECLINE, squatter.mac, requested=ip, server_id=sandbox.gateway
+        )
+        assert ask(squatter, decline) == []  # no reply to a DECLINE
+        wait_for(lambda: daemon.pool_counts()["quarantined"] == 1 or None, "the quarantine")
+
+        # From the end of the quarantine on, and through the probe: no offer, ever.
+        wait_for(lambda: daemon.pool_counts()["quarantined"] == 0 or None, "its end", timeout=15)
+        discover = request(MessageType.DISCOVER, newcomer.mac)
+        for _ in range(4):
+            assert ask(newcomer, discover) == []
+        assert " still answers ARP " in daemon.log()
+        assert daemon.pool_counts()["free"] == 0
+        assert not daemon.errors()
