@@ -20,7 +20,8 @@ then resolves all those futures on their event loop. The loop never blocks on th
 Files (Role), next to the lease file the caller names:
 
     leases.json           SNAPSHOT  JSON array the Go tool can read (leasefile.py)
-    leases.json.meta      META      seq, snapshot digests, MAC history, quarantined IPs
+    leases.json.meta      META      seq, snapshot digests, MAC history, quarantined IPs,
+                                    hold deadlines still ahead
     leases.json.journal   JOURNAL   one JSON line per change since the snapshot
     leases.json.lock      LOCK      flock: one store per lease file
     .leases.json.*.tmp    temps of atomic_write; leases-<digits>.json are the Go tool's
@@ -30,11 +31,13 @@ Journal lines (each sets or deletes whole entries, so replaying a line twice cha
     {"seq":41,"op":"grant","ip":"172.20.100.7","mac":"52:54:00:12:34:56","expires":1775368800.0}
     {"seq":42,"op":"quarantine","ip":"172.20.100.9","mac":"52:54:00:ab:cd:ef","expires":1775372400.0}
     {"seq":43,"op":"release","ip":"172.20.100.7","mac":"52:54:00:12:34:56"}
+    {"seq":44,"op":"hold","ip":"172.20.100.8","expires":1775372400.0}
 
-Replay: the snapshot, with history and quarantine from META, then every complete journal line
-in file order; the last record for a MAC or IP wins. A final line without its newline is a
-write torn by a crash: ignored and reported. Other bad lines are counted (over `max_corrupt`
-the store refuses to start) and the journal is copied aside before it is truncated.
+Replay: the snapshot, with history, quarantine and holds from META, then every complete
+journal line in file order; the last record for a MAC or IP wins. A final line without its
+newline is a write torn by a crash: ignored and reported. Other bad lines are counted (over
+`max_corrupt` the store refuses to start) and the journal is copied aside before it is
+truncated.
 
 Compaction folds the journal into the snapshot, in the writer thread, between batches:
 
