@@ -1,6 +1,6 @@
 """Idle CPU of the daemon: a full /24 pool leased (253 leases, routes, guard), nobody asking.
 
-    .venv/bin/python bench/idle_cpu.py [--seconds 60]
+    .venv/bin/python -m bench.idle_cpu [--seconds 60]
 
 The leases are written to the store before the daemon starts (as if granted earlier), so
 the daemon starts with 253 leases to route, guard, expire and reconcile. What is measured is

@@ -237,8 +237,7 @@ class Daemon:
         metrics_server = self._start_metrics(metrics)
         events = rtnl.EventSocket()
         asyncio.get_running_loop().add_reader(events.fileno(), self._on_netlink, events)
-        ruleset = watch.RulesetEvents()
-        asyncio.get_running_loop().add_reader(ruleset.fileno(), self._on_ruleset, ruleset)
+        ruleset = self._ruleset_events()
         self._guard_ports()  # a port attached since the guard was installed
         stats = self.table.stats(now)
         ready = (
@@ -260,8 +259,9 @@ class Daemon:
             self.notify.stopping()
             asyncio.get_running_loop().remove_reader(events.fileno())
             events.close()
-            asyncio.get_running_loop().remove_reader(ruleset.fileno())
-            ruleset.close()
+            if ruleset is not None:
+                asyncio.get_running_loop().remove_reader(ruleset.fileno())
+                ruleset.close()
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -614,6 +614,16 @@ class Daemon:
             log.warning("bridge %s is new (index %s): serving DHCP on it", self.bridge, index)
             self.server.open()
 
+    def _ruleset_events(self) -> watch.RulesetEvents | None:
+        try:
+            ruleset = watch.RulesetEvents()
+        except OSError as exc:
+            log.warning("no nftables events (%s): firewall repairs wait for the %g s round",
+                        exc.strerror or exc, RECONCILE_SECONDS)  # fmt: skip
+            return None
+        asyncio.get_running_loop().add_reader(ruleset.fileno(), self._on_ruleset, ruleset)
+        return ruleset
+
     def _on_ruleset(self, ruleset: watch.RulesetEvents) -> None:
         if ruleset.drain():
             self._reconcile_due.set()
@@ -624,7 +634,10 @@ class Daemon:
         while True:
             await asyncio.sleep(HOST_CHECK_SECONDS)
             check = self._host_check
-            drift = check.drift() if check is not None else []  # a few small reads
+            try:
+                drift = check.drift() if check is not None else []  # a few small reads
+            except CocoonError as exc:
+                drift = [str(exc)]  # the reconcile says what is wrong, and retries
             if drift:
                 log.debug("host check: %s", "; ".join(drift))
                 self._reconcile_due.set()
