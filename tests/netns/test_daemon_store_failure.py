@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from cocoon_net.dhcp.model import DhcpMessage, MessageType, Opt
+from cocoon_net.errors import HostSetupError
 from cocoon_net.sandbox import Udhcpc, Vm
 from tests.support.daemon import NodeDaemon, node_with_daemon
 from tests.support.netns import Netns, is_root
@@ -92,6 +93,18 @@ def exit_after_failure(
     return acked, code, took
 
 
+def restart_on_full_disk(daemon: NodeDaemon, vm: Vm, gateway: IPv4Address) -> int:
+    """Start the daemon on the full disk; its exit code, at start or at its first write."""
+    try:
+        daemon.start()
+    except HostSetupError:
+        assert daemon.proc is None or daemon.proc.returncode is not None
+        return 1 if daemon.proc is None else daemon.proc.returncode
+    acked, code, _took = exit_after_failure(daemon, vm, gateway)
+    assert not acked, "a lease was ACKed on a full disk"
+    return code
+
+
 def test_full_disk_exits_and_the_restart_recovers_every_ack(
     tmp_path: Path, tiny_disk: Path
 ) -> None:
@@ -114,6 +127,12 @@ def test_full_disk_exits_and_the_restart_recovers_every_ack(
         failed = [line for line in errors if "store.failed" in line]
         assert len(failed) == 1 and failed[0] == errors[-1], errors
         assert "No space left on device" in failed[0]
+
+        # Restarted while the disk is still full: it fails again, loudly.
+        lines = len(daemon.log().splitlines())
+        code = restart_on_full_disk(daemon, sandbox.vms[1], sandbox.gateway)
+        again = [line for line in daemon.log().splitlines()[lines:] if "No space left" in line]
+        assert code != 0 and again, daemon.log().splitlines()[lines:]
 
         # The disk is fixed: the restart brings back every lease that was ACKed, routed.
         (tiny_disk / "fill").unlink()
