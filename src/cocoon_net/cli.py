@@ -407,6 +407,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 def _cmd_daemon(args: argparse.Namespace) -> int:
     from cocoon_net.daemon import DaemonOptions, parse_routes, run
+    from cocoon_net.metrics import parse_listen
 
     reservations = {}
     for item in args.reservation:
@@ -416,6 +417,8 @@ def _cmd_daemon(args: argparse.Namespace) -> int:
         reservations[config.parse_mac(mac, flag="--reservation")] = config.parse_ipv4(
             ip, flag="--reservation"
         )
+    if args.metrics_addr:
+        parse_listen(args.metrics_addr)
     opts = DaemonOptions(
         paths=_paths(args),
         skip_iptables=args.skip_iptables,

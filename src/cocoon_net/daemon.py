@@ -41,7 +41,7 @@ from cocoon_net.dhcp.settings import DhcpSettings, Route
 from cocoon_net.dhcp.store import LeaseStore, Recovered
 from cocoon_net.errors import CocoonError, StateError
 from cocoon_net.lock import StateLock
-from cocoon_net.node import arp, guard, nic, routes, rtnl
+from cocoon_net.node import arp, guard, nic, routes, rtnl, watch
 from cocoon_net.node.nft import Nft
 from cocoon_net.platform import get_platform
 from cocoon_net.platform.base import Platform
@@ -51,7 +51,8 @@ from cocoon_net.state import PoolState
 log = logging.getLogger("cocoon_net.daemon")
 
 SWEEP_SECONDS = 1.0  # lease expiry: cheap when nothing is due (LeaseTable.expire)
-RECONCILE_SECONDS = 30.0  # routes and bridge, besides netlink events
+RECONCILE_SECONDS = 30.0  # host setup, routes and guard in full, besides kernel events
+HOST_CHECK_SECONDS = 5.0  # sysctls and the conflist: no kernel event reports them
 EVENT_SETTLE_SECONDS = 0.3  # netlink events come in bursts; reconcile once per burst
 # init may hold the state lock through minutes of cloud calls: a starting daemon waits for it
 # (within systemd's start timeout); a running one retries its host repair at the next round.
@@ -140,6 +141,7 @@ class Daemon:
         self._guard_reader = guard.GuardReader()  # for the metrics and reconcile threads
         self._store_error = ""
         self.metrics: Any = None
+        self._host_check: watch.HostCheck | None = None
 
     @property
     def bridge(self) -> str:
@@ -154,7 +156,9 @@ class Daemon:
             loop.add_signal_handler(signum, self.stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._request_reload)
 
-        self.pool = self._setup_host(START_LOCK_WAIT)
+        self.pool, changes = self._setup_host(START_LOCK_WAIT)
+        for change in changes:
+            log.info("host setup: %s", change)
         self._fix_host()
         lease_file = self._lease_file()
         settings = dhcp_settings(self.pool, self.opts, nic.link_mtu(self.bridge))
@@ -174,9 +178,8 @@ class Daemon:
             code = await self._serve(settings, recovered, metrics, started)
         finally:
             await asyncio.to_thread(self.store.close)
-        if self._store_error:
-            raise StateError(f"lease store failed: {self._store_error}")
-        return code
+        # The store logged its failure, once; the exit code tells systemd to restart.
+        return 1 if self._store_error else code
 
     def _store_failed(self, error: str) -> None:
         """No lease can be granted any more: stop, so that systemd restarts the daemon and
@@ -211,13 +214,15 @@ class Daemon:
             now,
             in_use=dict.fromkeys(in_use, ""),
             recovery_hold=float(self.opts.lease_seconds),
+            holds=recovered.holds,
         )
         for change in changes:
             log.info("recovery: %s %s", change.op, getattr(change, "lease", change))
         await self.store.commit(effects.records(changes))
         # Asked before the guard is installed: it would drop the answers of VMs it does not
-        # know yet.
-        answering = await self._answering(self._unconfirmed(route_sock))
+        # know yet. A held address is then confirmed to the MAC that answered, and to no other.
+        answering = await self._answering(self.table.recovered_addresses(now))
+        self.table.identify(answering)
         self.guard = self._start_guard(now, answering)
         counters = PromCounters(metrics) if metrics is not None else Counters()
         self.server = DhcpServer(
@@ -235,6 +240,7 @@ class Daemon:
         metrics_server = self._start_metrics(metrics)
         events = rtnl.EventSocket()
         asyncio.get_running_loop().add_reader(events.fileno(), self._on_netlink, events)
+        ruleset = self._ruleset_events()
         self._guard_ports()  # a port attached since the guard was installed
         stats = self.table.stats(now)
         ready = (
@@ -251,6 +257,7 @@ class Daemon:
         tasks = [
             asyncio.create_task(self._sweep_loop()),
             asyncio.create_task(self._reconcile_loop()),
+            asyncio.create_task(self._host_check_loop()),
             asyncio.create_task(self._watchdog_loop()),
         ]
         try:
@@ -260,6 +267,9 @@ class Daemon:
             self.notify.stopping()
             asyncio.get_running_loop().remove_reader(events.fileno())
             events.close()
+            if ruleset is not None:
+                asyncio.get_running_loop().remove_reader(ruleset.fileno())
+                ruleset.close()
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -273,15 +283,20 @@ class Daemon:
                 self.guard.close()
         return 0
 
-    def _setup_host(self, lock_wait: float) -> PoolState:
-        """Host setup from pool.json as it is now. It records what it changes in pool.json,
-        so it runs under the state lock, after the init or adopt that holds it."""
+    def _setup_host(self, lock_wait: float) -> tuple[PoolState, list[str]]:
+        """Host setup from pool.json as it is now, and what it changed. It records what it
+        changes in pool.json, so it runs under the state lock, after the init or adopt that
+        holds it. It also refreshes what the periodic host check compares with."""
         with StateLock(self.opts.paths.lock_file, "daemon", wait=lock_wait):
             pool = state.load(self.opts.paths.pool_file)
             manage = pool.manage_iptables and not self.opts.skip_iptables
-            for change in lifecycle.reconcile_host(pool, self.opts.paths, manage_firewall=manage):
-                log.info("host setup: %s", change)
-        return pool
+            changes = lifecycle.reconcile_host(pool, self.opts.paths, manage_firewall=manage)
+        spec = lifecycle.host_spec(pool, self.opts.paths, manage_firewall=manage)
+        self._host_check = watch.HostCheck.of(
+            spec.bridge, spec.primary_nic or nic.primary_nic(), spec.secondary_nics,
+            spec.conflist, spec.port_isolation,
+        )  # fmt: skip
+        return pool, changes
 
     def _start_guard(self, now: float, answering: dict[IPv4Address, str]) -> guard.Guard | None:
         """Install the VM guard for the recovered leases before the first request is read
@@ -367,6 +382,7 @@ class Daemon:
             return
         if problem:
             log.warning("VM guard: %s; restored (%d addresses)", problem, len(wanted))
+            self._repaired("guard", 1)
 
     def _guard_ports(self) -> None:
         if self.guard is None:
@@ -431,13 +447,6 @@ class Daemon:
         found = self._kernel_routes(sock)
         return {ip for ips in found.values() for ip in ips if ip in subnet}
 
-    def _unconfirmed(self, sock: rtnl.RouteSocket) -> set[IPv4Address]:
-        """Held addresses with a Go tool's boot route: whether their VM answers decides."""
-        now = time.time()
-        leased = {lease.ip for lease in self.table.leases(now)}
-        boot = self._kernel_routes(sock)[config.GO_ROUTE_PROTO]
-        return routes.unconfirmed(self.table.routed_addresses(now), leased, boot)
-
     async def _reconcile_routes(self, *, answering: dict[IPv4Address, str] | None = None) -> None:
         """Routes = leases (+ recovered holds): missing ones added, ours without one removed,
         anyone else's untouched. The Go tool's proto-boot route for a pool address is taken
@@ -459,7 +468,7 @@ class Daemon:
         )
         if diff:
             failed = self.server.sync_routes(set(diff.add) | set(diff.remove))
-            if answering is None:
+            if answering is None:  # not the start-up's own reconcile
                 self._repaired("route", len(diff.add) + len(diff.remove) - len(failed))
             log.info(
                 "routes reconciled: %d added, %d removed%s",
@@ -475,11 +484,8 @@ class Daemon:
         be asked)."""
         if not targets:
             return {}
-        try:
-            found = await asyncio.to_thread(arp.probe, self.bridge, self.pool.gateway_ip, targets)
-        except OSError as exc:
-            log.warning("ARP probe on %s: %s; holding %d routed addresses", self.bridge,
-                        exc.strerror or exc, len(targets))  # fmt: skip
+        found = await self._arp(targets)
+        if found is None:
             return {}
         log.info(
             "recovery: %d of %d routed addresses without a lease answer on %s; their routes "
@@ -487,6 +493,15 @@ class Daemon:
             len(found), len(targets), self.bridge,
         )  # fmt: skip
         return found
+
+    async def _arp(self, targets: set[IPv4Address]) -> dict[IPv4Address, str] | None:
+        """Who answers for targets on the bridge; None when the bridge cannot be asked."""
+        try:
+            return await asyncio.to_thread(arp.probe, self.bridge, self.pool.gateway_ip, targets)
+        except OSError as exc:
+            log.warning("ARP probe on %s: %s; holding %d addresses", self.bridge,
+                        exc.strerror or exc, len(targets))  # fmt: skip
+            return None
 
     def lease_routes(self) -> set[IPv4Address]:
         return self._kernel_routes(self.server.routes)[config.ROUTE_PROTO]
@@ -509,9 +524,25 @@ class Daemon:
                 log.info("lease %s: %s", change.op, getattr(change, "lease", change))
             try:
                 await self.persist(changes)
+                await self._probe_ended_holds()
             except CocoonError as exc:
                 log.error("expiry: %s", exc)
             self._check_guard()
+
+    async def _probe_ended_holds(self) -> None:
+        """An address whose hold (after a lost lease file) or quarantine (a DECLINE) ended goes
+        to a new VM only once nobody answers ARP for it on the bridge; one that answers is
+        held again, for a lease time, for the MAC that answered."""
+        asked = self.table.unprobed()
+        if not asked:
+            return
+        answers = await self._arp(asked)
+        if answers is None:
+            return  # asked again at the next sweep; until then nobody gets them
+        changes = self.table.probed(asked, answers, time.time(), float(self.opts.lease_seconds))
+        for ip in sorted(answers):
+            log.warning("%s still answers ARP on %s (%s): held again", ip, self.bridge, answers[ip])
+        await self.persist(changes)
 
     async def _reconcile_loop(self) -> None:
         while True:
@@ -531,7 +562,7 @@ class Daemon:
                 except CocoonError as exc:  # the old pool stays served
                     log.error("reload: %s", exc)
             try:
-                await self._check_bridge()
+                await self._heal_host()
                 await asyncio.to_thread(self._fix_host)
                 if self.server.bound:
                     await self._reconcile_routes()
@@ -578,15 +609,47 @@ class Daemon:
         self._reload_due = True
         self._reconcile_due.set()
 
-    async def _check_bridge(self) -> None:
-        """Rebind when the bridge was deleted or recreated (its index changed)."""
+    async def _heal_host(self) -> None:
+        """Host setup again: whatever differs from ours now (a bridge deleted, set down, its
+        address, MTU or MAC changed; our chains or jumps gone; a sysctl or the conflist
+        changed) is set right, logged once and counted. Then the DHCP socket follows a
+        bridge that was recreated (its index changed)."""
+        _pool, changes = await asyncio.to_thread(self._setup_host, REPAIR_LOCK_WAIT)
+        for change in changes:
+            log.warning("repaired: %s", change)
+            self._repaired(watch.repair_kind(change), 1)
         index = rtnl.ifindex(self.bridge)
-        if self.server.bound and index == self.server.state.ifindex:
-            return
-        log.warning("bridge %s changed (index %s); setting it up again", self.bridge, index)
-        self._repaired("bridge", 1)
-        await asyncio.to_thread(self._setup_host, REPAIR_LOCK_WAIT)
-        self.server.open()
+        if not self.server.bound or index != self.server.state.ifindex:
+            log.warning("bridge %s is new (index %s): serving DHCP on it", self.bridge, index)
+            self.server.open()
+
+    def _ruleset_events(self) -> watch.RulesetEvents | None:
+        try:
+            ruleset = watch.RulesetEvents()
+        except OSError as exc:
+            log.warning("no nftables events (%s): firewall repairs wait for the %g s round",
+                        exc.strerror or exc, RECONCILE_SECONDS)  # fmt: skip
+            return None
+        asyncio.get_running_loop().add_reader(ruleset.fileno(), self._on_ruleset, ruleset)
+        return ruleset
+
+    def _on_ruleset(self, ruleset: watch.RulesetEvents) -> None:
+        if ruleset.drain():
+            self._reconcile_due.set()
+
+    async def _host_check_loop(self) -> None:
+        """Sysctls and the conflist, read every few seconds: a difference brings the full
+        reconcile forward."""
+        while True:
+            await asyncio.sleep(HOST_CHECK_SECONDS)
+            check = self._host_check
+            try:
+                drift = check.drift() if check is not None else []  # a few small reads
+            except CocoonError as exc:
+                drift = [str(exc)]  # the reconcile says what is wrong, and retries
+            if drift:
+                log.debug("host check: %s", "; ".join(drift))
+                self._reconcile_due.set()
 
     async def reload(self, *, keep_leases: bool = False) -> int:
         """SIGHUP or a `reload` request: re-read pool.json; leases outside a shrunk pool end

@@ -146,7 +146,8 @@ class Metrics:
 
         self.repairs = Counter(
             "cocoon_net_repairs_total",
-            "Things found broken on the host and set right again, by what (route, bridge).",
+            "Things found changed on the host and set right again, by what (route, bridge, "
+            "firewall, sysctl, conflist, guard).",
             ["what"],
             registry=r,
         )
@@ -158,9 +159,16 @@ class Metrics:
 def parse_listen(addr: str) -> tuple[str, int]:
     """':9092', '127.0.0.1:9092' or '[::1]:9092' -> (host, port)."""
     host, sep, port = addr.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
-        raise UsageError(f"invalid --metrics-addr {addr!r}: expected [HOST]:PORT, e.g. :9092")
-    return host.strip("[]"), int(port)
+    host = host.strip("[]")
+    bad = not sep or not port.isdigit() or int(port) > 65535
+    try:
+        if host:
+            ip_address(host)  # a name would be looked up at bind time, after host setup
+    except ValueError:
+        bad = True
+    if bad:
+        raise UsageError(f"invalid --metrics-addr {addr!r}: expected [IP]:PORT, e.g. :9092")
+    return host, int(port)
 
 
 class MetricsServer:

@@ -86,6 +86,28 @@ CASES = [
     Case("unknown-flag", [*NODE, "--frobnicate"], 2),
     Case("lease-time-too-short", ["--lease-time", "5s"], 2, command="daemon"),
     Case("lease-time-garbage", ["--lease-time", "soon"], 2, command="daemon"),
+    # Checked before host setup and the DHCP socket, not when the metrics server starts.
+    Case(
+        "metrics-addr-no-port",
+        ["--metrics-addr", "127.0.0.1"],
+        2,
+        command="daemon",
+        expect="--metrics-addr",
+    ),
+    Case(
+        "metrics-addr-not-an-ip",
+        ["--metrics-addr", "nohost:9092"],
+        2,
+        command="daemon",
+        expect="--metrics-addr",
+    ),
+    Case(
+        "metrics-addr-port-range",
+        ["--metrics-addr", ":70000"],
+        2,
+        command="daemon",
+        expect="--metrics-addr",
+    ),
     Case("log-level-env", NODE, 2, env={"COCOON_NET_LOG_LEVEL": "loud"}, expect="loud"),
     Case("log-format", [*NODE, "--log-format", "xml"], 2),
     # Files, locks and permissions: failures, exit 1.

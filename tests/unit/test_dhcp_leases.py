@@ -12,6 +12,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from cocoon_net.dhcp.leases import (
     Expire,
     Grant,
+    Hold,
     LeaseTable,
     Quarantine,
     Release,
@@ -174,7 +175,25 @@ def test_decline_quarantines_and_the_address_comes_back_last() -> None:
     assert dora(table, mac(1), 2.0).ip == ip(3)  # not its old address
     assert table.offer(mac(2), 3.0)[0] is None  # .2 quarantined, .3 offered
     assert table.snapshot().quarantine == {lease.ip: 601.0}
-    assert table.offer(mac(2), 602.0)[0] == lease.ip
+    # Probation over: nobody gets it before the bridge was asked whether someone uses it.
+    assert table.offer(mac(2), 602.0)[0] is None
+    table.expire(602.0)
+    assert table.unprobed() == {lease.ip}
+    assert table.offer(mac(2), 602.0)[0] is None
+    assert table.probed({lease.ip}, {}, 603.0, 600.0) == []
+    assert table.offer(mac(2), 603.0)[0] == lease.ip
+
+
+def test_an_ended_hold_that_still_answers_arp_is_held_again() -> None:
+    table = LeaseTable(POOL[:1])
+    assert table.load([], [], {}, 0.0, in_use={ip(2): ""}, recovery_hold=10.0) == [
+        Hold(ip(2), 10.0)
+    ]
+    table.expire(11.0)
+    assert table.offer(mac(1), 11.0)[0] is None
+    assert table.probed({ip(2)}, {ip(2): mac(9)}, 12.0, 10.0) == [Hold(ip(2), 22.0)]
+    assert table.standing(mac(9), ip(2), 13.0) is Standing.RECOVERED_MINE
+    assert table.offer(mac(1), 13.0)[0] is None
 
 
 def test_one_quarantine_per_mac_so_a_decline_loop_cannot_drain_the_pool() -> None:
@@ -337,7 +356,10 @@ def test_a_declined_address_stays_last_after_a_reload() -> None:
     stored_history = [h for h in snap.history if h.mac]
     reloaded = LeaseTable(POOL)
     reloaded.load(snap.leases, stored_history, snap.quarantine, 2.0)
-    # After the quarantine, the never-used addresses still come first, the declined one last.
+    # After the quarantine (and the probe), the never-used addresses still come first, the
+    # declined one last.
+    reloaded.expire(200.0)
+    reloaded.probed(reloaded.unprobed(), {}, 200.0, 100.0)
     offers = [reloaded.offer(mac(i), 200.0)[0] for i in range(10, 16)]
     assert offers == [ip(3), ip(4), ip(5), ip(6), ip(7), ip(2)]
 

@@ -10,7 +10,16 @@ from ipaddress import IPv4Address, IPv4Network
 import pytest
 
 from cocoon_net.dhcp import options, policy
-from cocoon_net.dhcp.leases import Grant, LeaseTable, Quarantine, Release, Renew, Standing, Withdraw
+from cocoon_net.dhcp.leases import (
+    Grant,
+    Hold,
+    LeaseTable,
+    Quarantine,
+    Release,
+    Renew,
+    Standing,
+    Withdraw,
+)
 from cocoon_net.dhcp.model import BROADCAST_FLAG, ZERO_IP, DhcpMessage, MessageType, Op, Opt
 from cocoon_net.dhcp.policy import (
     BROADCAST_IP,
@@ -177,7 +186,7 @@ EXPECTED: dict[Standing, tuple[str, str, str, str]] = {
     Standing.REMEMBERED: ("ACK", "ACK", "ACK", "ACK"),
     Standing.RECOVERED_MINE: ("ACK", "ACK", "ACK", "ACK"),
     Standing.UNKNOWN: ("NAK", "silent", "ACK", "ACK"),
-    Standing.RECOVERED: ("NAK", "ACK", "ACK", "ACK"),
+    Standing.RECOVERED: ("NAK", "silent", "NAK", "NAK"),
     Standing.USED: ("NAK", "NAK", "NAK", "NAK"),
     Standing.HELD_BY_OTHER: ("NAK", "NAK", "NAK", "NAK"),
     Standing.RESERVED_FOR_OTHER: ("NAK", "NAK", "NAK", "NAK"),
@@ -225,8 +234,14 @@ def test_request_rules(standing: Standing, state: ClientState, outcome: str) -> 
         assert change == (Renew(lease) if standing is Standing.LEASED else Grant(lease))
 
 
-@pytest.mark.parametrize("state", [ClientState.INIT_REBOOT, ClientState.RENEWING])
-@pytest.mark.parametrize("standing", [Standing.UNKNOWN, Standing.RECOVERED])
+@pytest.mark.parametrize(
+    ("state", "standing"),
+    [
+        (ClientState.INIT_REBOOT, Standing.UNKNOWN),
+        (ClientState.RENEWING, Standing.UNKNOWN),
+        (ClientState.INIT_REBOOT, Standing.RECOVERED),
+    ],
+)
 def test_a_known_client_asking_for_a_stray_address_is_naked(
     state: ClientState, standing: Standing
 ) -> None:
@@ -548,10 +563,35 @@ def test_cloned_client_ids_still_get_distinct_addresses() -> None:
         assert (lease.client_id, lease.hostname) == (cid.hex(), "clone")
 
 
+def test_lease_loss_nobody_takes_a_held_address_whose_vm_is_unknown() -> None:
+    table = LeaseTable(POOL)
+    table.load([], [], {}, T0, in_use={POOL[3]: ""})
+    for state in (ClientState.RENEWING, ClientState.REBINDING):
+        request, context = _request(state, POOL[3])
+        assert handle(request, context, table, S, T0 + 1).changes == ()
+    request, context = _request(ClientState.RENEWING, POOL[3])
+    reply(handle(request, context, table, S, T0 + 1), MessageType.NAK)
+    assert table.lease_at(POOL[3], T0 + 1) is None
+
+
+def test_lease_loss_hold_deadline_is_kept_across_loads() -> None:
+    table = LeaseTable(POOL)
+    changes = table.load([], [], {}, T0, in_use={POOL[3]: ""}, recovery_hold=100.0)
+    assert changes == [Hold(POOL[3], T0 + 100.0)]
+    # A restart later: the written deadline stands, and once past it the address is free.
+    again = table.load([], [], {}, T0 + 60, in_use={POOL[3]: ""}, recovery_hold=100.0,
+                       holds={POOL[3]: T0 + 100.0})  # fmt: skip
+    assert again == [] and table.recovered_addresses(T0 + 60) == {POOL[3]}
+    table.load([], [], {}, T0 + 101, in_use={POOL[3]: ""}, holds={POOL[3]: T0 + 100.0})
+    assert table.recovered_addresses(T0 + 101) == set()
+
+
 def test_lease_loss_running_vms_keep_their_addresses() -> None:
-    # The lease file is gone; the kernel still routes .5 (owner unknown) and .6 (owner known).
+    # The lease file is gone; the kernel still routes .5 (ME answered ARP for it) and .6
+    # (owner known from the start).
     table = LeaseTable(POOL)
     table.load([], [], {}, T0, in_use={POOL[3]: "", POOL[4]: YOU})
+    table.identify({POOL[3]: ME})
     reboot = msg(MessageType.REQUEST, requested_ip=POOL[3])
     assert reply(handle(reboot, ctx(), table, S, T0 + 1), MessageType.ACK).yiaddr == POOL[3]
     renew = msg(MessageType.REQUEST, YOU, ciaddr=POOL[4])

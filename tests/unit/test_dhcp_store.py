@@ -747,3 +747,19 @@ def test_a_cancelled_waiter_does_not_strand_the_others_of_its_batch(
         gate.set()
         s.close()
     assert set(reopen(path).leases) == {lease(n).mac for n in (1, 2, 3)}
+
+
+def test_hold_deadlines_survive_replay_and_compaction_until_they_pass(path: Path) -> None:
+    later = float(int(time.time()) + 3600)  # META keeps whole seconds
+    s = LeaseStore(path)
+    s.open()
+    held, past, claimed = IPv4Address("10.0.0.7"), IPv4Address("10.0.0.8"), lease(9)
+
+    async def run() -> None:
+        await s.commit([Record.hold(held, later), Record.hold(past, T0)])
+        await s.commit([Record.hold(claimed.ip, later), Record.grant(claimed)])
+
+    asyncio.run(run())
+    assert load(path).holds == {held: later, past: T0}  # the journal, replayed
+    s.close()  # compacts: META keeps the deadline still ahead, and only that one
+    assert reopen(path).holds == {held: later}

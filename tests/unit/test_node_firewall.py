@@ -103,6 +103,19 @@ def test_plan_against_its_own_result_changes_nothing() -> None:
     assert fw.delete == ()
     assert sorted(firewall.expected(fw).rules, key=repr) == sorted(current.rules, key=repr)
     assert firewall.summarize(current, firewall.expected(fw)) == []
+    # Nothing to write either: a rewrite of what is in place would wake every listener.
+    assert firewall.render(fw) == ""
+
+
+def test_a_jump_pushed_down_is_put_first_again_and_a_flushed_chain_refilled() -> None:
+    current = firewall.parse_save(SAVED)
+    forward = [r for r in current.rules if (r.table, r.chain) == ("filter", "FORWARD")]
+    other = firewall.Rule("filter", "FORWARD", ("-j", "KUBE-FORWARD"))
+    flushed = [r for r in current.rules if r.chain != "COCOON-INPUT"]
+    pushed = Ruleset(current.chains, (other, *flushed))
+    fw = firewall.plan(SPEC, pushed)
+    assert fw.delete == tuple(forward) and fw.insert == tuple(forward)
+    assert [c.name for c in fw.fill] == ["COCOON-INPUT"]
 
 
 def test_plan_on_empty_host_creates_chains_and_three_jumps() -> None:

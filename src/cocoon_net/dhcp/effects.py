@@ -16,6 +16,7 @@ from cocoon_net.dhcp.leases import (
     Change,
     Expire,
     Grant,
+    Hold,
     LeaseTable,
     Quarantine,
     Release,
@@ -40,6 +41,8 @@ def records(changes: Iterable[Change]) -> list[Record]:
                 if lease is not None:
                     out.append(Record.release(lease))
                 out.append(Record.quarantine(ip, until, lease.mac if lease else ""))
+            case Hold(ip, until):
+                out.append(Record.hold(ip, until))
             case Withdraw():
                 pass
     return out
@@ -52,7 +55,7 @@ def touched(changes: Iterable[Change]) -> set[IPv4Address]:
         match change:
             case Grant(lease) | Renew(lease) | Release(lease) | Expire(lease) | Revoke(lease, _):
                 out.add(lease.ip)
-            case Quarantine(ip, _, _):
+            case Quarantine(ip, _, _) | Hold(ip, _):
                 out.add(ip)
             case Withdraw():
                 pass

@@ -202,6 +202,9 @@ class Op(enum.StrEnum):
     EXPIRE = "expire"  # sweep: same effect as release, kept apart for the audit trail
     QUARANTINE = "quarantine"  # DHCPDECLINE (RFC 2131 §4.3.3): the IP is unusable until `expires`
     UNQUARANTINE = "unquarantine"  # probation over, or lifted by the operator
+    # An address in use per the kernel (its route) with no lease left after a lost lease file:
+    # held for its VM until `expires`, a deadline that later restarts keep.
+    HOLD = "hold"
 
 
 @dataclass(frozen=True)
@@ -235,6 +238,10 @@ class Record:
     @classmethod
     def unquarantine(cls, ip: IPv4Address) -> Record:
         return cls(Op.UNQUARANTINE, ip)
+
+    @classmethod
+    def hold(cls, ip: IPv4Address, until: float) -> Record:
+        return cls(Op.HOLD, ip, "", until)
 
     def lease(self) -> Lease:
         return Lease(self.mac, self.ip, self.expires, self.hostname, self.client_id)
@@ -304,6 +311,7 @@ class Meta:
     previous: str
     history: tuple[Lease, ...]  # last lease granted to each MAC, kept after release/expiry
     quarantine: Mapping[IPv4Address, float]
+    holds: Mapping[IPv4Address, float] = field(default_factory=dict)  # Op.HOLD deadlines
 
 
 def encode_meta(meta: Meta) -> bytes:
@@ -317,6 +325,10 @@ def encode_meta(meta: Meta) -> bytes:
             {"ip": str(ip), "until": format_expiry(until)}
             for ip, until in sorted(meta.quarantine.items(), key=lambda item: int(item[0]))
         ],
+        "holds": [
+            {"ip": str(ip), "until": format_expiry(until)}
+            for ip, until in sorted(meta.holds.items(), key=lambda item: int(item[0]))
+        ],
     }
     return json.dumps(out, separators=(",", ":")).encode() + b"\n"
 
@@ -328,18 +340,24 @@ def decode_meta(data: bytes) -> Meta:
     seq = raw.get("seq")
     if not isinstance(seq, int) or seq < 0:
         raise ValueError(f"bad seq {seq!r}")
-    quarantine: dict[IPv4Address, float] = {}
-    for entry in raw.get("quarantine") or []:
-        if not isinstance(entry, dict):
-            raise ValueError(f"quarantine entry {entry!r} is not an object")
-        quarantine[_ipv4(entry.get("ip"))] = parse_expiry(_str(entry, "until"))
+    quarantine, holds = _deadlines(raw, "quarantine"), _deadlines(raw, "holds")
     return Meta(
         seq=seq,
         snapshot=_str(raw, "snapshot"),
         previous=_str(raw, "previous"),
         history=tuple(lease_from_json(h) for h in raw.get("history") or []),
         quarantine=quarantine,
+        holds=holds,
     )
+
+
+def _deadlines(raw: dict[str, Any], key: str) -> dict[IPv4Address, float]:
+    out: dict[IPv4Address, float] = {}
+    for entry in raw.get(key) or []:
+        if not isinstance(entry, dict):
+            raise ValueError(f"{key} entry {entry!r} is not an object")
+        out[_ipv4(entry.get("ip"))] = parse_expiry(_str(entry, "until"))
+    return out
 
 
 # ---------------------------------------------------------------- replay
@@ -353,6 +371,7 @@ class LeaseState:
     history: dict[str, Lease] = field(default_factory=dict)  # last grant per MAC
     quarantine: dict[IPv4Address, float] = field(default_factory=dict)
     owners: dict[IPv4Address, str] = field(default_factory=dict)  # index of `leases` by IP
+    holds: dict[IPv4Address, float] = field(default_factory=dict)  # Op.HOLD deadlines
 
     def apply(self, record: Record) -> bool:
         """Apply one record; False when a release or unquarantine found nothing to remove."""
@@ -365,6 +384,7 @@ class LeaseState:
                 self.leases[lease.mac] = lease
                 self.owners[lease.ip] = lease.mac
                 self.history[lease.mac] = lease
+                self.holds.pop(lease.ip, None)  # its VM claimed it: an ordinary lease now
             case Op.RELEASE | Op.EXPIRE:
                 held = self.leases.get(record.mac)
                 if held is None or held.ip != record.ip:
@@ -378,6 +398,8 @@ class LeaseState:
                 self.quarantine[record.ip] = record.expires
             case Op.UNQUARANTINE:
                 return self.quarantine.pop(record.ip, None) is not None
+            case Op.HOLD:
+                self.holds[record.ip] = record.expires
         return True
 
     def _drop(self, lease: Lease | None) -> None:
@@ -387,7 +409,11 @@ class LeaseState:
 
     def copy(self) -> LeaseState:
         return LeaseState(
-            dict(self.leases), dict(self.history), dict(self.quarantine), dict(self.owners)
+            dict(self.leases),
+            dict(self.history),
+            dict(self.quarantine),
+            dict(self.owners),
+            dict(self.holds),
         )
 
     def prune_history(self, before: float) -> int:

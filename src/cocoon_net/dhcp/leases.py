@@ -99,7 +99,17 @@ class Withdraw:
     ip: IPv4Address
 
 
-Change = Grant | Renew | Release | Expire | Quarantine | Revoke | Withdraw
+@dataclass(frozen=True)
+class Hold:
+    """An address in use per the kernel with no lease, held for its VM until `until` (a
+    deadline written down once, so that a restart does not push it back)."""
+
+    op: ClassVar[str] = "hold"
+    ip: IPv4Address
+    until: float
+
+
+Change = Grant | Renew | Release | Expire | Quarantine | Revoke | Withdraw | Hold
 
 
 # ---------------------------------------------------------------------------- records
@@ -212,6 +222,9 @@ class LeaseTable:
         # The recovered addresses of each known MAC, so a DISCOVER finds its own without
         # walking every recovered address (thousands after a lost lease file).
         self._recovered_of: dict[str, set[IPv4Address]] = {}
+        # A hold or quarantine that ended: kept from new VMs until an ARP probe on the bridge
+        # showed that nobody uses the address (probed()).
+        self._unprobed: set[IPv4Address] = set()
         # Step 6 of the allocation order, kept ready so a DISCOVER does not scan the pool:
         # never-bound addresses in ascending order, then unleased ones oldest-ended first.
         self._fresh: dict[IPv4Address, None] = {}
@@ -307,6 +320,34 @@ class LeaseTable:
             ip for ip, r in self._recovered.items() if r.until > now and ip not in self._lease_at
         }
 
+    def identify(self, macs: Mapping[IPv4Address, str]) -> None:
+        """The MACs that answered for held addresses (ARP): each address is confirmed to that
+        MAC only (Standing.RECOVERED_MINE); without one, no VM can claim it."""
+        for ip, mac in macs.items():
+            held = self._recovered.get(ip)
+            if held is not None and not held.mac:
+                self._set_recovered(ip, _Recovered(mac, held.until))
+
+    def unprobed(self) -> set[IPv4Address]:
+        """Addresses whose hold or quarantine ended, to be asked for on the bridge (ARP)."""
+        return set(self._unprobed)
+
+    def probed(
+        self, asked: Iterable[IPv4Address], answers: Mapping[IPv4Address, str], now: float,
+        hold: float,
+    ) -> list[Change]:  # fmt: skip
+        """After the ARP probe of `asked`: an address some VM answered for is held again for
+        that MAC (Hold), for `hold` seconds; the others are free for new VMs."""
+        changes: list[Change] = []
+        for ip in asked:
+            self._unprobed.discard(ip)
+            mac = answers.get(ip)
+            if mac is not None and ip in self._in_pool and self.holder(ip, now) is None:
+                self._set_recovered(ip, _Recovered(mac, now + hold))
+                changes.append(Hold(ip, now + hold))
+        self._reset_deadline()
+        return changes
+
     def leases(self, now: float) -> list[Lease]:
         return sorted((le for le in self._leases.values() if le.expires > now), key=_ip_key)
 
@@ -351,7 +392,10 @@ class LeaseTable:
             self.holder(ip, now) is None
             and not self.is_quarantined(ip, now)
             and ip not in self._reserved_for
-            and not (ip in self._recovered and self._recovered[ip].until > now)
+            # Ended but not yet swept counts as held: expire() passes it on to the probe.
+            and ip not in self._recovered
+            and ip not in self._quarantine
+            and ip not in self._unprobed
         )
 
     def _choose(self, mac: str, now: float, requested: IPv4Address | None) -> IPv4Address | None:
@@ -513,6 +557,10 @@ class LeaseTable:
             changes.append(Expire(lease))
         for offer in [o for o in self._offers.values() if o.until <= now]:
             self._drop_offer(offer.mac)
+        self._unprobed.update(ip for ip, q in self._quarantine.items() if q.until <= now)
+        self._unprobed.update(
+            ip for ip, r in self._recovered.items() if r.until <= now and ip not in self._lease_at
+        )
         self._quarantine = {ip: q for ip, q in self._quarantine.items() if q.until > now}
         self._recovered = {ip: r for ip, r in self._recovered.items() if r.until > now}
         self._index_recovered()
@@ -531,6 +579,7 @@ class LeaseTable:
         self._quarantine = {ip: q for ip, q in self._quarantine.items() if ip in self._in_pool}
         self._recovered = {ip: r for ip, r in self._recovered.items() if ip in self._in_pool}
         self._index_recovered()
+        self._unprobed &= self._in_pool
         for ip in [ip for ip in self._history if ip not in self._in_pool]:
             self._forget(ip)
         self._rebuild_order()
@@ -550,6 +599,7 @@ class LeaseTable:
         *,
         in_use: Mapping[IPv4Address, str] | None = None,
         recovery_hold: float = 86400.0,
+        holds: Mapping[IPv4Address, float] | None = None,
     ) -> list[Change]:
         """Rebuild from the store, replacing everything but the pool and reservations.
 
@@ -559,6 +609,8 @@ class LeaseTable:
         `in_use` maps addresses the kernel shows in use (our /32 routes) to a MAC if known
         (else ""); those without a lease are held out of allocation for `recovery_hold`
         seconds and confirmed only to a VM that asks for them (policy.py: lease-loss rules).
+        `holds` are the deadlines an earlier start set (Hold): such an address is held until
+        then and no longer, however often the daemon restarts; a new hold is returned as Hold.
         """
         self._leases.clear()
         self._lease_at.clear()
@@ -567,6 +619,9 @@ class LeaseTable:
         self._history.clear()
         self._last_ip.clear()
         self._recovered.clear()
+        self._unprobed = {
+            ip for ip, until in quarantine.items() if until <= now and ip in self._in_pool
+        }
         self._quarantine = {
             ip: _Quarantined(until, "")
             for ip, until in quarantine.items()
@@ -600,7 +655,14 @@ class LeaseTable:
         self._lease_at = {le.ip: le for le in self._leases.values()}
         for ip, mac in (in_use or {}).items():
             if ip in self._in_pool and ip not in self._lease_at:
-                self._recovered[ip] = _Recovered(mac, now + recovery_hold)
+                until = (holds or {}).get(ip)
+                if until is None:
+                    until = now + recovery_hold
+                    changes.append(Hold(ip, until))
+                if until > now:
+                    self._recovered[ip] = _Recovered(mac, until)
+                else:
+                    self._unprobed.add(ip)
         self._index_recovered()
         self._rebuild_order()
         self._reset_deadline()
@@ -616,6 +678,15 @@ class LeaseTable:
         self._fresh = {ip: None for ip in self._pool if ip not in self._history}
         idle = [le for ip, le in self._history.items() if ip not in self._lease_at]
         self._idle = {le.ip: None for le in sorted(idle, key=_end_key)}
+
+    def _set_recovered(self, ip: IPv4Address, held: _Recovered) -> None:
+        """Hold ip for held.mac, keeping the per-MAC index in step."""
+        old = self._recovered.get(ip)
+        if old is not None and old.mac:
+            self._recovered_of.get(old.mac, set()).discard(ip)
+        self._recovered[ip] = held
+        if held.mac:
+            self._recovered_of.setdefault(held.mac, set()).add(ip)
 
     def _index_recovered(self) -> None:
         self._recovered_of = {}

@@ -21,9 +21,11 @@ times where the requested address stands for this MAC (leases.Standing), gives a
 The lease-loss rules: after a lost lease file, running VMs RENEW or INIT-REBOOT addresses we
 have no record of. RENEWING/REBINDING proves the client is configured with the address, so
 an address nobody claims is granted again. INIT-REBOOT for an address with no record stays
-silent as RFC 2131 requires, unless the kernel's routes showed it in use at start (Standing
-RECOVERED): then it is confirmed. Either way only to a MAC the table knows no other address
-for, and never an address history gives to another MAC (spec §9.1 #1).
+silent as RFC 2131 requires. An address the kernel's routes showed in use at start is held
+for the MAC that answered ARP for it then (Standing RECOVERED_MINE: confirmed to it); with
+no MAC known (Standing RECOVERED), nobody can claim it: RENEW and REBIND are refused, and it
+returns to the pool when its hold ends. Grants go only to a MAC the table knows no other
+address for, and never an address history gives to another MAC.
 """
 
 from __future__ import annotations
@@ -153,12 +155,14 @@ RULES: dict[tuple[ClientState, Standing], Verdict] = {
     (_S.SELECTING, Standing.RECOVERED): Verdict.NAK,
     # No record of this client: MUST remain silent (RFC 2131 §4.3.2 "INIT-REBOOT").
     (_S.INIT_REBOOT, Standing.UNKNOWN): Verdict.SILENT_IF_NEW,
-    (_S.INIT_REBOOT, Standing.RECOVERED): Verdict.ACK_IF_NEW,
+    (_S.INIT_REBOOT, Standing.RECOVERED): Verdict.SILENT_IF_NEW,
     # A configured client whose lease we lost: grant it again (lease-loss rules above).
     (_S.RENEWING, Standing.UNKNOWN): Verdict.ACK_IF_NEW,
-    (_S.RENEWING, Standing.RECOVERED): Verdict.ACK_IF_NEW,
     (_S.REBINDING, Standing.UNKNOWN): Verdict.ACK_IF_NEW,
-    (_S.REBINDING, Standing.RECOVERED): Verdict.ACK_IF_NEW,
+    # Held for the VM that answered for it on the bridge, and for no other: a MAC that never
+    # held it must not take it by naming it (that VM would get RECOVERED_MINE instead).
+    (_S.RENEWING, Standing.RECOVERED): Verdict.NAK,
+    (_S.REBINDING, Standing.RECOVERED): Verdict.NAK,
     # Someone else's, kept out, or not ours: NAK (RFC 2131 §4.3.2, "incorrect" address).
     **{
         (s, st): Verdict.NAK

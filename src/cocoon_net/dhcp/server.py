@@ -297,7 +297,8 @@ class DhcpServer:
         try:
             await self.store.commit(effects.records(changes))
         except CocoonError as exc:
-            log.error("lease store: %s; not answering", exc)
+            # The store said it once, as an error, when it failed: it fails for good.
+            log.debug("lease store: %s; not answering", exc)
             for item in batch:
                 if item.reply is not None:
                     self.counters.packet(item.type_name, "store_failed")

@@ -20,7 +20,8 @@ then resolves all those futures on their event loop. The loop never blocks on th
 Files (Role), next to the lease file the caller names:
 
     leases.json           SNAPSHOT  JSON array the Go tool can read (leasefile.py)
-    leases.json.meta      META      seq, snapshot digests, MAC history, quarantined IPs
+    leases.json.meta      META      seq, snapshot digests, MAC history, quarantined IPs,
+                                    hold deadlines still ahead
     leases.json.journal   JOURNAL   one JSON line per change since the snapshot
     leases.json.lock      LOCK      flock: one store per lease file
     .leases.json.*.tmp    temps of atomic_write; leases-<digits>.json are the Go tool's
@@ -30,11 +31,13 @@ Journal lines (each sets or deletes whole entries, so replaying a line twice cha
     {"seq":41,"op":"grant","ip":"172.20.100.7","mac":"52:54:00:12:34:56","expires":1775368800.0}
     {"seq":42,"op":"quarantine","ip":"172.20.100.9","mac":"52:54:00:ab:cd:ef","expires":1775372400.0}
     {"seq":43,"op":"release","ip":"172.20.100.7","mac":"52:54:00:12:34:56"}
+    {"seq":44,"op":"hold","ip":"172.20.100.8","expires":1775372400.0}
 
-Replay: the snapshot, with history and quarantine from META, then every complete journal line
-in file order; the last record for a MAC or IP wins. A final line without its newline is a
-write torn by a crash: ignored and reported. Other bad lines are counted (over `max_corrupt`
-the store refuses to start) and the journal is copied aside before it is truncated.
+Replay: the snapshot, with history, quarantine and holds from META, then every complete
+journal line in file order; the last record for a MAC or IP wins. A final line without its
+newline is a write torn by a crash: ignored and reported. Other bad lines are counted (over
+`max_corrupt` the store refuses to start) and the journal is copied aside before it is
+truncated.
 
 Compaction folds the journal into the snapshot, in the writer thread, between batches:
 
@@ -95,7 +98,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -172,6 +175,7 @@ class Recovered:
     quarantine: Mapping[IPv4Address, float]  # declined IP -> end of probation
     seq: int  # last journal sequence number used
     report: LoadReport
+    holds: Mapping[IPv4Address, float] = field(default_factory=dict)  # routed, no lease: until
 
 
 def _digest(data: bytes | None) -> str:
@@ -261,6 +265,7 @@ def _recover(path: Path, max_corrupt: int, repair: bool) -> tuple[Recovered, Lea
     if meta is not None:
         state.history.update((h.mac, h) for h in meta.history)
         state.quarantine.update(meta.quarantine)
+        state.holds.update(meta.holds)
 
     snapshot_lost, foreign = "", False
     skipped: tuple[str, ...] = ()
@@ -316,7 +321,7 @@ def _recover(path: Path, max_corrupt: int, repair: bool) -> tuple[Recovered, Lea
     )
     seq = max(meta.seq if meta else 0, replayed.last_seq)
     copy = state.copy()
-    return Recovered(copy.leases, copy.history, copy.quarantine, seq, report), state
+    return Recovered(copy.leases, copy.history, copy.quarantine, seq, report, copy.holds), state
 
 
 # ---------------------------------------------------------------- the running store
@@ -608,7 +613,7 @@ class LeaseStore:
             batch = batch + self._queue
             self._queue = []
             self._stats = replace(self._stats, failed=True)
-        # The owner hears first, so that it knows by the time any commit sees the error.
+        # The owner first: a waiter woken by the failure finds it already told.
         if self._on_failure is not None:
             self._on_failure(error)
         self._resolve(batch, error)
@@ -674,6 +679,7 @@ class LeaseStore:
                 h for mac, h in self._state.history.items() if self._state.leases.get(mac) != h
             ),
             quarantine=dict(self._state.quarantine),
+            holds={ip: t for ip, t in self._state.holds.items() if t > self._clock()},
         )
         atomic_write(role_path(self.path, Role.META), encode_meta(meta))
         atomic_write(self.path, snapshot)

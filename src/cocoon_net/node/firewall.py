@@ -196,19 +196,26 @@ def desired_chains(spec: FirewallSpec) -> tuple[Chain, ...]:
 
 
 def plan(spec: FirewallSpec, current: Ruleset) -> FirewallPlan:
-    """Rebuild our chains, add missing jumps, delete the Go tool's rules for this node: its
-    tagged drops and the exact copies of its ACCEPT and MASQUERADE rules (go_rules)."""
+    """Rebuild our chains that differ, put our jumps first where they are not, delete the Go
+    tool's rules for this node: its tagged drops and the exact copies of its ACCEPT and
+    MASQUERADE rules (go_rules). Nothing when all is in place, so that checking again
+    changes nothing (a ruleset rewrite wakes every nftables listener, the daemon included)."""
     untagged = go_rules(spec)
-    old = tuple(r for r in current.rules if _is_go_rule(r) or r in untagged)
-    jumped = {
-        (r.table, r.chain, r.spec[r.spec.index("-j") + 1]) for r in current.rules if _is_jump(r)
-    }
-    missing = tuple(
-        _jump(table, hook, chain)
-        for table, hook, chain in HOOKS
-        if (table, hook, chain) not in jumped
+    old = [r for r in current.rules if _is_go_rule(r) or r in untagged]
+    missing: list[Rule] = []
+    for table, hook, chain in HOOKS:
+        in_hook = [r for r in current.rules if (r.table, r.chain) == (table, hook)]
+        jump = _jump(table, hook, chain)
+        if in_hook[:1] != [jump]:
+            old += [r for r in in_hook if _is_jump(r) and r.spec[-1] == chain]
+            missing.append(jump)
+    fill = tuple(
+        c
+        for c in desired_chains(spec)
+        if (c.table, c.name) not in current.chains
+        or tuple(r for r in current.rules if (r.table, r.chain) == (c.table, c.name)) != c.rules
     )
-    return FirewallPlan(current, fill=desired_chains(spec), delete=old, insert=missing)
+    return FirewallPlan(current, fill=fill, delete=tuple(old), insert=tuple(missing))
 
 
 def plan_teardown(current: Ruleset) -> FirewallPlan:
