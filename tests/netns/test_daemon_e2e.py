@@ -173,6 +173,9 @@ FLAGS = (
     "--decline-quarantine", "10s",
     "--relay-from", str(RELAY),
     "--skip-iptables",
+    # The relay agent of these tests sends from a VM's port, which the guard rightly refuses
+    # (no VM may send from UDP port 67); the VM guard has its own tests.
+    "--no-guard",
 )  # fmt: skip
 
 
