@@ -230,7 +230,10 @@ class Daemon:
         )
         self.server.open()
         await self._reconcile_routes(answering=answering)
-        await self._reconcile_egress(first=True)
+        try:
+            await self._reconcile_egress(first=True)
+        except CocoonError as exc:  # DHCP serves meanwhile; the reconcile loop retries
+            log.error("%s (retrying)", exc)
         control_server = await control.serve(self.opts.paths.control_socket, control.handler(self))
         metrics_server = self._start_metrics(metrics)
         events = rtnl.EventSocket()

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from cocoon_net import proc, state
+from cocoon_net.node import egress
 from cocoon_net.sandbox import Sandbox, Udhcpc
 from tests.support.daemon import NodeDaemon, node_with_daemon
 from tests.support.netns import is_root
@@ -117,3 +118,14 @@ def test_each_address_leaves_by_its_eni(
     ours = [r for r in rules if r.get("protocol") == "203"]
     # One per owned address or prefix, plus the VM subnet's own rule (to the main table).
     assert len(ours) == sum(len(n) for n in owned) + 1
+
+    # Teardown removes every rule and table route of ours, and nothing else's.
+    sandbox.run(sandbox.node, ["ip", "rule", "add", "from", "192.0.2.1", "lookup", "100",
+                               "priority", "20001"])  # fmt: skip
+    daemon.stop()
+    daemon.teardown()
+    rules = json.loads(sandbox.run(sandbox.node, ["ip", "-json", "rule", "show"]).stdout)
+    assert [r["src"] for r in rules if r["priority"] == egress.PRIO_ENI] == ["192.0.2.1"]
+    assert not [r for r in rules if r.get("protocol") == "203"]
+    left = sandbox.run(sandbox.node, ["ip", "route", "show", "table", "all", "proto", "203"])
+    assert left.stdout.strip() == ""

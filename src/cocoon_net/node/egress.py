@@ -174,7 +174,7 @@ def _is_ours(route: Mapping[str, Any]) -> bool:
 
 def _table_ok(routes: list[dict[str, Any]], eni: Eni) -> bool:
     """The table holds exactly our default route out of eni, and the next hop is resolved."""
-    neigh = _json(["ip", "-json", "-4", "neigh", "show", str(NEXTHOP), "dev", eni.ifname])
+    neigh = nic.show_dev(["ip", "-json", "-4", "neigh", "show", str(NEXTHOP)], eni.ifname)
     return (
         len(routes) == 1
         and routes[0].get("dst") == "default"
@@ -201,38 +201,72 @@ def _batch(lines: list[str]) -> None:
         proc.run(["ip", "-force", "-batch", "-"], stdin="\n".join(lines) + "\n", ok_codes=(0, 1))
 
 
+def _del_routes(table: int, routes: list[dict[str, Any]]) -> None:
+    """Delete our routes among routes (of table); one already gone is no error."""
+    proto = config.ROUTE_PROTO
+    _batch([f"route del {r['dst']} table {table} proto {proto}" for r in routes if _is_ours(r)])
+
+
+def _fix_table(table: int, eni: Eni, routes: list[dict[str, Any]]) -> str:
+    mac = gateway_mac(eni)
+    proc.run(["ip", "neigh", "replace", str(NEXTHOP), "lladdr", mac, "dev", eni.ifname,
+              "nud", "permanent"])  # fmt: skip
+    _del_routes(table, [r for r in routes if r.get("dst") != "default"])
+    proc.run(["ip", "route", "replace", "default", "via", str(NEXTHOP), "dev", eni.ifname,
+              "onlink", "proto", str(config.ROUTE_PROTO), "table", str(table)])  # fmt: skip
+    return f"table {table}: default out of {eni.ifname} (gateway {eni.gateway} is {mac})"
+
+
+def _drop_table(table: int, routes: list[dict[str, Any]]) -> str:
+    """Flush our routes of a table no ENI uses now, and the next-hop entries they used."""
+    _del_routes(table, routes)
+    for dev in sorted({str(r["dev"]) for r in routes if _is_ours(r) and r.get("dev")}):
+        proc.run(["ip", "neigh", "del", str(NEXTHOP), "dev", dev], ok_codes=(0, 1, 2))
+    return f"table {table} flushed"
+
+
 def apply(want: Plan) -> list[str]:
-    """Make the kernel match want; returns what changed (empty when nothing did)."""
+    """Make the kernel match want; returns what changed (empty when nothing did).
+
+    An ENI whose table cannot be set up (its gateway does not answer) does not hold up the
+    others; its failure is raised after every other change is made.
+    """
     tables = _our_table_routes()
     ours = {t for t, routes in tables.items() if any(_is_ours(r) for r in routes)}
     diff = diff_rules(want, present_rules(), ours)
     changes: list[str] = []
-    proto = config.ROUTE_PROTO
+    failures: list[str] = []
     for table, eni in sorted(want.tables.items()):
-        if _table_ok(tables.get(table, []), eni):
+        routes = [r for r in tables.get(table, []) if _is_ours(r)]
+        if _table_ok(routes, eni):
             continue
-        mac = gateway_mac(eni)
-        proc.run(["ip", "neigh", "replace", str(NEXTHOP), "lladdr", mac, "dev", eni.ifname,
-                  "nud", "permanent"])  # fmt: skip
-        proc.run(["ip", "route", "flush", "table", str(table)], ok_codes=(0, 1, 2))
-        proc.run(["ip", "route", "replace", "default", "via", str(NEXTHOP), "dev", eni.ifname,
-                  "onlink", "proto", str(proto), "table", str(table)])  # fmt: skip
-        changes.append(f"table {table}: default out of {eni.ifname} (gateway {mac})")
+        try:
+            changes.append(_fix_table(table, eni, routes))
+        except HostSetupError as exc:
+            failures.append(str(exc))
     # Removals first: a rule whose table moved is re-added with its new table.
     _batch([f"rule del {r.spec()}" for r in diff.remove])
     _batch([f"rule add {r.spec()}" for r in diff.add])
-    for table in diff.stale_tables:
-        proc.run(["ip", "route", "flush", "table", str(table), "proto", str(proto)])
     changes += [f"rule removed: {r.spec()}" for r in diff.remove]
     changes += [f"rule added: {r.spec()}" for r in diff.add]
-    changes += [f"table {t} flushed" for t in diff.stale_tables]
-    added = present_rules()
-    missing = [r for r in want.rules if r not in added]
+    changes += [_drop_table(t, tables[t]) for t in diff.stale_tables]
+    now = present_rules()
+    missing = [r for r in want.rules if r not in now]
     if missing:
-        raise HostSetupError(f"ip rule add failed for {len(missing)} rules: {missing[0].spec()}")
+        failures.append(f"ip rule add failed for {len(missing)} rules: {missing[0].spec()}")
+    if failures:
+        raise HostSetupError("egress: " + "; ".join(failures))
     return changes
 
 
+def plan_flush() -> list[str]:
+    """What flush would remove (teardown --dry-run)."""
+    rules = present_rules()
+    tables = sorted(t for t, routes in _our_table_routes().items() if any(map(_is_ours, routes)))
+    out = [f"remove {len(rules)} egress rules (protocol {config.ROUTE_PROTO})"] if rules else []
+    return out + [f"flush egress table {t}" for t in tables]
+
+
 def flush() -> list[str]:
-    """Remove every rule and table route of ours (teardown)."""
+    """Remove every rule, table route and next-hop entry of ours (teardown)."""
     return apply(Plan(frozenset(), {}))
