@@ -20,7 +20,7 @@ import pytest
 from cocoon_net import proc, state
 from cocoon_net.node import egress
 from cocoon_net.sandbox import Sandbox, Udhcpc
-from tests.support.daemon import NodeDaemon, node_with_daemon
+from tests.support.daemon import NodeDaemon, node_with_daemon, wait_for
 from tests.support.netns import is_root
 
 pytestmark = [
@@ -118,6 +118,25 @@ def test_each_address_leaves_by_its_eni(
     ours = [r for r in rules if r.get("protocol") == "203"]
     # One per owned address or prefix, plus the VM subnet's own rule (to the main table).
     assert len(ours) == sum(len(n) for n in owned) + 1
+
+    # Someone removes a rule and a table's route: the reconcile the route's removal triggers
+    # puts both back, and the VM's traffic leaves by its ENI again.
+    first_ip = next(iter(seen))
+    table = next(
+        egress.TABLE_BASE + k for k, nets in enumerate(owned) if any(first_ip in n for n in nets)
+    )
+    rule = next(r for r in ours if r.get("table") == str(table))
+    src = f"{rule['src']}/{rule.get('srclen', 32)}"
+    sandbox.run(sandbox.node, ["ip", "rule", "del", "from", src, "priority", str(egress.PRIO_ENI)])
+    sandbox.run(sandbox.node, ["ip", "route", "del", "default", "table", str(table)])
+
+    def restored() -> bool | None:
+        now = json.loads(sandbox.run(sandbox.node, ["ip", "-json", "rule", "show"]).stdout)
+        return len([r for r in now if r.get("protocol") == "203"]) == len(ours) or None
+
+    wait_for(restored, "the egress reconcile to restore a deleted rule")
+    vm0 = sandbox.vms[0]
+    sandbox.run(vm0.netns, ["ping", "-c", "1", "-W", "3", str(sandbox.peer_ip)])
 
     # Teardown removes every rule and table route of ours, and nothing else's.
     sandbox.run(sandbox.node, ["ip", "rule", "add", "from", "192.0.2.1", "lookup", "100",

@@ -159,9 +159,11 @@ def present_rules() -> set[Rule]:
 
 
 def _our_table_routes() -> dict[int, list[dict[str, Any]]]:
-    """The routes of every table in our range, by table (a missing table reads as empty)."""
+    """The default routes of the tables in our range, by table; the only routes we put there.
+    (Only defaults are dumped: the main table may hold tens of thousands of lease routes.)"""
     out: dict[int, list[dict[str, Any]]] = {}
-    for route in _json(["ip", "-json", "-4", "route", "show", "table", "all"]):
+    argv = ["ip", "-json", "-4", "route", "show", "table", "all", "exact", "0.0.0.0/0"]
+    for route in _json(argv):
         table = str(route.get("table", ""))
         if table.isdigit() and TABLE_BASE <= int(table) < TABLE_BASE + TABLE_SPAN:
             out.setdefault(int(table), []).append(route)
@@ -173,7 +175,7 @@ def _is_ours(route: Mapping[str, Any]) -> bool:
 
 
 def _table_ok(routes: list[dict[str, Any]], eni: Eni) -> bool:
-    """The table holds exactly our default route out of eni, and the next hop is resolved."""
+    """The table's default route is ours, out of eni, and its next hop is resolved."""
     neigh = nic.show_dev(["ip", "-json", "-4", "neigh", "show", str(NEXTHOP)], eni.ifname)
     return (
         len(routes) == 1
@@ -207,11 +209,10 @@ def _del_routes(table: int, routes: list[dict[str, Any]]) -> None:
     _batch([f"route del {r['dst']} table {table} proto {proto}" for r in routes if _is_ours(r)])
 
 
-def _fix_table(table: int, eni: Eni, routes: list[dict[str, Any]]) -> str:
+def _fix_table(table: int, eni: Eni) -> str:
     mac = gateway_mac(eni)
     proc.run(["ip", "neigh", "replace", str(NEXTHOP), "lladdr", mac, "dev", eni.ifname,
               "nud", "permanent"])  # fmt: skip
-    _del_routes(table, [r for r in routes if r.get("dst") != "default"])
     proc.run(["ip", "route", "replace", "default", "via", str(NEXTHOP), "dev", eni.ifname,
               "onlink", "proto", str(config.ROUTE_PROTO), "table", str(table)])  # fmt: skip
     return f"table {table}: default out of {eni.ifname} (gateway {eni.gateway} is {mac})"
@@ -241,7 +242,7 @@ def apply(want: Plan) -> list[str]:
         if _table_ok(routes, eni):
             continue
         try:
-            changes.append(_fix_table(table, eni, routes))
+            changes.append(_fix_table(table, eni))
         except HostSetupError as exc:
             failures.append(str(exc))
     # Removals first: a rule whose table moved is re-added with its new table.
