@@ -28,7 +28,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
 
@@ -387,7 +387,7 @@ class Daemon:
         cloud record says, ours that it no longer lists removed."""
         pool = self.pool
         enis = egress.enis_from_cloud(pool.cloud, pool.gateway_ip, pool.primary_nic or None)
-        want = egress.plan(enis, pool.network)
+        want = egress.plan(enis, pool.network, map(IPv4Network, pool.vpc_cidrs))
         changes = await asyncio.to_thread(egress.apply, want)
         for change in changes:
             log.info("egress: %s", change)

@@ -29,6 +29,9 @@ pytestmark = [
 ]
 
 
+INTERNET = IPv4Address("198.51.100.7")  # outside the VPC CIDRs: reached masqueraded
+
+
 def mac_of(sandbox: Sandbox, netns: str, ifname: str) -> str:
     out = sandbox.run(netns, ["ip", "-json", "link", "show", ifname]).stdout
     return str(json.loads(out)[0]["address"])
@@ -54,6 +57,7 @@ def build_vpc(sandbox: Sandbox, owned: list[list[IPv4Network]]) -> list[str]:
         rules.append(f"iifname {router} ip saddr != {{ {allowed} }} drop")
         names.append(eni)
     sandbox.run(sandbox.peer, ["sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0"])
+    sandbox.run(sandbox.peer, ["ip", "addr", "add", f"{INTERNET}/32", "dev", "lo"])
     ruleset = "table inet vpc { chain source_check { type filter hook prerouting priority -150;\n"
     ruleset += "\n".join(rules) + "\n}\n}\n"
     proc.run(["ip", "netns", "exec", sandbox.peer, "nft", "-f", "-"], stdin=ruleset)
@@ -112,6 +116,10 @@ def test_each_address_leaves_by_its_eni(
         sandbox.run(vm.netns, ["ping", "-c", "1", "-W", "3", str(sandbox.peer_ip)])
         seen[ip] = sandbox.source_seen_by_peer(vm.netns)
     assert seen == {ip: ip for ip in seen}
+    # Outside the VPC, traffic is masqueraded by the primary NIC and leaves by it, as before:
+    # out of an ENI, the primary NIC's address would fail the source check.
+    for vm in sandbox.vms[:vms]:
+        sandbox.run(vm.netns, ["ping", "-c", "1", "-W", "3", str(INTERNET)])
     by_eni = {k for ip in seen for k, nets in enumerate(owned) if any(ip in n for n in nets)}
     assert by_eni == set(range(enis)), "every ENI carries a VM"
     rules = json.loads(sandbox.run(sandbox.node, ["ip", "-json", "rule", "show"]).stdout)
@@ -128,7 +136,8 @@ def test_each_address_leaves_by_its_eni(
     rule = next(r for r in ours if r.get("table") == str(table))
     src = f"{rule['src']}/{rule.get('srclen', 32)}"
     sandbox.run(sandbox.node, ["ip", "rule", "del", "from", src, "priority", str(egress.PRIO_ENI)])
-    sandbox.run(sandbox.node, ["ip", "route", "del", "default", "table", str(table)])
+    vpc = str(sandbox.node_uplink.network)
+    sandbox.run(sandbox.node, ["ip", "route", "del", vpc, "table", str(table)])
 
     def restored() -> bool | None:
         now = json.loads(sandbox.run(sandbox.node, ["ip", "-json", "rule", "show"]).stdout)

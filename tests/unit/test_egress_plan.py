@@ -9,12 +9,14 @@ from cocoon_net.node.egress import Eni, Rule
 
 SUBNET = IPv4Network("10.1.0.0/24")
 GW = IPv4Address("10.1.0.1")
+VPC = [IPv4Network("10.0.0.0/16")]
 
 
 def test_plan_one_table_per_eni_and_one_rule_per_owned_range() -> None:
     a = Eni("eth2", GW, (IPv4Network("10.1.0.16/28"),))
     b = Eni("eth1", GW, (IPv4Network("10.1.0.5/32"), IPv4Network("10.1.0.6/32")))
-    plan = egress.plan([a, b], SUBNET)
+    plan = egress.plan([a, b], SUBNET, VPC)
+    assert plan.vpc == (IPv4Network("10.0.0.0/16"),)
     assert plan.tables == {egress.TABLE_BASE: b, egress.TABLE_BASE + 1: a}
     assert plan.rules == {
         Rule(egress.PRIO_SUBNET, egress.MAIN, dst=SUBNET),
@@ -25,10 +27,15 @@ def test_plan_one_table_per_eni_and_one_rule_per_owned_range() -> None:
 
 
 def test_no_enis_no_rules_and_stale_ones_go() -> None:
-    plan = egress.plan([], SUBNET)
+    plan = egress.plan([], SUBNET, VPC)
     old = Rule(egress.PRIO_ENI, egress.TABLE_BASE, src=IPv4Network("10.1.0.5/32"))
     diff = egress.diff_rules(plan, [old], [egress.TABLE_BASE])
     assert diff.add == () and diff.remove == (old,) and diff.stale_tables == (egress.TABLE_BASE,)
+
+
+def test_without_vpc_cidrs_all_traffic_is_masqueraded_by_the_primary_nic() -> None:
+    eni = Eni("eth1", GW, (IPv4Network("10.1.0.5/32"),))
+    assert egress.plan([eni], SUBNET, []) == egress.Plan(frozenset(), {})
 
 
 def test_only_rules_with_our_protocol_and_priority_are_ours() -> None:

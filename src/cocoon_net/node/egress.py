@@ -1,23 +1,25 @@
 """Egress by the owning ENI: every VM address leaves by the secondary ENI it belongs to.
 
 Clouds drop a packet whose source address is not assigned to the interface it leaves by, so
-a VM whose address sits on a secondary ENI cannot use the host's default route (the primary
-NIC). For each secondary ENI we keep a routing table of our own (TABLE_BASE + its position)
-with a default route out of that ENI, and one `ip rule` per address or prefix the ENI owns
-selecting it. Rules are installed for every owned address, leased or not: a rule for an
-address no VM holds matches no traffic, and it is in place before the first packet of the
-VM that gets it.
+a VM whose address sits on a secondary ENI cannot use the host's routes to the VPC (they
+leave by the primary NIC). For each secondary ENI we keep a routing table of our own
+(TABLE_BASE + its position) routing the VPC's CIDRs out of that ENI, and one `ip rule` per
+address or prefix the ENI owns selecting it. Traffic to anywhere else finds no route there
+and falls through to the main table: it is masqueraded to the primary NIC's address and
+leaves by that NIC, as before. Rules are installed for every owned address, leased or not:
+a rule for an address no VM holds matches no traffic, and it is in place before the first
+packet of the VM that gets the address.
 
 The VPC gateway of the ENI's subnet is usually the bridge's own address (the ENIs sit in the
-VM subnet), so the kernel refuses it as a next hop. The default route goes instead via
+VM subnet), and the kernel refuses a local address as a next hop. The routes go instead via
 NEXTHOP, a link-local address that stands for the gateway on that ENI, with a permanent
 neighbour entry holding the MAC the gateway answers with on the ENI (asked by ARP from an
-address of that ENI). Traffic to the VM subnet itself keeps using the main table (one rule
-ahead of the per-address ones), so VM-to-VM and host-to-VM traffic is untouched.
+address of that ENI). Traffic to the VM subnet itself keeps the main table (one rule ahead
+of the per-address ones), so VM-to-VM and VM-to-host traffic is untouched.
 
-Ours: rules with protocol ROUTE_PROTO in the priority range below, routes with protocol
-ROUTE_PROTO in tables TABLE_BASE.., the NEXTHOP neighbour entries on our ENIs. Reconcile
-removes only those; anyone else's rules and tables are read, never changed.
+Ours: rules with protocol ROUTE_PROTO at priorities PRIO_SUBNET and PRIO_ENI, routes with
+protocol ROUTE_PROTO in tables TABLE_BASE..+TABLE_SPAN, the NEXTHOP neighbour entries on the
+ENIs those routes use. Reconcile and teardown remove only those.
 """
 
 from __future__ import annotations
@@ -64,10 +66,12 @@ MAIN = 254
 
 @dataclass(frozen=True)
 class Plan:
-    """The rules and per-ENI tables that should exist: table -> (ENI, gateway)."""
+    """The rules and per-ENI tables that should exist; each table routes `vpc` out of its
+    ENI."""
 
     rules: frozenset[Rule]
     tables: Mapping[int, Eni]
+    vpc: tuple[IPv4Network, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -105,16 +109,21 @@ def enis_from_cloud(
     return sorted(out, key=lambda e: e.ifname)
 
 
-def plan(enis: Iterable[Eni], subnet: IPv4Network) -> Plan:
-    """Pure: the rules and tables for enis (VM subnet `subnet` stays on the main table)."""
-    enis = sorted(enis, key=lambda e: e.ifname)
+def plan(enis: Iterable[Eni], subnet: IPv4Network, vpc: Iterable[IPv4Network]) -> Plan:
+    """Pure: the rules and tables for enis (VM subnet `subnet` stays on the main table).
+
+    Without VPC CIDRs every VM packet leaving the node is masqueraded to the primary NIC's
+    address, so the main table is right for all of them: nothing to do.
+    """
+    vpc = tuple(sorted(set(vpc), key=str))
+    enis = sorted(enis, key=lambda e: e.ifname) if vpc else []
     if len(enis) > TABLE_SPAN:
         raise HostSetupError(f"{len(enis)} ENIs: egress supports at most {TABLE_SPAN}")
     tables = {TABLE_BASE + i: eni for i, eni in enumerate(enis)}
     rules = {Rule(PRIO_ENI, t, src=net) for t, eni in tables.items() for net in eni.owned}
     if rules:
         rules.add(Rule(PRIO_SUBNET, MAIN, dst=subnet))
-    return Plan(frozenset(rules), tables)
+    return Plan(frozenset(rules), tables, vpc if tables else ())
 
 
 def diff_rules(want: Plan, present_rules: Iterable[Rule], present_tables: Iterable[int]) -> Diff:
@@ -158,32 +167,34 @@ def present_rules() -> set[Rule]:
     return {r for r in found if r is not None}
 
 
-def _our_table_routes() -> dict[int, list[dict[str, Any]]]:
-    """The default routes of the tables in our range, by table; the only routes we put there.
-    (Only defaults are dumped: the main table may hold tens of thousands of lease routes.)"""
-    out: dict[int, list[dict[str, Any]]] = {}
-    argv = ["ip", "-json", "-4", "route", "show", "table", "all", "exact", "0.0.0.0/0"]
-    for route in _json(argv):
-        table = str(route.get("table", ""))
-        if table.isdigit() and TABLE_BASE <= int(table) < TABLE_BASE + TABLE_SPAN:
-            out.setdefault(int(table), []).append(route)
-    return out
+def _table_routes(table: int) -> list[dict[str, Any]]:
+    """Our routes in table (a table that does not exist holds none)."""
+    argv = ["ip", "-json", "-4", "route", "show", "table", str(table)]
+    result = proc.run(argv, ok_codes=(0, 1, 2))
+    if result.returncode != 0:
+        if "does not exist" in result.stderr:
+            return []
+        raise HostSetupError(f"{' '.join(argv)}: {result.stderr.strip() or 'failed'}")
+    out = result.stdout.strip()
+    return [r for r in (json.loads(out) if out else []) if _is_ours(r)]
 
 
 def _is_ours(route: Mapping[str, Any]) -> bool:
     return str(route.get("protocol")) == str(config.ROUTE_PROTO)
 
 
-def _table_ok(routes: list[dict[str, Any]], eni: Eni) -> bool:
-    """The table's default route is ours, out of eni, and its next hop is resolved."""
-    neigh = nic.show_dev(["ip", "-json", "-4", "neigh", "show", str(NEXTHOP)], eni.ifname)
-    return (
-        len(routes) == 1
-        and routes[0].get("dst") == "default"
-        and routes[0].get("gateway") == str(NEXTHOP)
-        and routes[0].get("dev") == eni.ifname
-        and any("PERMANENT" in (n.get("state") or ()) for n in neigh)
-    )
+def _resolved() -> set[str]:
+    """The interfaces holding a permanent NEXTHOP entry."""
+    found = _json(["ip", "-json", "-4", "neigh", "show", str(NEXTHOP)])
+    return {str(n.get("dev")) for n in found if "PERMANENT" in (n.get("state") or ())}
+
+
+def _route_keys(routes: Iterable[Mapping[str, Any]]) -> set[tuple[str, str, str]]:
+    return {(str(r.get("dst")), str(r.get("gateway")), str(r.get("dev"))) for r in routes}
+
+
+def _wanted_keys(want: Plan, eni: Eni) -> set[tuple[str, str, str]]:
+    return {(str(net), str(NEXTHOP), eni.ifname) for net in want.vpc}
 
 
 def gateway_mac(eni: Eni) -> str:
@@ -203,54 +214,59 @@ def _batch(lines: list[str]) -> None:
         proc.run(["ip", "-force", "-batch", "-"], stdin="\n".join(lines) + "\n", ok_codes=(0, 1))
 
 
-def _del_routes(table: int, routes: list[dict[str, Any]]) -> None:
-    """Delete our routes among routes (of table); one already gone is no error."""
+def _del_routes(table: int, routes: Iterable[Mapping[str, Any]]) -> None:
+    """Delete routes (ours, of table); one already gone is no error."""
     proto = config.ROUTE_PROTO
-    _batch([f"route del {r['dst']} table {table} proto {proto}" for r in routes if _is_ours(r)])
+    _batch([f"route del {r['dst']} table {table} proto {proto}" for r in routes])
 
 
-def _fix_table(table: int, eni: Eni) -> str:
+def _fix_table(want: Plan, table: int, eni: Eni, routes: list[dict[str, Any]]) -> str:
     mac = gateway_mac(eni)
     proc.run(["ip", "neigh", "replace", str(NEXTHOP), "lladdr", mac, "dev", eni.ifname,
               "nud", "permanent"])  # fmt: skip
-    proc.run(["ip", "route", "replace", "default", "via", str(NEXTHOP), "dev", eni.ifname,
-              "onlink", "proto", str(config.ROUTE_PROTO), "table", str(table)])  # fmt: skip
-    return f"table {table}: default out of {eni.ifname} (gateway {eni.gateway} is {mac})"
+    wanted = _wanted_keys(want, eni)
+    _del_routes(table, [r for r in routes if next(iter(_route_keys([r]))) not in wanted])
+    _batch([f"route replace {net} via {NEXTHOP} dev {eni.ifname} onlink proto "
+            f"{config.ROUTE_PROTO} table {table}" for net in want.vpc])  # fmt: skip
+    return f"table {table}: the VPC out of {eni.ifname} (gateway {eni.gateway} is {mac})"
 
 
-def _drop_table(table: int, routes: list[dict[str, Any]]) -> str:
-    """Flush our routes of a table no ENI uses now, and the next-hop entries they used."""
-    _del_routes(table, routes)
-    for dev in sorted({str(r["dev"]) for r in routes if _is_ours(r) and r.get("dev")}):
-        proc.run(["ip", "neigh", "del", str(NEXTHOP), "dev", dev], ok_codes=(0, 1, 2))
-    return f"table {table} flushed"
-
-
-def apply(want: Plan) -> list[str]:
+def apply(want: Plan, *, scan_all: bool = False) -> list[str]:
     """Make the kernel match want; returns what changed (empty when nothing did).
 
-    An ENI whose table cannot be set up (its gateway does not answer) does not hold up the
-    others; its failure is raised after every other change is made.
+    The tables looked at are want's and those our rules point to (scan_all: every table of
+    our range, for teardown). An ENI whose table cannot be set up (its gateway does not
+    answer) does not hold up the others; its failure is raised after every other change.
     """
-    tables = _our_table_routes()
-    ours = {t for t, routes in tables.items() if any(_is_ours(r) for r in routes)}
-    diff = diff_rules(want, present_rules(), ours)
+    rules = present_rules()
+    candidates = set(want.tables) | {r.table for r in rules if r.table != MAIN}
+    if scan_all:
+        candidates |= set(range(TABLE_BASE, TABLE_BASE + TABLE_SPAN))
+    tables = {t: _table_routes(t) for t in sorted(candidates)}
+    resolved = _resolved()
+    diff = diff_rules(want, rules, (t for t, routes in tables.items() if routes))
     changes: list[str] = []
     failures: list[str] = []
     for table, eni in sorted(want.tables.items()):
-        routes = [r for r in tables.get(table, []) if _is_ours(r)]
-        if _table_ok(routes, eni):
+        routes = tables.get(table, [])
+        if _route_keys(routes) == _wanted_keys(want, eni) and eni.ifname in resolved:
             continue
         try:
-            changes.append(_fix_table(table, eni))
+            changes.append(_fix_table(want, table, eni, routes))
         except HostSetupError as exc:
             failures.append(str(exc))
+    # Tables before rules: a crash in between leaves rules, which point the next run here.
+    in_use = {eni.ifname for eni in want.tables.values()}
+    for table in diff.stale_tables:
+        _del_routes(table, tables[table])
+        for dev in sorted({str(r.get("dev")) for r in tables[table]} - in_use):
+            proc.run(["ip", "neigh", "del", str(NEXTHOP), "dev", dev], ok_codes=(0, 1, 2))
+        changes.append(f"table {table} emptied")
     # Removals first: a rule whose table moved is re-added with its new table.
     _batch([f"rule del {r.spec()}" for r in diff.remove])
     _batch([f"rule add {r.spec()}" for r in diff.add])
     changes += [f"rule removed: {r.spec()}" for r in diff.remove]
     changes += [f"rule added: {r.spec()}" for r in diff.add]
-    changes += [_drop_table(t, tables[t]) for t in diff.stale_tables]
     now = present_rules()
     missing = [r for r in want.rules if r not in now]
     if missing:
@@ -263,11 +279,12 @@ def apply(want: Plan) -> list[str]:
 def plan_flush() -> list[str]:
     """What flush would remove (teardown --dry-run)."""
     rules = present_rules()
-    tables = sorted(t for t, routes in _our_table_routes().items() if any(map(_is_ours, routes)))
+    span = range(TABLE_BASE, TABLE_BASE + TABLE_SPAN)
+    tables = [t for t in span if _table_routes(t)]
     out = [f"remove {len(rules)} egress rules (protocol {config.ROUTE_PROTO})"] if rules else []
-    return out + [f"flush egress table {t}" for t in tables]
+    return out + [f"empty egress table {t}" for t in tables]
 
 
 def flush() -> list[str]:
     """Remove every rule, table route and next-hop entry of ours (teardown)."""
-    return apply(Plan(frozenset(), {}))
+    return apply(Plan(frozenset(), {}), scan_all=True)
