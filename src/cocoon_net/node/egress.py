@@ -95,10 +95,11 @@ def enis_from_cloud(
     other.
     """
     out: list[Eni] = []
-    for raw in cloud.get("enis") or ():
-        if not isinstance(raw, Mapping):
-            continue
-        ifname = str(raw.get("ifname") or "") or (nic.link_by_mac(str(raw.get("mac") or "")) or "")
+    records = [raw for raw in cloud.get("enis") or () if isinstance(raw, Mapping)]
+    links = nic.links() if any(not raw.get("ifname") for raw in records) else []
+    for raw in records:
+        mac = str(raw.get("mac") or "")
+        ifname = str(raw.get("ifname") or "") or ((mac and nic.pick_by_mac(links, mac)) or "")
         if not ifname or ifname == primary:
             continue
         owned = [IPv4Network(f"{ip}/32") for ip in raw.get("ips") or ()]
