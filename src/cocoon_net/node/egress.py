@@ -89,17 +89,18 @@ def enis_from_cloud(
 ) -> list[Eni]:
     """The secondary ENIs pool.json's cloud record lists, with the addresses each owns.
 
-    An entry names its interface (`ifname`) or its MAC (found on the host now) and may name
-    its subnet's gateway (else the pool's). The primary NIC and ENIs whose interface is not
-    on this host are left out: the main table already serves the one, nothing can reach the
-    other.
+    An entry names its MAC (its interface is looked up now) or its interface (`ifname`), and
+    may name its subnet's gateway (else the pool's). The primary NIC and ENIs whose
+    interface is not on this host are left out: the main table already serves the one,
+    nothing can reach the other.
     """
     out: list[Eni] = []
     records = [raw for raw in cloud.get("enis") or () if isinstance(raw, Mapping)]
-    links = nic.links() if any(not raw.get("ifname") for raw in records) else []
+    links = nic.links() if any(raw.get("mac") for raw in records) else []
     for raw in records:
+        # By MAC where known: interface names can change across reboots, MACs do not.
         mac = str(raw.get("mac") or "")
-        ifname = str(raw.get("ifname") or "") or ((mac and nic.pick_by_mac(links, mac)) or "")
+        ifname = (nic.pick_by_mac(links, mac) if mac else str(raw.get("ifname") or "")) or ""
         if not ifname or ifname == primary:
             continue
         owned = [IPv4Network(f"{ip}/32") for ip in raw.get("ips") or ()]
