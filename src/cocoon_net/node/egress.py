@@ -39,6 +39,7 @@ TABLE_SPAN = 64
 PRIO_SUBNET = 20000  # `to <vm subnet> lookup main`
 PRIO_ENI = 20001  # `from <owned> lookup <eni table>`
 NEXTHOP = IPv4Address("169.254.0.1")
+MAIN = 254  # the kernel's main table
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ class Eni:
     owned: tuple[IPv4Network, ...]  # its secondary IPs (/32) and delegated prefixes
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
 class Rule:
     priority: int
     table: int
@@ -59,9 +60,6 @@ class Rule:
         where = f"from {self.src}" if self.src else f"to {self.dst}"
         table = "main" if self.table == MAIN else str(self.table)
         return f"{where} lookup {table} priority {self.priority} protocol {config.ROUTE_PROTO}"
-
-
-MAIN = 254
 
 
 @dataclass(frozen=True)
@@ -79,9 +77,6 @@ class Diff:
     add: tuple[Rule, ...] = ()
     remove: tuple[Rule, ...] = ()
     stale_tables: tuple[int, ...] = ()
-
-    def __bool__(self) -> bool:
-        return bool(self.add or self.remove or self.stale_tables)
 
 
 def enis_from_cloud(
