@@ -29,7 +29,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ from cocoon_net.dhcp.settings import DhcpSettings, Route
 from cocoon_net.dhcp.store import LeaseStore, Recovered
 from cocoon_net.errors import CocoonError, StateError
 from cocoon_net.lock import StateLock
-from cocoon_net.node import arp, guard, nic, routes, rtnl, watch
+from cocoon_net.node import arp, egress, guard, nic, routes, rtnl, watch
 from cocoon_net.node.nft import Nft
 from cocoon_net.platform import get_platform
 from cocoon_net.platform.base import Platform
@@ -236,6 +236,10 @@ class Daemon:
         )
         self.server.open()
         await self._reconcile_routes(answering=answering)
+        try:
+            await self._reconcile_egress(first=True)
+        except CocoonError as exc:  # DHCP serves meanwhile; the reconcile loop retries
+            log.error("%s (retrying)", exc)
         control_server = await control.serve(self.opts.paths.control_socket, control.handler(self))
         metrics_server = self._start_metrics(metrics)
         events = rtnl.EventSocket()
@@ -399,6 +403,18 @@ class Daemon:
             self._platform = get_platform(self.pool.platform or "static", os.environ)
         for change in self._platform.fix_host(self.pool):
             log.info("host fix: %s", change)
+
+    async def _reconcile_egress(self, *, first: bool = False) -> None:
+        """Each secondary ENI's addresses leave by that ENI: its table and rules as the pool's
+        cloud record says, ours that it no longer lists removed."""
+        pool = self.pool
+        enis = egress.enis_from_cloud(pool.cloud, pool.gateway_ip, pool.primary_nic or None)
+        want = egress.plan(enis, pool.network, map(IPv4Network, pool.vpc_cidrs))
+        changes = await asyncio.to_thread(egress.apply, want)
+        for change in changes:
+            log.info("egress: %s", change)
+        if changes and not first:
+            self._repaired("egress", len(changes))
 
     def _lease_file(self) -> Path:
         return self.opts.paths.lease_file_for(self.pool.lease_file)
@@ -566,6 +582,7 @@ class Daemon:
                 await asyncio.to_thread(self._fix_host)
                 if self.server.bound:
                     await self._reconcile_routes()
+                await self._reconcile_egress()
                 await self._reconcile_guard()
             except CocoonError as exc:
                 log.error("reconcile: %s (retrying)", exc)

@@ -115,8 +115,11 @@ def test_first_run_sets_up_everything_second_run_changes_nothing(
         "net.ipv4.conf.cni0.rp_filter": "2",  # a new link starts from conf.default
         "net.ipv4.conf.eth0.rp_filter": "1",
         "net.ipv4.conf.eth1.rp_filter": "2",
+        "net.ipv4.conf.eth1.arp_ignore": "0",
+        "net.ipv4.conf.eth1.arp_announce": "0",
     }
-    assert record.sysctls_set == {key: "1" if "forward" in key else "0" for key in wanted_keys}
+    assert record.sysctls_set == {key: sysctl.value_we_set(key) for key in wanted_keys}
+    assert record.sysctls_set["net.ipv4.conf.eth1.arp_ignore"] == "1"
     link = json.loads(host.ip("-json", "-details", "link", "show", "cni0"))[0]
     assert (link["linkinfo"]["info_kind"], link["address"], link["mtu"]) == (
         "bridge",
@@ -193,6 +196,8 @@ def test_teardown_leaves_a_sysctl_someone_else_changed_and_says_why(
         "set net.ipv4.conf.cni0.rp_filter=2 (was 0)",
         "set net.ipv4.conf.default.rp_filter=2 (was 0)",
         "set net.ipv4.conf.eth0.rp_filter=1 (was 0)",
+        "set net.ipv4.conf.eth1.arp_announce=0 (was 2)",
+        "set net.ipv4.conf.eth1.arp_ignore=0 (was 1)",
         "set net.ipv4.conf.eth1.rp_filter=2 (was 0)",
         "left net.ipv4.conf.all.rp_filter=2: changed by someone else since cocoon-net set it to 0",
         FORWARD_LEFT,

@@ -22,12 +22,20 @@ def test_desired_settings_required_then_best_effort_without_duplicates() -> None
         Setting("net.ipv4.conf.cni0.rp_filter", "0", required=True),
         Setting("net.ipv4.conf.eth0.rp_filter", "0", required=False),
         Setting("net.ipv4.conf.eth1.rp_filter", "0", required=False),
+        # A secondary ENI, never the primary, answers ARP only for its own addresses.
+        Setting("net.ipv4.conf.eth1.arp_ignore", "1", required=False),
+        Setting("net.ipv4.conf.eth1.arp_announce", "2", required=False),
     )
+    assert sysctl.value_we_set("net.ipv4.conf.eth1.arp_announce") == "2"
 
 
 def test_without_a_primary_nic_only_the_secondaries_are_best_effort() -> None:
     settings = sysctl.desired("br.vm", None, ("eth1",))
-    assert [s.key for s in settings if not s.required] == ["net.ipv4.conf.eth1.rp_filter"]
+    assert [s.key for s in settings if not s.required] == [
+        "net.ipv4.conf.eth1.rp_filter",
+        "net.ipv4.conf.eth1.arp_ignore",
+        "net.ipv4.conf.eth1.arp_announce",
+    ]
     assert "net.ipv4.conf.br/vm.rp_filter" in [s.key for s in settings]
 
 

@@ -16,7 +16,7 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
 
 from cocoon_net.errors import CocoonError, HostSetupError
-from cocoon_net.node import bridge, cni, firewall, nic, routes, sysctl
+from cocoon_net.node import bridge, cni, egress, firewall, nic, routes, sysctl
 from cocoon_net.state import HostRecord
 
 DEFAULT_MTU = 1500
@@ -147,6 +147,7 @@ def _teardown_steps(
         )
 
     steps: list[_Step] = [
+        ("egress", egress.plan_flush, egress.flush),
         (
             "lease routes",
             lambda: routes.plan_flush(bridge_name, subnet),

@@ -22,6 +22,9 @@ PROC_SYS = Path("/proc/sys")
 IP_FORWARD = "net.ipv4.ip_forward"
 FORWARD_ON = "1"
 RP_FILTER_OFF = "0"
+# On a secondary ENI: answer ARP only for addresses on that ENI (never for the bridge's
+# gateway address, which is also the cloud's gateway there), and ask from an address of it.
+ENI_ARP = {"arp_ignore": "1", "arp_announce": "2"}
 log = logging.getLogger(__name__)
 
 
@@ -63,13 +66,22 @@ def desired(bridge: str, primary: str | None, secondaries: Iterable[str]) -> tup
     ]
     for nic_name in dict.fromkeys([*([primary] if primary else []), *secondaries]):
         settings.append(Setting(conf_key(nic_name, "rp_filter"), RP_FILTER_OFF, required=False))
+    for nic_name in dict.fromkeys(secondaries):
+        if nic_name != primary:
+            settings += [
+                Setting(conf_key(nic_name, name), value, required=False)
+                for name, value in ENI_ARP.items()
+            ]
     return tuple(settings)
 
 
 def value_we_set(key: str) -> str:
-    """What host setup writes to key: forwarding on, and every other setting is an rp_filter
-    turned off. Records written before the values were kept per key rely on this."""
-    return FORWARD_ON if key == IP_FORWARD else RP_FILTER_OFF
+    """What host setup writes to key: forwarding on, an ENI's ARP settings, and every other
+    setting is an rp_filter turned off. Records written before the values were kept per key
+    rely on this."""
+    if key == IP_FORWARD:
+        return FORWARD_ON
+    return ENI_ARP.get(key.rsplit(".", 1)[-1], RP_FILTER_OFF)
 
 
 def read(key: str) -> str | None:
