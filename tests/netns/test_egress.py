@@ -56,7 +56,7 @@ def build_vpc(sandbox: Sandbox, owned: list[list[IPv4Network]]) -> list[str]:
         allowed = ", ".join(map(str, nets))
         rules.append(f"iifname {router} ip saddr != {{ {allowed} }} drop")
         names.append(eni)
-    sandbox.run(sandbox.peer, ["sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0"])
+    sandbox.run(sandbox.peer, ["sh", "-c", "echo 0 > /proc/sys/net/ipv4/conf/all/rp_filter"])
     sandbox.run(sandbox.peer, ["ip", "addr", "add", f"{INTERNET}/32", "dev", "lo"])
     ruleset = "table inet vpc { chain source_check { type filter hook prerouting priority -150;\n"
     ruleset += "\n".join(rules) + "\n}\n}\n"
