@@ -18,7 +18,7 @@ from pathlib import Path
 
 from cocoon_net.errors import UsageError
 
-# Paths and names shared with the Go tool (spec §0); each has a flag and an env override.
+# Paths and names shared with the Go tool; each has a flag and an env override.
 DEFAULT_STATE_DIR = Path("/var/lib/cocoon/net")
 DEFAULT_CNI_CONF_DIR = Path("/etc/cni/net.d")
 DEFAULT_RUN_DIR = Path("/run/cocoon-net")

@@ -189,7 +189,7 @@ def test_adopt_without_manage_iptables_leaves_firewall_alone(
 
 
 def test_go_pool_json_loads(tmp_path: Path) -> None:
-    """A pool.json exactly as the Go tool writes it (spec §2.1), no trailing newline."""
+    """A pool.json exactly as the Go tool writes it, no trailing newline."""
     text = json.dumps(
         {
             "platform": "volcengine",

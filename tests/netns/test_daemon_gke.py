@@ -1,7 +1,7 @@
 """The GCE guest agent's `local <alias range>` route stays removed while the daemon runs.
 
 The agent adds it when the alias range is assigned and again whenever it resyncs; with it the
-node answers for every VM address itself (spec §9.6 #33). The daemon removes it at start and
+node answers for every VM address itself. The daemon removes it at start and
 whenever a netlink event shows it back, with no cron job.
 """
 

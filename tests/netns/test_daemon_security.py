@@ -1,4 +1,4 @@
-"""A VM cannot harm another VM or the pool (issue 3, part 3), shown with hand-made frames.
+"""A VM cannot harm another VM or the pool, shown with hand-made frames.
 
 The attacker is a VM of the sandbox sending from its own MAC through its own eth0 (the raw
 client in tests/support/rawclient.py). Every attack is checked twice: nothing changed (the

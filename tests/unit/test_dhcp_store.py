@@ -163,7 +163,7 @@ def test_torn_last_journal_line(path: Path) -> None:
 def test_corrupt_or_empty_snapshot_is_kept_aside_and_journal_replayed(
     path: Path, content: bytes
 ) -> None:
-    """An empty file is what the Go tool leaves after a power loss (spec §9.3 #14)."""
+    """An empty file is what the Go tool leaves after a power loss."""
     path.parent.mkdir()
     path.write_bytes(content)
     role_path(path, Role.JOURNAL).write_bytes(journal_bytes(Record.grant(lease(4))))

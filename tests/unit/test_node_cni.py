@@ -5,7 +5,7 @@ from pathlib import Path
 
 from cocoon_net.node import cni
 
-# spec §4.5, byte for byte
+# the Go tool's conflist, byte for byte
 SPEC_TEXT = """\
 {
   "cniVersion": "1.0.0",

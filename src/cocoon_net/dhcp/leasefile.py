@@ -2,7 +2,7 @@
 
 Bytes in, records and tables out, and back; no I/O. The file dance lives in store.py.
 
-leases.json (the snapshot) stays what the Go tool reads (spec §2.2): a JSON array of objects
+leases.json (the snapshot) stays what the Go tool reads: a JSON array of objects
 with "mac", "ip" and "expiry" (RFC 3339, whole seconds). We add "hostname" and "clientId",
 which Go's decoder ignores. We read what Go wrote: local-time offsets, `null` for no leases,
 and MACs of any length its parser accepts, of which we keep only 6-byte Ethernet ones.
@@ -159,7 +159,7 @@ def decode_snapshot(data: bytes) -> SnapshotRead:
     """Parse leases.json. ValueError when the file as a whole is not a lease array.
 
     Entries Go would skip are skipped and named. Two entries on one IP or one MAC (the Go tool
-    never de-duplicated, spec §9.3 #18) keep the one that expires last.
+    never de-duplicated) keep the one that expires last.
     """
     raw = json.loads(data)
     if raw is None:

@@ -2,7 +2,7 @@
 
 One writer. The server calls this from its event loop only, and every check-and-act is one
 method call (`offer`, `grant`, `release`, `decline`, `expire`), so nothing can happen between
-"is it free?" and "take it" (the Go tool's races, spec §9.4, cannot be written here). No I/O,
+"is it free?" and "take it" (the Go tool's races cannot be written here). No I/O,
 no clock, no randomness: `now` is an argument and every change is returned as a Change record
 that the store makes durable and the route reconciler applies.
 

@@ -201,7 +201,7 @@ def handle(
         if ctx.src_ip not in settings.relay_allowed_from or request.giaddr not in settings.subnet:
             return Drop(Why.RELAY_NOT_ALLOWED)
     elif request.mac != ctx.src_mac:
-        # A VM speaks only for itself (spec §9.1 #1: spoofed RELEASE/DISCOVER floods).
+        # A VM speaks only for itself: no spoofed RELEASE, DECLINE or DISCOVER floods.
         return Drop(Why.CHADDR_MISMATCH)
     if limiter is not None and not limiter.allow(request.mac, now):
         return Drop(Why.RATE_LIMITED)

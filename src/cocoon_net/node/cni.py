@@ -4,7 +4,7 @@ The bridge plugin only attaches ports: IP addresses come from our DHCP server, s
 empty and the plugin neither masquerades nor acts as gateway. `macspoofchk` stops a VM from
 sending with another VM's MAC and `portIsolation` stops VMs talking to each other at layer 2,
 so all VM traffic passes the host's routing and firewall. Older bridge plugins ignore both keys
-silently (spec §4.5), so check the plugin version where isolation matters.
+silently, so check the plugin version where isolation matters.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Which cloud is this node on? Ask each metadata server at once, briefly (spec §1.8).
+"""Which cloud is this node on? Ask each metadata server at once, briefly.
 
 Only init and adopt detect, and only without --platform; status, teardown and the daemon use
 the platform recorded in pool.json. A probe is a hit only when the server answers 200 and, for

@@ -340,7 +340,7 @@ class GkePlatform:
     # ------------------------------------------------------------------ steps
 
     def fix_host(self, state: PoolState) -> list[str]:
-        # The guest agent re-adds `local <alias range>` whenever it resyncs (spec §9.6 #33).
+        # The guest agent re-adds `local <alias range>` whenever it resyncs.
         return localroute.remove_guest_agent_routes(state.network)
 
     def primary_nic(self) -> str:
@@ -415,7 +415,7 @@ class GkePlatform:
     def _quiet_guest_agent(
         self, request: NodeRequest, subnet: IPv4Network, record: ResourceRecorder
     ) -> dict[str, Any]:
-        """Stop the guest agent from claiming the alias range as local (spec §5.4).
+        """Stop the guest agent from claiming the alias range as local.
 
         The agent config's original value is recorded before it is changed, and only on the
         first run: a rerun finds our own 'false' there and must not record that as original.

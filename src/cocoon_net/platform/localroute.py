@@ -2,7 +2,7 @@
 
 For every alias IP range the guest agent installs a route of type local for the whole range in
 the kernel's local table (255). With it the host claims every VM address as its own and
-answers for them, so VM traffic never reaches the bridge (spec §5.4, weakness §9.6 #33).
+answers for them, so VM traffic never reaches the bridge.
 
 Two measures, both reversible:
   * `remove_guest_agent_routes(cidr)` deletes exactly that route (type local, table local, dst

@@ -12,7 +12,7 @@ throttling and server trouble); platform/http.py does the retrying. Creates carr
 `ClientToken` chosen once per logical create, so a retry after a lost answer returns the
 resource the first attempt made instead of making a second one.
 
-Endpoints come from configuration only (spec issue 5, item 7): tests point all of them at an
+Endpoints come from configuration only: tests point all of them at an
 emulator on loopback.
 """
 

@@ -4,8 +4,8 @@ Why our own 30 lines and not an SDK: the official VPC SDK (volcenginesdk-vpc + c
 18.7 MB in 7 distributions and adds ~335 ms of import to every cloud command; the
 `volcengine` package has no VPC module at all. The algorithm below reproduces
 volc-sdk-python's `SignerV4` and was checked byte-for-byte against the headers both SDKs
-produce (shared/research/deps.md, "Volcengine"). It never reads the clock: `now` is an
-argument, so the test emulator verifies requests with the very same function.
+produce. It never reads the clock: `now` is an
+argument, so it can be held to fixed known-answer vectors.
 """
 
 from __future__ import annotations
