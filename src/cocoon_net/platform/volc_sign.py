@@ -3,9 +3,8 @@
 Why our own 30 lines and not an SDK: the official VPC SDK (volcenginesdk-vpc + core) is
 18.7 MB in 7 distributions and adds ~335 ms of import to every cloud command; the
 `volcengine` package has no VPC module at all. The algorithm below reproduces
-volc-sdk-python's `SignerV4` and was checked byte-for-byte against the headers both SDKs
-produce. It never reads the clock: `now` is an
-argument, so it can be held to fixed known-answer vectors.
+volc-sdk-python's `SignerV4` and is held byte for byte to known-answer vectors the official
+SDK produced (tests/data). It never reads the clock: `now` is an argument.
 """
 
 from __future__ import annotations
