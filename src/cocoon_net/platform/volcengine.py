@@ -48,7 +48,7 @@ from cocoon_net.errors import (
     combined,
 )
 from cocoon_net.node import nic
-from cocoon_net.platform import volc_api
+from cocoon_net.platform import ownership, volc_api
 from cocoon_net.platform.base import NodeRequest, ProvisionResult, ResourceRecorder, StatusLine
 from cocoon_net.platform.http import RetryPolicy
 from cocoon_net.platform.volc_api import (
@@ -66,7 +66,7 @@ from cocoon_net.state import PoolState
 
 log = logging.getLogger("cocoon_net.platform.volcengine")
 
-TAG_NODE = "cocoon-net:node"
+TAG_NODE = ownership.TAG_NODE
 MAX_ENIS = 7  # secondary ENIs per EBM instance (cloud-apis.md E3, "Platform limits")
 IPS_PER_ENI = 20  # secondary IPs per ENI on the same instances
 MAX_POOL = MAX_ENIS * IPS_PER_ENI
@@ -156,17 +156,9 @@ def is_go_made(eni: Eni, node: str, instance_id: str, subnet_id: str) -> bool:
 
 def adopt_refusal(eni: Eni, node: str, instance_id: str, subnet: IPv4Network) -> str | None:
     """Why adopt must not pool an ENI that holds addresses of subnet, or None."""
-    where = f"ENI {eni.id} ({eni.name or 'unnamed'}) holds addresses in {subnet} but"
-    if eni.device_id != instance_id:
-        attached = f"to {eni.device_id}" if eni.device_id else "to no instance"
-        return (
-            f"{where} is attached {attached}, not to this instance {instance_id}: "
-            "it is not this node's to adopt"
-        )
+    label = f"{eni.id} ({eni.name or 'unnamed'})"
     owner = eni.tags.get(TAG_NODE)
-    if owner is not None and owner != node:
-        return f"{where} is tagged {TAG_NODE}={owner}: it belongs to node {owner!r}, not {node!r}"
-    return None
+    return ownership.adopt_refusal(label, eni.device_id, owner, node, instance_id, subnet)
 
 
 def untagged(enis: list[Eni]) -> list[Eni]:

@@ -14,8 +14,9 @@ from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
 from cocoon_net.errors import CloudError, UsageError
+from cocoon_net.platform import ownership
 
-TAG_NODE = "cocoon-net:node"
+TAG_NODE = ownership.TAG_NODE
 TAG_SLOT = "cocoon-net:slot"
 PREFIX_LEN = 28  # EC2 delegates IPv4 prefixes as /28s: 16 addresses per address slot
 PREFIX_SIZE = 2 ** (32 - PREFIX_LEN)
@@ -168,17 +169,8 @@ def is_ours(eni: Eni, node: str, recorded: Iterable[str]) -> bool:
 
 def adopt_refusal(eni: Eni, node: str, instance_id: str, subnet: IPv4Network) -> str | None:
     """Why adopt must not pool an ENI that holds addresses of subnet, or None."""
-    where = f"ENI {eni.id} holds addresses in {subnet} but"
-    if eni.instance_id != instance_id:
-        attached = f"to {eni.instance_id}" if eni.instance_id else "to no instance"
-        return (
-            f"{where} is attached {attached}, not to this instance {instance_id}: "
-            "it is not this node's to adopt"
-        )
     owner = eni.tags.get(TAG_NODE)
-    if owner is not None and owner != node:
-        return f"{where} is tagged {TAG_NODE}={owner}: it belongs to node {owner!r}, not {node!r}"
-    return None
+    return ownership.adopt_refusal(eni.id, eni.instance_id, owner, node, instance_id, subnet)
 
 
 def excess(eni: Eni, mode: str, target: int) -> tuple[list[str], list[str]]:
