@@ -239,6 +239,7 @@ def _grow_online(
     platform: str,
     sizes: tuple[int, int],
     between: Callable[[], None],
+    expected_errors: str = "",
 ) -> None:
     """`init --pool-size small`, the daemon serving two VMs from it, `init --pool-size big`
     (calling between() before and after it): a third VM gets an address from the new part,
@@ -274,7 +275,7 @@ def _grow_online(
         for client in (vm0, vm1, vm2):
             client.stop()
         node.stop()
-    assert not node.errors()
+    assert not [e for e in node.errors() if not (expected_errors and expected_errors in e)]
 
 
 def test_gke_init_grows_the_pool_of_a_running_daemon(
@@ -317,7 +318,12 @@ def test_volcengine_init_grows_the_pool_of_a_running_daemon(
         assert (seen, len(enis)) in (([2], 1), ([2, 22], 2))
 
     try:
-        _grow_online(sandbox, node, env, "volcengine", (2, 22), cloud_grows_first)
+        # The emulator's ENIs lead nowhere: no gateway answers ARP behind them, which the
+        # daemon rightly reports as an egress error (egress has its own tests).
+        _grow_online(
+            sandbox, node, env, "volcengine", (2, 22), cloud_grows_first,
+            expected_errors="egress: gateway",
+        )  # fmt: skip
         assert len(state.load(node.paths.pool_file).secondary_nics) == 2
     finally:
         emu.stop()
