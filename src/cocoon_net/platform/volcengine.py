@@ -690,21 +690,31 @@ class _Provision:
         rules = [r for r in perms.get("Permissions") or () if isinstance(r, dict)]
         description = f"cocoon-net {node}: VPC-internal traffic"
         covering = [r for r in rules if rule_covers(r, vpc)]
-        if not covering:
-            api.create(
-                "AuthorizeSecurityGroupIngress",
-                {
-                    "SecurityGroupId": sg,
-                    "Protocol": "all",
-                    "PortStart": "-1",
-                    "PortEnd": "-1",
-                    "CidrIp": str(vpc),
-                    "Policy": "accept",
-                    "Priority": "1",
-                    "Description": description,
-                },
-            )
         created = not covering or any(r.get("Description") == description for r in covering)
+        if not covering:
+            try:
+                api.create(
+                    "AuthorizeSecurityGroupIngress",
+                    {
+                        "SecurityGroupId": sg,
+                        "Protocol": "all",
+                        "PortStart": "-1",
+                        "PortEnd": "-1",
+                        "CidrIp": str(vpc),
+                        "Policy": "accept",
+                        "Priority": "1",
+                        "Description": description,
+                    },
+                )
+            except CloudConflict:
+                # Another node of the fleet added the same rule a moment ago: it covers this
+                # node too, and it is that node's, not ours.
+                perms = api.call("DescribeSecurityGroupAttributes", {"SecurityGroupId": sg})
+                rules = [r for r in perms.get("Permissions") or () if isinstance(r, dict)]
+                covering = [r for r in rules if rule_covers(r, vpc)]
+                if not covering:
+                    raise
+                created = any(r.get("Description") == description for r in covering)
         record = {"id": sg, "cidr": str(vpc), "ruleCreated": created}
         self._record({"securityGroup": record})
         return record
