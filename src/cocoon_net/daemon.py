@@ -29,7 +29,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +138,7 @@ class Daemon:
         self._reloading = asyncio.Lock()
         self._platform: Platform | None = None
         self.guard: guard.Guard | None = None
+        self.egress: egress.Reconciler
         self._guard_reader = guard.GuardReader()  # for the metrics and reconcile threads
         self._store_error = ""
         self.metrics: Any = None
@@ -203,6 +204,7 @@ class Daemon:
             )
         now = time.time()
         route_sock = rtnl.RouteSocket()
+        self.egress = egress.Reconciler(route_sock)
         in_use = self._routed_in_kernel(route_sock)
         self.table = LeaseTable(
             self.pool.pool_ips, reservations=settings.reservations, offer_hold=settings.offer_hold
@@ -405,14 +407,13 @@ class Daemon:
             log.info("host fix: %s", change)
 
     async def _reconcile_egress(self, *, first: bool = False) -> None:
-        """Each secondary ENI's addresses leave by that ENI: its table and rules as the pool's
-        cloud record says, ours that it no longer lists removed."""
-        pool = self.pool
-        enis = egress.enis_from_cloud(pool.cloud, pool.gateway_ip, pool.primary_nic or None)
-        want = egress.plan(enis, pool.network, map(IPv4Network, pool.vpc_cidrs))
-        changes = await asyncio.to_thread(egress.apply, want)
+        """Each secondary ENI's addresses leave by that ENI (node/egress.py). After start-up,
+        whatever it changes was missing or wrong: a repair."""
+        changes = await self.egress.reconcile(
+            self.pool, lambda: self.table.routed_addresses(time.time())
+        )
         for change in changes:
-            log.info("egress: %s", change)
+            log.log(logging.INFO if first else logging.WARNING, "egress: %s", change)
         if changes and not first:
             self._repaired("egress", len(changes))
 
@@ -606,6 +607,12 @@ class Daemon:
             links = links or event.kind in (rtnl.RTM_NEWLINK, rtnl.RTM_DELLINK)
             if not event.ours:
                 self._reconcile_due.set()
+            elif event.rule is not None:
+                # Ours come and go with routes; one deleted while still wanted was not us.
+                if event.kind == rtnl.RTM_DELRULE and self.egress.plan.wants(
+                    event.rule, lambda ip: self.table.needs_route(ip, now)
+                ):
+                    self._reconcile_due.set()
             elif (
                 event.kind == rtnl.RTM_DELROUTE
                 and event.dst is not None

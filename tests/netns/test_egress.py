@@ -1,5 +1,9 @@
 """Every VM address leaves by the ENI that owns it, as the cloud's source check demands.
 
+A secondary address's rule comes with its lease's route, before the ACK, and goes with it; a
+delegated prefix's rule stays as long as the ENI does. A node without secondary ENIs runs no
+egress command at all.
+
 The sandbox's peer plays the VPC router: besides the node's primary link (`uplink`) it has
 one link per secondary "ENI" of the node (ethK), holds the VM subnet's gateway on each (the
 cloud's router answers for the gateway on every ENI), delivers each ENI-owned address to
@@ -11,6 +15,9 @@ own. pool.json's cloud record lists the ENIs as init writes it; real DHCP client
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
 from collections.abc import Iterator
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
@@ -79,15 +86,23 @@ def node(tmp_path: Path) -> Iterator[tuple[Sandbox, NodeDaemon]]:
         yield pair
 
 
-@pytest.mark.parametrize(
-    ("enis", "prefix_len", "vms"),
-    [(7, None, 7), (2, 28, 4)],
-    ids=["volcengine-7-enis", "aws-prefixes"],
-)
-def test_each_address_leaves_by_its_eni(
-    node: tuple[Sandbox, NodeDaemon], enis: int, prefix_len: int | None, vms: int
-) -> None:
-    sandbox, daemon = node
+def our_rules(sandbox: Sandbox) -> set[tuple[str, str]]:
+    """(selector, table) of every rule of ours (protocol 203) in the node."""
+    rules = json.loads(sandbox.run(sandbox.node, ["ip", "-json", "rule", "show"]).stdout)
+    out = set()
+    for rule in rules:
+        if rule.get("protocol") != "203":
+            continue
+        where = f"{rule['src']}/{rule.get('srclen', 32)}" if rule["src"] != "all" else ""
+        where = where or f"to {rule['dst']}/{rule['dstlen']}"
+        out.add((where, str(rule["table"])))
+    return out
+
+
+def configure_enis(
+    sandbox: Sandbox, daemon: NodeDaemon, enis: int, prefix_len: int | None
+) -> list[list[IPv4Network]]:
+    """The VPC router, and pool.json's cloud record as init writes it for that layout."""
     pool = state.load(daemon.paths.pool_file)
     ips = [ip for ip in pool.pool_ips if ip != pool.gateway_ip]
     owned = layout(ips, enis, prefix_len)
@@ -108,44 +123,92 @@ def test_each_address_leaves_by_its_eni(
     pool.cloud = {"enis": records}
     pool.secondary_nics = names
     state.save(daemon.paths.pool_file, pool)
+    return owned
+
+
+@pytest.mark.parametrize(
+    ("enis", "prefix_len", "vms"),
+    [(7, None, 7), (2, 28, 4)],
+    ids=["volcengine-7-enis", "aws-prefixes"],
+)
+def test_each_address_leaves_by_its_eni(
+    node: tuple[Sandbox, NodeDaemon], enis: int, prefix_len: int | None, vms: int
+) -> None:
+    sandbox, daemon = node
+    owned = configure_enis(sandbox, daemon, enis, prefix_len)
     daemon.start()
 
+    def table_of(ip: IPv4Address) -> str:
+        return str(next(egress.TABLE_BASE + k for k, nets in enumerate(owned)
+                        if any(ip in n for n in nets)))  # fmt: skip
+
+    def expected(leased: set[IPv4Address]) -> set[tuple[str, str]]:
+        """The VM subnet's rule, one per prefix, and one per leased secondary address."""
+        out = {(f"to {sandbox.subnet}", "main")}
+        if prefix_len is None:
+            return out | {(f"{ip}/32", table_of(ip)) for ip in leased}
+        return out | {(str(net), str(egress.TABLE_BASE + k))
+                      for k, nets in enumerate(owned) for net in nets}  # fmt: skip
+
+    assert our_rules(sandbox) == expected(set())
+    clients = {}
     seen: dict[IPv4Address, IPv4Address] = {}
     for vm in sandbox.vms[:vms]:
-        ip = Udhcpc(sandbox, vm, hostname=vm.netns).start()
+        client = Udhcpc(sandbox, vm, hostname=vm.netns)
+        ip = client.start()
+        clients[ip] = client
+        # Installed with the route, before the ACK: there the moment the VM is bound.
+        assert expected(set(clients)) <= our_rules(sandbox), f"no rule for {ip} at its ACK"
         sandbox.run(vm.netns, ["ping", "-c", "1", "-W", "3", str(sandbox.peer_ip)])
         seen[ip] = sandbox.source_seen_by_peer(vm.netns)
     assert seen == {ip: ip for ip in seen}
+    assert our_rules(sandbox) == expected(set(clients))
     # Outside the VPC, traffic is masqueraded by the primary NIC and leaves by it, as before:
     # out of an ENI, the primary NIC's address would fail the source check.
     for vm in sandbox.vms[:vms]:
         sandbox.run(vm.netns, ["ping", "-c", "1", "-W", "3", str(INTERNET)])
     by_eni = {k for ip in seen for k, nets in enumerate(owned) if any(ip in n for n in nets)}
     assert by_eni == set(range(enis)), "every ENI carries a VM"
-    rules = json.loads(sandbox.run(sandbox.node, ["ip", "-json", "rule", "show"]).stdout)
-    ours = [r for r in rules if r.get("protocol") == "203"]
-    # One per owned address or prefix, plus the VM subnet's own rule (to the main table).
-    assert len(ours) == sum(len(n) for n in owned) + 1
 
-    # Someone removes a rule and a table's route: the reconcile the route's removal triggers
-    # puts both back, and the VM's traffic leaves by its ENI again.
-    first_ip = next(iter(seen))
-    table = next(
-        egress.TABLE_BASE + k for k, nets in enumerate(owned) if any(first_ip in n for n in nets)
-    )
-    rule = next(r for r in ours if r.get("table") == str(table))
-    src = f"{rule['src']}/{rule.get('srclen', 32)}"
-    sandbox.run(sandbox.node, ["ip", "rule", "del", "from", src, "priority", str(egress.PRIO_ENI)])
+    # A VM releases: its rule goes with its route (a prefix's rule stays with the ENI).
+    gone = next(iter(clients))
+    clients.pop(gone).release()
+    wait_for(lambda: (gone not in daemon.routes()) or None, f"the route of {gone} to go")
+    assert our_rules(sandbox) == expected(set(clients))
+    for ip, client in clients.items():
+        sandbox.run(client.vm.netns, ["ping", "-c", "1", "-W", "3", str(sandbox.peer_ip)])
+        assert sandbox.source_seen_by_peer(client.vm.netns) == ip
+
+    # Someone removes a leased VM's rule and a table's route: both come back, said once.
+    first_ip = next(iter(clients))
+    table = table_of(first_ip)
+    selector = next(str(n) for nets in owned for n in nets if first_ip in n)
+    sandbox.run(sandbox.node, ["ip", "rule", "del", "from", selector, "priority",
+                               str(egress.PRIO_ENI), "table", table])  # fmt: skip
+    wait_for(lambda: our_rules(sandbox) == expected(set(clients)) or None,
+             "the daemon to restore a deleted rule")  # fmt: skip
+    said = [line for line in daemon.log().splitlines()
+            if f"warning egress: rule added: from {selector} " in line]  # fmt: skip
+    assert len(said) == 1, said
     vpc = str(sandbox.node_uplink.network)
-    sandbox.run(sandbox.node, ["ip", "route", "del", vpc, "table", str(table)])
+    sandbox.run(sandbox.node, ["ip", "route", "del", vpc, "table", table])
 
-    def restored() -> bool | None:
-        now = json.loads(sandbox.run(sandbox.node, ["ip", "-json", "rule", "show"]).stdout)
-        return len([r for r in now if r.get("protocol") == "203"]) == len(ours) or None
+    def table_back() -> bool | None:
+        out = sandbox.run(sandbox.node, ["ip", "route", "show", "table", table]).stdout
+        return vpc in out or None
 
-    wait_for(restored, "the egress reconcile to restore a deleted rule")
-    vm0 = sandbox.vms[0]
-    sandbox.run(vm0.netns, ["ping", "-c", "1", "-W", "3", str(sandbox.peer_ip)])
+    wait_for(table_back, "the egress reconcile to restore a table's route")
+    sandbox.run(clients[first_ip].vm.netns, ["ping", "-c", "1", "-W", "3", str(sandbox.peer_ip)])
+
+    # Taking over a node whose rules are missing (a daemon before per-address rules, or
+    # rules lost while it was down): the leases it finds get theirs before it is ready.
+    daemon.stop()
+    for where, table in our_rules(sandbox):
+        if not where.startswith("to "):
+            sandbox.run(sandbox.node, ["ip", "rule", "del", "from", where, "priority",
+                                       str(egress.PRIO_ENI), "table", table])  # fmt: skip
+    daemon.start()
+    assert our_rules(sandbox) == expected(set(clients))
 
     # Teardown removes every rule and table route of ours, and nothing else's.
     sandbox.run(sandbox.node, ["ip", "rule", "add", "from", "192.0.2.1", "lookup", "100",
@@ -157,3 +220,38 @@ def test_each_address_leaves_by_its_eni(
     assert not [r for r in rules if r.get("protocol") == "203"]
     left = sandbox.run(sandbox.node, ["ip", "route", "show", "table", "all", "proto", "203"])
     assert left.stdout.strip() == ""
+
+
+def test_without_enis_egress_runs_no_command(
+    node: tuple[Sandbox, NodeDaemon], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A static node: leases come and go and reconciles run, and egress never runs `ip rule`,
+    `ip neigh` or a table's `ip route` (every `ip` the daemon runs is logged by a wrapper)."""
+    sandbox, daemon = node
+    calls = tmp_path / "ip-calls"
+    wrapper = tmp_path / "bin" / "ip"
+    wrapper.parent.mkdir()
+    real = shutil.which("ip")
+    wrapper.write_text(f'#!/bin/sh\necho "$*" >> {calls}\nexec {real} "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{wrapper.parent}{os.pathsep}{os.environ['PATH']}")
+    daemon.start()
+    client = Udhcpc(sandbox, sandbox.vms[0])
+    ip = client.start()
+    sandbox.run(sandbox.vms[0].netns, ["ping", "-c", "1", "-W", "3", str(sandbox.peer_ip)])
+    client.release()
+    wait_for(lambda: (ip not in daemon.routes()) or None, f"the route of {ip} to go")
+    # Each SIGHUP runs a full reconcile after its reload; the second reload is logged only
+    # once the first reconcile (egress included) has finished.
+    for count in (1, 2):
+        daemon.send_signal(signal.SIGHUP)
+
+        def reloaded(n: int = count) -> bool | None:
+            return daemon.log().count("reloaded ") >= n or None
+
+        wait_for(reloaded, "a reload")
+    run = calls.read_text().splitlines()
+    assert run, "the wrapper saw the daemon's other ip commands"
+    egress_like = [line for line in run
+                   if {"rule", "neigh"} & set(line.split()) or "table 253" in line]  # fmt: skip
+    assert egress_like == []

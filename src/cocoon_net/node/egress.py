@@ -3,12 +3,13 @@
 Clouds drop a packet whose source address is not assigned to the interface it leaves by, so
 a VM whose address sits on a secondary ENI cannot use the host's routes to the VPC (they
 leave by the primary NIC). For each secondary ENI we keep a routing table of our own
-(TABLE_BASE + its position) routing the VPC's CIDRs out of that ENI, and one `ip rule` per
-address or prefix the ENI owns selecting it. Traffic to anywhere else finds no route there
-and falls through to the main table: it is masqueraded to the primary NIC's address and
-leaves by that NIC, as before. Rules are installed for every owned address, leased or not:
-a rule for an address no VM holds matches no traffic, and it is in place before the first
-packet of the VM that gets the address.
+(TABLE_BASE + its position) routing the VPC's CIDRs out of that ENI, and `ip rule`s
+selecting what the ENI owns: one per delegated prefix, kept as long as the ENI lists it, and
+one per secondary address that holds a /32 route, added and removed with that route in the
+same netlink batch (the route socket carries both), so a VM's rule is in place before its
+ACK and gone with its lease. Traffic to anywhere else finds no route in the ENI's table and
+falls through to the main table: it is masqueraded to the primary NIC's address and leaves
+by that NIC, as before.
 
 The VPC gateway of the ENI's subnet is usually the bridge's own address (the ENIs sit in the
 VM subnet), and the kernel refuses a local address as a next hop. The routes go instead via
@@ -19,27 +20,32 @@ of the per-address ones), so VM-to-VM and VM-to-host traffic is untouched.
 
 Ours: rules with protocol ROUTE_PROTO at priorities PRIO_SUBNET and PRIO_ENI, routes with
 protocol ROUTE_PROTO in tables TABLE_BASE..+TABLE_SPAN, the NEXTHOP neighbour entries on the
-ENIs those routes use. Reconcile and teardown remove only those.
+ENIs those routes use. Reconcile and teardown remove only those. A node whose pool.json lists
+no secondary ENI, and that holds no rule of ours, runs no command for egress at all.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
 from cocoon_net import config, proc
 from cocoon_net.errors import HostSetupError
-from cocoon_net.node import arp, nic
+from cocoon_net.node import arp, nic, rtnl
+from cocoon_net.node.rtnl import Rule
+from cocoon_net.state import PoolState
 
 TABLE_BASE = 0x6300  # tables 25344.. (one per secondary ENI, at most 64)
 TABLE_SPAN = 64
 PRIO_SUBNET = 20000  # `to <vm subnet> lookup main`
 PRIO_ENI = 20001  # `from <owned> lookup <eni table>`
+PRIORITIES = (PRIO_SUBNET, PRIO_ENI)
 NEXTHOP = IPv4Address("169.254.0.1")
-MAIN = 254  # the kernel's main table
+MAIN = rtnl.RT_TABLE_MAIN
 
 
 @dataclass(frozen=True)
@@ -50,33 +56,30 @@ class Eni:
 
 
 @dataclass(frozen=True)
-class Rule:
-    priority: int
-    table: int
-    src: IPv4Network | None = None
-    dst: IPv4Network | None = None
-
-    def spec(self) -> str:
-        where = f"from {self.src}" if self.src else f"to {self.dst}"
-        table = "main" if self.table == MAIN else str(self.table)
-        return f"{where} lookup {table} priority {self.priority} protocol {config.ROUTE_PROTO}"
-
-
-@dataclass(frozen=True)
 class Plan:
-    """The rules and per-ENI tables that should exist; each table routes `vpc` out of its
-    ENI."""
+    """The per-ENI tables (each routes `vpc` out of its ENI), the rules kept as long as the
+    ENIs are (the VM subnet's, one per prefix), and the rule each secondary address gets
+    while it holds a route."""
 
     rules: frozenset[Rule]
     tables: Mapping[int, Eni]
+    by_address: Mapping[IPv4Address, Rule] = field(default_factory=dict)
     vpc: tuple[IPv4Network, ...] = ()
 
+    def wanted(self, routed: Iterable[IPv4Address]) -> frozenset[Rule]:
+        """Every rule that should exist while `routed` hold their /32 routes."""
+        by_address = self.by_address
+        return self.rules | {by_address[ip] for ip in routed if ip in by_address}
 
-@dataclass(frozen=True)
-class Diff:
-    add: tuple[Rule, ...] = ()
-    remove: tuple[Rule, ...] = ()
-    stale_tables: tuple[int, ...] = ()
+    def wants(self, rule: Rule, routed: Callable[[IPv4Address], bool]) -> bool:
+        """Whether rule should exist (routed: whether an address holds its route)."""
+        if rule in self.rules:
+            return True
+        ip = rule.src.network_address if rule.src and rule.src.prefixlen == 32 else None
+        return ip is not None and self.by_address.get(ip) == rule and routed(ip)
+
+
+EMPTY = Plan(frozenset(), {})
 
 
 def enis_from_cloud(
@@ -117,51 +120,25 @@ def plan(enis: Iterable[Eni], subnet: IPv4Network, vpc: Iterable[IPv4Network]) -
     if len(enis) > TABLE_SPAN:
         raise HostSetupError(f"{len(enis)} ENIs: egress supports at most {TABLE_SPAN}")
     tables = {TABLE_BASE + i: eni for i, eni in enumerate(enis)}
-    rules = {Rule(PRIO_ENI, t, src=net) for t, eni in tables.items() for net in eni.owned}
-    if rules:
+    owned = [(Rule(PRIO_ENI, t, src=net), net) for t, eni in tables.items() for net in eni.owned]
+    rules = {rule for rule, net in owned if net.prefixlen < 32}
+    if tables:
         rules.add(Rule(PRIO_SUBNET, MAIN, dst=subnet))
-    return Plan(frozenset(rules), tables, vpc if tables else ())
+    by_address = {net.network_address: rule for rule, net in owned if net.prefixlen == 32}
+    return Plan(frozenset(rules), tables, by_address, vpc if tables else ())
 
 
-def diff_rules(want: Plan, present_rules: Iterable[Rule], present_tables: Iterable[int]) -> Diff:
-    have = set(present_rules)
-    return Diff(
-        add=tuple(sorted(want.rules - have, key=str)),
-        remove=tuple(sorted(have - want.rules, key=str)),
-        stale_tables=tuple(sorted(set(present_tables) - set(want.tables))),
-    )
+def plan_for(pool: PoolState) -> Plan:
+    enis = enis_from_cloud(pool.cloud, pool.gateway_ip, pool.primary_nic or None)
+    return plan(enis, pool.network, map(IPv4Network, pool.vpc_cidrs))
 
 
-def parse_rule(raw: Mapping[str, Any]) -> Rule | None:
-    """One of our rules from `ip -json rule show` (protocol and priority ours); else None."""
-    if str(raw.get("protocol")) != str(config.ROUTE_PROTO):
-        return None
-    prio = raw.get("priority")
-    if prio not in (PRIO_SUBNET, PRIO_ENI):
-        return None
-    table = raw.get("table")
-    table_id = MAIN if table == "main" else int(str(table))
-
-    def net(key: str, bits: str) -> IPv4Network | None:
-        value = raw.get(key)
-        if value in (None, "all"):
-            return None
-        return IPv4Network(f"{value}/{raw.get(bits, 32)}")
-
-    return Rule(int(str(prio)), table_id, src=net("src", "srclen"), dst=net("dst", "dstlen"))
-
-
-# --- I/O -----------------------------------------------------------------------------------
+# --- tables (iproute2) ---------------------------------------------------------------------
 
 
 def _json(argv: list[str]) -> list[dict[str, Any]]:
     out = proc.run(argv).stdout.strip()
     return list(json.loads(out)) if out else []
-
-
-def present_rules() -> set[Rule]:
-    found = (parse_rule(r) for r in _json(["ip", "-json", "-4", "rule", "show"]))
-    return {r for r in found if r is not None}
 
 
 def _table_routes(table: int) -> list[dict[str, Any]]:
@@ -180,10 +157,14 @@ def _is_ours(route: Mapping[str, Any]) -> bool:
     return str(route.get("protocol")) == str(config.ROUTE_PROTO)
 
 
-def _resolved() -> set[str]:
-    """The interfaces holding a permanent NEXTHOP entry."""
+def _resolved() -> dict[str, str]:
+    """The interfaces holding a permanent NEXTHOP entry, with its MAC."""
     found = _json(["ip", "-json", "-4", "neigh", "show", str(NEXTHOP)])
-    return {str(n.get("dev")) for n in found if "PERMANENT" in (n.get("state") or ())}
+    return {
+        str(n.get("dev")): str(n.get("lladdr") or "")
+        for n in found
+        if "PERMANENT" in (n.get("state") or ())
+    }
 
 
 def _route_keys(routes: Iterable[Mapping[str, Any]]) -> set[tuple[str, str, str]]:
@@ -228,20 +209,18 @@ def _fix_table(want: Plan, table: int, eni: Eni, routes: list[dict[str, Any]]) -
     return f"table {table}: the VPC out of {eni.ifname} (gateway {eni.gateway} is {mac})"
 
 
-def apply(want: Plan, *, scan_all: bool = False) -> list[str]:
-    """Make the kernel match want; returns what changed (empty when nothing did).
-
-    The tables looked at are want's and those our rules point to (scan_all: every table of
-    our range, for teardown). An ENI whose table cannot be set up (its gateway does not
-    answer) does not hold up the others; its failure is raised after every other change.
-    """
-    rules = present_rules()
-    candidates = set(want.tables) | {r.table for r in rules if r.table != MAIN}
+def sync_tables(
+    want: Plan, referenced: Iterable[int], *, scan_all: bool = False
+) -> tuple[list[str], list[str]]:
+    """Make want's tables and next-hop entries right, and empty ours it no longer has: those
+    rules of ours point to (`referenced`) and, scan_all, every table of our range (teardown).
+    Returns what changed and what failed: an ENI whose gateway does not answer does not hold
+    up the others."""
+    candidates = set(want.tables) | (set(referenced) - {MAIN})
     if scan_all:
         candidates |= set(range(TABLE_BASE, TABLE_BASE + TABLE_SPAN))
     tables = {t: _table_routes(t) for t in sorted(candidates)}
-    resolved = _resolved()
-    diff = diff_rules(want, rules, (t for t, routes in tables.items() if routes))
+    resolved = _resolved() if want.tables else {}
     changes: list[str] = []
     failures: list[str] = []
     for table, eni in sorted(want.tables.items()):
@@ -252,30 +231,144 @@ def apply(want: Plan, *, scan_all: bool = False) -> list[str]:
             changes.append(_fix_table(want, table, eni, routes))
         except HostSetupError as exc:
             failures.append(str(exc))
-    # Tables before rules: a crash in between leaves rules, which point the next run here.
     in_use = {eni.ifname for eni in want.tables.values()}
-    for table in diff.stale_tables:
-        _del_routes(table, tables[table])
-        for dev in sorted({str(r.get("dev")) for r in tables[table]} - in_use):
+    for table, routes in tables.items():
+        if table in want.tables or not routes:
+            continue
+        _del_routes(table, routes)
+        for dev in sorted({str(r.get("dev")) for r in routes} - in_use):
             proc.run(["ip", "neigh", "del", str(NEXTHOP), "dev", dev], ok_codes=(0, 1, 2))
         changes.append(f"table {table} emptied")
-    # Removals first: a rule whose table moved is re-added with its new table.
-    _batch([f"rule del {r.spec()}" for r in diff.remove])
-    _batch([f"rule add {r.spec()}" for r in diff.add])
-    changes += [f"rule removed: {r.spec()}" for r in diff.remove]
-    changes += [f"rule added: {r.spec()}" for r in diff.add]
-    now = present_rules()
-    missing = [r for r in want.rules if r not in now]
-    if missing:
-        failures.append(f"ip rule add failed for {len(missing)} rules: {missing[0].spec()}")
-    if failures:
-        raise HostSetupError("egress: " + "; ".join(failures))
-    return changes
+    return changes, failures
+
+
+# --- rules (netlink) -----------------------------------------------------------------------
+
+
+def sync_rules(
+    sock: rtnl.RouteSocket, want: frozenset[Rule], present: set[Rule]
+) -> tuple[list[str], list[str]]:
+    """Make our rules equal want, in one netlink batch (removals first: a rule whose table
+    moved is re-added with its new table). Returns what changed and what failed."""
+    add = sorted(want - present, key=Rule.spec)
+    remove = sorted(present - want, key=Rule.spec)
+    if not add and not remove:
+        return [], []
+    failed = sock.apply_rules(add, remove)
+    changes = [f"rule removed: {r.spec()}" for r in remove if r not in failed]
+    changes += [f"rule added: {r.spec()}" for r in add if r not in failed]
+    failures = [f"rule {r.spec()}: {why}" for r, why in sorted(failed.items(), key=str)]
+    return changes, failures[:1] + ([f"{len(failures) - 1} more"] if len(failures) > 1 else [])
+
+
+class Reconciler:
+    """The daemon's egress. A secondary address's rule travels with its route (the route
+    socket sends both, see configure); reconcile makes the tables and rules match pool.json
+    and the routed addresses, repairing what someone else changed."""
+
+    def __init__(self, sock: rtnl.RouteSocket) -> None:
+        self.sock = sock
+        self.plan = EMPTY
+
+    def configure(self, pool: PoolState) -> None:
+        """Take the ENIs from pool.json: from now on the route of each of their secondary
+        addresses brings its rule (nothing more is sent on a node without ENIs)."""
+        self.plan = plan_for(pool)
+        self.sock.rules = self.plan.by_address
+
+    async def reconcile(
+        self, pool: PoolState, routed: Callable[[], Iterable[IPv4Address]]
+    ) -> list[str]:
+        """Tables (in a thread: ARP, iproute2), then rules; what changed. A node without
+        secondary ENIs and without rules of ours returns at once, having run no command."""
+        self.configure(pool)
+        present = self.sock.dump_rules(PRIORITIES)
+        if not self.plan.tables and not present:
+            return []
+        # Stale tables are emptied before the rules that point to them go: a crash in
+        # between leaves rules, which point the next run to those tables.
+        referenced = {r.table for r in present}
+        changes, failures = await asyncio.to_thread(sync_tables, self.plan, referenced)
+        # No await from here on: a lease granted or ended meanwhile cannot slip between
+        # what is wanted and what is changed.
+        want = self.plan.wanted(routed())
+        done, failed = sync_rules(self.sock, want, self.sock.dump_rules(PRIORITIES))
+        if failures or failed:
+            raise HostSetupError("egress: " + "; ".join(failures + failed))
+        return changes + done
+
+
+# --- status --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EniReport:
+    """One ENI's egress as the kernel holds it, against what pool.json and the leases ask."""
+
+    ifname: str
+    table: int
+    gateway: IPv4Address
+    gateway_mac: str  # of the NEXTHOP entry on the ENI; empty when it is missing
+    table_ok: bool  # the table routes the VPC out of the ENI
+    rules_wanted: int
+    rules_present: int
+    missing: tuple[Rule, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ifname": self.ifname,
+            "table": self.table,
+            "gateway": str(self.gateway),
+            "nextHop": str(NEXTHOP),
+            "gatewayMAC": self.gateway_mac,
+            "tableOK": self.table_ok,
+            "rulesWanted": self.rules_wanted,
+            "rulesPresent": self.rules_present,
+            "missingRules": [r.spec() for r in self.missing],
+        }
+
+
+def report(pool: PoolState, leased: Iterable[IPv4Address]) -> list[EniReport]:
+    """Each ENI's table, next hop and rules (those of its prefixes and of leased addresses);
+    empty, having run no command, when pool.json lists no secondary ENI."""
+    want = plan_for(pool)
+    if not want.tables:
+        return []
+    sock = rtnl.RouteSocket()
+    try:
+        present = sock.dump_rules(PRIORITIES)
+    finally:
+        sock.close()
+    wanted = want.wanted(leased)
+    resolved = _resolved()
+    out = []
+    for table, eni in sorted(want.tables.items()):
+        mine = {r for r in wanted if r.table == table}
+        out.append(
+            EniReport(
+                ifname=eni.ifname,
+                table=table,
+                gateway=eni.gateway,
+                gateway_mac=resolved.get(eni.ifname, ""),
+                table_ok=_route_keys(_table_routes(table)) == _wanted_keys(want, eni),
+                rules_wanted=len(mine),
+                rules_present=len(mine & present),
+                missing=tuple(sorted(mine - present, key=Rule.spec)),
+            )
+        )
+    return out
+
+
+# --- teardown ------------------------------------------------------------------------------
 
 
 def plan_flush() -> list[str]:
     """What flush would remove (teardown --dry-run)."""
-    rules = present_rules()
+    sock = rtnl.RouteSocket()
+    try:
+        rules = sock.dump_rules(PRIORITIES)
+    finally:
+        sock.close()
     span = range(TABLE_BASE, TABLE_BASE + TABLE_SPAN)
     tables = [t for t in span if _table_routes(t)]
     out = [f"remove {len(rules)} egress rules (protocol {config.ROUTE_PROTO})"] if rules else []
@@ -284,4 +377,12 @@ def plan_flush() -> list[str]:
 
 def flush() -> list[str]:
     """Remove every rule, table route and next-hop entry of ours (teardown)."""
-    return apply(Plan(frozenset(), {}), scan_all=True)
+    sock = rtnl.RouteSocket()
+    try:
+        changes, failures = sync_tables(EMPTY, (), scan_all=True)
+        done, failed = sync_rules(sock, frozenset(), sock.dump_rules(PRIORITIES))
+    finally:
+        sock.close()
+    if failures or failed:
+        raise HostSetupError("egress: " + "; ".join(failures + failed))
+    return changes + done
