@@ -1,4 +1,5 @@
-"""`cocoon-net status`: what pool.json says, the live leases, and what the cloud reports.
+"""`cocoon-net status`: what pool.json says, the live leases, egress by each secondary ENI
+(its table, next hop and rules, against the leases), and what the cloud reports.
 
 It never takes the lock, so it answers while the daemon runs: live leases come from the
 daemon's control socket, or, when no daemon answers, from the lease files (read only).
@@ -11,11 +12,13 @@ import json
 import logging
 import os
 import time
+from ipaddress import IPv4Address
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cocoon_net import config, control, state
 from cocoon_net.errors import CocoonError, StateError
+from cocoon_net.node import egress
 
 if TYPE_CHECKING:
     from cocoon_net.dhcp.model import Lease
@@ -108,6 +111,32 @@ def _lease_lines(live: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _egress(pool: state.PoolState, live: dict[str, Any]) -> list[egress.EniReport] | str:
+    """Each secondary ENI's egress against the live leases, or why it cannot be read."""
+    try:
+        return egress.report(pool, (IPv4Address(row["ip"]) for row in live["leases"]))
+    except CocoonError as exc:
+        return str(exc)
+
+
+def _egress_lines(reports: list[egress.EniReport] | str) -> list[str]:
+    if isinstance(reports, str):
+        return [f"{'Egress:':12}unavailable ({reports})"]
+    if not reports:
+        return [f"{'Egress:':12}main table (no secondary ENI)"]
+    wanted = sum(r.rules_wanted for r in reports)
+    present = sum(r.rules_present for r in reports)
+    lines = [f"{'Egress:':12}{len(reports)} ENIs, {present} of {wanted} rules present"]
+    for r in reports:
+        hop = f"gateway {r.gateway} at {r.gateway_mac}" if r.gateway_mac else "next hop MISSING"
+        table = f"table {r.table}" + ("" if r.table_ok else " MISSING")
+        line = f"  {r.ifname:10}{table}, via {egress.NEXTHOP} ({hop}), "
+        line += f"rules {r.rules_present} of {r.rules_wanted}"
+        lines.append(line)
+        lines += [f"    missing rule: {rule.spec()}" for rule in r.missing]
+    return lines
+
+
 def _guard_line(guard: dict[str, Any] | None) -> str:
     if guard is None:
         return "unknown (daemon not running)"
@@ -126,6 +155,7 @@ def show_status(paths: config.Paths, *, as_json: bool, ask_cloud: bool) -> list[
     pool = state.load(paths.pool_file)
     rows = _pool_rows(pool)
     live = _live(paths, pool)
+    reports = _egress(pool, live)
     cloud_rows: list[tuple[str, str]] = []
     cloud_error = ""
     if ask_cloud and pool.platform not in ("", "static"):
@@ -144,10 +174,14 @@ def show_status(paths: config.Paths, *, as_json: bool, ask_cloud: bool) -> list[
             "cloud": dict(cloud_rows),
             "leases": live,
         }
+        if isinstance(reports, str):
+            doc["egressError"] = reports
+        else:
+            doc["egress"] = [r.to_json() for r in reports]
         if cloud_error:
             doc["cloudError"] = cloud_error
         return [json.dumps(doc, indent=2)]
     lines = [f"{label + ':':12}{value}" for label, value in rows + cloud_rows]
     if cloud_error:
         lines.append(f"{'Cloud:':12}unavailable ({cloud_error})")
-    return lines + _lease_lines(live)
+    return lines + _egress_lines(reports) + _lease_lines(live)

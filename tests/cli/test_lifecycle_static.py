@@ -93,8 +93,10 @@ def test_adopt_status_readopt_teardown(make_netns: Callable[[str], Netns], tmp_p
 
     status = _ok(*run_args(paths, "status", netns=ns.name))
     assert "Platform:   static" in status and "IPs:        253" in status
+    assert "Egress:     main table (no secondary ENI)" in status
     as_json = json.loads(_ok(*run_args(paths, "status", "--json", netns=ns.name)))
     assert as_json["pool"]["subnet"] == "10.66.0.0/24"
+    assert as_json["egress"] == []
 
     # Again: nothing changes, not even a file's mtime-independent content.
     kernel_once = kernel_snapshot(ns)

@@ -202,13 +202,30 @@ def test_each_address_leaves_by_its_eni(
 
     # Taking over a node whose rules are missing (a daemon before per-address rules, or
     # rules lost while it was down): the leases it finds get theirs before it is ready.
+    # `status` says what is missing (the leases from the lease file, no daemon running).
     daemon.stop()
-    for where, table in our_rules(sandbox):
-        if not where.startswith("to "):
-            sandbox.run(sandbox.node, ["ip", "rule", "del", "from", where, "priority",
-                                       str(egress.PRIO_ENI), "table", table])  # fmt: skip
+    removed = sorted(r for r in our_rules(sandbox) if not r[0].startswith("to "))
+    for where, table in removed:
+        sandbox.run(sandbox.node, ["ip", "rule", "del", "from", where, "priority",
+                                   str(egress.PRIO_ENI), "table", table])  # fmt: skip
+    sandbox.run(sandbox.node, ["ip", "route", "del", vpc, "table", table_of(first_ip)])
+    status = daemon.status()
+    wanted = len(expected(set(clients))) - 1
+    assert f"{enis} ENIs, 0 of {wanted} rules present" in status, status
+    assert f"table {table_of(first_ip)} MISSING" in status
+    missing = {line.split()[3] for line in status.splitlines() if "missing rule:" in line}
+    assert missing == {where for where, _table in removed}
     daemon.start()
     assert our_rules(sandbox) == expected(set(clients))
+    status = daemon.status()
+    assert f"{enis} ENIs, {wanted} of {wanted} rules present" in status, status
+    assert "MISSING" not in status and "missing rule" not in status
+    doc = json.loads(daemon.cocoon("status", "--json", "--state-dir",
+                                   str(daemon.paths.state_dir), "--run-dir",
+                                   str(daemon.paths.run_dir)))  # fmt: skip
+    assert [e["ifname"] for e in doc["egress"]] == [f"eth{k}" for k in range(1, enis + 1)]
+    assert all(e["tableOK"] and e["gatewayMAC"] and not e["missingRules"] for e in doc["egress"])
+    assert sum(e["rulesPresent"] for e in doc["egress"]) == wanted
 
     # Teardown removes every rule and table route of ours, and nothing else's.
     sandbox.run(sandbox.node, ["ip", "rule", "add", "from", "192.0.2.1", "lookup", "100",

@@ -26,7 +26,6 @@ no secondary ENI, and that holds no rule of ours, runs no command for egress at 
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -281,6 +280,8 @@ class Reconciler:
     ) -> list[str]:
         """Tables (in a thread: ARP, iproute2), then rules; what changed. A node without
         secondary ENIs and without rules of ours returns at once, having run no command."""
+        import asyncio  # here: `status` imports this module, and asyncio only costs it time
+
         self.configure(pool)
         present = self.sock.dump_rules(PRIORITIES)
         if not self.plan.tables and not present:
