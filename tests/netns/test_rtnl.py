@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 from collections.abc import Callable
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
 import pytest
@@ -90,3 +90,61 @@ def test_events_tell_our_lease_routes_from_others(make_netns: Callable[[str], Ne
     assert ours == [(rtnl.RTM_NEWROUTE, NET + "7"), (rtnl.RTM_DELROUTE, NET + "7")]
     others = [e for e in events if not e.ours and e.dst == IPv4Address(NET + "8")]
     assert others and others[0].protocol == 4  # RTPROT_STATIC
+
+
+def _rules() -> list[dict[str, Any]]:
+    out = subprocess.run(["ip", "-json", "rule", "show"], capture_output=True, text=True,
+                         check=True).stdout  # fmt: skip
+    return [r for r in json.loads(out or "[]") if r.get("priority") in (20000, 20001)]
+
+
+def _rule_ops() -> tuple[list[dict[str, Any]], ...]:
+    """A route that carries its rule, a batch of rules, a foreign rule, dump and events."""
+    index = _bridge()
+    events = rtnl.EventSocket()
+    sock = rtnl.RouteSocket()
+    with_rule, plain = IPv4Address(NET + "5"), IPv4Address(NET + "6")
+    rule5 = rtnl.Rule(20001, 25344, src=IPv4Network(f"{with_rule}/32"))
+    sock.rules = {with_rule: rule5}
+    assert sock.apply([rtnl.RouteOp(True, with_rule), rtnl.RouteOp(True, plain)], index) == {}
+    assert sock.apply([rtnl.RouteOp(True, with_rule)], index) == {}  # again: no twin rule
+    after_grant = _rules()
+    subnet = rtnl.Rule(20000, rtnl.RT_TABLE_MAIN, dst=IPv4Network(NET + "0/24"))
+    prefix = rtnl.Rule(20001, 25345, src=IPv4Network(NET + "16/28"))
+    assert sock.apply_rules([subnet, prefix, subnet], []) == {}
+    subprocess.run(["ip", "rule", "add", "from", NET + "7", "lookup", "100", "priority",
+                    "20001"], check=True)  # fmt: skip
+    assert sock.dump_rules([20000, 20001]) == {rule5, subnet, prefix}  # the operator's not
+    # A deleted route takes its rule along; deleting what is gone is no error; a delete
+    # names our protocol and table, so the operator's rule at our priority stays.
+    gone = [rtnl.RouteOp(False, with_rule)] * 2
+    assert sock.apply(gone, index) == {}
+    foreign = rtnl.Rule(20001, 100, src=IPv4Network(NET + "7/32"))
+    assert sock.apply_rules([], [subnet, prefix, prefix, foreign]) == {}
+    left = _rules()
+    out = events.drain()
+    events.close()
+    sock.close()
+    seen = [
+        {"kind": e.kind, "rule": e.rule.spec() if e.rule else None}
+        for e in out
+        if e.kind in (rtnl.RTM_NEWRULE, rtnl.RTM_DELRULE)
+    ]
+    return after_grant, left, seen
+
+
+def test_a_route_carries_its_rule_and_only_ours_are_touched(
+    make_netns: Callable[[str], Netns],
+) -> None:
+    ns = make_netns("rtrule")
+    after_grant, left, seen = ns.call(_rule_ops)
+    assert after_grant == [
+        {"priority": 20001, "src": NET + "5", "table": "25344", "protocol": "203"}
+    ]
+    assert left == [{"priority": 20001, "src": NET + "7", "table": "100"}]
+    spec5 = f"from {NET}5/32 lookup 25344 priority 20001 protocol 203"
+    ours = [(e["kind"], e["rule"]) for e in seen if e["rule"]]
+    assert ours[0] == (rtnl.RTM_NEWRULE, spec5)
+    assert (rtnl.RTM_DELRULE, spec5) in ours
+    # The operator's rule is no rule of ours: its events carry none.
+    assert len([e for e in seen if e["rule"] is None]) == 1
