@@ -147,7 +147,7 @@ class Metrics:
         self.repairs = Counter(
             "cocoon_net_repairs_total",
             "Things found changed on the host and set right again, by what (route, bridge, "
-            "firewall, sysctl, conflist, guard).",
+            "firewall, sysctl, conflist, guard, egress).",
             ["what"],
             registry=r,
         )
