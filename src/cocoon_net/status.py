@@ -111,7 +111,7 @@ def _lease_lines(live: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _egress(pool: state.PoolState, live: dict[str, Any]) -> list[egress.EniReport] | str:
+def _egress(pool: state.PoolState, live: dict[str, Any]) -> egress.Report | str:
     """Each secondary ENI's egress against the live leases, or why it cannot be read."""
     try:
         return egress.report(pool, (IPv4Address(row["ip"]) for row in live["leases"]))
@@ -119,15 +119,16 @@ def _egress(pool: state.PoolState, live: dict[str, Any]) -> list[egress.EniRepor
         return str(exc)
 
 
-def _egress_lines(reports: list[egress.EniReport] | str) -> list[str]:
-    if isinstance(reports, str):
-        return [f"{'Egress:':12}unavailable ({reports})"]
-    if not reports:
+def _egress_lines(report: egress.Report | str) -> list[str]:
+    if isinstance(report, str):
+        return [f"{'Egress:':12}unavailable ({report})"]
+    if not report.enis:
         return [f"{'Egress:':12}main table (no secondary ENI)"]
-    wanted = sum(r.rules_wanted for r in reports)
-    present = sum(r.rules_present for r in reports)
-    lines = [f"{'Egress:':12}{len(reports)} ENIs, {present} of {wanted} rules present"]
-    for r in reports:
+    wanted = sum(r.rules_wanted for r in report.enis) + 1  # and the VM subnet's
+    present = sum(r.rules_present for r in report.enis) + 1 - len(report.missing)
+    lines = [f"{'Egress:':12}{len(report.enis)} ENIs, {present} of {wanted} rules present"]
+    lines += [f"  missing rule: {rule.spec()}" for rule in report.missing]
+    for r in report.enis:
         hop = f"gateway {r.gateway} at {r.gateway_mac}" if r.gateway_mac else "next hop MISSING"
         table = f"table {r.table}" + ("" if r.table_ok else " MISSING")
         line = f"  {r.ifname:10}{table}, via {egress.NEXTHOP} ({hop}), "
@@ -155,7 +156,7 @@ def show_status(paths: config.Paths, *, as_json: bool, ask_cloud: bool) -> list[
     pool = state.load(paths.pool_file)
     rows = _pool_rows(pool)
     live = _live(paths, pool)
-    reports = _egress(pool, live)
+    report = _egress(pool, live)
     cloud_rows: list[tuple[str, str]] = []
     cloud_error = ""
     if ask_cloud and pool.platform not in ("", "static"):
@@ -174,14 +175,14 @@ def show_status(paths: config.Paths, *, as_json: bool, ask_cloud: bool) -> list[
             "cloud": dict(cloud_rows),
             "leases": live,
         }
-        if isinstance(reports, str):
-            doc["egressError"] = reports
+        if isinstance(report, str):
+            doc["egressError"] = report
         else:
-            doc["egress"] = [r.to_json() for r in reports]
+            doc["egress"] = report.to_json()
         if cloud_error:
             doc["cloudError"] = cloud_error
         return [json.dumps(doc, indent=2)]
     lines = [f"{label + ':':12}{value}" for label, value in rows + cloud_rows]
     if cloud_error:
         lines.append(f"{'Cloud:':12}unavailable ({cloud_error})")
-    return lines + _egress_lines(reports) + _lease_lines(live)
+    return lines + _egress_lines(report) + _lease_lines(live)

@@ -96,7 +96,7 @@ def test_adopt_status_readopt_teardown(make_netns: Callable[[str], Netns], tmp_p
     assert "Egress:     main table (no secondary ENI)" in status
     as_json = json.loads(_ok(*run_args(paths, "status", "--json", netns=ns.name)))
     assert as_json["pool"]["subnet"] == "10.66.0.0/24"
-    assert as_json["egress"] == []
+    assert as_json["egress"] == {"enis": [], "missingRules": []}
 
     # Again: nothing changes, not even a file's mtime-independent content.
     kernel_once = kernel_snapshot(ns)

@@ -329,12 +329,24 @@ class EniReport:
         }
 
 
-def report(pool: PoolState, leased: Iterable[IPv4Address]) -> list[EniReport]:
+@dataclass(frozen=True)
+class Report:
+    enis: tuple[EniReport, ...] = ()
+    missing: tuple[Rule, ...] = ()  # missing rules of no ENI: the VM subnet's
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "enis": [eni.to_json() for eni in self.enis],
+            "missingRules": [r.spec() for r in self.missing],
+        }
+
+
+def report(pool: PoolState, leased: Iterable[IPv4Address]) -> Report:
     """Each ENI's table, next hop and rules (those of its prefixes and of leased addresses);
     empty, having run no command, when pool.json lists no secondary ENI."""
     want = plan_for(pool)
     if not want.tables:
-        return []
+        return Report()
     sock = rtnl.RouteSocket()
     try:
         present = sock.dump_rules(PRIORITIES)
@@ -357,7 +369,8 @@ def report(pool: PoolState, leased: Iterable[IPv4Address]) -> list[EniReport]:
                 missing=tuple(sorted(mine - present, key=Rule.spec)),
             )
         )
-    return out
+    elsewhere = {r for r in wanted - present if r.table not in want.tables}
+    return Report(tuple(out), tuple(sorted(elsewhere, key=Rule.spec)))
 
 
 # --- teardown ------------------------------------------------------------------------------
