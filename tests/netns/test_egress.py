@@ -175,6 +175,12 @@ def test_each_address_leaves_by_its_eni(
     clients.pop(gone).release()
     wait_for(lambda: (gone not in daemon.routes()) or None, f"the route of {gone} to go")
     assert our_rules(sandbox) == expected(set(clients))
+    # A VM dies and its manager ends the lease (`cocoon-net release --mac`): the same.
+    dead = list(clients)[-1]
+    client = clients.pop(dead)
+    client.stop()
+    assert daemon.release(client.vm.mac) == [str(dead)]
+    assert our_rules(sandbox) == expected(set(clients))
     for ip, client in clients.items():
         sandbox.run(client.vm.netns, ["ping", "-c", "1", "-W", "3", str(sandbox.peer_ip)])
         assert sandbox.source_seen_by_peer(client.vm.netns) == ip
