@@ -257,7 +257,9 @@ def sync_rules(
     changes = [f"rule removed: {r.spec()}" for r in remove if r not in failed]
     changes += [f"rule added: {r.spec()}" for r in add if r not in failed]
     failures = [f"rule {r.spec()}: {why}" for r, why in sorted(failed.items(), key=str)]
-    return changes, failures[:1] + ([f"{len(failures) - 1} more"] if len(failures) > 1 else [])
+    if len(failures) > 1:  # one line in the log, not one per VM
+        failures = [f"{failures[0]} (and {len(failures) - 1} more)"]
+    return changes, failures
 
 
 class Reconciler:
