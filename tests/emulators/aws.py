@@ -18,6 +18,8 @@ query API to it and adds:
 - addresses handed out lowest-first and never twice (moto draws them at random, unchecked);
 - ClientToken idempotency: a repeated token gets the first answer back, or
   IdempotentParameterMismatch when its other parameters differ;
+- CreateSubnet one at a time across every proxy in front of one moto, so that its
+  InvalidSubnet.Conflict settles a race between nodes as EC2's does;
 - hot-plug: an attach creates a veth link with the ENI's MAC in the namespace, a detach
   removes it, as the hypervisor would;
 - faults: throttling and errors answered before moto sees the call, lost answers (moto does
@@ -117,6 +119,13 @@ class Fault:
     times: int
 
 
+_ACCOUNT_LOCKS: dict[str, threading.Lock] = {}
+
+
+def _account_lock(moto_url: str) -> threading.Lock:
+    return _ACCOUNT_LOCKS.setdefault(moto_url, threading.Lock())
+
+
 class ProxyError(Exception):
     def __init__(self, code: str, message: str, status: int = 400) -> None:
         super().__init__(message)
@@ -153,6 +162,10 @@ class Ec2Proxy:
     def hide_new(self, create: str, *, describes: int) -> None:
         """The next resource `create` makes stays out of `describes` Describe answers."""
         self._hide_next[create] = describes
+
+    def hide(self, describe: str, resource_id: str, *, describes: int) -> None:
+        """A resource made elsewhere a moment ago: out of the next `describes` answers."""
+        self._hidden.setdefault(describe, []).append([resource_id, describes])
 
     @property
     def url(self) -> str:
@@ -334,7 +347,7 @@ class Ec2Proxy:
             describe = (
                 "DescribeSubnets" if action == "CreateSubnet" else "DescribeNetworkInterfaces"
             )
-            self._hidden.setdefault(describe, []).append([created, self._hide_next.pop(action)])
+            self.hide(describe, created, describes=self._hide_next.pop(action))
         if action.startswith("Describe"):
             self._hide(action, root)
         for item in root.iter():
@@ -366,6 +379,13 @@ class Ec2Proxy:
             ET.SubElement(ET.SubElement(prefix_set, _q("item")), _q("ipv4Prefix")).text = str(net)
 
     # --- actions moto gets wrong or leaves out ---------------------------------------------
+
+    def _a_CreateSubnet(self, form: dict[str, str], headers: dict[str, str]) -> tuple[int, bytes]:
+        # moto checks for an overlapping subnet, then adds the new one, with nothing held
+        # between: two proxies of one account could both pass the check. EC2 decides one
+        # CreateSubnet at a time, and so does every proxy in front of this moto.
+        with _account_lock(self.moto_url):
+            return self._forward(form, headers)
 
     def _a_CreateNetworkInterface(
         self, form: dict[str, str], headers: dict[str, str]

@@ -4,7 +4,8 @@ their /28 prefixes (Nitro instances) or secondary IPs (others).
 What init makes, in order, each recorded in pool.json["cloud"] the moment it exists:
 
 1. the VM subnet (`--subnet`): reused when the VPC has exactly it, else created as
-   `<node>-vms` in the instance's zone, tagged `cocoon-net:node=<node>`;
+   `<node>-vms` in the instance's zone, tagged `cocoon-net:node=<node>`; with `--subnet
+   auto`, created in the first free block of the VPC (claim_subnet), found again by its tag;
 2. an ingress rule for every protocol from the VM subnet in the instance's security group
    (or `--security-group`), when no rule already lets it in;
 3. ENIs `<node>-eni-<n>` tagged for this node, as many as the pool needs at the limits
@@ -17,11 +18,12 @@ Source/destination checking stays on: every VM address is assigned to the ENI it
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
-from cocoon_net.errors import CloudError
+from cocoon_net.errors import CloudConflict, CloudError, CloudQuotaError, CloudTimeout
 from cocoon_net.node import nic
 from cocoon_net.platform.aws import imds, plan
 from cocoon_net.platform.aws.ec2 import Ec2Api
@@ -30,6 +32,8 @@ from cocoon_net.platform.base import NodeRequest, ProvisionResult, ResourceRecor
 from cocoon_net.platform.http import RetryPolicy
 from cocoon_net.platform.volc_api import PollPolicy, wait_for
 from cocoon_net.state import PoolState
+
+log = logging.getLogger("cocoon_net.platform.aws")
 
 
 def tag_filter(node: str) -> dict[str, Any]:
@@ -134,12 +138,70 @@ class AwsPlatform:
             )
         )
 
+    def create_subnet(self, vpc_id: str, zone: str, cidr: IPv4Network, node: str) -> str:
+        """CreateSubnet takes no ClientToken: the tag it is created with is what finds it
+        again after a lost answer or a crash, and what marks it as ours to delete."""
+        answer = self.api().call(
+            "CreateSubnet",
+            {
+                "VpcId": vpc_id,
+                "CidrBlock": str(cidr),
+                "AvailabilityZone": zone,
+                "TagSpecifications": [
+                    {"ResourceType": "subnet", "Tags": plan.node_tags(node, f"{node}-vms")}
+                ],
+            },
+        )
+        return str(answer["Subnet"]["SubnetId"])
+
     # --- the Platform contract -------------------------------------------------------------
 
     def provision(self, request: NodeRequest, record: ResourceRecorder) -> ProvisionResult:
         from cocoon_net.platform.aws.provision import Provision
 
         return Provision(self, request, record).run()
+
+    def claim_subnet(self, request: NodeRequest, record: ResourceRecorder) -> IPv4Network:
+        """The subnet tagged for this node in the instance's VPC, else the first block of the
+        VPC's CIDRs that no subnet overlaps, created in the instance's zone. EC2 refuses a
+        subnet that overlaps another (InvalidSubnet.Conflict), listed yet or not: a node
+        that was faster holds the block, and the next one is tried."""
+        ident, node, prefix = self.identity(), request.node_name, request.subnet.prefixlen
+        subnets = self.subnets(ident.vpc_id)
+        mine = sorted(
+            (s for s in plan.tagged_for(subnets, node) if plan.subnet_network(s)),
+            key=lambda s: (s.get("AvailabilityZone") != ident.zone, str(s.get("CidrBlock"))),
+        )
+        if mine:
+            return self._claimed(record, ident.vpc_id, mine[0]["SubnetId"], mine[0]["CidrBlock"])
+        cidrs = self.vpc_cidrs(ident.vpc_id)
+        taken = [n for s in subnets if (n := plan.subnet_network(s))]
+        for block in plan.free_blocks(cidrs, taken, prefix):
+            try:
+                subnet_id = self.create_subnet(ident.vpc_id, ident.zone, block, node)
+            except CloudConflict as exc:
+                log.info("%s was taken meanwhile (%s); trying the next block", block, exc)
+                continue
+            except CloudTimeout:
+                # The answer was lost, not necessarily the subnet: look once by its tag.
+                again = plan.tagged_for(self.subnets(ident.vpc_id), node)
+                if not again:
+                    raise
+                return self._claimed(
+                    record, ident.vpc_id, again[0]["SubnetId"], again[0]["CidrBlock"]
+                )
+            return self._claimed(record, ident.vpc_id, subnet_id, block)
+        raise CloudQuotaError(
+            f"VPC {ident.vpc_id} ({', '.join(map(str, cidrs))}) has no free /{prefix} left "
+            "for --subnet auto: pass a smaller --subnet-prefix or a --subnet"
+        )
+
+    @staticmethod
+    def _claimed(record: ResourceRecorder, vpc_id: str, subnet_id: Any, cidr: Any) -> IPv4Network:
+        network = IPv4Network(str(cidr), strict=False)
+        subnet = {"id": str(subnet_id), "cidr": str(network), "created": True}
+        record({"vpcId": vpc_id, "subnet": subnet})
+        return network
 
     def adopt(self, request: NodeRequest) -> ProvisionResult:
         """The pool is the addresses (secondary IPs and prefixes) inside --subnet that this
@@ -264,6 +326,7 @@ class AwsPlatform:
         subnet = cloud.get("subnet") or {}
         if subnet.get("created"):
             lines.append(f"delete subnet {subnet.get('id')} ({subnet.get('cidr')})")
+        lines.append(f"and any other subnet tagged {TAG_NODE}={state.node_name}")
         return lines
 
     def teardown(self, state: PoolState, record: ResourceRecorder) -> None:

@@ -12,7 +12,6 @@ import threading
 import uuid
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from ipaddress import IPv4Network
 from typing import TYPE_CHECKING, Any
 
 from cocoon_net import proc
@@ -25,13 +24,6 @@ from cocoon_net.platform.volc_api import wait_for
 
 if TYPE_CHECKING:
     from cocoon_net.platform.aws.platform import AwsPlatform
-
-
-def _network(raw: Mapping[str, Any]) -> IPv4Network | None:
-    try:
-        return IPv4Network(str(raw.get("CidrBlock", "")), strict=False)
-    except ValueError:
-        return None
 
 
 class Provision:
@@ -94,18 +86,23 @@ class Provision:
             },
         )
 
-    # The seam for `--subnet auto`: the CIDR arrives chosen in request.subnet; this step
-    # only finds or creates the VPC subnet that holds exactly it.
     def _ensure_subnet(self, vpc_id: str, zone: str) -> str:
+        """The VPC subnet that is exactly the pool's CIDR: found, or created in the
+        instance's zone and tagged for this node. With `--subnet auto` claim_subnet has
+        created and recorded it already."""
         cidr, node = self.req.subnet, self.req.node_name
         subnets = self.p.subnets(vpc_id)
-        match = next((s for s in subnets if _network(s) == cidr), None)
-        if match is not None:
+        match = next((s for s in subnets if plan.subnet_network(s) == cidr), None)
+        recorded = str(self.subnet.get("id") or "") if self.subnet.get("cidr") == str(cidr) else ""
+        if match is None and recorded:
+            # Created a moment ago and not listed yet (EC2 is eventually consistent):
+            # waited for below by its ID, never created twice.
+            subnet_id, created = recorded, bool(self.subnet.get("created"))
+        elif match is not None:
             subnet_id = str(match["SubnetId"])
-            tags = {str(t["Key"]): str(t.get("Value")) for t in match.get("Tags") or ()}
             created = bool(
-                (self.subnet.get("id") == subnet_id and self.subnet.get("created"))
-                or tags.get(plan.TAG_NODE) == node
+                (recorded == subnet_id and self.subnet.get("created"))
+                or plan.tagged_for([match], node)
             )
             if match.get("AvailabilityZone") != zone:
                 raise CloudError(
@@ -113,24 +110,15 @@ class Provision:
                     f"instance is in {zone}: ENIs need a subnet in the instance's zone"
                 )
         else:
-            clash = next((s for s in subnets if (n := _network(s)) and n.overlaps(cidr)), None)
+            clash = next(
+                (s for s in subnets if (n := plan.subnet_network(s)) and n.overlaps(cidr)), None
+            )
             if clash is not None:
                 raise CloudError(
                     f"--subnet {cidr} overlaps subnet {clash.get('SubnetId')} "
                     f"({clash.get('CidrBlock')}) of VPC {vpc_id}: pick a free range"
                 )
-            answer = self.p.api().call(
-                "CreateSubnet",
-                {
-                    "VpcId": vpc_id,
-                    "CidrBlock": str(cidr),
-                    "AvailabilityZone": zone,
-                    "TagSpecifications": [
-                        {"ResourceType": "subnet", "Tags": plan.node_tags(node, f"{node}-vms")}
-                    ],
-                },
-            )
-            subnet_id = str(answer["Subnet"]["SubnetId"])
+            subnet_id = self.p.create_subnet(vpc_id, zone, cidr, node)
             created = True
         self.subnet = {"id": subnet_id, "cidr": str(cidr), "created": created}
         self._record({"subnet": self.subnet})

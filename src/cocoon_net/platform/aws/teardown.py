@@ -113,22 +113,21 @@ class Teardown:
         return []
 
     def _remove_subnet(self, subnet: Mapping[str, Any], vpc_id: Any) -> list[str]:
-        subnet_id = str(subnet.get("id") or "") if subnet.get("created") else ""
-        if not subnet_id and vpc_id:
-            # A crash between CreateSubnet and its record leaves only the tag to go by.
-            tagged = [
-                s
-                for s in self.p.subnets(str(vpc_id))
-                if {"Key": plan.TAG_NODE, "Value": self.state.node_name} in (s.get("Tags") or ())
-                and str(s["SubnetId"]) != subnet.get("id")
-            ]
-            subnet_id = str(tagged[0]["SubnetId"]) if tagged else ""
-        if not subnet_id:
-            return []
-        try:
-            with contextlib.suppress(CloudNotFound):
-                self.p.api().call("DeleteSubnet", {"SubnetId": subnet_id})
-        except CloudError as exc:
-            return [f"subnet {subnet_id}: {exc}"]
-        self._record({"subnet": {}})
-        return []
+        """The recorded subnet when init created it, and any other subnet tagged for this
+        node: a crash between CreateSubnet and its record, or a lost answer, leaves only the
+        tag to go by. A subnet that existed before init carries no tag of ours and stays."""
+        recorded = str(subnet.get("id") or "")
+        doomed = [recorded] if recorded and subnet.get("created") else []
+        if vpc_id:
+            tagged = plan.tagged_for(self.p.subnets(str(vpc_id)), self.state.node_name)
+            doomed += [i for s in tagged if (i := str(s["SubnetId"])) not in (*doomed, recorded)]
+        failures = []
+        for subnet_id in doomed:
+            try:
+                with contextlib.suppress(CloudNotFound):
+                    self.p.api().call("DeleteSubnet", {"SubnetId": subnet_id})
+            except CloudError as exc:
+                failures.append(f"subnet {subnet_id}: {exc}")
+        if not failures:
+            self._record({"subnet": {}})
+        return failures
