@@ -208,7 +208,7 @@ def test_free_blocks_skip_every_overlap_and_go_through_each_vpc_cidr_in_order() 
 
 
 def test_only_subnets_tagged_for_the_node_are_its_own() -> None:
-    subnets = [
+    subnets: list[dict[str, Any]] = [
         {"SubnetId": "subnet-a", "Tags": [{"Key": plan.TAG_NODE, "Value": "n1"}]},
         {"SubnetId": "subnet-b", "Tags": [{"Key": plan.TAG_NODE, "Value": "n2"}]},
         {"SubnetId": "subnet-c", "Tags": [{"Key": "Name", "Value": "n1"}]},
