@@ -524,19 +524,55 @@ def link_name(eni_id: str) -> str:
     return "en" + eni_id[-12:]
 
 
-class AwsWorld:
-    """One account as a test needs it: a VPC with the node's subnet, the instance (its
-    primary ENI's MAC on the namespace's eth0), the IMDS emulator and the proxy, both
-    listening inside the node's namespace."""
+class AwsInstance:
+    """One instance of the account: its primary ENI's MAC, its IMDS emulator and its proxy,
+    both listening inside its node's namespace, as every instance reaches only its own."""
+
+    def __init__(self, world: AwsWorld, netns: str, instance_type: str) -> None:
+        from tests.emulators import EmulatorServer
+        from tests.emulators.imds import ImdsEmulator
+
+        self.instance = world.client.run_instances(
+            ImageId="ami-12345678",
+            MinCount=1,
+            MaxCount=1,
+            InstanceType=instance_type,
+            SubnetId=world.node_subnet,
+        )["Instances"][0]
+        self.instance_id = str(self.instance["InstanceId"])
+        primary = self.instance["NetworkInterfaces"][0]
+        self.mac = str(primary["MacAddress"])
+        self.sg = str(primary["Groups"][0]["GroupId"])
+        self.imds = ImdsEmulator(self.instance_id, world.REGION, world.ZONE, self.mac, world.vpc_id)
+        self.imds_server = EmulatorServer(self.imds.handle, netns=netns).start()
+        self.proxy = Ec2Proxy(world.moto.url, netns=netns, hotplug=True).start()
+
+    def environ(self) -> dict[str, str]:
+        """Everything the platform needs to reach this account and nothing real."""
+        return {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_ENDPOINT_URL_EC2": self.proxy.url,
+            "AWS_EC2_METADATA_SERVICE_ENDPOINT": self.imds_server.url,
+            "AWS_CONFIG_FILE": "/nonexistent/aws-config",
+            "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/aws-credentials",
+        }
+
+    def stop(self) -> None:
+        self.proxy.stop()
+        self.imds.hung.set()
+        self.imds_server.stop()
+
+
+class AwsWorld(AwsInstance):
+    """One account as a test needs it: a VPC with the node's subnet and the instance (its
+    primary ENI's MAC on the namespace's eth0); `add_instance` puts more in the same VPC."""
 
     REGION = "us-east-1"
     ZONE = "us-east-1a"
     VPC_CIDR = "10.0.0.0/16"
 
     def __init__(self, moto: MotoServer, netns: str, instance_type: str = "c5.metal") -> None:
-        from tests.emulators import EmulatorServer
-        from tests.emulators.imds import ImdsEmulator
-
         moto.reset()
         self.moto = moto
         self.netns = netns
@@ -545,20 +581,10 @@ class AwsWorld:
         self.node_subnet = self.client.create_subnet(
             VpcId=self.vpc_id, CidrBlock="10.0.0.0/24", AvailabilityZone=self.ZONE
         )["Subnet"]["SubnetId"]
-        self.instance = self.client.run_instances(
-            ImageId="ami-12345678",
-            MinCount=1,
-            MaxCount=1,
-            InstanceType=instance_type,
-            SubnetId=self.node_subnet,
-        )["Instances"][0]
-        self.instance_id = str(self.instance["InstanceId"])
-        primary = self.instance["NetworkInterfaces"][0]
-        self.mac = str(primary["MacAddress"])
-        self.sg = str(primary["Groups"][0]["GroupId"])
-        self.imds = ImdsEmulator(self.instance_id, self.REGION, self.ZONE, self.mac, self.vpc_id)
-        self.imds_server = EmulatorServer(self.imds.handle, netns=netns).start()
-        self.proxy = Ec2Proxy(moto.url, netns=netns, hotplug=True).start()
+        super().__init__(self, netns, instance_type)
+
+    def add_instance(self, netns: str, instance_type: str = "c5.metal") -> AwsInstance:
+        return AwsInstance(self, netns, instance_type)
 
     @staticmethod
     def sdk(url: str) -> Any:
@@ -571,17 +597,6 @@ class AwsWorld:
             aws_access_key_id="testing",
             aws_secret_access_key="testing",
         )
-
-    def environ(self) -> dict[str, str]:
-        """Everything the platform needs to reach this account and nothing real."""
-        return {
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_ENDPOINT_URL_EC2": self.proxy.url,
-            "AWS_EC2_METADATA_SERVICE_ENDPOINT": self.imds_server.url,
-            "AWS_CONFIG_FILE": "/nonexistent/aws-config",
-            "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/aws-credentials",
-        }
 
     def add_foreign_eni(self, *, attach: bool = True, tags: dict[str, str] | None = None) -> str:
         """Someone else's ENI in the node's subnet, attached here unless told otherwise."""
@@ -635,8 +650,3 @@ class AwsWorld:
             Filters=[{"Name": "tag:cocoon-net:node", "Values": [node]}]
         )
         return list(answer["NetworkInterfaces"])
-
-    def stop(self) -> None:
-        self.proxy.stop()
-        self.imds.hung.set()
-        self.imds_server.stop()
