@@ -62,6 +62,16 @@ def _all_at_once(runs: Sequence[tuple[list[str], dict[str, str]]]) -> list[str]:
     return errors
 
 
+def _init_all(nodes: Sequence[tuple[Netns, dict[str, str], NodePaths]], init: list[str]) -> None:
+    """Node i is node-<i>, with a pool of 10: every init at once."""
+    pool = ["--pool-size", "10"]
+    runs = [
+        (run_args(p, "init", *init, *pool, "--node-name", f"node-{i}", netns=ns.name), env)
+        for i, (ns, env, p) in enumerate(nodes)
+    ]
+    _all_at_once(runs)
+
+
 def _claimed(nodes: Sequence[tuple[Netns, dict[str, str], NodePaths]]) -> list[IPv4Network]:
     subnets = [state.load(paths.pool).network for _, _, paths in nodes]
     assert len(set(subnets)) == len(nodes)
@@ -89,25 +99,7 @@ def test_gke_fleet_claims_20_distinct_blocks_and_leaves_nothing(
             env["COCOON_NET_GCE_AGENT_CONFIG"] = str(tmp_path / f"agent-{i}.cfg")
             nodes.append((ns, env, NodePaths(tmp_path / f"n{i}")))
         before = gce.snapshot()
-        init = ["--platform", "gke", "--subnet", "auto", "--range-cidr", str(FLEET)]
-        _all_at_once(
-            [
-                (
-                    run_args(
-                        p,
-                        "init",
-                        *init,
-                        "--node-name",
-                        f"node-{i}",
-                        "--pool-size",
-                        "10",
-                        netns=ns.name,
-                    ),
-                    env,
-                )
-                for i, (ns, env, p) in enumerate(nodes)
-            ]
-        )
+        _init_all(nodes, ["--platform", "gke", "--subnet", "auto", "--range-cidr", str(FLEET)])
         subnets = _claimed(nodes)
         assert all(s.subnet_of(FLEET) and s.prefixlen == 24 for s in subnets)
         held = {
@@ -139,25 +131,7 @@ def test_volcengine_fleet_creates_20_distinct_subnets_and_leaves_nothing(
             env["GCE_METADATA_HOST"] = "127.0.0.1:9"
             nodes.append((ns, env, NodePaths(tmp_path / f"n{i}")))
         before = emu.snapshot()
-        init = ["--platform", "volcengine", "--subnet", "auto", "--primary-nic", "eth0"]
-        _all_at_once(
-            [
-                (
-                    run_args(
-                        p,
-                        "init",
-                        *init,
-                        "--node-name",
-                        f"node-{i}",
-                        "--pool-size",
-                        "10",
-                        netns=ns.name,
-                    ),
-                    env,
-                )
-                for i, (ns, env, p) in enumerate(nodes)
-            ]
-        )
+        _init_all(nodes, ["--platform", "volcengine", "--subnet", "auto", "--primary-nic", "eth0"])
         subnets = _claimed(nodes)
         assert all(s.subnet_of(emu.vpc_cidr) for s in subnets)
         for (ns, _, paths), subnet in zip(nodes, subnets, strict=True):
@@ -189,25 +163,7 @@ def test_aws_fleet_creates_20_distinct_subnets_and_leaves_nothing(
             ns.ip("link", "set", "eth0", "up")
             nodes.append((ns, instance.environ(), NodePaths(tmp_path / f"n{i}")))
         before = world.snapshot()
-        init = ["--platform", "aws", "--subnet", "auto", "--primary-nic", "eth0"]
-        _all_at_once(
-            [
-                (
-                    run_args(
-                        p,
-                        "init",
-                        *init,
-                        "--node-name",
-                        f"node-{i}",
-                        "--pool-size",
-                        "10",
-                        netns=ns.name,
-                    ),
-                    env,
-                )
-                for i, (ns, env, p) in enumerate(nodes)
-            ]
-        )
+        _init_all(nodes, ["--platform", "aws", "--subnet", "auto", "--primary-nic", "eth0"])
         subnets = _claimed(nodes)
         assert all(s.subnet_of(IPv4Network(AwsWorld.VPC_CIDR)) for s in subnets)
         cidrs = {s["SubnetId"]: s["CidrBlock"] for s in world.client.describe_subnets()["Subnets"]}

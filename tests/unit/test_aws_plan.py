@@ -16,6 +16,7 @@ from cocoon_net.errors import (
     CloudQuotaError,
     UsageError,
 )
+from cocoon_net.platform import eni_steps
 from cocoon_net.platform.aws import imds, plan
 from cocoon_net.platform.aws.ec2 import classify, repeatable
 from cocoon_net.platform.aws.plan import MODE_IP, MODE_PREFIX, Eni, Limits
@@ -215,5 +216,5 @@ def test_only_subnets_tagged_for_the_node_are_its_own() -> None:
         {"SubnetId": "subnet-d"},
     ]
     assert [s["SubnetId"] for s in plan.tagged_for(subnets, "n1")] == ["subnet-a"]
-    assert plan.subnet_network({"CidrBlock": "10.0.1.0/24"}) == IPv4Network("10.0.1.0/24")
-    assert plan.subnet_network({}) is None
+    assert eni_steps.subnet_network({"CidrBlock": "10.0.1.0/24"}) == IPv4Network("10.0.1.0/24")
+    assert eni_steps.subnet_network({}) is None

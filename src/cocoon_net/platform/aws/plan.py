@@ -258,14 +258,6 @@ def vpc_cidrs(vpc: Mapping[str, Any]) -> list[IPv4Network]:
     return out
 
 
-def subnet_network(raw: Mapping[str, Any]) -> IPv4Network | None:
-    """A DescribeSubnets entry's IPv4 CIDR, or None when it has none we can read."""
-    try:
-        return IPv4Network(str(raw.get("CidrBlock", "")), strict=False)
-    except ValueError:
-        return None
-
-
 def tagged_for(subnets: Iterable[Mapping[str, Any]], node: str) -> list[Mapping[str, Any]]:
     """The subnets tagged as node's: only init tags a subnet, and only one it created."""
     mark = {"Key": TAG_NODE, "Value": node}

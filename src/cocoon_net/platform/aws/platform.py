@@ -25,6 +25,7 @@ from typing import Any
 
 from cocoon_net.errors import CloudConflict, CloudError, CloudQuotaError, CloudTimeout
 from cocoon_net.node import nic
+from cocoon_net.platform import eni_steps
 from cocoon_net.platform.aws import imds, plan
 from cocoon_net.platform.aws.ec2 import Ec2Api
 from cocoon_net.platform.aws.plan import TAG_NODE, Eni, Limits
@@ -169,13 +170,13 @@ class AwsPlatform:
         ident, node, prefix = self.identity(), request.node_name, request.subnet.prefixlen
         subnets = self.subnets(ident.vpc_id)
         mine = sorted(
-            (s for s in plan.tagged_for(subnets, node) if plan.subnet_network(s)),
+            (s for s in plan.tagged_for(subnets, node) if eni_steps.subnet_network(s)),
             key=lambda s: (s.get("AvailabilityZone") != ident.zone, str(s.get("CidrBlock"))),
         )
         if mine:
             return self._claimed(record, ident.vpc_id, mine[0]["SubnetId"], mine[0]["CidrBlock"])
         cidrs = self.vpc_cidrs(ident.vpc_id)
-        taken = [n for s in subnets if (n := plan.subnet_network(s))]
+        taken = [n for s in subnets if (n := eni_steps.subnet_network(s))]
         for block in plan.free_blocks(cidrs, taken, prefix):
             try:
                 subnet_id = self.create_subnet(ident.vpc_id, ident.zone, block, node)
@@ -224,9 +225,7 @@ class AwsPlatform:
                 f"{ident.instance_id}: nothing to adopt (run 'cocoon-net init' to create them)"
             )
         used = [eni for eni in holding if set(eni.addresses()) & set(ips)]
-        recorded = {
-            str(e.get("id")) for e in request.cloud.get("enis") or () if isinstance(e, dict)
-        }
+        recorded = set(eni_steps.recorded_enis(request.cloud))
         ours = [eni for eni in used if plan.is_ours(eni, node, recorded)]
         nics = {eni.id: nic.link_by_mac(eni.mac) or "" for eni in used}
         return ProvisionResult(
@@ -255,7 +254,7 @@ class AwsPlatform:
             str(limits["mode"]),
         )
         targets = plan.unit_targets(request.pool_size, recorded)
-        enis = [e for e in state.cloud.get("enis") or () if isinstance(e, dict)]
+        enis = list(eni_steps.recorded_enis(state.cloud).values())
         return plan.kept_ips(enis, targets, recorded.mode, state.pool_ips, request.pool_size)
 
     def status(self, state: PoolState) -> list[StatusLine]:
@@ -272,41 +271,21 @@ class AwsPlatform:
             )
         subnet = cloud.get("subnet") or {}
         if subnet.get("id"):
-            found = (
-                self.api()
-                .call(
-                    "DescribeSubnets",
-                    {"Filters": [{"Name": "subnet-id", "Values": [subnet["id"]]}]},
-                )
-                .get("Subnets")
+            found = self.api().call(
+                "DescribeSubnets", {"Filters": [{"Name": "subnet-id", "Values": [subnet["id"]]}]}
             )
-            text = (
-                f"{found[0].get('State')}, {found[0].get('AvailableIpAddressCount')} free"
-                if found
-                else "missing"
-            )
-            owner = "created by cocoon-net" if subnet.get("created") else "pre-existing"
-            lines.append(
-                StatusLine("SubnetID", f"{subnet['id']} {subnet.get('cidr', '')} ({text}; {owner})")
-            )
-        recorded = {str(e.get("id")) for e in cloud.get("enis") or () if isinstance(e, dict)}
+            lines.append(eni_steps.subnet_status(subnet, found.get("Subnets") or [], "State"))
+        recorded = set(eni_steps.recorded_enis(cloud))
         enis = sorted(self.our_enis(state.node_name, recorded), key=lambda e: (e.slot or 0, e.id))
         lines.append(StatusLine("ENIs", str(len(enis))))
         for eni in enis:
+            name = plan.eni_name(state.node_name, eni.slot or 0)
             held = f"{len(eni.prefixes)} prefixes, {len(eni.secondary)} IPs"
-            lines.append(
-                StatusLine(
-                    f"  {eni.id}",
-                    f"{plan.eni_name(state.node_name, eni.slot or 0)} mac {eni.mac} "
-                    f"if {nic.link_by_mac(eni.mac) or '-'} {eni.status} {held}",
-                )
-            )
+            lines.append(eni_steps.eni_status(eni.id, name, eni.mac, eni.status, held))
         return lines
 
     def primary_nic(self) -> str | None:
-        """The link with the metadata's primary MAC, else the default route's device."""
-        mac = self.identity().mac
-        return (nic.link_by_mac(mac) if mac else None) or nic.primary_nic()
+        return eni_steps.primary_nic(self.identity().mac)
 
     def fix_host(self, state: PoolState) -> list[str]:
         return []
@@ -316,8 +295,7 @@ class AwsPlatform:
         lines = [
             f"detach and delete ENI {e.get('id')} (slot {e.get('slot')}, "
             f"{len(e.get('prefixes') or [])} prefixes, {len(e.get('ips') or [])} IPs)"
-            for e in cloud.get("enis") or ()
-            if isinstance(e, dict)
+            for e in eni_steps.recorded_enis(cloud).values()
         ]
         lines.append(f"and any other ENI tagged {TAG_NODE}={state.node_name}")
         sg = cloud.get("securityGroup") or {}

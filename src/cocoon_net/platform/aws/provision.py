@@ -14,9 +14,8 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from cocoon_net import proc
 from cocoon_net.errors import CloudConflict, CloudError, HostSetupError
-from cocoon_net.node import nic
+from cocoon_net.platform import eni_steps
 from cocoon_net.platform.aws import plan
 from cocoon_net.platform.aws.plan import MODE_PREFIX, Eni, Limits
 from cocoon_net.platform.base import NodeRequest, ProvisionResult, ResourceRecorder
@@ -36,9 +35,7 @@ class Provision:
         self._lock = threading.Lock()  # ENI threads record concurrently
         prev = request.cloud
         self.subnet: dict[str, Any] = dict(prev.get("subnet") or {})
-        self.enis: dict[str, dict[str, Any]] = {
-            str(e["id"]): dict(e) for e in prev.get("enis") or () if isinstance(e, dict)
-        }
+        self.enis = eni_steps.recorded_enis(prev)
         # slot -> the token and address count of a create that may have happened
         self.tokens: dict[str, dict[str, Any]] = {
             str(k): dict(v)
@@ -92,7 +89,7 @@ class Provision:
         created and recorded it already."""
         cidr, node = self.req.subnet, self.req.node_name
         subnets = self.p.subnets(vpc_id)
-        match = next((s for s in subnets if plan.subnet_network(s) == cidr), None)
+        match = next((s for s in subnets if eni_steps.subnet_network(s) == cidr), None)
         recorded = str(self.subnet.get("id") or "") if self.subnet.get("cidr") == str(cidr) else ""
         if match is None and recorded:
             # Created a moment ago and not listed yet (EC2 is eventually consistent):
@@ -110,9 +107,8 @@ class Provision:
                     f"instance is in {zone}: ENIs need a subnet in the instance's zone"
                 )
         else:
-            clash = next(
-                (s for s in subnets if (n := plan.subnet_network(s)) and n.overlaps(cidr)), None
-            )
+            networks = [(s, eni_steps.subnet_network(s)) for s in subnets]
+            clash = next((s for s, n in networks if n and n.overlaps(cidr)), None)
             if clash is not None:
                 raise CloudError(
                     f"--subnet {cidr} overlaps subnet {clash.get('SubnetId')} "
@@ -326,19 +322,6 @@ class Provision:
                 f"to hold {target} {mode} units",
                 lambda e: plan.excess(e, mode, target) == ([], []) and e.units(mode) == target,
             )
-        ifname = _link_up(eni.mac, self.p)
+        ifname = eni_steps.link_up(eni.mac, self.p.poll)
         self._save(eni, ifname)
         return eni, ifname
-
-
-def _link_up(mac: str, platform: AwsPlatform) -> str:
-    """The OS interface of an attached ENI, found by MAC once hot-plug made it appear."""
-    name = wait_for(
-        lambda: nic.link_by_mac(mac),
-        lambda found: found is not None,
-        what=f"network interface with MAC {mac} to appear",
-        policy=platform.poll,
-    )
-    assert name is not None
-    proc.run(["ip", "link", "set", "dev", name, "up"])
-    return name
