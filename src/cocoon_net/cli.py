@@ -118,7 +118,7 @@ def _add_node_flags(p: argparse.ArgumentParser, *, pool_default: int) -> None:
         "--subnet",
         required=True,
         help="VM subnet CIDR, e.g. 172.20.100.0/24, or (init) 'auto': claim the first free "
-        "/--subnet-prefix block (gke: in --range-cidr; volcengine: in the VPC) (required)",
+        "/--subnet-prefix block (gke: in --range-cidr; volcengine, aws: in the VPC) (required)",
     )
     p.add_argument("--subnet-prefix", type=int, default=24, help="--subnet auto's size (24)")
     p.add_argument(

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from cocoon_net import state
+from cocoon_net.errors import MAX_LINE
 from tests.emulators.aws import AwsWorld, MotoServer
 from tests.support.cli import NodePaths, cocoon, kernel_snapshot, run_args, torn_down
 from tests.support.netns import Netns
@@ -205,4 +206,147 @@ def test_aws_adopt_changes_nothing_and_teardown_finds_ours_by_tag(node: Node) ->
     assert foreign not in pool.eni_ids  # it holds no address of the VM subnet
     # adopt recorded neither the subnet nor the rule: teardown goes by their tag and mark
     node.ok("teardown")
+    assert node.world.snapshot() == cloud_before
+
+
+# --- --subnet auto ------------------------------------------------------------------------
+
+AUTO = ["--node-name", "aws-node", "--platform", "aws", "--subnet", "auto", "--pool-size", "16"]
+
+
+def _error_line(err: str) -> str:
+    """The one error line of a failed command; every line it wrote is short."""
+    lines = err.strip().splitlines()
+    assert all(len(line) <= MAX_LINE for line in lines), max(lines, key=len)
+    errors = [line for line in lines if line.startswith("cocoon-net: ")]
+    assert len(errors) == 1, err
+    return errors[0]
+
+
+def _ours(world: AwsWorld) -> list[tuple[str, str, str]]:
+    """(id, CIDR, zone) of every subnet tagged for the node."""
+    answer = world.client.describe_subnets(
+        Filters=[{"Name": "tag:cocoon-net:node", "Values": ["aws-node"]}]
+    )
+    return [(s["SubnetId"], s["CidrBlock"], s["AvailabilityZone"]) for s in answer["Subnets"]]
+
+
+def _operator_subnet(world: AwsWorld, cidr: str) -> str:
+    return str(
+        world.client.create_subnet(
+            VpcId=world.vpc_id, CidrBlock=cidr, AvailabilityZone=AwsWorld.ZONE
+        )["Subnet"]["SubnetId"]
+    )
+
+
+def test_aws_auto_claims_the_first_free_block_rerun_changes_nothing_teardown_deletes_it(
+    node: Node,
+) -> None:
+    operator = _operator_subnet(node.world, "10.0.1.0/24")
+    cloud_before = node.world.snapshot()
+    dry = node.ok("init", *AUTO, "--dry-run")
+    assert "subnet:          auto (the first free /24, claimed by init)" in dry
+    assert node.world.snapshot() == cloud_before and not node.paths.pool.exists()
+
+    out = node.ok("init", *AUTO)
+    assert "16 IPs provisioned on 10.0.2.0/24 (aws)" in out  # past eth0's and the operator's
+    ((subnet_id, _, zone),) = _ours(node.world)
+    assert zone == AwsWorld.ZONE  # the instance's zone, where its ENIs can use it
+    pool = state.load(node.paths.pool)
+    assert pool.cloud["subnetAuto"] is True
+    assert pool.cloud["subnet"] == {"id": subnet_id, "cidr": "10.0.2.0/24", "created": True}
+    (eni,) = node.world.ours("aws-node")
+    assert eni["SubnetId"] == subnet_id and pool.eni_ids == [eni["NetworkInterfaceId"]]
+
+    made = len(node.mutations())
+    again = node.ok("init", *AUTO)
+    assert "on 10.0.2.0/24 (aws)" in again and len(node.mutations()) == made
+    assert "SubnetID" in node.ok("status") and subnet_id in node.ok("status")
+    dry = node.ok("teardown", "--dry-run")
+    assert f"delete subnet {subnet_id} (10.0.2.0/24)" in dry
+
+    node.ok("teardown")
+    assert node.world.snapshot() == cloud_before  # ours gone, the operator's kept
+    assert operator in node.world.snapshot()["subnets"]
+
+
+def test_aws_auto_loses_a_race_for_a_block_and_takes_the_next(node: Node) -> None:
+    """Another node created 10.0.1.0/24 a moment ago and DescribeSubnets does not list it
+    yet: EC2's InvalidSubnet.Conflict is the only word, and the next block is taken."""
+    cloud_before = node.world.snapshot()
+    other = _operator_subnet(node.world, "10.0.1.0/24")
+    node.world.proxy.hide("DescribeSubnets", other, describes=99)
+    code, out, err = node.run("init", *AUTO)
+    assert code == 0, err
+    assert "on 10.0.2.0/24 (aws)" in out
+    taken = [ln for ln in err.splitlines() if "10.0.1.0/24 was taken meanwhile" in ln]
+    assert taken and " info " in taken[0] and "InvalidSubnet.Conflict" in taken[0]
+    node.ok("teardown")
+    node.world.client.delete_subnet(SubnetId=other)
+    assert node.world.snapshot() == cloud_before
+
+
+@pytest.mark.parametrize("kind", ["lost", "InternalError"])
+def test_aws_auto_create_subnet_fault_is_recovered_by_a_rerun(node: Node, kind: str) -> None:
+    cloud_before = node.world.snapshot()
+    node.world.proxy.inject("CreateSubnet", kind)
+    # lost: made, unanswered, and not listed yet either, so the one look by tag misses it
+    node.world.proxy.hide_new("CreateSubnet", describes=1)
+    code, _, err = node.run("init", *AUTO)
+    assert code == 1 and "EC2 CreateSubnet" in _error_line(err), err
+    assert len(_ours(node.world)) == (1 if kind == "lost" else 0)
+    node.ok("init", *AUTO)
+    ((subnet_id, cidr, _),) = _ours(node.world)  # found again by its tag, never made twice
+    assert cidr == "10.0.1.0/24" and state.load(node.paths.pool).cloud["subnet"]["id"] == subnet_id
+    node.ok("teardown")
+    assert node.world.snapshot() == cloud_before
+
+
+@pytest.mark.parametrize("fault", ["lost", "not listed yet"])
+def test_aws_auto_a_subnet_made_but_unseen_is_found_in_the_same_run(node: Node, fault: str) -> None:
+    """A lost answer is followed by one look by tag; a subnet not listed yet is waited for
+    by its ID. Either way the one subnet made is the node's: never a second."""
+    cloud_before = node.world.snapshot()
+    if fault == "lost":
+        node.world.proxy.inject("CreateSubnet", "lost")
+    else:
+        node.world.proxy.hide_new("CreateSubnet", describes=3)
+    node.ok("init", *AUTO)
+    assert node.world.proxy.calls.count("CreateSubnet") == 1 and len(_ours(node.world)) == 1
+    node.ok("teardown")
+    assert node.world.snapshot() == cloud_before
+
+
+def test_aws_auto_a_full_vpc_is_refused_in_one_line_with_nothing_made(node: Node) -> None:
+    cloud_before = node.world.snapshot()
+    code, _, err = node.run("init", *AUTO, "--subnet-prefix", "16")
+    assert code == 1, err
+    assert "has no free /16 left for --subnet auto" in _error_line(err)
+    assert node.world.snapshot() == cloud_before
+
+
+def test_aws_teardown_deletes_every_subnet_tagged_for_the_node_and_no_other(node: Node) -> None:
+    """A claim whose record was lost (pool.json written by an older run, a crash) leaves a
+    tagged subnet behind: teardown finds it by the tag. A --subnet that existed stays."""
+    existing = _operator_subnet(node.world, "10.0.100.0/24")
+    cloud_before = node.world.snapshot()
+    node.ok("init", *INIT, "--pool-size", "16")
+    assert state.load(node.paths.pool).cloud["subnet"]["created"] is False
+    stray = node.world.client.create_subnet(
+        VpcId=node.world.vpc_id,
+        CidrBlock="10.0.7.0/24",
+        AvailabilityZone=AwsWorld.ZONE,
+        TagSpecifications=[
+            {"ResourceType": "subnet", "Tags": [{"Key": "cocoon-net:node", "Value": "aws-node"}]}
+        ],
+    )["Subnet"]["SubnetId"]
+    dry = node.ok("teardown", "--dry-run")
+    assert "delete subnet" not in dry and "any other subnet tagged cocoon-net:node=aws-node" in dry
+    # pool.json says the pool's subnet was there before init: that outweighs a tag
+    mark = [{"Key": "cocoon-net:node", "Value": "aws-node"}]
+    node.world.client.create_tags(Resources=[existing], Tags=mark)
+    node.ok("teardown")
+    subnets = node.world.snapshot()["subnets"]
+    assert stray not in subnets and existing in subnets
+    node.world.client.delete_tags(Resources=[existing], Tags=mark)
     assert node.world.snapshot() == cloud_before

@@ -18,6 +18,8 @@ query API to it and adds:
 - addresses handed out lowest-first and never twice (moto draws them at random, unchecked);
 - ClientToken idempotency: a repeated token gets the first answer back, or
   IdempotentParameterMismatch when its other parameters differ;
+- CreateSubnet one at a time across every proxy in front of one moto, so that its
+  InvalidSubnet.Conflict settles a race between nodes as EC2's does;
 - hot-plug: an attach creates a veth link with the ENI's MAC in the namespace, a detach
   removes it, as the hypervisor would;
 - faults: throttling and errors answered before moto sees the call, lost answers (moto does
@@ -117,6 +119,13 @@ class Fault:
     times: int
 
 
+_ACCOUNT_LOCKS: dict[str, threading.Lock] = {}
+
+
+def _account_lock(moto_url: str) -> threading.Lock:
+    return _ACCOUNT_LOCKS.setdefault(moto_url, threading.Lock())
+
+
 class ProxyError(Exception):
     def __init__(self, code: str, message: str, status: int = 400) -> None:
         super().__init__(message)
@@ -153,6 +162,10 @@ class Ec2Proxy:
     def hide_new(self, create: str, *, describes: int) -> None:
         """The next resource `create` makes stays out of `describes` Describe answers."""
         self._hide_next[create] = describes
+
+    def hide(self, describe: str, resource_id: str, *, describes: int) -> None:
+        """A resource made elsewhere a moment ago: out of the next `describes` answers."""
+        self._hidden.setdefault(describe, []).append([resource_id, describes])
 
     @property
     def url(self) -> str:
@@ -334,7 +347,7 @@ class Ec2Proxy:
             describe = (
                 "DescribeSubnets" if action == "CreateSubnet" else "DescribeNetworkInterfaces"
             )
-            self._hidden.setdefault(describe, []).append([created, self._hide_next.pop(action)])
+            self.hide(describe, created, describes=self._hide_next.pop(action))
         if action.startswith("Describe"):
             self._hide(action, root)
         for item in root.iter():
@@ -366,6 +379,13 @@ class Ec2Proxy:
             ET.SubElement(ET.SubElement(prefix_set, _q("item")), _q("ipv4Prefix")).text = str(net)
 
     # --- actions moto gets wrong or leaves out ---------------------------------------------
+
+    def _a_CreateSubnet(self, form: dict[str, str], headers: dict[str, str]) -> tuple[int, bytes]:
+        # moto checks for an overlapping subnet, then adds the new one, with nothing held
+        # between: two proxies of one account could both pass the check. EC2 decides one
+        # CreateSubnet at a time, and so does every proxy in front of this moto.
+        with _account_lock(self.moto_url):
+            return self._forward(form, headers)
 
     def _a_CreateNetworkInterface(
         self, form: dict[str, str], headers: dict[str, str]
@@ -504,19 +524,55 @@ def link_name(eni_id: str) -> str:
     return "en" + eni_id[-12:]
 
 
-class AwsWorld:
-    """One account as a test needs it: a VPC with the node's subnet, the instance (its
-    primary ENI's MAC on the namespace's eth0), the IMDS emulator and the proxy, both
-    listening inside the node's namespace."""
+class AwsInstance:
+    """One instance of the account: its primary ENI's MAC, its IMDS emulator and its proxy,
+    both listening inside its node's namespace, as every instance reaches only its own."""
+
+    def __init__(self, world: AwsWorld, netns: str, instance_type: str) -> None:
+        from tests.emulators import EmulatorServer
+        from tests.emulators.imds import ImdsEmulator
+
+        self.instance = world.client.run_instances(
+            ImageId="ami-12345678",
+            MinCount=1,
+            MaxCount=1,
+            InstanceType=instance_type,
+            SubnetId=world.node_subnet,
+        )["Instances"][0]
+        self.instance_id = str(self.instance["InstanceId"])
+        primary = self.instance["NetworkInterfaces"][0]
+        self.mac = str(primary["MacAddress"])
+        self.sg = str(primary["Groups"][0]["GroupId"])
+        self.imds = ImdsEmulator(self.instance_id, world.REGION, world.ZONE, self.mac, world.vpc_id)
+        self.imds_server = EmulatorServer(self.imds.handle, netns=netns).start()
+        self.proxy = Ec2Proxy(world.moto.url, netns=netns, hotplug=True).start()
+
+    def environ(self) -> dict[str, str]:
+        """Everything the platform needs to reach this account and nothing real."""
+        return {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_ENDPOINT_URL_EC2": self.proxy.url,
+            "AWS_EC2_METADATA_SERVICE_ENDPOINT": self.imds_server.url,
+            "AWS_CONFIG_FILE": "/nonexistent/aws-config",
+            "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/aws-credentials",
+        }
+
+    def stop(self) -> None:
+        self.proxy.stop()
+        self.imds.hung.set()
+        self.imds_server.stop()
+
+
+class AwsWorld(AwsInstance):
+    """One account as a test needs it: a VPC with the node's subnet and the instance (its
+    primary ENI's MAC on the namespace's eth0); `add_instance` puts more in the same VPC."""
 
     REGION = "us-east-1"
     ZONE = "us-east-1a"
     VPC_CIDR = "10.0.0.0/16"
 
     def __init__(self, moto: MotoServer, netns: str, instance_type: str = "c5.metal") -> None:
-        from tests.emulators import EmulatorServer
-        from tests.emulators.imds import ImdsEmulator
-
         moto.reset()
         self.moto = moto
         self.netns = netns
@@ -525,20 +581,10 @@ class AwsWorld:
         self.node_subnet = self.client.create_subnet(
             VpcId=self.vpc_id, CidrBlock="10.0.0.0/24", AvailabilityZone=self.ZONE
         )["Subnet"]["SubnetId"]
-        self.instance = self.client.run_instances(
-            ImageId="ami-12345678",
-            MinCount=1,
-            MaxCount=1,
-            InstanceType=instance_type,
-            SubnetId=self.node_subnet,
-        )["Instances"][0]
-        self.instance_id = str(self.instance["InstanceId"])
-        primary = self.instance["NetworkInterfaces"][0]
-        self.mac = str(primary["MacAddress"])
-        self.sg = str(primary["Groups"][0]["GroupId"])
-        self.imds = ImdsEmulator(self.instance_id, self.REGION, self.ZONE, self.mac, self.vpc_id)
-        self.imds_server = EmulatorServer(self.imds.handle, netns=netns).start()
-        self.proxy = Ec2Proxy(moto.url, netns=netns, hotplug=True).start()
+        super().__init__(self, netns, instance_type)
+
+    def add_instance(self, netns: str, instance_type: str = "c5.metal") -> AwsInstance:
+        return AwsInstance(self, netns, instance_type)
 
     @staticmethod
     def sdk(url: str) -> Any:
@@ -551,17 +597,6 @@ class AwsWorld:
             aws_access_key_id="testing",
             aws_secret_access_key="testing",
         )
-
-    def environ(self) -> dict[str, str]:
-        """Everything the platform needs to reach this account and nothing real."""
-        return {
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_ENDPOINT_URL_EC2": self.proxy.url,
-            "AWS_EC2_METADATA_SERVICE_ENDPOINT": self.imds_server.url,
-            "AWS_CONFIG_FILE": "/nonexistent/aws-config",
-            "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/aws-credentials",
-        }
 
     def add_foreign_eni(self, *, attach: bool = True, tags: dict[str, str] | None = None) -> str:
         """Someone else's ENI in the node's subnet, attached here unless told otherwise."""
@@ -615,8 +650,3 @@ class AwsWorld:
             Filters=[{"Name": "tag:cocoon-net:node", "Values": [node]}]
         )
         return list(answer["NetworkInterfaces"])
-
-    def stop(self) -> None:
-        self.proxy.stop()
-        self.imds.hung.set()
-        self.imds_server.stop()

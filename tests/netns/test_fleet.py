@@ -3,7 +3,7 @@
 Each node is its own network namespace and its own instance of one emulated cloud, with its
 own metadata address (a listener in its namespace, as every VM reaches only its own). The
 cloud is the only coordinator: it refuses an alias block another instance holds (GKE) and a
-subnet that overlaps another (Volcengine). Every node must end with a different subnet and a
+subnet that overlaps another (Volcengine, AWS). Every node must end with a different subnet and a
 usable pool, and after 20 teardowns the cloud must be as it was before.
 """
 
@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from cocoon_net import state
+from tests.emulators.aws import AwsInstance, AwsWorld, MotoServer, link_name
 from tests.emulators.gce import GceEmulator
 from tests.emulators.volcengine import VolcEmulator, eni_link_name
 from tests.support.cli import NodePaths, run_args
@@ -61,6 +62,16 @@ def _all_at_once(runs: Sequence[tuple[list[str], dict[str, str]]]) -> list[str]:
     return errors
 
 
+def _init_all(nodes: Sequence[tuple[Netns, dict[str, str], NodePaths]], init: list[str]) -> None:
+    """Node i is node-<i>, with a pool of 10: every init at once."""
+    pool = ["--pool-size", "10"]
+    runs = [
+        (run_args(p, "init", *init, *pool, "--node-name", f"node-{i}", netns=ns.name), env)
+        for i, (ns, env, p) in enumerate(nodes)
+    ]
+    _all_at_once(runs)
+
+
 def _claimed(nodes: Sequence[tuple[Netns, dict[str, str], NodePaths]]) -> list[IPv4Network]:
     subnets = [state.load(paths.pool).network for _, _, paths in nodes]
     assert len(set(subnets)) == len(nodes)
@@ -88,25 +99,7 @@ def test_gke_fleet_claims_20_distinct_blocks_and_leaves_nothing(
             env["COCOON_NET_GCE_AGENT_CONFIG"] = str(tmp_path / f"agent-{i}.cfg")
             nodes.append((ns, env, NodePaths(tmp_path / f"n{i}")))
         before = gce.snapshot()
-        init = ["--platform", "gke", "--subnet", "auto", "--range-cidr", str(FLEET)]
-        _all_at_once(
-            [
-                (
-                    run_args(
-                        p,
-                        "init",
-                        *init,
-                        "--node-name",
-                        f"node-{i}",
-                        "--pool-size",
-                        "10",
-                        netns=ns.name,
-                    ),
-                    env,
-                )
-                for i, (ns, env, p) in enumerate(nodes)
-            ]
-        )
+        _init_all(nodes, ["--platform", "gke", "--subnet", "auto", "--range-cidr", str(FLEET)])
         subnets = _claimed(nodes)
         assert all(s.subnet_of(FLEET) and s.prefixlen == 24 for s in subnets)
         held = {
@@ -138,25 +131,7 @@ def test_volcengine_fleet_creates_20_distinct_subnets_and_leaves_nothing(
             env["GCE_METADATA_HOST"] = "127.0.0.1:9"
             nodes.append((ns, env, NodePaths(tmp_path / f"n{i}")))
         before = emu.snapshot()
-        init = ["--platform", "volcengine", "--subnet", "auto", "--primary-nic", "eth0"]
-        _all_at_once(
-            [
-                (
-                    run_args(
-                        p,
-                        "init",
-                        *init,
-                        "--node-name",
-                        f"node-{i}",
-                        "--pool-size",
-                        "10",
-                        netns=ns.name,
-                    ),
-                    env,
-                )
-                for i, (ns, env, p) in enumerate(nodes)
-            ]
-        )
+        _init_all(nodes, ["--platform", "volcengine", "--subnet", "auto", "--primary-nic", "eth0"])
         subnets = _claimed(nodes)
         assert all(s.subnet_of(emu.vpc_cidr) for s in subnets)
         for (ns, _, paths), subnet in zip(nodes, subnets, strict=True):
@@ -171,3 +146,39 @@ def test_volcengine_fleet_creates_20_distinct_subnets_and_leaves_nothing(
         assert emu.snapshot() == before
     finally:
         emu.stop()
+
+
+def test_aws_fleet_creates_20_distinct_subnets_and_leaves_nothing(
+    make_netns: Callable[[str], Netns], moto_server: MotoServer, tmp_path: Path
+) -> None:
+    namespaces = [make_netns("fleet") for _ in range(NODES)]
+    world = AwsWorld(moto_server, namespaces[0].name)
+    instances: list[AwsInstance] = [world]
+    try:
+        instances += [world.add_instance(ns.name) for ns in namespaces[1:]]
+        nodes = []
+        for i, (ns, instance) in enumerate(zip(namespaces, instances, strict=True)):
+            ns.ip("link", "add", "eth0", "address", instance.mac, "type", "veth",
+                  "peer", "name", "eth0p")  # fmt: skip
+            ns.ip("link", "set", "eth0", "up")
+            nodes.append((ns, instance.environ(), NodePaths(tmp_path / f"n{i}")))
+        before = world.snapshot()
+        _init_all(nodes, ["--platform", "aws", "--subnet", "auto", "--primary-nic", "eth0"])
+        subnets = _claimed(nodes)
+        assert all(s.subnet_of(IPv4Network(AwsWorld.VPC_CIDR)) for s in subnets)
+        cidrs = {s["SubnetId"]: s["CidrBlock"] for s in world.client.describe_subnets()["Subnets"]}
+        for i, ((ns, _, paths), subnet) in enumerate(zip(nodes, subnets, strict=True)):
+            pool = state.load(paths.pool)
+            # the VPC routes the pool to this node: its ENI, in its subnet, holds the addresses
+            (eni,) = world.ours(f"node-{i}")
+            assert pool.eni_ids == [eni["NetworkInterfaceId"]]
+            assert IPv4Network(cidrs[eni["SubnetId"]]) == subnet
+            assert pool.cloud["subnet"] == {
+                "id": eni["SubnetId"], "cidr": str(subnet), "created": True
+            }  # fmt: skip
+            assert "UP" in ns.ip("-o", "link", "show", link_name(eni["NetworkInterfaceId"]))
+        _all_at_once([(run_args(p, "teardown", netns=ns.name), env) for ns, env, p in nodes])
+        assert world.snapshot() == before
+    finally:
+        for instance in instances:
+            instance.stop()

@@ -16,6 +16,7 @@ from cocoon_net.errors import (
     CloudQuotaError,
     UsageError,
 )
+from cocoon_net.platform import eni_steps
 from cocoon_net.platform.aws import imds, plan
 from cocoon_net.platform.aws.ec2 import classify, repeatable
 from cocoon_net.platform.aws.plan import MODE_IP, MODE_PREFIX, Eni, Limits
@@ -188,3 +189,32 @@ def test_imdsv2_required_and_no_token_names_the_hop_limit() -> None:
     finally:
         emu.hung.set()
         server.stop()
+
+
+def test_free_blocks_skip_every_overlap_and_go_through_each_vpc_cidr_in_order() -> None:
+    nets = [IPv4Network("10.0.0.0/24"), IPv4Network("10.1.0.0/25")]
+    taken = [IPv4Network("10.0.0.0/26"), IPv4Network("10.0.0.128/27")]
+    blocks = list(plan.free_blocks(nets, taken, 26))
+    assert blocks == [
+        IPv4Network("10.0.0.64/26"),
+        IPv4Network("10.0.0.192/26"),
+        IPv4Network("10.1.0.0/26"),
+        IPv4Network("10.1.0.64/26"),
+    ]
+    # a block larger than a CIDR never fits in it; one partly taken is not free
+    assert list(plan.free_blocks(nets, taken, 23)) == []
+    assert list(plan.free_blocks([IPv4Network("10.0.0.0/23")], taken, 24)) == [
+        IPv4Network("10.0.1.0/24")
+    ]
+
+
+def test_only_subnets_tagged_for_the_node_are_its_own() -> None:
+    subnets: list[dict[str, Any]] = [
+        {"SubnetId": "subnet-a", "Tags": [{"Key": plan.TAG_NODE, "Value": "n1"}]},
+        {"SubnetId": "subnet-b", "Tags": [{"Key": plan.TAG_NODE, "Value": "n2"}]},
+        {"SubnetId": "subnet-c", "Tags": [{"Key": "Name", "Value": "n1"}]},
+        {"SubnetId": "subnet-d"},
+    ]
+    assert [s["SubnetId"] for s in plan.tagged_for(subnets, "n1")] == ["subnet-a"]
+    assert eni_steps.subnet_network({"CidrBlock": "10.0.1.0/24"}) == IPv4Network("10.0.1.0/24")
+    assert eni_steps.subnet_network({}) is None

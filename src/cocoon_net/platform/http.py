@@ -25,7 +25,7 @@ import random
 import re
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
@@ -99,6 +99,33 @@ def backoff_delay(attempt: int, policy: RetryPolicy, rng: random.Random) -> floa
     return rng.uniform(0.0, min(policy.max_delay, policy.base_delay * (2**attempt)))
 
 
+@dataclass
+class Backoff:
+    """When a client tries a call again: full-jitter waits, at most `attempts` tries, and no
+    wait that would end at or past the call's deadline. Clock, sleep and the random source
+    are seams for tests."""
+
+    policy: RetryPolicy = field(default_factory=RetryPolicy)
+    sleep: Callable[[float], None] = time.sleep
+    clock: Callable[[], float] = time.monotonic
+    rng: random.Random = field(default_factory=random.Random)
+
+    def deadline(self, policy: RetryPolicy | None = None) -> float:
+        """When a call starting now must give up."""
+        return self.clock() + (policy or self.policy).deadline
+
+    def delay(
+        self, attempt: int, deadline: float, policy: RetryPolicy | None = None, hint: float = 0.0
+    ) -> float | None:
+        """The wait before try `attempt + 1` (at least `hint`, a server's Retry-After), or
+        None when the budget is spent."""
+        policy = policy or self.policy
+        if attempt >= policy.attempts:
+            return None
+        wait = max(backoff_delay(attempt - 1, policy, self.rng), hint)
+        return None if self.clock() + wait >= deadline else wait
+
+
 class HttpClient:
     """A requests.Session with the retry, signing and error rules above."""
 
@@ -118,13 +145,10 @@ class HttpClient:
     ) -> None:
         self.service = service  # names the cloud API in messages, e.g. "Compute Engine"
         self.timeout = timeout
-        self.retry = retry or RetryPolicy()
+        self.backoff = Backoff(retry or RetryPolicy(), sleep, clock, rng or random.Random())
         self.sign = sign
         self.classify = classify
         self.auth_hint = auth_hint  # what role or scope to check after a 401/403
-        self._sleep = sleep
-        self._rng = rng or random.Random()
-        self._clock = clock
         if session is None:
             import requests
 
@@ -153,7 +177,7 @@ class HttpClient:
         """
         import requests
 
-        policy = retry or self.retry
+        policy = retry or self.backoff.policy
         body = data if json is None else jsonlib.dumps(json, separators=(",", ":")).encode()
         base_headers = dict(headers or {})
         if json is not None:
@@ -162,11 +186,11 @@ class HttpClient:
         # Messages name the call briefly (one line each, even when combined); the full URL
         # goes to the debug log.
         where = f"{self.service}: {method} {short_url(url, query)}"
-        deadline = self._clock() + policy.deadline
+        deadline = self.backoff.deadline(policy)
         attempt = 0
         while True:
             attempt += 1
-            remaining = deadline - self._clock()
+            remaining = deadline - self.backoff.clock()
             per_call = max(0.1, min(timeout or self.timeout, remaining))
             attempt_headers = dict(base_headers)
             if self.sign is not None:
@@ -192,10 +216,8 @@ class HttpClient:
                     return response
                 delay_hint = _retry_after(response)
             log.debug("%s %s: %s", method, redact_url(url, query), error)
-            if not retryable or attempt >= policy.attempts:
-                raise error
-            delay = max(backoff_delay(attempt - 1, policy, self._rng), delay_hint)
-            if self._clock() + delay >= deadline:
+            delay = self.backoff.delay(attempt, deadline, policy, delay_hint) if retryable else None
+            if delay is None:
                 raise error
             log.info(
                 "retrying (attempt %d/%d) in %.1f s: %s",
@@ -204,7 +226,7 @@ class HttpClient:
                 delay,
                 error,
             )
-            self._sleep(delay)
+            self.backoff.sleep(delay)
 
     def request_json(self, method: str, url: str, **kwargs: Any) -> Any:
         """request(), then the body decoded as JSON (an empty body is None)."""

@@ -63,6 +63,8 @@ IMDS_TOKEN_TTL_HEADER = "X-volc-ecs-metadata-token-ttl-seconds"
 IMDS_TOKEN_HEADER = "X-volc-ecs-metadata-token"
 IMDS_ROLE_PATH = "/volcstack/latest/iam/security_credentials"
 ROLE_REFRESH_MARGIN = 300.0
+# The metadata server is on the instance's own link: it answers at once or not at all.
+METADATA_RETRY = RetryPolicy(attempts=3, deadline=10.0, base_delay=0.2)
 
 _AUTH_HINT = (
     "check VOLCENGINE_ACCESS_KEY_ID / VOLCENGINE_SECRET_ACCESS_KEY or ~/.volcengine/config.json, "
@@ -177,7 +179,7 @@ class InstanceRole:
         self._http = HttpClient(
             service="Volcengine metadata",
             timeout=2.0,
-            retry=retry or RetryPolicy(attempts=3, deadline=10.0, base_delay=0.2),
+            retry=retry or METADATA_RETRY,
         )
 
     def __call__(self) -> Credentials:
@@ -266,7 +268,7 @@ def read_metadata(base_url: str, *, retry: RetryPolicy | None = None) -> Instanc
     http = HttpClient(
         service="Volcengine metadata",
         timeout=2.0,
-        retry=retry or RetryPolicy(attempts=3, deadline=10.0, base_delay=0.2),
+        retry=retry or METADATA_RETRY,
     )
     # a server that wants a session token wants it here too
     headers = imds_session(http, base_url.removesuffix("/latest/meta-data"))

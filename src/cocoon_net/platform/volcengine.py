@@ -37,7 +37,6 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
-from cocoon_net import proc
 from cocoon_net.errors import (
     CloudConflict,
     CloudError,
@@ -48,8 +47,9 @@ from cocoon_net.errors import (
     combined,
 )
 from cocoon_net.node import nic
-from cocoon_net.platform import ownership, volc_api
+from cocoon_net.platform import eni_steps, ownership, volc_api
 from cocoon_net.platform.base import NodeRequest, ProvisionResult, ResourceRecorder, StatusLine
+from cocoon_net.platform.eni_steps import subnet_network
 from cocoon_net.platform.http import RetryPolicy
 from cocoon_net.platform.volc_api import (
     InstanceInfo,
@@ -219,19 +219,6 @@ def kept_ips(
 # --- the platform -------------------------------------------------------------------------
 
 
-def _link_up(mac: str, *, policy: PollPolicy) -> str:
-    """The OS interface of an attached ENI, found by MAC once hot-plug made it appear."""
-    name = wait_for(
-        lambda: nic.link_by_mac(mac),
-        lambda found: found is not None,
-        what=f"network interface with MAC {mac} to appear",
-        policy=policy,
-    )
-    assert name is not None
-    proc.run(["ip", "link", "set", "dev", name, "up"])
-    return name
-
-
 class VolcenginePlatform:
     name = "volcengine"
 
@@ -312,18 +299,20 @@ class VolcenginePlatform:
         idempotency token is judged by the ENI's state, not by its answer: a detach whose
         answer was lost is seen Detaching, an unassign or delete seen done."""
         api = self._vpc()
-        if eni.device_id and eni.device_id != instance_id:
-            raise CloudError(f"attached to another instance ({eni.device_id}); left alone")
-        if eni.status not in ("Available", "InUse"):
-            eni = self._wait_enis([eni.id], "to settle", _settled)[eni.id]
-        if eni.status == "InUse":
-            if eni.secondary:
+
+        def detach() -> None:
+            settled = eni
+            if eni.status not in ("Available", "InUse"):
+                settled = self._wait_enis([eni.id], "to settle", _settled)[eni.id]
+            if settled.status != "InUse":
+                return
+            if settled.secondary:
                 with contextlib.suppress(CloudNotFound):
                     api.call(
                         "UnassignPrivateIpAddresses",
                         {
                             "NetworkInterfaceId": eni.id,
-                            **indexed("PrivateIpAddress", [str(ip) for ip in eni.secondary]),
+                            **indexed("PrivateIpAddress", [str(ip) for ip in settled.secondary]),
                         },
                     )
             try:
@@ -336,8 +325,13 @@ class VolcenginePlatform:
             self._wait_enis(
                 [eni.id], "to detach", lambda e: e.status == "Available", first=TYPICAL_DETACH
             )
-        with contextlib.suppress(CloudNotFound):  # an earlier attempt's answer was lost
-            api.call("DeleteNetworkInterface", {"NetworkInterfaceId": eni.id})
+
+        eni_steps.release(
+            eni.device_id,
+            instance_id,
+            detach,
+            lambda: api.call("DeleteNetworkInterface", {"NetworkInterfaceId": eni.id}),
+        )
 
     def _our_enis(self, node: str, recorded: set[str]) -> list[Eni]:
         """Ours: tagged for node anywhere, or recorded by an earlier run and still there."""
@@ -371,7 +365,7 @@ class VolcenginePlatform:
             return recorded
         vpc_id = str(cloud.get("vpcId") or self._instance().vpc_id)
         subnets = self._vpc().pages("DescribeSubnets", {"VpcId": vpc_id}, "Subnets")
-        match = next((s for s in subnets if _network(s) == network), None)
+        match = next((s for s in subnets if subnet_network(s) == network), None)
         return str(match["SubnetId"]) if match else ""
 
     def _tag(self, node: str, enis: list[Eni]) -> None:
@@ -403,10 +397,10 @@ class VolcenginePlatform:
         api = self._vpc()
         vpc = self.vpc_cidr(info.vpc_id)
         subnets = list(api.pages("DescribeSubnets", {"VpcId": info.vpc_id}, "Subnets"))
-        mine = [n for s in subnets if tags_of(s).get(TAG_NODE) == node and (n := _network(s))]
+        mine = [n for s in subnets if tags_of(s).get(TAG_NODE) == node and (n := subnet_network(s))]
         if mine:
             return mine[0]
-        used = [n for s in subnets if (n := _network(s))]
+        used = [n for s in subnets if (n := subnet_network(s))]
         for block in vpc.subnets(new_prefix=prefix) if prefix >= vpc.prefixlen else ():
             if any(block.overlaps(n) for n in used):
                 continue
@@ -429,9 +423,9 @@ class VolcenginePlatform:
         info, node, subnet = self._instance(), request.node_name, request.subnet
         subnets = list(self._vpc().pages("DescribeSubnets", {"VpcId": info.vpc_id}, "Subnets"))
         subnet_ids = [
-            str(s["SubnetId"]) for s in subnets if (n := _network(s)) and n.overlaps(subnet)
+            str(s["SubnetId"]) for s in subnets if (n := subnet_network(s)) and n.overlaps(subnet)
         ]
-        node_subnet = next((str(s["SubnetId"]) for s in subnets if _network(s) == subnet), "")
+        node_subnet = next((str(s["SubnetId"]) for s in subnets if subnet_network(s) == subnet), "")
         holding = [
             eni
             for subnet_id in subnet_ids
@@ -450,9 +444,7 @@ class VolcenginePlatform:
                 "nothing to adopt (run 'cocoon-net init' to create them)"
             )
         used = [eni for eni in enis if any(ip in ips for ip in eni.secondary)]
-        recorded = {
-            str(e["id"]): dict(e) for e in request.cloud.get("enis") or () if isinstance(e, dict)
-        }
+        recorded = eni_steps.recorded_enis(request.cloud)
         for eni in used:
             if is_ours(eni, node, set(recorded)):
                 recorded[eni.id] = {**recorded.get(eni.id, {}), **eni_record(eni)}
@@ -479,7 +471,7 @@ class VolcenginePlatform:
     ) -> set[IPv4Address]:
         if adopt:  # adopt takes the lowest addresses the ENIs hold
             return set(sorted(state.pool_ips)[: request.pool_size])
-        enis = [e for e in state.cloud.get("enis") or () if isinstance(e, dict)]
+        enis = list(eni_steps.recorded_enis(state.cloud).values())
         return kept_ips(enis, request.node_name, state.pool_ips, request.pool_size)
 
     def vpc_cidr(self, vpc_id: str) -> IPv4Network:
@@ -493,23 +485,12 @@ class VolcenginePlatform:
 
     def status(self, state: PoolState) -> list[StatusLine]:
         cloud = state.cloud
-        recorded = {str(e.get("id")) for e in cloud.get("enis") or () if isinstance(e, dict)}
+        recorded = set(eni_steps.recorded_enis(cloud))
         lines: list[StatusLine] = []
         subnet = cloud.get("subnet") or {}
         if subnet.get("id"):
             found = self._vpc().call("DescribeSubnets", indexed("SubnetIds", [subnet["id"]]))
-            rows = found.get("Subnets") or []
-            state_text = (
-                f"{rows[0].get('Status')}, {rows[0].get('AvailableIpAddressCount')} free"
-                if rows
-                else "missing"
-            )
-            owner = "created by cocoon-net" if subnet.get("created") else "pre-existing"
-            lines.append(
-                StatusLine(
-                    "SubnetID", f"{subnet['id']} {subnet.get('cidr', '')} ({state_text}; {owner})"
-                )
-            )
+            lines.append(eni_steps.subnet_status(subnet, found.get("Subnets") or [], "Status"))
         instance_id = str(cloud.get("instanceId") or self._instance().instance_id)
         subnet_id = self._node_subnet_id(cloud, state.network)
         ours, go = self._find_enis(state.node_name, recorded, instance_id, subnet_id)
@@ -521,25 +502,17 @@ class VolcenginePlatform:
         enis = sorted(ours + go, key=lambda e: e.name)
         lines.append(StatusLine("ENIs", str(len(enis))))
         for eni in enis:
-            ifname = nic.link_by_mac(eni.mac) or "-"
             origin = ""
             if eni in go:
                 origin = " (made by the Go tool; init or teardown tags it as ours)"
             elif eni.id in go_tool:
                 origin = " (made by the Go tool)"
-            lines.append(
-                StatusLine(
-                    f"  {eni.id}",
-                    f"{eni.name} mac {eni.mac} if {ifname} {eni.status} "
-                    f"{len(eni.secondary)} IPs{origin}",
-                )
-            )
+            held = f"{len(eni.secondary)} IPs{origin}"
+            lines.append(eni_steps.eni_status(eni.id, eni.name, eni.mac, eni.status, held))
         return lines
 
     def primary_nic(self) -> str | None:
-        """The link with the metadata's primary MAC, else the default route's device."""
-        mac = self._instance().mac
-        return (nic.link_by_mac(mac) if mac else None) or nic.primary_nic()
+        return eni_steps.primary_nic(self._instance().mac)
 
     def fix_host(self, state: PoolState) -> list[str]:
         return []
@@ -548,8 +521,7 @@ class VolcenginePlatform:
         cloud = state.cloud
         lines = [
             f"detach and delete ENI {e.get('id')} ({e.get('name')}, {len(e.get('ips') or [])} IPs)"
-            for e in cloud.get("enis") or ()
-            if isinstance(e, dict)
+            for e in eni_steps.recorded_enis(cloud).values()
         ]
         lines.append(f"and any other ENI tagged {TAG_NODE}={state.node_name}")
         lines.append(
@@ -593,9 +565,7 @@ class _Provision:
         self._lock = threading.Lock()  # ENI threads record concurrently
         prev = request.cloud
         self.subnet: dict[str, Any] = dict(prev.get("subnet") or {})
-        self.enis: dict[str, dict[str, Any]] = {
-            str(e["id"]): dict(e) for e in prev.get("enis") or () if isinstance(e, dict)
-        }
+        self.enis = eni_steps.recorded_enis(prev)
 
     def _save_eni(self, eni: Eni, *, go_tool: bool = False) -> None:
         with self._lock:
@@ -639,7 +609,7 @@ class _Provision:
         api, node, cidr = self.p._vpc(), self.req.node_name, self.req.subnet
         subnets = list(api.pages("DescribeSubnets", {"VpcId": info.vpc_id}, "Subnets"))
         # Compared as networks, not strings: "172.20.100.0/24" is "172.20.100.5/24".
-        match = next((s for s in subnets if _network(s) == cidr), None)
+        match = next((s for s in subnets if subnet_network(s) == cidr), None)
         if match is not None:
             subnet_id = str(match["SubnetId"])
             created = bool(
@@ -652,7 +622,9 @@ class _Provision:
                     f"instance is in {info.zone}: ENIs need a subnet in the instance's zone"
                 )
         else:
-            clash = next((s for s in subnets if (n := _network(s)) and n.overlaps(cidr)), None)
+            clash = next(
+                (s for s in subnets if (n := subnet_network(s)) and n.overlaps(cidr)), None
+            )
             if clash is not None:
                 raise CloudError(
                     f"--subnet {cidr} overlaps subnet {clash.get('SubnetId')} "
@@ -778,7 +750,7 @@ class _Provision:
         for eni in found.values():
             self._save_eni(eni)
         links = self._each(
-            list(found.values()), lambda eni: _link_up(eni.mac, policy=self.p._poll), failures
+            list(found.values()), lambda eni: eni_steps.link_up(eni.mac, self.p._poll), failures
         )
         if failures:
             raise _combined(failures)
@@ -897,13 +869,6 @@ def _attached(eni: Eni, instance_id: str) -> bool:
     return eni.status == "InUse"
 
 
-def _network(subnet: Mapping[str, Any]) -> IPv4Network | None:
-    try:
-        return IPv4Network(str(subnet.get("CidrBlock", "")), strict=False)
-    except ValueError:
-        return None
-
-
 def _eni_records(enis: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
     # A list, so merging into pool.json["cloud"] replaces it whole and a deletion sticks.
     return [dict(e) for e in sorted(enis.values(), key=lambda e: (str(e.get("name")), e["id"]))]
@@ -921,9 +886,7 @@ class _Teardown:
         self._record = record
         self._lock = threading.Lock()
         cloud = state.cloud
-        self.enis: dict[str, dict[str, Any]] = {
-            str(e["id"]): dict(e) for e in cloud.get("enis") or () if isinstance(e, dict)
-        }
+        self.enis = eni_steps.recorded_enis(cloud)
 
     def run(self) -> None:
         cloud, node = self.state.cloud, self.state.node_name
@@ -946,14 +909,7 @@ class _Teardown:
                 f"were left in place: {exc}"
             )
             found = [eni for eni in found if eni not in to_tag]
-        if found:
-            with ThreadPoolExecutor(max_workers=len(found), thread_name_prefix="eni") as pool:
-                futures = {eni.id: pool.submit(self._remove_eni, eni, instance_id) for eni in found}
-                for eni_id, future in futures.items():
-                    try:
-                        future.result()
-                    except CloudError as exc:
-                        failures.append(f"ENI {eni_id}: {exc}")
+        failures += eni_steps.remove_each(found, lambda eni: self._remove_eni(eni, instance_id))
         kept = [str(i) for i in cloud.get("adoptedEnis") or () if str(i) not in self.enis]
         if kept:
             log.info("adopted ENIs %s are not ours: left in place", ", ".join(kept))

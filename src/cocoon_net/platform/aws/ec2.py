@@ -17,7 +17,6 @@ what did.
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -30,7 +29,7 @@ from cocoon_net.errors import (
     CloudQuotaError,
     CloudTimeout,
 )
-from cocoon_net.platform.http import RetryPolicy, backoff_delay
+from cocoon_net.platform.http import Backoff, RetryPolicy
 
 THROTTLE_CODES = frozenset(
     {"RequestLimitExceeded", "Throttling", "ThrottlingException", "RequestThrottled"}
@@ -104,10 +103,7 @@ class Ec2Api:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._client = client
-        self.retry = retry or RetryPolicy()
-        self._sleep = sleep
-        self._clock = clock
-        self._rng = random.Random()
+        self.backoff = Backoff(retry or RetryPolicy(), sleep, clock)
         self.calls = 0  # attempts sent, for the provisioning benchmark
 
     @classmethod
@@ -152,7 +148,7 @@ class Ec2Api:
         params = dict(params or {})
         method = getattr(self._client, xform_name(action))
         safe = repeatable(action, params)
-        deadline = self._clock() + self.retry.deadline
+        deadline = self.backoff.deadline()
         attempt = 0
         while True:
             attempt += 1
@@ -173,12 +169,10 @@ class Ec2Api:
                 again = safe
             except BotoCoreError as exc:
                 raise CloudError(f"EC2 {action}: {exc}") from None
-            if not again or attempt >= self.retry.attempts:
+            delay = self.backoff.delay(attempt, deadline) if again else None
+            if delay is None:
                 raise failure
-            delay = backoff_delay(attempt - 1, self.retry, self._rng)
-            if self._clock() + delay > deadline:
-                raise failure
-            self._sleep(delay)
+            self.backoff.sleep(delay)
 
     def pages(
         self, action: str, params: Mapping[str, Any], key: str

@@ -8,7 +8,7 @@ cloud.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
@@ -256,6 +256,25 @@ def vpc_cidrs(vpc: Mapping[str, Any]) -> list[IPv4Network]:
         if state == "associated" and net not in out:
             out.append(net)
     return out
+
+
+def tagged_for(subnets: Iterable[Mapping[str, Any]], node: str) -> list[Mapping[str, Any]]:
+    """The subnets tagged as node's: only init tags a subnet, and only one it created."""
+    mark = {"Key": TAG_NODE, "Value": node}
+    return [s for s in subnets if mark in (s.get("Tags") or ())]
+
+
+def free_blocks(
+    cidrs: Iterable[IPv4Network], taken: Iterable[IPv4Network], prefix: int
+) -> Iterator[IPv4Network]:
+    """Every /prefix of the VPC's CIDRs (primary first, lowest first) that no subnet overlaps."""
+    used = list(taken)
+    for cidr in cidrs:
+        if prefix < cidr.prefixlen:
+            continue
+        for block in cidr.subnets(new_prefix=prefix):
+            if not any(block.overlaps(net) for net in used):
+                yield block
 
 
 def free_device_indexes(used: Iterable[int | None], count: int) -> list[int]:

@@ -4,7 +4,8 @@ their /28 prefixes (Nitro instances) or secondary IPs (others).
 What init makes, in order, each recorded in pool.json["cloud"] the moment it exists:
 
 1. the VM subnet (`--subnet`): reused when the VPC has exactly it, else created as
-   `<node>-vms` in the instance's zone, tagged `cocoon-net:node=<node>`;
+   `<node>-vms` in the instance's zone, tagged `cocoon-net:node=<node>`; with `--subnet
+   auto`, created in the first free block of the VPC (claim_subnet), found again by its tag;
 2. an ingress rule for every protocol from the VM subnet in the instance's security group
    (or `--security-group`), when no rule already lets it in;
 3. ENIs `<node>-eni-<n>` tagged for this node, as many as the pool needs at the limits
@@ -17,12 +18,14 @@ Source/destination checking stays on: every VM address is assigned to the ENI it
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
-from cocoon_net.errors import CloudError
+from cocoon_net.errors import CloudConflict, CloudError, CloudQuotaError, CloudTimeout
 from cocoon_net.node import nic
+from cocoon_net.platform import eni_steps
 from cocoon_net.platform.aws import imds, plan
 from cocoon_net.platform.aws.ec2 import Ec2Api
 from cocoon_net.platform.aws.plan import TAG_NODE, Eni, Limits
@@ -30,6 +33,8 @@ from cocoon_net.platform.base import NodeRequest, ProvisionResult, ResourceRecor
 from cocoon_net.platform.http import RetryPolicy
 from cocoon_net.platform.volc_api import PollPolicy, wait_for
 from cocoon_net.state import PoolState
+
+log = logging.getLogger("cocoon_net.platform.aws")
 
 
 def tag_filter(node: str) -> dict[str, Any]:
@@ -134,12 +139,70 @@ class AwsPlatform:
             )
         )
 
+    def create_subnet(self, vpc_id: str, zone: str, cidr: IPv4Network, node: str) -> str:
+        """CreateSubnet takes no ClientToken: the tag it is created with is what finds it
+        again after a lost answer or a crash, and what marks it as ours to delete."""
+        answer = self.api().call(
+            "CreateSubnet",
+            {
+                "VpcId": vpc_id,
+                "CidrBlock": str(cidr),
+                "AvailabilityZone": zone,
+                "TagSpecifications": [
+                    {"ResourceType": "subnet", "Tags": plan.node_tags(node, f"{node}-vms")}
+                ],
+            },
+        )
+        return str(answer["Subnet"]["SubnetId"])
+
     # --- the Platform contract -------------------------------------------------------------
 
     def provision(self, request: NodeRequest, record: ResourceRecorder) -> ProvisionResult:
         from cocoon_net.platform.aws.provision import Provision
 
         return Provision(self, request, record).run()
+
+    def claim_subnet(self, request: NodeRequest, record: ResourceRecorder) -> IPv4Network:
+        """The subnet tagged for this node in the instance's VPC, else the first block of the
+        VPC's CIDRs that no subnet overlaps, created in the instance's zone. EC2 refuses a
+        subnet that overlaps another (InvalidSubnet.Conflict), listed yet or not: a node
+        that was faster holds the block, and the next one is tried."""
+        ident, node, prefix = self.identity(), request.node_name, request.subnet.prefixlen
+        subnets = self.subnets(ident.vpc_id)
+        mine = sorted(
+            (s for s in plan.tagged_for(subnets, node) if eni_steps.subnet_network(s)),
+            key=lambda s: (s.get("AvailabilityZone") != ident.zone, str(s.get("CidrBlock"))),
+        )
+        if mine:
+            return self._claimed(record, ident.vpc_id, mine[0]["SubnetId"], mine[0]["CidrBlock"])
+        cidrs = self.vpc_cidrs(ident.vpc_id)
+        taken = [n for s in subnets if (n := eni_steps.subnet_network(s))]
+        for block in plan.free_blocks(cidrs, taken, prefix):
+            try:
+                subnet_id = self.create_subnet(ident.vpc_id, ident.zone, block, node)
+            except CloudConflict as exc:
+                log.info("%s was taken meanwhile (%s); trying the next block", block, exc)
+                continue
+            except CloudTimeout:
+                # The answer was lost, not necessarily the subnet: look once by its tag.
+                again = plan.tagged_for(self.subnets(ident.vpc_id), node)
+                if not again:
+                    raise
+                return self._claimed(
+                    record, ident.vpc_id, again[0]["SubnetId"], again[0]["CidrBlock"]
+                )
+            return self._claimed(record, ident.vpc_id, subnet_id, block)
+        raise CloudQuotaError(
+            f"VPC {ident.vpc_id} ({', '.join(map(str, cidrs))}) has no free /{prefix} left "
+            "for --subnet auto: pass a smaller --subnet-prefix or a --subnet"
+        )
+
+    @staticmethod
+    def _claimed(record: ResourceRecorder, vpc_id: str, subnet_id: Any, cidr: Any) -> IPv4Network:
+        network = IPv4Network(str(cidr), strict=False)
+        subnet = {"id": str(subnet_id), "cidr": str(network), "created": True}
+        record({"vpcId": vpc_id, "subnet": subnet})
+        return network
 
     def adopt(self, request: NodeRequest) -> ProvisionResult:
         """The pool is the addresses (secondary IPs and prefixes) inside --subnet that this
@@ -162,9 +225,7 @@ class AwsPlatform:
                 f"{ident.instance_id}: nothing to adopt (run 'cocoon-net init' to create them)"
             )
         used = [eni for eni in holding if set(eni.addresses()) & set(ips)]
-        recorded = {
-            str(e.get("id")) for e in request.cloud.get("enis") or () if isinstance(e, dict)
-        }
+        recorded = set(eni_steps.recorded_enis(request.cloud))
         ours = [eni for eni in used if plan.is_ours(eni, node, recorded)]
         nics = {eni.id: nic.link_by_mac(eni.mac) or "" for eni in used}
         return ProvisionResult(
@@ -193,7 +254,7 @@ class AwsPlatform:
             str(limits["mode"]),
         )
         targets = plan.unit_targets(request.pool_size, recorded)
-        enis = [e for e in state.cloud.get("enis") or () if isinstance(e, dict)]
+        enis = list(eni_steps.recorded_enis(state.cloud).values())
         return plan.kept_ips(enis, targets, recorded.mode, state.pool_ips, request.pool_size)
 
     def status(self, state: PoolState) -> list[StatusLine]:
@@ -210,41 +271,21 @@ class AwsPlatform:
             )
         subnet = cloud.get("subnet") or {}
         if subnet.get("id"):
-            found = (
-                self.api()
-                .call(
-                    "DescribeSubnets",
-                    {"Filters": [{"Name": "subnet-id", "Values": [subnet["id"]]}]},
-                )
-                .get("Subnets")
+            found = self.api().call(
+                "DescribeSubnets", {"Filters": [{"Name": "subnet-id", "Values": [subnet["id"]]}]}
             )
-            text = (
-                f"{found[0].get('State')}, {found[0].get('AvailableIpAddressCount')} free"
-                if found
-                else "missing"
-            )
-            owner = "created by cocoon-net" if subnet.get("created") else "pre-existing"
-            lines.append(
-                StatusLine("SubnetID", f"{subnet['id']} {subnet.get('cidr', '')} ({text}; {owner})")
-            )
-        recorded = {str(e.get("id")) for e in cloud.get("enis") or () if isinstance(e, dict)}
+            lines.append(eni_steps.subnet_status(subnet, found.get("Subnets") or [], "State"))
+        recorded = set(eni_steps.recorded_enis(cloud))
         enis = sorted(self.our_enis(state.node_name, recorded), key=lambda e: (e.slot or 0, e.id))
         lines.append(StatusLine("ENIs", str(len(enis))))
         for eni in enis:
+            name = plan.eni_name(state.node_name, eni.slot or 0)
             held = f"{len(eni.prefixes)} prefixes, {len(eni.secondary)} IPs"
-            lines.append(
-                StatusLine(
-                    f"  {eni.id}",
-                    f"{plan.eni_name(state.node_name, eni.slot or 0)} mac {eni.mac} "
-                    f"if {nic.link_by_mac(eni.mac) or '-'} {eni.status} {held}",
-                )
-            )
+            lines.append(eni_steps.eni_status(eni.id, name, eni.mac, eni.status, held))
         return lines
 
     def primary_nic(self) -> str | None:
-        """The link with the metadata's primary MAC, else the default route's device."""
-        mac = self.identity().mac
-        return (nic.link_by_mac(mac) if mac else None) or nic.primary_nic()
+        return eni_steps.primary_nic(self.identity().mac)
 
     def fix_host(self, state: PoolState) -> list[str]:
         return []
@@ -254,8 +295,7 @@ class AwsPlatform:
         lines = [
             f"detach and delete ENI {e.get('id')} (slot {e.get('slot')}, "
             f"{len(e.get('prefixes') or [])} prefixes, {len(e.get('ips') or [])} IPs)"
-            for e in cloud.get("enis") or ()
-            if isinstance(e, dict)
+            for e in eni_steps.recorded_enis(cloud).values()
         ]
         lines.append(f"and any other ENI tagged {TAG_NODE}={state.node_name}")
         sg = cloud.get("securityGroup") or {}
@@ -264,6 +304,7 @@ class AwsPlatform:
         subnet = cloud.get("subnet") or {}
         if subnet.get("created"):
             lines.append(f"delete subnet {subnet.get('id')} ({subnet.get('cidr')})")
+        lines.append(f"and any other subnet tagged {TAG_NODE}={state.node_name}")
         return lines
 
     def teardown(self, state: PoolState, record: ResourceRecorder) -> None:

@@ -12,12 +12,10 @@ import threading
 import uuid
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from ipaddress import IPv4Network
 from typing import TYPE_CHECKING, Any
 
-from cocoon_net import proc
 from cocoon_net.errors import CloudConflict, CloudError, HostSetupError
-from cocoon_net.node import nic
+from cocoon_net.platform import eni_steps
 from cocoon_net.platform.aws import plan
 from cocoon_net.platform.aws.plan import MODE_PREFIX, Eni, Limits
 from cocoon_net.platform.base import NodeRequest, ProvisionResult, ResourceRecorder
@@ -25,13 +23,6 @@ from cocoon_net.platform.volc_api import wait_for
 
 if TYPE_CHECKING:
     from cocoon_net.platform.aws.platform import AwsPlatform
-
-
-def _network(raw: Mapping[str, Any]) -> IPv4Network | None:
-    try:
-        return IPv4Network(str(raw.get("CidrBlock", "")), strict=False)
-    except ValueError:
-        return None
 
 
 class Provision:
@@ -44,9 +35,7 @@ class Provision:
         self._lock = threading.Lock()  # ENI threads record concurrently
         prev = request.cloud
         self.subnet: dict[str, Any] = dict(prev.get("subnet") or {})
-        self.enis: dict[str, dict[str, Any]] = {
-            str(e["id"]): dict(e) for e in prev.get("enis") or () if isinstance(e, dict)
-        }
+        self.enis = eni_steps.recorded_enis(prev)
         # slot -> the token and address count of a create that may have happened
         self.tokens: dict[str, dict[str, Any]] = {
             str(k): dict(v)
@@ -94,18 +83,23 @@ class Provision:
             },
         )
 
-    # The seam for `--subnet auto`: the CIDR arrives chosen in request.subnet; this step
-    # only finds or creates the VPC subnet that holds exactly it.
     def _ensure_subnet(self, vpc_id: str, zone: str) -> str:
+        """The VPC subnet that is exactly the pool's CIDR: found, or created in the
+        instance's zone and tagged for this node. With `--subnet auto` claim_subnet has
+        created and recorded it already."""
         cidr, node = self.req.subnet, self.req.node_name
         subnets = self.p.subnets(vpc_id)
-        match = next((s for s in subnets if _network(s) == cidr), None)
-        if match is not None:
+        match = next((s for s in subnets if eni_steps.subnet_network(s) == cidr), None)
+        recorded = str(self.subnet.get("id") or "") if self.subnet.get("cidr") == str(cidr) else ""
+        if match is None and recorded:
+            # Created a moment ago and not listed yet (EC2 is eventually consistent):
+            # waited for below by its ID, never created twice.
+            subnet_id, created = recorded, bool(self.subnet.get("created"))
+        elif match is not None:
             subnet_id = str(match["SubnetId"])
-            tags = {str(t["Key"]): str(t.get("Value")) for t in match.get("Tags") or ()}
             created = bool(
-                (self.subnet.get("id") == subnet_id and self.subnet.get("created"))
-                or tags.get(plan.TAG_NODE) == node
+                (recorded == subnet_id and self.subnet.get("created"))
+                or plan.tagged_for([match], node)
             )
             if match.get("AvailabilityZone") != zone:
                 raise CloudError(
@@ -113,24 +107,14 @@ class Provision:
                     f"instance is in {zone}: ENIs need a subnet in the instance's zone"
                 )
         else:
-            clash = next((s for s in subnets if (n := _network(s)) and n.overlaps(cidr)), None)
+            networks = [(s, eni_steps.subnet_network(s)) for s in subnets]
+            clash = next((s for s, n in networks if n and n.overlaps(cidr)), None)
             if clash is not None:
                 raise CloudError(
                     f"--subnet {cidr} overlaps subnet {clash.get('SubnetId')} "
                     f"({clash.get('CidrBlock')}) of VPC {vpc_id}: pick a free range"
                 )
-            answer = self.p.api().call(
-                "CreateSubnet",
-                {
-                    "VpcId": vpc_id,
-                    "CidrBlock": str(cidr),
-                    "AvailabilityZone": zone,
-                    "TagSpecifications": [
-                        {"ResourceType": "subnet", "Tags": plan.node_tags(node, f"{node}-vms")}
-                    ],
-                },
-            )
-            subnet_id = str(answer["Subnet"]["SubnetId"])
+            subnet_id = self.p.create_subnet(vpc_id, zone, cidr, node)
             created = True
         self.subnet = {"id": subnet_id, "cidr": str(cidr), "created": created}
         self._record({"subnet": self.subnet})
@@ -338,19 +322,6 @@ class Provision:
                 f"to hold {target} {mode} units",
                 lambda e: plan.excess(e, mode, target) == ([], []) and e.units(mode) == target,
             )
-        ifname = _link_up(eni.mac, self.p)
+        ifname = eni_steps.link_up(eni.mac, self.p.poll)
         self._save(eni, ifname)
         return eni, ifname
-
-
-def _link_up(mac: str, platform: AwsPlatform) -> str:
-    """The OS interface of an attached ENI, found by MAC once hot-plug made it appear."""
-    name = wait_for(
-        lambda: nic.link_by_mac(mac),
-        lambda found: found is not None,
-        what=f"network interface with MAC {mac} to appear",
-        policy=platform.poll,
-    )
-    assert name is not None
-    proc.run(["ip", "link", "set", "dev", name, "up"])
-    return name

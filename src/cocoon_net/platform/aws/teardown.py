@@ -7,10 +7,10 @@ import contextlib
 import logging
 import threading
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from cocoon_net.errors import CloudError, CloudNotFound
+from cocoon_net.platform import eni_steps
 from cocoon_net.platform.aws import plan
 from cocoon_net.platform.aws.plan import Eni
 from cocoon_net.platform.base import ResourceRecorder
@@ -31,28 +31,18 @@ class Teardown:
         self.state = state
         self._record = record
         self._lock = threading.Lock()
-        self.enis: dict[str, dict[str, Any]] = {
-            str(e["id"]): dict(e) for e in state.cloud.get("enis") or () if isinstance(e, dict)
-        }
+        self.enis = eni_steps.recorded_enis(state.cloud)
 
     def run(self) -> None:
         cloud, node = self.state.cloud, self.state.node_name
         instance_id = str(cloud.get("instanceId") or self.p.identity().instance_id)
-        failures: list[str] = []
         ours = self.p.our_enis(node, set(self.enis))
         with self._lock:  # forget recorded ENIs that are already gone, learn unrecorded ones
             self.enis = {
                 e.id: self.enis.get(e.id) or {"id": e.id, "slot": e.slot or 0} for e in ours
             }
             self._record({"enis": plan.eni_records(self.enis)})
-        if ours:
-            with ThreadPoolExecutor(max_workers=len(ours), thread_name_prefix="eni") as pool:
-                futures = {eni.id: pool.submit(self._remove_eni, eni, instance_id) for eni in ours}
-                for eni_id, future in futures.items():
-                    try:
-                        future.result()
-                    except CloudError as exc:
-                        failures.append(f"ENI {eni_id}: {exc}")
+        failures = eni_steps.remove_each(ours, lambda eni: self._remove_eni(eni, instance_id))
         kept = [str(i) for i in cloud.get("adoptedEnis") or () if str(i) not in self.enis]
         if kept:
             log.info("adopted ENIs %s are not ours: left in place", ", ".join(kept))
@@ -68,15 +58,20 @@ class Teardown:
 
     def _remove_eni(self, eni: Eni, instance_id: str) -> None:
         api = self.p.api()
-        if eni.instance_id and eni.instance_id != instance_id:
-            raise CloudError(f"attached to another instance ({eni.instance_id}); left alone")
-        if eni.attachment_id and eni.attachment_status != "detaching":
-            api.call("DetachNetworkInterface", {"AttachmentId": eni.attachment_id})
-        if eni.instance_id:
-            with contextlib.suppress(CloudNotFound):
-                self.p.wait_eni(eni.id, "to detach", lambda e: e.status == "available")
-        with contextlib.suppress(CloudNotFound):  # an earlier attempt's answer was lost
-            api.call("DeleteNetworkInterface", {"NetworkInterfaceId": eni.id})
+
+        def detach() -> None:
+            if eni.attachment_id and eni.attachment_status != "detaching":
+                api.call("DetachNetworkInterface", {"AttachmentId": eni.attachment_id})
+            if eni.instance_id:
+                with contextlib.suppress(CloudNotFound):
+                    self.p.wait_eni(eni.id, "to detach", lambda e: e.status == "available")
+
+        eni_steps.release(
+            eni.instance_id,
+            instance_id,
+            detach,
+            lambda: api.call("DeleteNetworkInterface", {"NetworkInterfaceId": eni.id}),
+        )
         with self._lock:
             self.enis.pop(eni.id, None)
             self._record({"enis": plan.eni_records(self.enis)})
@@ -113,22 +108,21 @@ class Teardown:
         return []
 
     def _remove_subnet(self, subnet: Mapping[str, Any], vpc_id: Any) -> list[str]:
-        subnet_id = str(subnet.get("id") or "") if subnet.get("created") else ""
-        if not subnet_id and vpc_id:
-            # A crash between CreateSubnet and its record leaves only the tag to go by.
-            tagged = [
-                s
-                for s in self.p.subnets(str(vpc_id))
-                if {"Key": plan.TAG_NODE, "Value": self.state.node_name} in (s.get("Tags") or ())
-                and str(s["SubnetId"]) != subnet.get("id")
-            ]
-            subnet_id = str(tagged[0]["SubnetId"]) if tagged else ""
-        if not subnet_id:
-            return []
-        try:
-            with contextlib.suppress(CloudNotFound):
-                self.p.api().call("DeleteSubnet", {"SubnetId": subnet_id})
-        except CloudError as exc:
-            return [f"subnet {subnet_id}: {exc}"]
-        self._record({"subnet": {}})
-        return []
+        """The recorded subnet when init created it, and any other subnet tagged for this
+        node: a crash between CreateSubnet and its record, or a lost answer, leaves only the
+        tag to go by. A subnet that existed before init carries no tag of ours and stays."""
+        recorded = str(subnet.get("id") or "")
+        doomed = [recorded] if recorded and subnet.get("created") else []
+        if vpc_id:
+            tagged = plan.tagged_for(self.p.subnets(str(vpc_id)), self.state.node_name)
+            doomed += [i for s in tagged if (i := str(s["SubnetId"])) not in (*doomed, recorded)]
+        failures = []
+        for subnet_id in doomed:
+            try:
+                with contextlib.suppress(CloudNotFound):
+                    self.p.api().call("DeleteSubnet", {"SubnetId": subnet_id})
+            except CloudError as exc:
+                failures.append(f"subnet {subnet_id}: {exc}")
+        if not failures:
+            self._record({"subnet": {}})
+        return failures
