@@ -242,7 +242,7 @@ class Daemon:
             log.error("%s (retrying)", exc)
         control_server = await control.serve(self.opts.paths.control_socket, control.handler(self))
         metrics_server = self._start_metrics(metrics)
-        events = rtnl.EventSocket()
+        events = rtnl.EventSocket(quiet=route_sock.portid)
         asyncio.get_running_loop().add_reader(events.fileno(), self._on_netlink, events)
         ruleset = self._ruleset_events()
         self._guard_ports()  # a port attached since the guard was installed
@@ -641,8 +641,9 @@ class Daemon:
             self.server.open()
 
     def _ruleset_events(self) -> watch.RulesetEvents | None:
+        quiet = self.guard.writer.portid if self.guard is not None else None
         try:
-            ruleset = watch.RulesetEvents()
+            ruleset = watch.RulesetEvents(quiet)
         except OSError as exc:
             log.warning("no nftables events (%s): firewall repairs wait for the %g s round",
                         exc.strerror or exc, RECONCILE_SECONDS)  # fmt: skip

@@ -11,6 +11,7 @@ left to stop it.
 from __future__ import annotations
 
 import json
+import select
 import signal
 import struct
 import subprocess
@@ -25,7 +26,7 @@ import pytest
 from cocoon_net.dhcp import effects
 from cocoon_net.dhcp.leases import Change, LeaseTable
 from cocoon_net.errors import HostSetupError
-from cocoon_net.node import guard
+from cocoon_net.node import guard, watch
 from cocoon_net.node.nft import Nft
 from cocoon_net.sandbox import Sandbox, Udhcpc, Vm
 from tests.support.daemon import NodeDaemon, node_with_daemon, wait_for
@@ -438,6 +439,44 @@ def test_one_vm_is_one_set_update_among_1000() -> None:
         "element_deletes": 1,
         "generations": 2,
     }
+
+
+def _ruleset_echoes() -> list[tuple[str, bool, bool]]:
+    """Run in a fresh namespace: the guard's own element changes, then someone else's, watched
+    by the daemon's ruleset event socket; for each, whether anything reached the socket and
+    whether it read as a change that needs a reconcile."""
+    handle = guard.Guard(guard.GuardPolicy("cni0", IPv4Address("10.0.0.1")))
+    handle.install({}, ["veth0"])
+    events = watch.RulesetEvents(quiet=handle.writer.portid)
+    other = Nft()
+    steps: dict[str, Callable[[], object]] = {
+        "grant": lambda: handle.update({IPv4Address("10.0.0.2"): "02:00:00:00:00:02"}),
+        "release": lambda: handle.update({IPv4Address("10.0.0.2"): None}),
+        "foreign element": lambda: other.run(
+            "add element bridge cocoon-net leased { 02:00:00:00:00:09 . 10.0.0.9 }\n"
+        ),
+        "foreign rule": lambda: other.run("flush chain bridge cocoon-net vm_ipv4\n"),
+    }
+    seen = []
+    for step, change in steps.items():
+        change()
+        queued = bool(select.select([events], [], [], 0.2)[0])
+        seen.append((step, queued, events.drain()))
+    events.close()
+    handle.close()
+    return seen
+
+
+def test_the_kernel_drops_the_echo_of_the_guards_own_changes() -> None:
+    # One set-element transaction per grant: its notifications never wake the daemon. Anyone
+    # else's change still arrives, and a changed rule brings a reconcile.
+    with netns("guard") as ns:
+        assert ns.call(_ruleset_echoes) == [
+            ("grant", False, False),
+            ("release", False, False),
+            ("foreign element", True, False),
+            ("foreign rule", True, True),
+        ]
 
 
 @pytest.mark.parametrize("tables", ["kept", "lost"])

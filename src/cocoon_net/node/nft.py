@@ -121,7 +121,8 @@ NFTA_LIST_ELEM = NFTA_SET_ELEM_KEY = NFTA_DATA_VALUE = 1
 NLA_F_NESTED = 0x8000
 NFPROTO_INET, NFPROTO_BRIDGE = 1, 7
 _NFGEN = struct.Struct("=BBH")  # family, version, res_id (big endian)
-_ACK_TIMEOUT = 2.0
+# struct timeval: how long a read waits for the kernel's answer before the call fails.
+_ACK_TIMEOUT = struct.pack("@ll", 2, 0)
 
 
 class ElementSocket:
@@ -137,9 +138,17 @@ class ElementSocket:
             socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER
         )
         self._sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
-        self._sock.settimeout(_ACK_TIMEOUT)
+        # The kernel's own timeout on a blocking socket, not settimeout(): that one makes every
+        # send and recv a poll() first, and the answers are queued before sendall() returns.
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _ACK_TIMEOUT)
         self._sock.bind((0, 0))
         self.transactions = 0  # for tests and the bench
+
+    @property
+    def portid(self) -> int:
+        """This socket's netlink port: the sender of the notifications its changes cause."""
+        port: int = self._sock.getsockname()[0]
+        return port
 
     def close(self) -> None:
         self._sock.close()
