@@ -368,13 +368,26 @@ class Daemon:
     async def _reconcile_guard(self) -> None:
         """Compare every rule count, port and element with the kernel. The listing takes
         seconds with tens of thousands of VMs, so it is read in a thread; a snapshot that
-        changes made meanwhile have outdated is left for the next round."""
-        if self.guard is None:
+        changes made meanwhile have outdated is left for the next round. It is skipped while
+        nobody but the guard itself has committed to the ruleset (its generation says so)."""
+        if self.guard is None or self._guard_in_line():
             return
         generation = self.guard.generation
         kernel = await asyncio.to_thread(self._guard_reader.snapshot)
         if self.guard.generation == generation:
             self._repair_guard(kernel)
+
+    def _guard_in_line(self) -> bool:
+        assert self.guard is not None
+        try:
+            wanted = effects.guarded(self.table, self.guard.elements, time.time())
+            if not self.guard.in_line(wanted, guard.bridge_ports(self.bridge)):
+                return False
+        except CocoonError:
+            return False  # the full comparison says what is wrong, and repairs it
+        log.debug("VM guard: ruleset at generation %s, as the guard left it; not listed",
+                  self.guard.ruleset)  # fmt: skip
+        return True
 
     def _repair_guard(self, kernel: guard.KernelGuard | None) -> None:
         assert self.guard is not None
@@ -387,6 +400,9 @@ class Daemon:
         if problem:
             log.warning("VM guard: %s; restored (%d addresses)", problem, len(wanted))
             self._repaired("guard", 1)
+        elif kernel is not None:
+            log.debug("VM guard: compared with the kernel at generation %s: in line",
+                      kernel.generation)  # fmt: skip
 
     def _guard_ports(self) -> None:
         if self.guard is None:
