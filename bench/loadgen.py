@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from ipaddress import IPv4Address
 
+from cocoon_net.bpf import attach_filter
 from cocoon_net.dhcp.frames import (
     BROADCAST_MAC,
     CLIENT_PORT,
@@ -39,7 +40,6 @@ from cocoon_net.dhcp.frames import (
     ETH_P_IP,
     IPPROTO_UDP,
     SERVER_PORT,
-    attach_filter,
     build_frame,
     udp_checksum,
 )

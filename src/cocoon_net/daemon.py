@@ -244,7 +244,7 @@ class Daemon:
             log.error("%s (retrying)", exc)
         control_server = await control.serve(self.opts.paths.control_socket, control.handler(self))
         metrics_server = self._start_metrics(metrics)
-        events = rtnl.EventSocket()
+        events = rtnl.EventSocket(quiet=route_sock.portid)
         asyncio.get_running_loop().add_reader(events.fileno(), self._on_netlink, events)
         ruleset = self._ruleset_events()
         self._guard_ports()  # a port attached since the guard was installed
@@ -370,13 +370,26 @@ class Daemon:
     async def _reconcile_guard(self) -> None:
         """Compare every rule count, port and element with the kernel. The listing takes
         seconds with tens of thousands of VMs, so it is read in a thread; a snapshot that
-        changes made meanwhile have outdated is left for the next round."""
-        if self.guard is None:
+        changes made meanwhile have outdated is left for the next round. It is skipped while
+        nobody but the guard itself has committed to the ruleset (its generation says so)."""
+        if self.guard is None or self._guard_in_line():
             return
         generation = self.guard.generation
         kernel = await asyncio.to_thread(self._guard_reader.snapshot)
         if self.guard.generation == generation:
             self._repair_guard(kernel)
+
+    def _guard_in_line(self) -> bool:
+        assert self.guard is not None
+        try:
+            wanted = effects.guarded(self.table, self.guard.elements, time.time())
+            if not self.guard.in_line(wanted, guard.bridge_ports(self.bridge)):
+                return False
+        except CocoonError:
+            return False  # the full comparison says what is wrong, and repairs it
+        log.debug("VM guard: ruleset at generation %s, as the guard left it; not listed",
+                  self.guard.ruleset)  # fmt: skip
+        return True
 
     def _repair_guard(self, kernel: guard.KernelGuard | None) -> None:
         assert self.guard is not None
@@ -389,6 +402,9 @@ class Daemon:
         if problem:
             log.warning("VM guard: %s; restored (%d addresses)", problem, len(wanted))
             self._repaired("guard", 1)
+        elif kernel is not None:
+            log.debug("VM guard: compared with the kernel at generation %s: in line",
+                      kernel.generation)  # fmt: skip
 
     def _guard_ports(self) -> None:
         if self.guard is None:
@@ -648,8 +664,9 @@ class Daemon:
             self.server.open()
 
     def _ruleset_events(self) -> watch.RulesetEvents | None:
+        quiet = self.guard.writer.portid if self.guard is not None else None
         try:
-            ruleset = watch.RulesetEvents()
+            ruleset = watch.RulesetEvents(quiet)
         except OSError as exc:
             log.warning("no nftables events (%s): firewall repairs wait for the %g s round",
                         exc.strerror or exc, RECONCILE_SECONDS)  # fmt: skip

@@ -148,3 +148,31 @@ def test_a_route_carries_its_rule_and_only_ours_are_touched(
     assert (rtnl.RTM_DELRULE, spec5) in ours
     # The operator's rule is no rule of ours: its events carry none.
     assert len([e for e in seen if e["rule"] is None]) == 1
+
+
+def _echoes() -> list[tuple[int, str]]:
+    index = _bridge()
+    sock, other = rtnl.RouteSocket(), rtnl.RouteSocket()
+    events = rtnl.EventSocket(quiet=sock.portid)
+    for ip in (NET + "7", NET + "8"):
+        for add in (True, False):
+            (sock if ip.endswith("7") else other).apply([rtnl.RouteOp(add, IPv4Address(ip))], index)
+    subprocess.run(["ip", "route", "add", NET + "9/32", "dev", "br0"], check=True)
+    out = events.drain()
+    for s in (events, sock, other):
+        s.close()
+    kinds = (rtnl.RTM_NEWROUTE, rtnl.RTM_DELROUTE)
+    return [(e.kind, str(e.dst)) for e in out if e.kind in kinds]
+
+
+def test_the_kernel_drops_the_echo_of_our_own_route_changes(
+    make_netns: Callable[[str], Netns],
+) -> None:
+    # The daemon's route socket adds a route per grant: its events never reach the event
+    # socket. Another socket's changes (an operator's `ip route`, another program) still do.
+    ns = make_netns("rtecho")
+    assert ns.call(_echoes) == [
+        (rtnl.RTM_NEWROUTE, NET + "8"),
+        (rtnl.RTM_DELROUTE, NET + "8"),
+        (rtnl.RTM_NEWROUTE, NET + "9"),
+    ]

@@ -372,6 +372,14 @@ def test_stats() -> None:
     assert (stats.total, stats.leased, stats.offered, stats.free) == (6, 1, 1, 3)
 
 
+def test_stats_count_held_addresses_as_not_free() -> None:
+    table = LeaseTable(POOL)
+    table.load([], [], {ip(3): 50.0, ip(4): 0.5}, 1.0, in_use={ip(5): "", A("10.0.0.1"): ""})
+    # .3 quarantined, .4 waiting for its probe, .5 held for recovery; 10.0.0.1 is no pool's.
+    stats = table.stats(1.0)
+    assert (stats.total, stats.quarantined, stats.free) == (6, 1, 3)
+
+
 # ---------------------------------------------------------------------------- invariants
 
 MACS = st.integers(1, 8).map(mac)
@@ -472,6 +480,11 @@ class TableMachine(RuleBasedStateMachine):
             assert not t.is_quarantined(addr, now)
             owner = t._reserved_for.get(addr)
             assert owner in (None, *macs), f"{addr} reserved for {owner} held by {macs}"
+
+    @invariant()
+    def stats_count_free_as_allocation_does(self) -> None:
+        t, now = self.table, self.now
+        assert t.stats(now).free == sum(1 for a in t.pool if t._free_for_new(a, now))
 
     @invariant()
     def indexes_agree(self) -> None:

@@ -17,12 +17,13 @@ sees the frame, so parse_frame never meets one; the filter drops frames that car
 
 from __future__ import annotations
 
-import ctypes
 import socket
 import struct
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 
+from cocoon_net import bpf
+from cocoon_net.bpf import attach_filter
 from cocoon_net.dhcp.packet import MalformedPacket
 
 ETH_P_IP = 0x0800
@@ -185,53 +186,29 @@ def build_frame(
 
 # --- Kernel-side filter (classic BPF, see Documentation/networking/filter.rst) ---------------
 
-# Opcodes, from linux/bpf_common.h.
-_LD_W_ABS = 0x20
-_LD_H_ABS = 0x28
-_LD_B_ABS = 0x30
-_LD_H_IND = 0x48
-_LDX_B_MSH = 0xB1  # X = 4 * (pkt[k] & 0x0f): the IPv4 header length
-_JEQ_K = 0x15
-_JGT_K = 0x25
-_JSET_K = 0x45
-_RET_K = 0x06
 _SKF_AD_PKTTYPE = 0xFFFFF000 + 4  # ancillary load SKF_AD_OFF + SKF_AD_PKTTYPE (linux/filter.h)
 _PACKET_BROADCAST = 1  # PACKET_HOST is 0 (linux/if_packet.h)
-_ACCEPT_LENGTH = 0x40000
 
 # Accept IPv4 UDP to port 67 that is not a fragment and was sent to us: to the bridge's MAC or
 # to broadcast. That leaves out our own transmissions (PACKET_OUTGOING), frames flooded to
 # other MACs, and frames with an 802.1Q VLAN ID, which reach an ETH_P_IP packet socket untagged
 # but marked PACKET_OTHERHOST (net/core/dev.c). Jump offsets count from the next instruction;
 # instruction 11 accepts, 12 drops.
-BPF_DHCP_SERVER: tuple[tuple[int, int, int, int], ...] = (
-    (_LD_W_ABS, 0, 0, _SKF_AD_PKTTYPE),  # 0
-    (_JGT_K, 10, 0, _PACKET_BROADCAST),  # 1  not HOST or BROADCAST: drop
-    (_LD_H_ABS, 0, 0, 12),  # 2  ethertype
-    (_JEQ_K, 0, 8, ETH_P_IP),  # 3
-    (_LD_B_ABS, 0, 0, 23),  # 4  IPv4 protocol
-    (_JEQ_K, 0, 6, IPPROTO_UDP),  # 5
-    (_LD_H_ABS, 0, 0, 20),  # 6  IPv4 flags and fragment offset
-    (_JSET_K, 4, 0, _IP_FLAG_MF | _IP_FRAG_OFFSET),  # 7
-    (_LDX_B_MSH, 0, 0, ETH_HEADER_SIZE),  # 8
-    (_LD_H_IND, 0, 0, ETH_HEADER_SIZE + 2),  # 9  UDP destination port
-    (_JEQ_K, 0, 1, SERVER_PORT),  # 10
-    (_RET_K, 0, 0, _ACCEPT_LENGTH),  # 11 accept
-    (_RET_K, 0, 0, 0),  # 12 drop
+BPF_DHCP_SERVER: bpf.Program = (
+    (bpf.LD_W_ABS, 0, 0, _SKF_AD_PKTTYPE),  # 0
+    (bpf.JGT_K, 10, 0, _PACKET_BROADCAST),  # 1  not HOST or BROADCAST: drop
+    (bpf.LD_H_ABS, 0, 0, 12),  # 2  ethertype
+    (bpf.JEQ_K, 0, 8, ETH_P_IP),  # 3
+    (bpf.LD_B_ABS, 0, 0, 23),  # 4  IPv4 protocol
+    (bpf.JEQ_K, 0, 6, IPPROTO_UDP),  # 5
+    (bpf.LD_H_ABS, 0, 0, 20),  # 6  IPv4 flags and fragment offset
+    (bpf.JSET_K, 4, 0, _IP_FLAG_MF | _IP_FRAG_OFFSET),  # 7
+    (bpf.LDX_B_MSH, 0, 0, ETH_HEADER_SIZE),  # 8
+    (bpf.LD_H_IND, 0, 0, ETH_HEADER_SIZE + 2),  # 9  UDP destination port
+    (bpf.JEQ_K, 0, 1, SERVER_PORT),  # 10
+    (bpf.RET_K, 0, 0, bpf.ACCEPT),  # 11 accept
+    (bpf.RET_K, 0, 0, 0),  # 12 drop
 )
-
-_SO_ATTACH_FILTER = 26  # asm-generic/socket.h; the socket module does not export it
-_BPF_INSN = struct.Struct("=HBBI")  # struct sock_filter
-
-
-def attach_filter(
-    sock: socket.socket, program: tuple[tuple[int, int, int, int], ...] = BPF_DHCP_SERVER
-) -> None:
-    """Attach a classic BPF program to `sock` (SO_ATTACH_FILTER). The kernel copies it."""
-    insns = ctypes.create_string_buffer(b"".join(_BPF_INSN.pack(*insn) for insn in program))
-    # struct sock_fprog { unsigned short len; struct sock_filter *filter; }, native alignment.
-    fprog = struct.pack("@HP", len(program), ctypes.addressof(insns))
-    sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, fprog)
 
 
 def open_server_socket(ifname: str) -> socket.socket:
@@ -242,7 +219,7 @@ def open_server_socket(ifname: str) -> socket.socket:
     """
     sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0)
     try:
-        attach_filter(sock)
+        attach_filter(sock, BPF_DHCP_SERVER)
         sock.bind((ifname, ETH_P_IP))
     except BaseException:
         sock.close()

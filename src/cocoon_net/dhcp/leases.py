@@ -352,11 +352,15 @@ class LeaseTable:
         return sorted((le for le in self._leases.values() if le.expires > now), key=_ip_key)
 
     def stats(self, now: float) -> PoolStats:
-        leased = sum(1 for le in self._leases.values() if le.expires > now)
-        offered = sum(1 for o in self._offers.values() if o.until > now)
+        leased = [le.ip for le in self._leases.values() if le.expires > now]
+        offered = [o.ip for o in self._offers.values() if o.until > now]
         quarantined = sum(1 for q in self._quarantine.values() if q.until > now)
-        free = sum(1 for ip in self._pool if self._free_for_new(ip, now))
-        return PoolStats(len(self._pool), leased, offered, quarantined, free)
+        # Free = the pool less what _free_for_new refuses, counted from the (few) held
+        # addresses rather than by asking for each of the pool's (65,000 on a /16: ~90 ms).
+        taken = {*leased, *offered}
+        taken.update(self._quarantine, self._reserved_for, self._recovered, self._unprobed)
+        free = len(self._pool) - len(taken & self._in_pool)
+        return PoolStats(len(self._pool), len(leased), len(offered), quarantined, free)
 
     def snapshot(self) -> TableSnapshot:
         return TableSnapshot(

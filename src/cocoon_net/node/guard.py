@@ -27,6 +27,7 @@ conflist); the guard pins the address to the MAC.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -37,7 +38,14 @@ from ipaddress import IPv4Address
 from cocoon_net import proc
 from cocoon_net.errors import HostSetupError
 from cocoon_net.node import rtnl
-from cocoon_net.node.nft import NFPROTO_BRIDGE, NFPROTO_INET, ElementSocket, Nft
+from cocoon_net.node.nft import (
+    NFPROTO_BRIDGE,
+    NFPROTO_INET,
+    ElementSocket,
+    Nft,
+    StaleGeneration,
+    next_generation,
+)
 
 log = logging.getLogger("cocoon_net.guard")
 
@@ -214,6 +222,7 @@ class KernelGuard:
     ports: frozenset[str]
     elements: dict[IPv4Address, str]
     rules: dict[str, int]  # "bridge/vm_ipv4" -> number of rules
+    generation: int | None = None  # the ruleset generation this was read at, when known
 
 
 def our_tables(nft: Nft) -> list[str]:
@@ -267,9 +276,14 @@ class Guard:
         self.elements: dict[IPv4Address, str] = {}
         self.ports: set[str] = set()
         self.generation = 0  # changes made so far: a kernel snapshot older than one is stale
+        # The nftables ruleset generation our own last change left, for as long as we know
+        # that nobody else has committed since (None: not known). While the kernel still
+        # reports it, the kernel holds exactly what `elements` and `ports` say.
+        self.ruleset: int | None = None
 
     def install(self, elements: Mapping[IPv4Address, str], ports: Iterable[str]) -> None:
         """Replace our tables with the whole guard, in one transaction."""
+        self.ruleset = None  # libnftables commits at a generation we are not told
         self.nft.run(render(self.policy, ports, elements))
         self.elements, self.ports = dict(elements), set(ports)
         self.generation += 1
@@ -277,10 +291,11 @@ class Guard:
     def update(self, wanted: Mapping[IPv4Address, str | None]) -> None:
         """Put these addresses' elements in line, in one transaction (nothing if in line)."""
         deletes, adds = element_changes(self.elements, wanted)
-        self.writer.apply(
-            [element_key(ip, mac) for ip, mac in deletes],
-            [element_key(ip, mac) for ip, mac in adds],
-        )
+        if deletes or adds:
+            self._apply(
+                [element_key(ip, mac) for ip, mac in deletes],
+                [element_key(ip, mac) for ip, mac in adds],
+            )
         self.generation += 1
         for ip, mac in wanted.items():
             if mac is None:
@@ -288,15 +303,38 @@ class Guard:
             else:
                 self.elements[ip] = mac
 
+    def _apply(self, deletes: list[bytes], adds: list[bytes]) -> None:
+        # Sent for the generation we know, the kernel refuses the transaction if anyone else
+        # committed since; then it goes again unchecked, and the generation is no longer known.
+        known, self.ruleset = self.ruleset, None
+        if known is not None:
+            try:
+                self.writer.apply(deletes, adds, known)
+            except StaleGeneration:
+                pass
+            else:
+                self.ruleset = next_generation(known)
+                return
+        self.writer.apply(deletes, adds)
+
     def close(self) -> None:
         self.writer.close()
         self.nft.close()
+
+    def in_line(self, elements: Mapping[IPv4Address, str], ports: Iterable[str]) -> bool:
+        """Whether the kernel holds `elements` and `ports` and nothing else changed our tables,
+        without listing them: what we last wrote is what is wanted, and the ruleset is still
+        at the generation our last change left, so nobody has committed anything since."""
+        if self.ruleset is None or self.elements != elements or self.ports != set(ports):
+            return False
+        return self.writer.generation() == self.ruleset
 
     def set_ports(self, ports: Iterable[str]) -> list[str]:
         """Make @ports the bridge's ports; the ports added and removed, as log lines."""
         want = set(ports)
         commands = port_commands(self.ports, want)
         if commands:
+            self.ruleset = None
             self.nft.run("\n".join(commands) + "\n")
             self.generation += 1
         changes = [f"guard port {p} added" for p in sorted(want - self.ports)]
@@ -330,6 +368,7 @@ class Guard:
             problem = "ports differ"
         else:
             self.elements, self.ports = dict(elements), want_ports
+            self.ruleset = kernel.generation
             return ""
         self.install(elements, want_ports)
         return problem
@@ -351,7 +390,12 @@ class GuardReader:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._nft: Nft | None = None
-        self._counters: ElementSocket | None = None
+        self._sock: ElementSocket | None = None
+
+    def _socket(self) -> ElementSocket:
+        if self._sock is None:
+            self._sock = ElementSocket(NFPROTO_BRIDGE, TABLE, "leased")
+        return self._sock
 
     def _context(self) -> Nft:
         if self._nft is None:
@@ -361,16 +405,22 @@ class GuardReader:
     def read(self) -> dict[str, int]:
         """Packets dropped so far, by reason (empty when the guard is not installed)."""
         with self._lock:
-            if self._counters is None:
-                self._counters = ElementSocket(NFPROTO_BRIDGE, TABLE, "leased")
+            sock = self._socket()
             try:
-                found = self._counters.counters(NFPROTO_BRIDGE, TABLE)
-                found.update(self._counters.counters(NFPROTO_INET, TABLE))
+                found = sock.counters(NFPROTO_BRIDGE, TABLE)
+                found.update(sock.counters(NFPROTO_INET, TABLE))
             except HostSetupError as exc:
                 log.debug("guard counters: %s", exc)
                 return {}
             return found
 
     def snapshot(self) -> KernelGuard | None:
+        """Our tables now, with the ruleset generation they were read at when no commit came
+        in between."""
         with self._lock:
-            return read_kernel(self._context())
+            sock = self._socket()
+            before = sock.generation()
+            kernel = read_kernel(self._context())
+            if kernel is None or sock.generation() != before:
+                return kernel
+            return dataclasses.replace(kernel, generation=before)

@@ -112,6 +112,9 @@ NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
 NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
 NFT_MSG_GETTABLE, NFT_MSG_NEWSETELEM, NFT_MSG_DELSETELEM, NFT_MSG_GETOBJ = 1, 12, 14, 19
+NFT_MSG_NEWGEN, NFT_MSG_GETGEN = 15, 16
+NFTA_GEN_ID = 1
+NFNL_BATCH_GENID = 1
 NFTA_TABLE_NAME = 1
 NFTA_OBJ_TABLE, NFTA_OBJ_NAME, NFTA_OBJ_TYPE, NFTA_OBJ_DATA = 1, 2, 3, 4
 NFT_OBJECT_COUNTER = 1
@@ -121,7 +124,19 @@ NFTA_LIST_ELEM = NFTA_SET_ELEM_KEY = NFTA_DATA_VALUE = 1
 NLA_F_NESTED = 0x8000
 NFPROTO_INET, NFPROTO_BRIDGE = 1, 7
 _NFGEN = struct.Struct("=BBH")  # family, version, res_id (big endian)
-_ACK_TIMEOUT = 2.0
+# struct timeval: how long a read waits for the kernel's answer before the call fails.
+_ACK_TIMEOUT = struct.pack("@ll", 2, 0)
+_RESTART = os.strerror(errno.ERESTART)  # a batch refused by its generation check
+
+
+class StaleGeneration(HostSetupError):
+    """The ruleset is no longer at the generation a transaction was sent for: someone else
+    committed in between, and the kernel applied nothing."""
+
+
+def next_generation(generation: int) -> int:
+    """The generation a successful commit at `generation` leads to (the kernel skips 0)."""
+    return (generation + 1) & 0xFFFFFFFF or 1
 
 
 class ElementSocket:
@@ -137,9 +152,17 @@ class ElementSocket:
             socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER
         )
         self._sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
-        self._sock.settimeout(_ACK_TIMEOUT)
+        # The kernel's own timeout on a blocking socket, not settimeout(): that one makes every
+        # send and recv a poll() first, and the answers are queued before sendall() returns.
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _ACK_TIMEOUT)
         self._sock.bind((0, 0))
         self.transactions = 0  # for tests and the bench
+
+    @property
+    def portid(self) -> int:
+        """This socket's netlink port: the sender of the notifications its changes cause."""
+        port: int = self._sock.getsockname()[0]
+        return port
 
     def close(self) -> None:
         self._sock.close()
@@ -161,11 +184,19 @@ class ElementSocket:
         message_type = (NFNL_SUBSYS_NFTABLES << 8) | kind
         return self._message(message_type, flags | NLM_F_REQUEST | NLM_F_ACK, body, self._family)
 
-    def apply(self, deletes: list[bytes], adds: list[bytes]) -> None:
-        """Delete, then add, these keys as one transaction; HostSetupError if refused."""
+    def apply(self, deletes: list[bytes], adds: list[bytes], generation: int | None = None) -> None:
+        """Delete, then add, these keys as one transaction; HostSetupError if refused.
+
+        With `generation`, only if the ruleset is still at that generation: StaleGeneration
+        (and nothing applied) when anyone has committed anything since.
+        """
         if not deletes and not adds:
             return
-        parts = [self._message(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, b"", 0, NFNL_SUBSYS_NFTABLES)]
+        check = b""
+        if generation is not None:
+            check = _attr(NFNL_BATCH_GENID, struct.pack("!I", generation))
+        parts = [self._message(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, check, 0, NFNL_SUBSYS_NFTABLES)]
+        begin = self._seq
         if deletes:
             parts.append(self._elements(NFT_MSG_DELSETELEM, deletes, 0))
         if adds:
@@ -174,11 +205,32 @@ class ElementSocket:
         self.transactions += 1
         try:
             self._sock.sendall(b"".join(parts))
-            errors = self._acks(len(parts) - 2)
+            errors = self._acks(len(parts) - 2, begin)
         except OSError as exc:
             raise HostSetupError(f"nftables netlink: {exc.strerror or exc}") from None
+        if errors == [_RESTART]:
+            raise StaleGeneration(f"nftables: the ruleset is past generation {generation}")
         if errors:
             raise HostSetupError(f"nftables: set element update refused: {errors[0]}")
+
+    def generation(self) -> int:
+        """The ruleset's generation now: every commit, by anyone, moves it on."""
+        kind = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN
+        try:
+            self._sock.sendall(self._message(kind, NLM_F_REQUEST, b""))
+            while True:
+                for msg_kind, seq, payload in _messages(self._sock.recv(1 << 16)):
+                    if seq != self._seq:
+                        continue
+                    if msg_kind == NLMSG_ERROR:
+                        error = -_ERR.unpack_from(payload)[0]
+                        raise HostSetupError(f"nftables generation: {os.strerror(error)}")
+                    value = _attrs(payload[_NFGEN.size :]).get(NFTA_GEN_ID)
+                    if value is None or len(value) != 4:
+                        raise HostSetupError("nftables generation: no generation in the answer")
+                    return int.from_bytes(value, "big")
+        except OSError as exc:
+            raise HostSetupError(f"nftables netlink: {exc.strerror or exc}") from None
 
     def has_table(self, family: int, name: str) -> bool:
         """Whether the table exists: one netlink round trip, where `nft list tables` reads
@@ -221,14 +273,18 @@ class ElementSocket:
         except OSError as exc:
             raise HostSetupError(f"nftables netlink: {exc.strerror or exc}") from None
 
-    def _acks(self, count: int) -> list[str]:
+    def _acks(self, count: int, begin: int | None = None) -> list[str]:
+        """The errors among `count` answers. An answer to the batch's `begin` message is the
+        kernel refusing the whole batch (a generation check): nothing else follows it."""
         errors: list[str] = []
         seen = 0
         while seen < count:
-            for kind, _seq, payload in _messages(self._sock.recv(1 << 16)):
+            for kind, seq, payload in _messages(self._sock.recv(1 << 16)):
                 if kind == NLMSG_ERROR:
-                    seen += 1
                     error = -_ERR.unpack_from(payload)[0]
+                    if seq == begin:
+                        return [os.strerror(error)]
+                    seen += 1
                     if error:
                         errors.append(os.strerror(error))
         return errors

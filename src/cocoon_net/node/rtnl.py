@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 
-from cocoon_net import config
+from cocoon_net import bpf, config
 from cocoon_net.errors import HostSetupError
 
 NETLINK_ROUTE = 0
@@ -58,6 +58,22 @@ _RTA = struct.Struct("=HH")
 _ERR = struct.Struct("=i")
 _BATCH = 256  # requests per sendmsg: their ACKs fit the socket's receive buffer
 _DEL_FLAGS = NLM_F_REQUEST | NLM_F_ACK
+
+
+def quiet_sender(sock: socket.socket, portid: int) -> None:
+    """Have the kernel drop, before they are queued on `sock`, the notifications whose sender
+    is the netlink socket `portid`: a notification carries the port of the socket whose request
+    caused it (route and nftables changes alike), so the daemon is not woken to read and ignore
+    the echo of each change it made itself."""
+    # nlmsg_pid is in host order; a BPF word load reads the octets in network order.
+    echoed = int.from_bytes(struct.pack("=I", portid), "big")
+    program: bpf.Program = (
+        (bpf.LD_W_ABS, 0, 0, 12),  # nlmsghdr.nlmsg_pid
+        (bpf.JEQ_K, 0, 1, echoed),
+        (bpf.RET_K, 0, 0, 0),
+        (bpf.RET_K, 0, 0, bpf.ACCEPT),
+    )
+    bpf.attach_filter(sock, program)
 
 
 def _attr(kind: int, payload: bytes) -> bytes:
@@ -125,6 +141,12 @@ class RouteSocket:
         self._sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         self._sock.bind((0, 0))
+
+    @property
+    def portid(self) -> int:
+        """This socket's netlink port: the sender of the notifications its changes cause."""
+        port: int = self._sock.getsockname()[0]
+        return port
 
     def close(self) -> None:
         self._sock.close()
@@ -366,13 +388,16 @@ def _event(kind: int, payload: memoryview) -> Event:
 
 class EventSocket:
     """Link, address, IPv4 route and rule notifications; the daemon reconciles when any
-    arrive."""
+    arrive. Those caused by the socket `quiet` (the daemon's RouteSocket: a route and its
+    egress rule per grant) are dropped by the kernel."""
 
-    def __init__(self) -> None:
+    def __init__(self, quiet: int | None = None) -> None:
         self._sock = socket.socket(
             socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE
         )
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        if quiet is not None:
+            quiet_sender(self._sock, quiet)
         groups = RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV4_RULE
         self._sock.bind((0, groups))
         self._sock.setblocking(False)

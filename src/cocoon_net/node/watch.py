@@ -21,7 +21,7 @@ from cocoon_net.node.nft import (
     NFT_MSG_DELSETELEM,
     NFT_MSG_NEWSETELEM,
 )
-from cocoon_net.node.rtnl import _messages
+from cocoon_net.node.rtnl import _messages, quiet_sender
 
 NFNLGRP_NFTABLES = 7
 NFT_MSG_NEWGEN = 15
@@ -35,13 +35,16 @@ _QUIET = frozenset(
 
 class RulesetEvents:
     """nftables change notifications (iptables-nft included); legacy iptables sends none, so
-    the periodic reconcile stays the backstop."""
+    the periodic reconcile stays the backstop. Those caused by the socket `quiet` (the guard's
+    element writer: one transaction per grant) are dropped by the kernel."""
 
-    def __init__(self) -> None:
+    def __init__(self, quiet: int | None = None) -> None:
         self._sock = socket.socket(
             socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER
         )
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        if quiet is not None:
+            quiet_sender(self._sock, quiet)
         self._sock.bind((0, 1 << (NFNLGRP_NFTABLES - 1)))
         self._sock.setblocking(False)
 
