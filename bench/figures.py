@@ -26,11 +26,10 @@ from pathlib import Path
 from bench.bed import Bed
 from bench.ladder import REPO, loadgen_argv
 from bench.procstat import memory_kib
-from bench.report import mb, ms, table
+from bench.report import OURS, mb, ms, table
 from bench.servers import LEASE_SECONDS, SERVERS, ServerFailed, ServerUnderTest
 from cocoon_net.dhcp.model import Lease
 
-OURS = "cocoon-net"
 START_TIMEOUT = 60.0  # dnsmasq needs ~25 s to offer with 60,000 leases on this machine
 
 

@@ -83,9 +83,19 @@ class ServerUnderTest(abc.ABC):
     def argv(self) -> list[str]:
         """The command line, run as is (it enters the node namespace itself)."""
 
+    @property
+    @abc.abstractmethod
+    def lease_file(self) -> Path:
+        """Where the server keeps its leases; its other lease files start with this name."""
+
     @abc.abstractmethod
     def write_leases(self, leases: Sequence[Lease]) -> None:
         """Write `leases` where the server will load them from at start."""
+
+    def forget_leases(self) -> None:
+        """Remove every lease file of the stopped server, so its next start has none."""
+        for path in self.workdir.glob(f"{self.lease_file.name}*"):
+            path.unlink()
 
     def prepare(self) -> dict[str, str]:
         """Write configuration before start; return extra environment variables."""
