@@ -168,35 +168,37 @@ def lossless_rate(steps: Sequence[Step]) -> float | None:
 
 
 def next_rate(steps: Sequence[Step], cfg: LadderConfig) -> float | None:
-    """The target of the next step after `steps` (run in rising order), or None: the ladder
-    is done.
+    """The target of the next step after `steps` (in the order they ran), or None: the
+    ladder is done.
 
-    Every listed rate is offered, and between and past them every multiple of the server's
+    Every listed rate is offered in rising order, and so is every multiple of the server's
     lossless rate in OVERLOAD_MULTIPLES, so that overload is measured at those multiples
-    exactly. Past the listed rates, before any loss, the rate grows by KNEE_FACTOR until the
-    server loses requests. Past the listed rates the ladder never goes above `max_rate`, nor
-    on from a step whose DISCOVERs the generator could not send at the rate (its ceiling: a
-    higher target would offer no more). A step that lost more than SATURATED_DROPS_PCT ends
-    the ladder once the last multiple has been offered.
+    exactly (a multiple below the highest step so far comes next). Past the listed rates,
+    before any loss, the rate grows by KNEE_FACTOR until the server loses requests. Past the
+    listed rates the ladder never goes above `max_rate`, nor on from a step whose DISCOVERs
+    the generator could not send at the rate (its ceiling: a higher target would offer no
+    more), nor on once every multiple has been offered. A step that lost more than
+    SATURATED_DROPS_PCT ends the ladder once the highest multiple has been offered.
     """
     listed = sorted(cfg.rates)
     if not steps:
         return listed[0] if listed else None
-    top = max(s.target for s in steps)
-    last = max(steps, key=lambda s: s.target)
+    ran = {s.target for s in steps}
+    top, last = max(ran), steps[-1]
     lossless = lossless_rate(steps)
     overload_done = top >= max(OVERLOAD_MULTIPLES) * (lossless or 0.0)
-    if last.drops_pct > SATURATED_DROPS_PCT and overload_done:
-        return None
-    wanted = [r for r in listed if r > top]
-    if lossless is not None and all(s.lossless for s in steps):
+    higher = [r for r in listed if r > top]
+    multiples = []
+    if lossless is not None and lossless == top:  # no loss yet: look for the knee
         if top >= listed[-1]:
-            wanted.append(math.ceil(top * KNEE_FACTOR / KNEE_ROUND) * KNEE_ROUND)
+            higher.append(math.ceil(top * KNEE_FACTOR / KNEE_ROUND) * KNEE_ROUND)
     elif lossless is not None:
-        wanted += [m * lossless for m in OVERLOAD_MULTIPLES]
+        multiples = [m * lossless for m in OVERLOAD_MULTIPLES if m * lossless not in ran]
+    if last.drops_pct > SATURATED_DROPS_PCT and overload_done:
+        higher = []
     may_extend = cfg.max_rate > 0 and not last.generator_short and not overload_done
     return min(
-        (r for r in wanted if r > top and (r <= listed[-1] or (may_extend and r <= cfg.max_rate))),
+        (r for r in multiples + higher if r <= listed[-1] or (may_extend and r <= cfg.max_rate)),
         default=None,
     )
 
