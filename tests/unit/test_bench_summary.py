@@ -157,10 +157,13 @@ def test_collect_takes_start_up_from_60000_leases_and_status_from_a_full_24() ->
     ]
     held = dataclasses.replace(step(1000), loadgen={**step(1000).loadgen})
     held.loadgen["offer_latency"] = {**held.loadgen["offer_latency"], "p99_ms": 3.0}
-    after_loss = Recovered("cocoon-net", "ok", SMOKE, 100, step(1000), held)
+    slower = dataclasses.replace(held, loadgen={**held.loadgen})
+    slower.loadgen["offer_latency"] = {**held.loadgen["offer_latency"], "p99_ms": 9.0}
+    after_loss = Recovered("cocoon-net", "ok", SMOKE, 100, (step(1000),), (slower, held))
     (got,) = collect([run], startups, [after_loss])
     assert (got.start_ms, got.idle_rss_kib, got.status_ms) == (3100.0, 50_000, 80.0)
-    assert got.recovered_ratio == pytest.approx(1.5)  # 3.0 ms over the 2.0 ms of `step`
+    # The lowest p99 of each side's rounds: 3.0 ms over the 2.0 ms of `step`.
+    assert got.recovered_ratio == pytest.approx(1.5)
     assert got.cpu_ms_per_dora == pytest.approx(0.5 * 1.2 / 1000 * 1000)
     assert (got.lossless, got.lossless_at_top) == (1000.0, False)
 
