@@ -11,9 +11,17 @@ from bench.figures import Startup
 from bench.ladder import ServerRun
 from bench.loadgen import RequestTemplate, client_macs, request_frame
 from bench.recovered import SMOKE, Recovered
-from bench.summary import Overload, ServerFigures, Target, collect, evaluate, overload_at
+from bench.summary import (
+    Overload,
+    ServerFigures,
+    Target,
+    collect,
+    evaluate,
+    generator_cost,
+    overload_at,
+)
 
-from tests.support.benchsteps import step
+from tests.support.benchsteps import PER_DISCOVER, PER_OFFER, step
 
 
 def figures(name: str, **changes: object) -> ServerFigures:
@@ -174,3 +182,15 @@ def test_request_template_patches_the_frame_request_frame_builds() -> None:
         offered, server_id = secrets.token_bytes(4), secrets.token_bytes(4)
         filled = RequestTemplate(mac, xid).fill(offered, server_id)
         assert filled == request_frame(mac, xid, IPv4Address(offered), server_id)
+
+
+def test_generator_cost_is_fitted_per_discover_and_per_offer_answered() -> None:
+    run = ServerRun("kea", steps=[step(1000), step(6000), step(12000, 0.6), step(24000, 0.3)])
+    cost = generator_cost([run])
+    assert cost is not None
+    assert cost.per_discover == pytest.approx(PER_DISCOVER)
+    assert cost.per_offer == pytest.approx(PER_OFFER)
+    assert cost.steps == 3  # the 1000/s step is left out: a wake-up per DISCOVER
+    assert cost.load(24000, 8000) == pytest.approx(24000 * PER_DISCOVER + 8000 * PER_OFFER)
+    # Steps that all completed every exchange cannot tell the two costs apart.
+    assert generator_cost([ServerRun("kea", steps=[step(4000), step(8000)])]) is None
