@@ -274,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         *summary.ratio_lines(figs),
         *report.guard_lines(runs),
         *summary.behind_lines(runs),
-        *summary.generator_lines(figs, runs),
+        *summary.generator_lines(runs),
     ]
     profile = args.results_dir / f"{stamp}-cocoon-net.prof"
     if args.profile and profile.exists():

@@ -223,64 +223,32 @@ def behind_lines(runs: Sequence[ServerRun]) -> list[str]:
     ]
 
 
-@dataclass(frozen=True)
-class GeneratorCost:
-    """The load generator's own CPU, fitted over the run's busy steps: seconds per DISCOVER
-    sent, and per OFFER answered (the REQUEST it sends and the ACK it reads)."""
-
-    per_discover: float
-    per_offer: float
-    steps: int
-
-    def load(self, offered: float, completed: float) -> float:
-        """Share of one core it takes to offer `offered` DISCOVERs/s to a server that answers
-        `completed` of them per second."""
-        return self.per_discover * offered + self.per_offer * completed
+def generator_share(step: Step) -> float:
+    """The generator's CPU over the step as a share of its core: while it sent, or until the
+    last ACK if that came later."""
+    lg = step.loadgen
+    busy = max(float(lg["busy_seconds"]), float(lg["send_seconds"]))
+    return float(lg["loadgen_cpu_seconds"]) / busy if busy > 0 else 0.0
 
 
-GENERATOR_FIT_RATE = 4000.0  # below, each DISCOVER is a wake-up of its own: not the ceiling
-
-
-def generator_cost(runs: Sequence[ServerRun]) -> GeneratorCost | None:
-    """Least squares without intercept of cpu = a x DISCOVERs + b x OFFERs over every step at
-    GENERATOR_FIT_RATE or more; None without two steps that tell a and b apart."""
-    rows = [
-        (float(lg["discovers"]), float(lg["offers"]), float(lg["loadgen_cpu_seconds"]))
-        for run in runs
-        for lg in (s.loadgen for s in run.steps if s.target >= GENERATOR_FIT_RATE)
-    ]
-    xx = sum(d * d for d, _, _ in rows)
-    xy = sum(d * o for d, o, _ in rows)
-    yy = sum(o * o for _, o, _ in rows)
-    xc = sum(d * c for d, _, c in rows)
-    yc = sum(o * c for _, o, c in rows)
-    det = xx * yy - xy * xy
-    if len(rows) < 2 or det <= 1e-9 * xx * yy:
-        return None
-    return GeneratorCost((xc * yy - yc * xy) / det, (yc * xx - xc * xy) / det, len(rows))
-
-
-def generator_lines(figs: Sequence[ServerFigures], runs: Sequence[ServerRun]) -> list[str]:
-    """What the generator costs, and the share of its core each server's heaviest overload
-    step needs: under 100 % one process offers it, and a second one could only take the
-    server's core."""
-    cost = generator_cost(runs)
-    if cost is None:
-        return []
-    lines = [
-        f"generator: {cost.per_discover * 1e6:.1f} us of its CPU per DISCOVER, "
-        f"{cost.per_offer * 1e6:.1f} us per OFFER answered (fit over {cost.steps} steps "
-        f"≥ {GENERATOR_FIT_RATE:g}/s): one core offers "
-        f"{1 / (cost.per_discover + cost.per_offer):.0f} full exchanges/s"
-    ]
-    for f in figs:
-        top = f.overload[max(OVERLOAD_MULTIPLES)]
-        if f.lossless and top is not None:
-            lines.append(
-                f"generator: {top.offered:g}/s offered to {f.name}, which completed "
-                f"{top.goodput:.0f}/s, takes {100 * cost.load(top.offered, top.goodput):.0f} % "
-                "of its core"
-            )
+def generator_lines(runs: Sequence[ServerRun]) -> list[str]:
+    """The generator's own CPU at each server's lossless rate (per exchange) and at its
+    heaviest overload step (share of its core). Below a whole core, one generator process
+    offered the load: a second one could only run on the server's core."""
+    lines = []
+    for run in runs:
+        lossless = None if run.lossless_rate is None else run.step_at(run.lossless_rate)
+        top = None if run.lossless_rate is None else overload_at(run, max(OVERLOAD_MULTIPLES))
+        heaviest = None if top is None else run.step_at(top.offered)
+        if lossless is None or heaviest is None:
+            continue
+        per_exchange = float(lossless.loadgen["loadgen_cpu_seconds"]) / lossless.loadgen["clients"]
+        lines.append(
+            f"generator with {run.name}: {per_exchange * 1e6:.0f} us of its CPU per exchange at "
+            f"{lossless.target:g}/s (lossless), {100 * generator_share(heaviest):.0f} % of its "
+            f"core at {heaviest.target:g}/s (DISCOVERs sent at "
+            f"{heaviest.loadgen['discover_rate']:.0f}/s, {heaviest.goodput:.0f}/s completed)"
+        )
     return lines
 
 

@@ -17,11 +17,11 @@ from bench.summary import (
     Target,
     collect,
     evaluate,
-    generator_cost,
+    generator_share,
     overload_at,
 )
 
-from tests.support.benchsteps import PER_DISCOVER, PER_OFFER, step
+from tests.support.benchsteps import step
 
 
 def figures(name: str, **changes: object) -> ServerFigures:
@@ -184,13 +184,9 @@ def test_request_template_patches_the_frame_request_frame_builds() -> None:
         assert filled == request_frame(mac, xid, IPv4Address(offered), server_id)
 
 
-def test_generator_cost_is_fitted_per_discover_and_per_offer_answered() -> None:
-    run = ServerRun("kea", steps=[step(1000), step(6000), step(12000, 0.6), step(24000, 0.3)])
-    cost = generator_cost([run])
-    assert cost is not None
-    assert cost.per_discover == pytest.approx(PER_DISCOVER)
-    assert cost.per_offer == pytest.approx(PER_OFFER)
-    assert cost.steps == 3  # the 1000/s step is left out: a wake-up per DISCOVER
-    assert cost.load(24000, 8000) == pytest.approx(24000 * PER_DISCOVER + 8000 * PER_OFFER)
-    # Steps that all completed every exchange cannot tell the two costs apart.
-    assert generator_cost([ServerRun("kea", steps=[step(4000), step(8000)])]) is None
+def test_generator_share_is_its_cpu_over_the_time_it_was_busy() -> None:
+    busy = step(24000, 0.3)
+    busy.loadgen.update(send_seconds=1.2, busy_seconds=1.5, loadgen_cpu_seconds=0.75)
+    assert generator_share(busy) == pytest.approx(0.5)
+    busy.loadgen.update(busy_seconds=0.0)  # no ACK at all: the sending time
+    assert generator_share(busy) == pytest.approx(0.625)
