@@ -221,8 +221,18 @@ def _expect(proc: subprocess.Popen[str], word: str, what: str) -> None:
     assert proc.stdout is not None
     line = proc.stdout.readline().strip()
     if line != word:
-        _, err = proc.communicate(timeout=10)
+        _, err = rest_of_output(proc)
         raise RuntimeError(f"load generator ({what}): {err.strip().splitlines()[-1:] or line}")
+
+
+def rest_of_output(proc: subprocess.Popen[str]) -> tuple[str, str]:
+    """(stdout, stderr) from here until the process exits, read through the same buffered
+    pipes readline() used: communicate() reads the file descriptors and would miss what those
+    buffers already hold (the generator's result, when it came with its "done")."""
+    assert proc.stdout is not None and proc.stderr is not None
+    out, err = proc.stdout.read(), proc.stderr.read()
+    proc.wait()
+    return out, err
 
 
 def run_step(bed: Bed, server: ServerUnderTest, rate: float, clients: int, grace: float) -> Step:
@@ -243,7 +253,7 @@ def run_step(bed: Bed, server: ServerUnderTest, rate: float, clients: int, grace
         cpu, machine = window.percent(done)
         rss, hwm = memory_kib(server.pid)
         socket_drops = bed.socket_drops(server.pid) - drops_before
-        out, err = proc.communicate(timeout=30)
+        out, err = rest_of_output(proc)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -55,7 +55,8 @@ class Site:
 
 
 class ServerUnderTest(abc.ABC):
-    """One DHCP server implementation. A fresh instance is used for every start."""
+    """One DHCP server implementation. An instance may be started again once stopped (the
+    ladder restarts a server on empty lease files when the pool runs short)."""
 
     name: str
     binary: str
