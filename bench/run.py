@@ -285,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"at the end {' '.join(machine()['loadavg'])}; whole run {time.monotonic() - began:.0f} s",
         "",
         "targets",
-        *summary.target_lines(targets),
+        *summary.target_lines(targets, runs),
     ]
     log("\n".join(lines))
     document = report.to_json(

@@ -105,6 +105,15 @@ def test_each_target_missed_just_past_its_bound(what: str, changes: dict[str, ob
     assert target(what, figures("cocoon-net")).met is True
 
 
+def test_an_overload_step_the_generator_could_not_send_measures_nothing() -> None:
+    short = Overload(24000.0, 9000.0, 1.1, True, generator_short=True)
+    ours = figures("cocoon-net", overload={2.0: short, 3.0: short})
+    assert target("goodput at 2x", ours).met is None
+    bursts = Overload(24000.0, 7100.0, 0.89, True, generator_short=False)
+    ours = figures("cocoon-net", overload={2.0: bursts, 3.0: bursts})
+    assert target("goodput at 2x", ours).met is False
+
+
 @pytest.mark.parametrize(
     ("what", "changes"),
     [
