@@ -232,17 +232,19 @@ def behind_lines(runs: Sequence[ServerRun]) -> list[str]:
 
 
 def generator_share(step: Step) -> float:
-    """The generator's CPU over the step as a share of its core: while it sent, or until the
-    last ACK if that came later."""
+    """The generator's CPU in the step over the time it spent sending DISCOVERs, as a share of
+    its core: an upper bound of its load while it sent (the CPU also covers the replies it
+    read after the last DISCOVER)."""
     lg = step.loadgen
-    busy = max(float(lg["busy_seconds"]), float(lg["send_seconds"]))
-    return float(lg["loadgen_cpu_seconds"]) / busy if busy > 0 else 0.0
+    sending = float(lg["send_seconds"])
+    return float(lg["loadgen_cpu_seconds"]) / sending if sending > 0 else 0.0
 
 
 def generator_lines(runs: Sequence[ServerRun]) -> list[str]:
     """The generator's own CPU at each server's lossless rate (per exchange) and at its
-    heaviest overload step (share of its core). Below a whole core, one generator process
-    offered the load: a second one could only run on the server's core."""
+    heaviest overload step (share of its core while sending). Well below a whole core, one
+    generator process can offer the load, and a late or short step was other work on its
+    core; a second process could only run on the server's core."""
     lines = []
     for run in runs:
         lossless = None if run.lossless_rate is None else run.step_at(run.lossless_rate)
