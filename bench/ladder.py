@@ -21,7 +21,7 @@ from typing import Any
 from bench.bed import Bed
 from bench.loadgen import LATE_PCT_BEHIND
 from bench.procstat import CpuWindow, memory_kib
-from bench.servers import ServerFailed, ServerUnderTest, prioritised
+from bench.servers import ServerFailed, ServerUnderTest
 
 REPO = Path(__file__).resolve().parent.parent
 SATURATED_DROPS_PCT = 50.0
@@ -204,8 +204,17 @@ def next_rate(steps: Sequence[Step], cfg: LadderConfig) -> float | None:
 
 
 def loadgen_argv(bed: Bed, *extra: str) -> list[str]:
-    argv = [sys.executable, "-m", "bench.loadgen", "--ifname", bed.loadgen_if, *extra]
-    return prioritised(argv, bed.cpus.loadgen)
+    cpu = bed.cpus.loadgen
+    return [
+        sys.executable,
+        "-m",
+        "bench.loadgen",
+        "--ifname",
+        bed.loadgen_if,
+        "--cpu",
+        str(-1 if cpu is None else cpu),
+        *extra,
+    ]
 
 
 def _expect(proc: subprocess.Popen[str], word: str, what: str) -> None:

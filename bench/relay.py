@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from bench.bed import Bed
 from bench.report import ms, table
-from bench.servers import ServerFailed, ServerUnderTest, prioritised
+from bench.servers import ServerFailed, ServerUnderTest
 
 PERFDHCP = "perfdhcp"
 _SECTION = re.compile(r"\*\*\*Statistics for: (\S+)\*\*\*")
@@ -72,7 +72,10 @@ def run_perfdhcp(
     if reason is not None:
         return RelayStep(name, rate, seconds, f"skipped: {reason}")
     bed.forget_clients()
+    cpu = bed.cpus.loadgen
+    pin = [] if cpu is None else ["taskset", "-c", str(cpu)]
     argv = [
+        *pin,
         PERFDHCP,
         "-4",
         "-l",
@@ -87,7 +90,6 @@ def run_perfdhcp(
         "single",  # #4: on two cores with the server pinned to the other, single is fair
         str(bed.gateway),
     ]
-    argv = prioritised(argv, bed.cpus.loadgen)
     try:
         server.start()
         server.wait_ready(ready_timeout)

@@ -33,17 +33,6 @@ from cocoon_net.dhcp.leasefile import encode_snapshot
 from cocoon_net.dhcp.model import Lease
 
 LEASE_SECONDS = 86400
-# The servers and the load generator run at this niceness: on a machine other work shares,
-# that work then takes less of the two cores the bench measures on. Every server gets the
-# same; on a quiet machine it changes nothing.
-NICE = -10
-
-
-def prioritised(argv: Sequence[str], cpu: int | None) -> list[str]:
-    """argv run at NICE, and pinned to `cpu` before exec, so that every thread it starts
-    inherits both."""
-    pin = [] if cpu is None else ["taskset", "-c", str(cpu)]
-    return ["nice", "-n", str(NICE), *pin, *argv]
 
 
 class ServerFailed(Exception):
@@ -120,7 +109,10 @@ class ServerUnderTest(abc.ABC):
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **self.prepare()}
-        argv = prioritised(self.argv(), self.site.cpu)
+        argv = self.argv()
+        if self.site.cpu is not None:
+            # taskset pins before exec, so every thread the server starts inherits the CPU.
+            argv = ["taskset", "-c", str(self.site.cpu), *argv]
         with self.log_path.open("ab") as log:
             self.started_at = time.monotonic()
             self._proc = subprocess.Popen(
