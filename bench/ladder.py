@@ -39,7 +39,7 @@ KNEE_ROUND = 1000.0
 
 @dataclass(frozen=True)
 class LadderConfig:
-    rates: tuple[float, ...]  # always offered, in this order
+    rates: tuple[float, ...]  # always offered, in rising order
     seconds: float  # of load per step: clients = rate x seconds
     min_clients: int
     grace: float  # seconds to wait for the last replies

@@ -67,7 +67,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=",".join(DEFAULT_SERVERS),
         help=f"comma-separated, run in this order (default {','.join(DEFAULT_SERVERS)})",
     )
-    p.add_argument("--rates", default="", help="DORA/s ladder, e.g. 100,500,2000")
+    p.add_argument("--rates", default="", help="DORA/s always offered, e.g. 100,500,2000")
     p.add_argument(
         "--max-rate",
         type=float,
