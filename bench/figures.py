@@ -24,13 +24,12 @@ from ipaddress import IPv4Address
 from pathlib import Path
 
 from bench.bed import Bed
-from bench.ladder import REPO, loadgen_argv
+from bench.ladder import REPO, loadgen_argv, rest_of_output
 from bench.procstat import memory_kib
-from bench.report import mb, ms, table
+from bench.report import OURS, mb, ms, table
 from bench.servers import LEASE_SECONDS, SERVERS, ServerFailed, ServerUnderTest
 from cocoon_net.dhcp.model import Lease
 
-OURS = "cocoon-net"
 START_TIMEOUT = 60.0  # dnsmasq needs ~25 s to offer with 60,000 leases on this machine
 
 
@@ -111,13 +110,13 @@ def measure_startup(
     try:
         assert probe.stdout is not None
         if probe.stdout.readline().strip() != "armed":
-            raise RuntimeError(f"probe did not start: {probe.communicate(timeout=10)[1]}")
+            raise RuntimeError(f"probe did not start: {rest_of_output(probe)[1]}")
         start_ns = time.time_ns()
         server.start()
         ready = server.wait_ready(timeout)
         routes = bed.route_count() if name == OURS else None
         rss = memory_kib(server.pid)[0]
-        out, _ = probe.communicate(timeout=timeout + 10)
+        out, _ = rest_of_output(probe)
         stamp = json.loads(out.splitlines()[-1])["first_offer_ns"]
         status_ms = route_show_ms = None
         if name == OURS:

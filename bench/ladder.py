@@ -7,11 +7,13 @@ over exactly the same window (the generator prints "go" and "done" around the lo
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,21 +25,32 @@ from bench.servers import ServerFailed, ServerUnderTest
 
 REPO = Path(__file__).resolve().parent.parent
 SATURATED_DROPS_PCT = 50.0
-# Overload is measured up to this multiple of a server's lossless rate; past it, a step that
-# lost more than SATURATED_DROPS_PCT ends the ladder (higher rates only repeat it).
+# Overload is measured at these multiples of a server's lossless rate; past the last, a step
+# that lost more than SATURATED_DROPS_PCT ends the ladder (higher rates only repeat it).
 OVERLOAD_MULTIPLES = (2.0, 3.0)
 # A step is lossless when at least this share of the offered exchanges completed with every
 # reply within a client's patience, at no less than this share of the target rate.
 LOSSLESS_SHARE = 0.99
+# Above the listed rates and before any loss, each step offers this much more than the last
+# (rounded up to KNEE_ROUND), until the server loses requests: its knee.
+KNEE_FACTOR = 1.25
+KNEE_ROUND = 1000.0
 
 
 @dataclass(frozen=True)
 class LadderConfig:
-    rates: tuple[float, ...]
+    rates: tuple[float, ...]  # always offered, in rising order
     seconds: float  # of load per step: clients = rate x seconds
     min_clients: int
     grace: float  # seconds to wait for the last replies
     ready_timeout: float
+    pool_size: int  # addresses a server can hand out before it must start afresh
+    # The ladder goes past `rates`, up to this rate, until it has offered every multiple in
+    # OVERLOAD_MULTIPLES of the server's lossless rate (0: the listed rates only).
+    max_rate: float = 0.0
+
+    def clients(self, rate: float) -> int:
+        return max(self.min_clients, round(rate * self.seconds))
 
 
 @dataclass(frozen=True)
@@ -57,6 +70,9 @@ class Step:
     journal_records: int = 0
     journal_batches: int = 0
     window_seconds: float = 0.0  # the load's go-to-done window the CPU figure covers
+    # The server was restarted on empty lease files just before this step: the steps before
+    # had handed out too much of the pool for this one's clients.
+    fresh_start: bool = False
 
     @property
     def target(self) -> float:
@@ -81,10 +97,16 @@ class Step:
         generator, not the server."""
         lg = self.loadgen
         return bool(
-            lg["discover_rate"] < LOSSLESS_SHARE * self.target
+            self.generator_short
             or lg["loadgen_socket_drops"] > 0
             or lg["late_pct"] > LATE_PCT_BEHIND
         )
+
+    @property
+    def generator_short(self) -> bool:
+        """DISCOVERs went out under 99 % of the target rate: the generator's ceiling, so a
+        higher step would not offer more."""
+        return bool(self.loadgen["discover_rate"] < LOSSLESS_SHARE * self.target)
 
     @property
     def cpu_ms_per_dora(self) -> float | None:
@@ -114,14 +136,7 @@ class ServerRun:
 
     @property
     def lossless_rate(self) -> float | None:
-        """The highest target rate below the first lossy step (Step.lossless): a higher step
-        that happened to be lossless after a lossy one does not raise it."""
-        rate = None
-        for step in sorted(self.steps, key=lambda s: s.target):
-            if not step.lossless:
-                break
-            rate = step.target
-        return rate
+        return lossless_rate(self.steps)
 
     @property
     def peak_goodput(self) -> float | None:
@@ -139,6 +154,53 @@ class ServerRun:
     @property
     def peak_rss_kib(self) -> int | None:
         return max((s.server_hwm_kib for s in self.steps), default=None)
+
+
+def lossless_rate(steps: Sequence[Step]) -> float | None:
+    """The highest target rate below the first lossy step (Step.lossless): a higher step
+    that happened to be lossless after a lossy one does not raise it."""
+    rate = None
+    for step in sorted(steps, key=lambda s: s.target):
+        if not step.lossless:
+            break
+        rate = step.target
+    return rate
+
+
+def next_rate(steps: Sequence[Step], cfg: LadderConfig) -> float | None:
+    """The target of the next step after `steps` (in the order they ran), or None: the
+    ladder is done.
+
+    Every listed rate is offered in rising order, and so is every multiple of the server's
+    lossless rate in OVERLOAD_MULTIPLES, so that overload is measured at those multiples
+    exactly (a multiple below the highest step so far comes next). Past the listed rates,
+    before any loss, the rate grows by KNEE_FACTOR until the server loses requests. Past the
+    listed rates the ladder never goes above `max_rate`, nor on from a step whose DISCOVERs
+    the generator could not send at the rate (its ceiling: a higher target would offer no
+    more), nor on once every multiple has been offered. A step that lost more than
+    SATURATED_DROPS_PCT ends the ladder once the highest multiple has been offered.
+    """
+    listed = sorted(cfg.rates)
+    if not steps:
+        return listed[0] if listed else None
+    ran = {s.target for s in steps}
+    top, last = max(ran), steps[-1]
+    lossless = lossless_rate(steps)
+    overload_done = top >= max(OVERLOAD_MULTIPLES) * (lossless or 0.0)
+    higher = [r for r in listed if r > top]
+    multiples = []
+    if lossless is not None and lossless == top:  # no loss yet: look for the knee
+        if top >= listed[-1]:
+            higher.append(math.ceil(top * KNEE_FACTOR / KNEE_ROUND) * KNEE_ROUND)
+    elif lossless is not None:
+        multiples = [m * lossless for m in OVERLOAD_MULTIPLES if m * lossless not in ran]
+    if last.drops_pct > SATURATED_DROPS_PCT and overload_done:
+        higher = []
+    may_extend = cfg.max_rate > 0 and not last.generator_short and not overload_done
+    return min(
+        (r for r in multiples + higher if r <= listed[-1] or (may_extend and r <= cfg.max_rate)),
+        default=None,
+    )
 
 
 def loadgen_argv(bed: Bed, *extra: str) -> list[str]:
@@ -159,8 +221,18 @@ def _expect(proc: subprocess.Popen[str], word: str, what: str) -> None:
     assert proc.stdout is not None
     line = proc.stdout.readline().strip()
     if line != word:
-        _, err = proc.communicate(timeout=10)
+        _, err = rest_of_output(proc)
         raise RuntimeError(f"load generator ({what}): {err.strip().splitlines()[-1:] or line}")
+
+
+def rest_of_output(proc: subprocess.Popen[str]) -> tuple[str, str]:
+    """(stdout, stderr) from here until the process exits, read through the same buffered
+    pipes readline() used: communicate() reads the file descriptors and would miss what those
+    buffers already hold (the generator's result, when it came with its "done")."""
+    assert proc.stdout is not None and proc.stderr is not None
+    out, err = proc.stdout.read(), proc.stderr.read()
+    proc.wait()
+    return out, err
 
 
 def run_step(bed: Bed, server: ServerUnderTest, rate: float, clients: int, grace: float) -> Step:
@@ -181,7 +253,7 @@ def run_step(bed: Bed, server: ServerUnderTest, rate: float, clients: int, grace
         cpu, machine = window.percent(done)
         rss, hwm = memory_kib(server.pid)
         socket_drops = bed.socket_drops(server.pid) - drops_before
-        out, err = proc.communicate(timeout=30)
+        out, err = rest_of_output(proc)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -220,22 +292,39 @@ def run_ladder(
         server.start()
         result.ready_seconds = server.wait_ready(cfg.ready_timeout)
         result.idle_rss_kib = memory_kib(server.pid)[0]
-        for rate in cfg.rates:
-            clients = max(cfg.min_clients, round(rate * cfg.seconds))
+        handed_out = 0  # addresses given to clients since the server last started afresh
+        while (rate := next_rate(result.steps, cfg)) is not None:
+            clients = cfg.clients(rate)
+            fresh = handed_out + clients > cfg.pool_size
+            if fresh:
+                log(
+                    f"{server.name}: restarted on empty lease files before {rate:g}/s "
+                    f"({handed_out} of {cfg.pool_size} addresses handed out)"
+                )
+                start_afresh(bed, server, cfg.ready_timeout)
+                handed_out = 0
             bed.flush_neighbours()
             step = run_step(bed, server, rate, clients, cfg.grace)
+            step = dataclasses.replace(step, fresh_start=fresh)
+            handed_out += clients
             result.steps.append(step)
             log(_progress(server.name, step))
-            if step.drops_pct > SATURATED_DROPS_PCT and rate >= max(OVERLOAD_MULTIPLES) * (
-                result.lossless_rate or 0.0
-            ):
-                break
     except ServerFailed as exc:
         result.status = f"failed: {exc}"
         log(f"{server.name}: {exc}")
     finally:
         server.stop()
     return result
+
+
+def start_afresh(bed: Bed, server: ServerUnderTest, ready_timeout: float) -> None:
+    """Stop the server and start it again with no leases, no /32 routes and no neighbour
+    entries: the whole pool is free again for the steps that follow."""
+    server.stop()
+    server.forget_leases()
+    bed.forget_clients()
+    server.start()
+    server.wait_ready(ready_timeout)
 
 
 def _progress(name: str, step: Step) -> str:
@@ -255,8 +344,3 @@ def _progress(name: str, step: Step) -> str:
             else ""
         )
     )
-
-
-def clients_per_server(cfg: LadderConfig) -> int:
-    """Addresses one server may hand out in a full ladder (every client is new)."""
-    return sum(max(cfg.min_clients, round(rate * cfg.seconds)) for rate in cfg.rates)

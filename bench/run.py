@@ -33,22 +33,24 @@ from typing import Any
 if __package__ in {None, ""}:  # run as a script: bench/run.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import figures, report
+from bench import figures, recovered, report, summary
 from bench.bed import Bed
 from bench.ladder import (
     REPO,
     SATURATED_DROPS_PCT,
     LadderConfig,
     ServerRun,
-    clients_per_server,
     run_ladder,
 )
 from bench.relay import RelayStep, relay_lines, run_perfdhcp
+from bench.report import OURS
 from bench.servers import SERVERS, CocoonNet
 
 DEFAULT_SERVERS = ("kea", "dnsmasq", "dnsmasq-ping", "cocoon-net", "cocoon-net-no-guard")
 FULL_RATES = (1000, 2000, 3000, 4000, 5000, 6000, 8000, 10000, 12000)
 SMOKE_RATES = (50,)
+# Past the listed rates, the ladder goes on to 3x each server's lossless rate, up to this.
+MAX_RATE = 30_000.0
 # Debian packages of the peers; perfdhcp comes with kea-admin (testbed-facts #3).
 PACKAGES = {
     "kea-dhcp4": "kea-dhcp4-server",
@@ -65,7 +67,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=",".join(DEFAULT_SERVERS),
         help=f"comma-separated, run in this order (default {','.join(DEFAULT_SERVERS)})",
     )
-    p.add_argument("--rates", default="", help="DORA/s ladder, e.g. 100,500,2000")
+    p.add_argument("--rates", default="", help="DORA/s always offered, e.g. 100,500,2000")
+    p.add_argument(
+        "--max-rate",
+        type=float,
+        default=MAX_RATE,
+        help=f"past the listed rates, offer up to this DORA/s (default {MAX_RATE:g}; 0: no more)",
+    )
     p.add_argument("--seconds", type=float, default=1.2, help="seconds of load per step")
     p.add_argument("--subnet", default="172.20.0.0/16", help="the pool's subnet (a /16)")
     p.add_argument("--relay", action="store_true", help="also run perfdhcp on the relay path")
@@ -186,32 +194,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     rates = tuple(float(r) for r in args.rates.split(",") if r) or (
         SMOKE_RATES if args.smoke else FULL_RATES
     )
+    subnet = IPv4Network(args.subnet)
+    pool_size = min(subnet.num_addresses - 3 - 256, 65000)
     cfg = LadderConfig(
         rates=rates,
         seconds=1.0 if args.smoke else args.seconds,
         min_clients=20 if args.smoke else 200,
         grace=1.0 if args.smoke else 2.0,
         ready_timeout=10.0,
+        pool_size=pool_size,
+        max_rate=0.0 if args.smoke else args.max_rate,
     )
+    biggest = cfg.clients(max(*rates, cfg.max_rate))
+    if biggest > pool_size:
+        log(f"bench: a step needs up to {biggest} addresses, the pool has {pool_size}")
+        return 2
     if not args.no_install and not args.smoke:
         ensure_packages([SERVERS[n].binary for n in names if not n.startswith("cocoon-net")], log)
     # SIGTERM unwinds like Ctrl-C, through every cleanup below.
     signal.signal(signal.SIGTERM, _raise_interrupt)
     stamp = time.strftime("%Y%m%dT%H%M%S")
+    began = time.monotonic()
     machine_at_start = machine()
-    subnet = IPv4Network(args.subnet)
-    pool_size = min(subnet.num_addresses - 3 - 256, 65000)
-    if clients_per_server(cfg) > pool_size:
-        log(
-            f"bench: the ladder needs {clients_per_server(cfg)} addresses, the pool has {pool_size}"
-        )
-        return 2
 
     subnet24 = next(subnet.subnets(new_prefix=24))
     runs: list[ServerRun] = []
     startups: list[figures.Startup] = []
     timings: list[figures.Timing] = []
     relay_steps: list[RelayStep] = []
+    after_loss: recovered.Recovered | None = None
     try:
         with tempfile.TemporaryDirectory(prefix="cocoon-bench-") as tmp:
             work = Path(tmp)
@@ -234,6 +245,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     size = count if net is subnet24 else pool_size
                     with open_bed(net, size, work / f"start-{count}", log) as bed:
                         startups += figures.run_startups(bed, names, count, work, repeat, log)
+                        # After a lost lease file: on the largest node the run builds.
+                        if OURS in names and count == plan[-1][1]:
+                            held = recovered.SMOKE if args.smoke else recovered.FULL
+                            after_loss = recovered.measure(bed, work / "recovered", held, log)
     except KeyboardInterrupt:
         log("bench: interrupted; namespaces removed")
         return 130
@@ -242,20 +257,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         "",
         "ladder (latency in ms; cpu = % of one core; RSS = peak VmHWM)",
         *report.ladder_table(runs),
-        "",
-        *report.summary_table(runs, max(cfg.rates)),
-        "",
-        *report.ratio_lines(runs, max(cfg.rates)),
-        *report.guard_lines(runs),
     ]
     if startups:
         lines += ["", "start to ready, idle RSS, status", *figures.startup_lines(startups, timings)]
+    if after_loss is not None:
+        lines += ["", *recovered.lines(after_loss)]
     if relay_steps:
         lines += ["", "relay path (perfdhcp)", *relay_lines(relay_steps)]
+    figs = summary.collect(runs, startups, [] if after_loss is None else [after_loss])
+    targets = summary.evaluate(figs, runs)
+    lines += [
+        "",
+        "summary",
+        *summary.summary_table(figs),
+        "",
+        *summary.ratio_lines(figs),
+        *report.guard_lines(runs),
+        *summary.behind_lines(runs),
+        *summary.generator_lines(runs),
+    ]
     profile = args.results_dir / f"{stamp}-cocoon-net.prof"
     if args.profile and profile.exists():
         lines += ["", f"cocoon-net profile (ladder, main thread): {profile}", *hot_spots(profile)]
-    lines += ["", f"load average at start {' '.join(machine_at_start['loadavg'])}"]
+    lines += [
+        "",
+        f"load average at start {' '.join(machine_at_start['loadavg'])}, "
+        f"at the end {' '.join(machine()['loadavg'])}; whole run {time.monotonic() - began:.0f} s",
+        "",
+        "targets",
+        *summary.target_lines(targets, runs),
+    ]
     log("\n".join(lines))
     document = report.to_json(
         runs,
@@ -269,6 +300,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "startup": [asdict(s) for s in startups],
             "floors": [asdict(t) for t in timings],
             "relay": [asdict(r) for r in relay_steps],
+            "recovered": None if after_loss is None else asdict(after_loss),
+            "targets": [asdict(t) for t in targets],
         },
     )
     path = report.write_results(args.results_dir, stamp, document)

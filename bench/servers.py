@@ -55,7 +55,8 @@ class Site:
 
 
 class ServerUnderTest(abc.ABC):
-    """One DHCP server implementation. A fresh instance is used for every start."""
+    """One DHCP server implementation. An instance may be started again once stopped (the
+    ladder restarts a server on empty lease files when the pool runs short)."""
 
     name: str
     binary: str
@@ -83,9 +84,19 @@ class ServerUnderTest(abc.ABC):
     def argv(self) -> list[str]:
         """The command line, run as is (it enters the node namespace itself)."""
 
+    @property
+    @abc.abstractmethod
+    def lease_file(self) -> Path:
+        """Where the server keeps its leases; its other lease files start with this name."""
+
     @abc.abstractmethod
     def write_leases(self, leases: Sequence[Lease]) -> None:
         """Write `leases` where the server will load them from at start."""
+
+    def forget_leases(self) -> None:
+        """Remove every lease file of the stopped server, so its next start has none."""
+        for path in self.workdir.glob(f"{self.lease_file.name}*"):
+            path.unlink()
 
     def prepare(self) -> dict[str, str]:
         """Write configuration before start; return extra environment variables."""

@@ -60,20 +60,31 @@ def existing_namespaces() -> set[str]:
     return {line.split()[0] for line in out.stdout.splitlines() if line.strip()}
 
 
-def results(tmp_path: Path) -> dict[str, dict[str, object]]:
+def document(tmp_path: Path) -> dict[str, Any]:
     files = list(tmp_path.glob("*.json"))
     assert len(files) == 1
-    document = json.loads(files[0].read_text())
-    return {server["name"]: server for server in document["servers"]}
+    loaded: dict[str, Any] = json.loads(files[0].read_text())
+    return loaded
+
+
+def results(tmp_path: Path) -> dict[str, dict[str, Any]]:
+    return {server["name"]: server for server in document(tmp_path)["servers"]}
 
 
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, dict[str, Any]]]:
-    """One smoke run of every server: its output and its results by server."""
+def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, Any]]:
+    """One smoke run of every server: its output and its raw results."""
     results_dir = tmp_path_factory.mktemp("bench")
     output = run_bench(results_dir, "--servers", "kea,dnsmasq,cocoon-net")
     assert not made_namespaces(output) & existing_namespaces()
-    return output, results(results_dir)
+    return output, document(results_dir)
+
+
+@pytest.fixture(scope="module")
+def smoke(smoke_run: tuple[str, dict[str, Any]]) -> tuple[str, dict[str, dict[str, Any]]]:
+    """The smoke run's output and its results by server."""
+    output, raw = smoke_run
+    return output, {server["name"]: server for server in raw["servers"]}
 
 
 @pytest.mark.parametrize("name", ["cocoon-net", "dnsmasq", "kea"])
@@ -149,3 +160,21 @@ def test_interrupted_bench_removes_its_namespaces(tmp_path: Path, signum: int) -
     assert "bench: interrupted; namespaces removed" in rest
     assert not made_namespaces(first) & existing_namespaces()
     assert not list(tmp_path.glob("*.json"))
+
+
+def test_smoke_measures_the_daemon_after_a_lost_lease_file_and_judges_the_targets(
+    smoke_run: tuple[str, dict[str, Any]],
+) -> None:
+    output, raw = smoke_run
+    # The daemon held every routed address the bench left without a lease, and served the
+    # new clients around them.
+    after_loss = raw["recovered"]
+    assert after_loss["status"] == "ok", output
+    assert after_loss["holding"] == after_loss["plan"]["held"] > 0
+    for step in (*after_loss["none"], *after_loss["held"]):
+        assert step["loadgen"]["acks"] > 0
+    # Every target is printed with a verdict; the ones the smoke run cannot measure say so.
+    verdicts = {t["what"]: t["met"] for t in raw["targets"]}
+    assert len(verdicts) == 9
+    assert verdicts["start with 60000 leases ≤ 3000 ms"] is None
+    assert "targets" in output.splitlines()
