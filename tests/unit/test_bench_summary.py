@@ -40,6 +40,7 @@ def figures(name: str, **changes: object) -> ServerFigures:
         start_ms=3000.0,
         status_ms=100.0,
         idle_rss_kib=40 * 1024,
+        loaded_rss_kib=60_000,
         recovered_ratio=2.0,
         peak_rss_kib=50_000,
         worst_p99={},
@@ -166,7 +167,7 @@ def test_overload_is_read_at_the_lowest_step_offering_the_multiple() -> None:
 
 
 def test_collect_takes_start_up_from_60000_leases_and_status_from_a_full_24() -> None:
-    run = ServerRun("cocoon-net", steps=[step(1000), step(2000, 0.5)])
+    run = ServerRun("cocoon-net", idle_rss_kib=38_000, steps=[step(1000), step(2000, 0.5)])
     startups = [
         Startup("cocoon-net", 253, "ok", ready_ms=300.0, rss_kib=30_000, status_ms=80.0),
         Startup("cocoon-net", 60_000, "ok", ready_ms=3100.0, rss_kib=50_000, status_ms=900.0),
@@ -178,7 +179,8 @@ def test_collect_takes_start_up_from_60000_leases_and_status_from_a_full_24() ->
     slower.loadgen["offer_latency"] = {**held.loadgen["offer_latency"], "p99_ms": 9.0}
     after_loss = Recovered("cocoon-net", "ok", SMOKE, 100, (step(1000),), (slower, held))
     (got,) = collect([run], startups, [after_loss])
-    assert (got.start_ms, got.idle_rss_kib, got.status_ms) == (3100.0, 50_000, 80.0)
+    assert (got.start_ms, got.loaded_rss_kib, got.status_ms) == (3100.0, 50_000, 80.0)
+    assert got.idle_rss_kib == 38_000  # the target is the idle daemon on the empty /16 pool
     # The lowest p99 of each side's rounds: 3.0 ms over the 2.0 ms of `step`.
     assert got.recovered_ratio == pytest.approx(1.5)
     assert got.cpu_ms_per_dora == pytest.approx(0.5 * 1.2 / 1000 * 1000)
