@@ -253,6 +253,8 @@ class Daemon:
         )
         log.info("ready in %.3f s: %s", time.monotonic() - started, ready)
         self.notify.ready(ready)
+        # The fold of the lease journal into leases.json that open() left for later.
+        self.store.resume_write_behind()
         # What start-up built (pool, leases, history: 100,000s of objects on a /16) lives as
         # long as the daemon. Frozen out of the collector's sight, it is not walked again by
         # every full collection the request path triggers under load.
