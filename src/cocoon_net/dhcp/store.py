@@ -286,7 +286,7 @@ def _recover(path: Path, max_corrupt: int, repair: bool) -> tuple[Recovered, Lea
         else:
             skipped = read.skipped
             for lease in read.leases:
-                state.apply(Record.grant(lease))
+                state.grant(lease)
     snapshot_leases = len(state.leases)
     known = (meta.snapshot, meta.previous) if meta else ()
     if meta is not None and not snapshot_lost and _digest(raw) not in known:
