@@ -215,8 +215,9 @@ class Daemon:
         route_sock = rtnl.RouteSocket()
         in_use = self._routed_in_kernel(route_sock)
         self.table = LeaseTable(
-            self.pool.pool_ips, reservations=settings.reservations, offer_hold=settings.offer_hold
+            self.pool.pool_ints, reservations=settings.reservations, offer_hold=settings.offer_hold
         )
+        self.pool = _without_addresses(self.pool)
         changes = self.table.load(
             recovered.leases.values(),
             recovered.history.values(),
@@ -703,15 +704,21 @@ class Daemon:
                     f"not serving the pool of pool.json: it leaves out leased addresses "
                     f"({', '.join(map(str, busy))})"
                 )
-            self.pool = new
+            self.pool = _without_addresses(new)
             self.server.settings = settings
-            changes = self.table.set_pool(new.pool_ips, now)
+            changes = self.table.set_pool(new.pool_ints, now)
             for change in changes:
                 log.info("reload: %s %s", change.op, getattr(change, "lease", change))
             await self.persist(changes)
             total = self.table.stats(time.time()).total
             log.info("reloaded %s: %d addresses", self.opts.paths.pool_file, total)
             return total
+
+
+def _without_addresses(pool: PoolState) -> PoolState:
+    """The pool record as the daemon keeps it: the lease table holds the addresses (as ints),
+    so the record does not also keep them as strings (65,000 of them on a /16, 4 MB)."""
+    return dataclasses.replace(pool, ips=[])
 
 
 def parse_routes(items: list[str]) -> tuple[Route, ...]:

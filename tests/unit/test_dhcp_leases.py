@@ -481,10 +481,13 @@ class TableMachine(RuleBasedStateMachine):
         for m, addr in t._last_ip.items():
             assert t._history[addr].mac == m
         # Every pool address is exactly one of: never bound, bound before and idle, leased.
-        parts = [set(t._fresh), set(t._idle), set(t._lease_at)]
-        assert sum(map(len, parts)) == len(POOL)
+        fresh, idle = list(map(IPv4Address, t._fresh)), list(map(IPv4Address, t._idle))
+        parts = [set(fresh), set(idle), set(t._lease_at)]
+        assert len(fresh) + len(idle) + len(t._lease_at) == len(POOL)  # none queued twice
         assert set().union(*parts) == set(POOL)
-        assert not set(t._fresh) & set(t._history)
+        assert not set(fresh) & set(t._history)
+        # The free count, taken from the indexes, is the pool's addresses free one by one.
+        assert t.stats(self.now).free == sum(t._free_for_new(a, self.now) for a in POOL)
 
 
 TableMachine.TestCase.settings = settings(

@@ -331,6 +331,19 @@ def _recover(path: Path, max_corrupt: int, repair: bool) -> tuple[Recovered, Lea
     return Recovered(copy.leases, copy.history, copy.quarantine, seq, report, copy.holds), state
 
 
+def _meta(state: LeaseState, seq: int, snapshot: str, previous: str, now: float) -> Meta:
+    """META for `state` as of journal record `seq`, naming the snapshots by digest."""
+    return Meta(
+        seq=seq,
+        snapshot=snapshot,
+        previous=previous,
+        # A leased MAC's history is its lease, which the snapshot already holds.
+        history=tuple(h for mac, h in state.history.items() if state.leases.get(mac) != h),
+        quarantine=dict(state.quarantine),
+        holds={ip: t for ip, t in state.holds.items() if t > now},
+    )
+
+
 def _sound(report: LoadReport) -> bool:
     """Whether the files as they are can take new journal lines and give the same table at
     the next start: nothing unusable was set aside or skipped (those get a compaction at once,
@@ -482,7 +495,8 @@ class LeaseStore:
                 # snapshot on disk now, so that one written by someone else meanwhile (the
                 # Go tool after a rollback) is still told apart from ours.
                 self._cut_torn_tail(recovered.report)
-                atomic_write(role_path(self.path, Role.META), encode_meta(self._meta("")))
+                meta = _meta(self._state, self._seq, self._snapshot_digest, "", self._clock())
+                atomic_write(role_path(self.path, Role.META), encode_meta(meta))
                 self._behind_since = self._monotonic()
                 self._not_before = math.inf
             else:
@@ -708,27 +722,12 @@ class LeaseStore:
             log.warning("store.compact.recovered leases.json is current again")
             self._failing = False
 
-    def _meta(self, previous: str) -> Meta:
-        """META for the state as it is, naming the snapshot on disk (as `snapshot`, which a
-        compaction replaces with its new one's digest) and `previous`."""
-        return Meta(
-            seq=self._seq,
-            snapshot=self._snapshot_digest,
-            previous=previous,
-            # A leased MAC's history is its lease, which the snapshot already holds.
-            history=tuple(
-                h for mac, h in self._state.history.items() if self._state.leases.get(mac) != h
-            ),
-            quarantine=dict(self._state.quarantine),
-            holds={ip: t for ip, t in self._state.holds.items() if t > self._clock()},
-        )
-
     def _compact(self) -> None:
         """Steps 1-3 of the module docstring. HostSetupError: nothing lost, journal untouched."""
         self._state.prune_history(self._clock() - self.history_retention)
         snapshot = self._encoder.encode(self._state.leases.values())
         digest = _digest(snapshot)
-        meta = replace(self._meta(self._snapshot_digest), snapshot=digest)
+        meta = _meta(self._state, self._seq, digest, self._snapshot_digest, self._clock())
         atomic_write(role_path(self.path, Role.META), encode_meta(meta))
         atomic_write(self.path, snapshot)
         self._snapshot_digest = digest
