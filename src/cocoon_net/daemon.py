@@ -486,7 +486,7 @@ class Daemon:
         found = self._kernel_routes(self.server.routes)
         now = time.time()
         wanted = self.table.routed_addresses(now)
-        leased = {lease.ip for lease in self.table.leases(now)}
+        leased = self.table.leased_addresses(now)
         boot = found[config.GO_ROUTE_PROTO]
         diff = routes.plan_reconcile(
             wanted=wanted,

@@ -295,6 +295,14 @@ def test_routes_follow_leases_and_recovered_holds() -> None:
     assert table.routed_addresses(101.0) == set()
 
 
+def test_a_lease_past_its_end_needs_no_route_before_the_sweep() -> None:
+    table = LeaseTable(POOL)
+    first, second = dora(table, mac(1), 0.0), dora(table, mac(2), DAY / 2)
+    # Nothing swept yet: the first lease is still in the table, but over.
+    assert table.leased_addresses(DAY + 1) == table.routed_addresses(DAY + 1) == {second.ip}
+    assert table.leased_addresses(DAY - 1) == {first.ip, second.ip}
+
+
 def test_an_untaken_offer_goes_behind_the_other_free_addresses() -> None:
     table = LeaseTable(POOL)
     offered = [table.offer(mac(i), 0.0)[0] for i in (1, 2, 3)]
