@@ -407,7 +407,6 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 def _cmd_daemon(args: argparse.Namespace) -> int:
     from cocoon_net.daemon import DaemonOptions, parse_routes, run
-    from cocoon_net.metrics import parse_listen
 
     reservations = {}
     for item in args.reservation:
@@ -418,6 +417,9 @@ def _cmd_daemon(args: argparse.Namespace) -> int:
             ip, flag="--reservation"
         )
     if args.metrics_addr:
+        # Only then: prometheus_client is slow to import and stays resident.
+        from cocoon_net.metrics import parse_listen
+
         parse_listen(args.metrics_addr)
     opts = DaemonOptions(
         paths=_paths(args),

@@ -171,7 +171,12 @@ class PoolState:
 
     @property
     def pool_ips(self) -> list[IPv4Address]:
-        return [IPv4Address(config.ipv4_int(ip)) for ip in self.ips]
+        return [IPv4Address(value) for value in self.pool_ints]
+
+    @property
+    def pool_ints(self) -> list[int]:
+        """The pool as ints: the daemon's lease table keeps no object per address."""
+        return [config.ipv4_int(ip) for ip in self.ips]
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {

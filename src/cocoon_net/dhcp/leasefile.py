@@ -86,20 +86,22 @@ def lease_to_json(lease: Lease) -> dict[str, str]:
     }
 
 
-def lease_from_json(raw: Any) -> Lease:
-    """One snapshot entry; ValueError names what is wrong with it."""
+def lease_from_json(raw: Any, expiries: dict[str, float] | None = None) -> Lease:
+    """One snapshot entry; ValueError names what is wrong with it. `expiries` remembers the
+    expiry strings already parsed (whole seconds: thousands of leases share each one)."""
     if not isinstance(raw, dict):
         raise ValueError(f"entry {raw!r} is not an object")
     mac = parse_mac(_str(raw, "mac"))
     if mac is None:
         raise ValueError(f"mac {raw.get('mac')!r} is not a 6-byte Ethernet address")
-    return Lease(
-        mac=mac,
-        ip=_ipv4(raw.get("ip")),
-        expires=parse_expiry(_str(raw, "expiry")),
-        hostname=_str(raw, "hostname"),
-        client_id=_str(raw, "clientId"),
-    )
+    ip = _ipv4(raw.get("ip"))
+    text = _str(raw, "expiry")
+    expires = None if expiries is None else expiries.get(text)
+    if expires is None:
+        expires = parse_expiry(text)
+        if expiries is not None:
+            expiries[text] = expires
+    return Lease(mac, ip, expires, _str(raw, "hostname"), _str(raw, "clientId"))
 
 
 def encode_snapshot(leases: Iterable[Lease]) -> bytes:
@@ -168,9 +170,10 @@ def decode_snapshot(data: bytes) -> SnapshotRead:
         raise ValueError(f"expected a JSON array, found {type(raw).__name__}")
     skipped: list[str] = []
     by_mac: dict[str, Lease] = {}
+    expiries: dict[str, float] = {}
     for entry in raw:
         try:
-            lease = lease_from_json(entry)
+            lease = lease_from_json(entry, expiries)
         except ValueError as exc:
             skipped.append(str(exc))
             continue
@@ -377,14 +380,7 @@ class LeaseState:
         """Apply one record; False when a release or unquarantine found nothing to remove."""
         match record.op:
             case Op.GRANT:
-                self._drop(self.leases.get(record.mac))
-                owner = self.owners.get(record.ip)
-                self._drop(self.leases.get(owner) if owner else None)
-                lease = record.lease()
-                self.leases[lease.mac] = lease
-                self.owners[lease.ip] = lease.mac
-                self.history[lease.mac] = lease
-                self.holds.pop(lease.ip, None)  # its VM claimed it: an ordinary lease now
+                self.grant(record.lease())
             case Op.RELEASE | Op.EXPIRE:
                 held = self.leases.get(record.mac)
                 if held is None or held.ip != record.ip:
@@ -401,6 +397,16 @@ class LeaseState:
             case Op.HOLD:
                 self.holds[record.ip] = record.expires
         return True
+
+    def grant(self, lease: Lease) -> None:
+        """A GRANT record's effect, from the lease itself (the snapshot's leases at load)."""
+        self._drop(self.leases.get(lease.mac))
+        owner = self.owners.get(lease.ip)
+        self._drop(self.leases.get(owner) if owner else None)
+        self.leases[lease.mac] = lease
+        self.owners[lease.ip] = lease.mac
+        self.history[lease.mac] = lease
+        self.holds.pop(lease.ip, None)  # its VM claimed it: an ordinary lease now
 
     def _drop(self, lease: Lease | None) -> None:
         if lease is not None:

@@ -78,9 +78,15 @@ new and the old snapshot digest, so either snapshot is recognised as ours after 
 downgrade, an operator's edit): it wins, and the journal is set aside as stale.
 
 Startup: take LOCK, remove temps, read META, read SNAPSHOT (a corrupt or empty one is renamed
-to leases.json.corrupt-<UTC time>, never overwritten), replay JOURNAL, then compact at once so
-the journal starts empty and no torn line is ever followed by a new one (unless the files are
-already what a compaction writes: META names the snapshot and the journal is empty).
+to leases.json.corrupt-<UTC time>, never overwritten), replay JOURNAL. When something was set
+aside, skipped or found foreign, compact at once, so that the next start does not meet it
+again. So does a store without a snapshot yet (it holds what its journal holds, at most a few
+thousand records): after open there is always a leases.json for META to name. Otherwise the
+files already hold every lease: a torn last line is cut off (so no new line is glued to it),
+META is written to name the snapshot as it is, and the compaction is left to the
+write-behind, held until the owner says it serves (`resume_write_behind`, then
+`snapshot_lag`; none at all when META names the snapshot and the journal is empty), so that
+its encoding and fsyncs (seconds with 60,000 leases) do not delay serving.
 `LoadReport.complete` is False whenever the table may be missing leases; the daemon then also
 recovers from its kernel routes and hands out nothing it cannot prove free.
 """
@@ -92,6 +98,7 @@ import enum
 import errno
 import hashlib
 import logging
+import math
 import os
 import re
 import shutil
@@ -279,7 +286,7 @@ def _recover(path: Path, max_corrupt: int, repair: bool) -> tuple[Recovered, Lea
         else:
             skipped = read.skipped
             for lease in read.leases:
-                state.apply(Record.grant(lease))
+                state.grant(lease)
     snapshot_leases = len(state.leases)
     known = (meta.snapshot, meta.previous) if meta else ()
     if meta is not None and not snapshot_lost and _digest(raw) not in known:
@@ -322,6 +329,27 @@ def _recover(path: Path, max_corrupt: int, repair: bool) -> tuple[Recovered, Lea
     seq = max(meta.seq if meta else 0, replayed.last_seq)
     copy = state.copy()
     return Recovered(copy.leases, copy.history, copy.quarantine, seq, report, copy.holds), state
+
+
+def _meta(state: LeaseState, seq: int, snapshot: str, previous: str, now: float) -> Meta:
+    """META for `state` as of journal record `seq`, naming the snapshots by digest."""
+    return Meta(
+        seq=seq,
+        snapshot=snapshot,
+        previous=previous,
+        # A leased MAC's history is its lease, which the snapshot already holds.
+        history=tuple(h for mac, h in state.history.items() if state.leases.get(mac) != h),
+        quarantine=dict(state.quarantine),
+        holds={ip: t for ip, t in state.holds.items() if t > now},
+    )
+
+
+def _sound(report: LoadReport) -> bool:
+    """Whether the files as they are can take new journal lines and give the same table at
+    the next start: nothing unusable was set aside or skipped (those get a compaction at once,
+    so that the next start does not find them again, or a foreign snapshot again and set the
+    new lines aside with the stale journal)."""
+    return report.complete and not report.skipped and not report.set_aside
 
 
 # ---------------------------------------------------------------- the running store
@@ -460,6 +488,17 @@ class LeaseStore:
             # 60,000 leases and changes nothing; the encoder takes the lines as they are.
             if recovered.report.current and written is not None:
                 self._encoder.adopt(self._state.leases.values(), written)
+            elif written is not None and _sound(recovered.report):
+                # The files hold every lease as they are: the fold into leases.json is the
+                # write-behind's, once the owner serves (resume_write_behind), so that its
+                # seconds of encoding and fsyncs do not hold up the start. META names the
+                # snapshot on disk now, so that one written by someone else meanwhile (the
+                # Go tool after a rollback) is still told apart from ours.
+                self._cut_torn_tail(recovered.report)
+                meta = _meta(self._state, self._seq, self._snapshot_digest, "", self._clock())
+                atomic_write(role_path(self.path, Role.META), encode_meta(meta))
+                self._behind_since = self._monotonic()
+                self._not_before = math.inf
             else:
                 self._compact()
         except OSError as exc:
@@ -499,6 +538,15 @@ class LeaseStore:
             self._cond.notify()
         await future
 
+    def resume_write_behind(self) -> None:
+        """The owner serves now: the write-behind, held since an open() that left the fold to
+        it, may run (`snapshot_lag` after this call at the earliest). A size-triggered
+        compaction or close() does not wait for this."""
+        with self._cond:
+            if self._not_before == math.inf:
+                self._not_before = self._monotonic() + self.pace.lag
+                self._cond.notify()
+
     def stats(self) -> StoreStats:
         with self._cond:
             return self._stats
@@ -522,6 +570,15 @@ class LeaseStore:
         if self._lock is not None:
             self._release(self._lock)
             self._lock = None
+
+    def _cut_torn_tail(self, report: LoadReport) -> None:
+        """Drop a last line cut short by a crash, so the next record starts a line of its own
+        (glued to the fragment, it would be one corrupt line and lost at replay)."""
+        if not report.journal.torn_tail:
+            return
+        journal = self.journal_path.read_bytes()
+        os.ftruncate(self._fd, journal.rfind(b"\n") + 1)
+        os.fsync(self._fd)
 
     def _release(self, lock: StateLock) -> None:
         if self._fd >= 0:
@@ -621,7 +678,7 @@ class LeaseStore:
     def _snapshot_wait(self) -> float | None:
         """Seconds until the write-behind is due (<= 0: now), None when nothing waits for it."""
         due = self.pace.due(self._behind_since, self._not_before)
-        return None if due is None else due - self._monotonic()
+        return None if due is None or due == math.inf else due - self._monotonic()
 
     def _compaction_due(self) -> bool:
         s = self._stats
@@ -670,17 +727,7 @@ class LeaseStore:
         self._state.prune_history(self._clock() - self.history_retention)
         snapshot = self._encoder.encode(self._state.leases.values())
         digest = _digest(snapshot)
-        meta = Meta(
-            seq=self._seq,
-            snapshot=digest,
-            previous=self._snapshot_digest,
-            # A leased MAC's history is its lease, which the snapshot already holds.
-            history=tuple(
-                h for mac, h in self._state.history.items() if self._state.leases.get(mac) != h
-            ),
-            quarantine=dict(self._state.quarantine),
-            holds={ip: t for ip, t in self._state.holds.items() if t > self._clock()},
-        )
+        meta = _meta(self._state, self._seq, digest, self._snapshot_digest, self._clock())
         atomic_write(role_path(self.path, Role.META), encode_meta(meta))
         atomic_write(self.path, snapshot)
         self._snapshot_digest = digest
