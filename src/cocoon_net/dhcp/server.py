@@ -12,6 +12,12 @@ requests can take the same address), the journal records are fsync'ed (group com
 /32 route is installed and the guard lets the VM's MAC use the address (node/guard.py), and
 only then does the ACK leave. A failure at any step sends nothing:
 the client retries, and the periodic route reconcile repairs the kernel.
+
+Pipeline: decisions that need the disk wait in one list. A single flusher task commits what the
+list holds as one group; while that fsync runs, the loop keeps reading and deciding, and what
+it decides forms the next group, handed to the journal writer as soon as the previous group is
+on disk, before that group's routes, guard update and replies. So the disk, the route and guard
+batches and the replies all work per group, and the group grows with the load.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from ipaddress import IPv4Address
 from typing import Any
 
 from cocoon_net.dhcp import effects, frames, packet, policy
+from cocoon_net.dhcp.leasefile import Record
 from cocoon_net.dhcp.leases import Change, LeaseTable
 from cocoon_net.dhcp.model import ZERO_IP, DhcpMessage, MessageType
 from cocoon_net.dhcp.ratelimit import RateLimiter
@@ -77,6 +84,16 @@ class _Durable:
     changes: tuple[Change, ...]
     reply: policy.Reply | None
     type_name: str
+    records: list[Record]
+    touched: set[IPv4Address]
+
+
+@dataclass(frozen=True)
+class _Group:
+    """Decisions committed together: one journal write, one route batch, one guard update."""
+
+    items: list[_Durable]
+    done: asyncio.Future[None] | None  # None: the store refused it at once (it has failed)
 
 
 class Counters:
@@ -103,6 +120,8 @@ class ServerState:
     mac: bytes = b""
     exhausted_since: float | None = None  # start of the current pool-exhaustion burst
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    pending: list[_Durable] = field(default_factory=list)  # decided, not yet handed to the store
+    flushing: bool = False  # the flusher task runs; it takes `pending` when it may
 
 
 class DhcpServer:
@@ -204,22 +223,27 @@ class DhcpServer:
                 return
 
     def _on_frames(self) -> None:
-        # Everything this wake-up decides that must be durable goes to disk together: one
-        # commit, one route batch, then the replies (one task, not one per request).
-        batch: list[_Durable] = []
         try:
-            self._read_frames(batch)
+            self._read_frames(self.state.pending)
         finally:
-            if batch:
-                self._spawn(self._persist(batch))
+            if self.state.pending and not self.state.flushing:
+                self.state.flushing = True
+                self._spawn(self._flush())
 
     def _read_frames(self, batch: list[_Durable]) -> None:
         sock = self._packet_sock
         if sock is None:
             return
+        # The queue is in arrival order, so once one frame is fresh, so is every frame behind
+        # it: those are read with recv(), which skips the timestamp and the sender address
+        # (for a packet socket, Python looks the interface name up with an ioctl per call).
+        fresh = False
         for _ in range(_READ_BATCH):
             try:
-                data, ancillary, _flags, _addr = sock.recvmsg(4096, _ANCILLARY)
+                if fresh:
+                    data = sock.recv(4096)
+                else:
+                    data, ancillary, _flags, _addr = sock.recvmsg(4096, _ANCILLARY)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -228,10 +252,15 @@ class DhcpServer:
                     self.close_sockets()
                     return
                 raise
-            if ancillary:
-                sec, nsec = _TIMESPEC.unpack_from(ancillary[0][2])
-                # The wall clock, as the kernel stamps: never self.clock, which a test may move.
-                reason = shed_reason(time.time() - sec - nsec / 1e9, data)
+            if not fresh:
+                age = 0.0
+                if ancillary:
+                    sec, nsec = _TIMESPEC.unpack_from(ancillary[0][2])
+                    # The wall clock, as the kernel stamps: never self.clock, which a test may
+                    # move.
+                    age = time.time() - sec - nsec / 1e9
+                fresh = age < STALE_DISCOVER_SECONDS
+                reason = shed_reason(age, data)
                 if reason is not None:
                     self.counters.drop(reason)
                     continue
@@ -281,37 +310,73 @@ class DhcpServer:
         if isinstance(decision, policy.Drop):
             self.counters.drop(decision.reason)
             self.counters.packet(type_name, decision.reason)
-            return _Durable(decision.changes, None, type_name) if records or touched else None
+            if records or touched:
+                return _Durable(decision.changes, None, type_name, records, touched)
+            return None
         if not records and not touched:
             self._send(decision, type_name)  # OFFER, NAK, INFORM: nothing to make durable
             return None
-        return _Durable(decision.changes, decision, type_name)
+        return _Durable(decision.changes, decision, type_name, records, touched)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self.state.tasks.add(task)
         task.add_done_callback(self.state.tasks.discard)
 
-    async def _persist(self, batch: list[_Durable]) -> None:
-        changes = [change for item in batch for change in item.changes]
+    def _submit(self) -> _Group | None:
+        """Hand everything decided so far to the journal writer as one group."""
+        items, self.state.pending = self.state.pending, []
+        if not items:
+            return None
         try:
-            await self.store.commit(effects.records(changes))
+            done = self.store.submit([record for item in items for record in item.records])
+        except CocoonError as exc:
+            log.debug("lease store: %s; not answering", exc)
+            return _Group(items, None)
+        return _Group(items, done)
+
+    async def _flush(self) -> None:
+        # One group on its way to the disk at a time. Once it is there, the next group goes to
+        # the writer first, so that fsync overlaps this group's routes, guard and replies.
+        try:
+            group = self._submit()
+            while group is not None:
+                durable = await self._durable(group)
+                following = self._submit()
+                if durable:
+                    self._complete(group.items)
+                group = following
+        finally:
+            self.state.flushing = False
+
+    async def _durable(self, group: _Group) -> bool:
+        try:
+            if group.done is None:
+                raise CocoonError("the lease store has failed")
+            await group.done
         except CocoonError as exc:
             # The store said it once, as an error, when it failed: it fails for good.
             log.debug("lease store: %s; not answering", exc)
-            for item in batch:
+            for item in group.items:
                 if item.reply is not None:
                     self.counters.packet(item.type_name, "store_failed")
                     self.counters.lease(False)
-            return
-        touched = effects.touched(changes)
+            return False
+        return True
+
+    def _complete(self, items: list[_Durable]) -> None:
+        """Routes and guard for a group on disk, then its replies."""
+        touched: set[IPv4Address] = set()
+        for item in items:
+            touched |= item.touched
         route_failed = self.sync_routes(touched)
         guard_failed = self.sync_guard(touched)
-        for item in batch:
+        failed = route_failed | guard_failed
+        for item in items:
             if item.reply is None:
                 continue
-            granted = effects.grants(item.changes)
-            if granted & (route_failed | guard_failed):
+            granted = effects.grants(item.changes) if failed else set()
+            if granted & failed:
                 # No ACK for an address the VPC cannot reach or the VM may not use yet; the
                 # client retries and the reconcile loop repairs the route or the guard.
                 why = "route_failed" if granted & route_failed else "guard_failed"

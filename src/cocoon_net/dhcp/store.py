@@ -481,15 +481,22 @@ class LeaseStore:
 
         Cancelling the caller does not take the records back: they may still be written.
         """
+        await self.submit(records)
+
+    def submit(self, records: Iterable[Record]) -> asyncio.Future[None]:
+        """Queue records for the writer now; the future is done once they are on disk, or
+        fails with StateError if they may not be. StateError at once when the store has
+        failed or is not open. Call from the event loop."""
+        import asyncio
+
         batch = tuple(records)
         for record in batch:
             check_record(record)
-        if not batch:
-            return
-        import asyncio
-
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
+        if not batch:
+            future.set_result(None)
+            return future
         with self._cond:
             if self._error:
                 raise StateError(self._error)
@@ -497,7 +504,7 @@ class LeaseStore:
                 raise StateError(f"lease store {self.path} is not open")
             self._queue.append(_Pending(batch, future, loop))
             self._cond.notify()
-        await future
+        return future
 
     def stats(self) -> StoreStats:
         with self._cond:
