@@ -36,7 +36,7 @@ from typing import Any
 from cocoon_net.dhcp import effects, frames, packet, policy
 from cocoon_net.dhcp.leasefile import Record
 from cocoon_net.dhcp.leases import Change, LeaseTable
-from cocoon_net.dhcp.model import ZERO_IP, DhcpMessage, MessageType
+from cocoon_net.dhcp.model import ZERO_IP, MessageType, Opt
 from cocoon_net.dhcp.ratelimit import RateLimiter
 from cocoon_net.dhcp.settings import DhcpSettings
 from cocoon_net.dhcp.store import LeaseStore
@@ -149,6 +149,7 @@ class DhcpServer:
         self.state = ServerState()
         self._packet_sock: socket.socket | None = None
         self._udp_sock: socket.socket | None = None
+        self._framer_cache: frames.Framer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # ------------------------------------------------------------------ sockets
@@ -433,9 +434,18 @@ class DhcpServer:
 
     # ------------------------------------------------------------------ replies
 
+    def _framer(self) -> frames.Framer:
+        """The frame builder for our MAC and server address (either may change on a reload or
+        a rebind)."""
+        framer, server_ip = self._framer_cache, int(self.settings.server_id)
+        if framer is None or framer.src_mac != self.state.mac or framer.src_ip != server_ip:
+            framer = frames.Framer(self.state.mac, self.settings.server_id, policy.SERVER_PORT)
+            self._framer_cache = framer
+        return framer
+
     def _send(self, reply: policy.Reply, type_name: str) -> None:
         message = reply.message
-        result = _result_name(message)
+        result = _RESULT_NAMES.get(message.options.get(Opt.MESSAGE_TYPE), "reply")
         try:
             payload = packet.encode(message, max_size=reply.max_size)
         except (packet.MessageTooLarge, ValueError) as exc:
@@ -449,15 +459,7 @@ class DhcpServer:
                 self._udp_sock.sendto(payload, (str(reply.dest.ip), policy.SERVER_PORT))
             else:
                 dst_mac = bytes.fromhex(reply.dest.mac.replace(":", ""))
-                frame = frames.build_frame(
-                    self.state.mac,
-                    dst_mac,
-                    self.settings.server_id,
-                    reply.dest.ip,
-                    policy.SERVER_PORT,
-                    reply.dest.port,
-                    payload,
-                )
+                frame = self._framer().frame(dst_mac, int(reply.dest.ip), reply.dest.port, payload)
                 self._packet_sock.send(frame)
         except OSError as exc:
             log.error("send %s to %s: %s", result, reply.dest.ip, exc)
@@ -474,9 +476,10 @@ class DhcpServer:
             log.info("NAK -> %s", message.mac)
 
 
-def _result_name(message: DhcpMessage) -> str:
-    mtype = message.message_type
-    return mtype.name.lower() if mtype is not None else "reply"
+# Option 53 of a reply -> its metric label; anything else is a "reply".
+_RESULT_NAMES: dict[bytes | None, str] = {
+    bytes([mtype]): mtype.name.lower() for mtype in MessageType
+}
 
 
 # A boot storm of hundreds of VMs arrives faster than one Python thread decodes it; the
