@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from ipaddress import IPv4Address
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cocoon_net.dhcp.model import DhcpMessage, MessageType, Op, Opt
+from cocoon_net.dhcp.model import ZERO_IP, DhcpMessage, MessageType, Op, Opt
 from cocoon_net.dhcp.packet import (
     MAX_MESSAGE_SIZE,
     MalformedPacket,
@@ -309,3 +310,16 @@ def test_round_trip(msg: DhcpMessage) -> None:
     data = encode(msg, max_size=MAX_MESSAGE_SIZE)
     assert len(data) >= 300
     assert decode(data) == msg
+
+
+def test_a_message_is_a_frozen_value_with_its_defaults() -> None:
+    # DhcpMessage fills its fields through its instance dict (the hot path's constructor):
+    # it must still compare by value, refuse assignment, and give each message its own
+    # options dict.
+    first = DhcpMessage(Op.BOOTREQUEST, 7, b"\x02\0\0\0\0\x01")
+    second = DhcpMessage(Op.BOOTREQUEST, 7, b"\x02\0\0\0\0\x01")
+    assert first == second and first.options is not second.options
+    assert first.htype == 1 and first.ciaddr == ZERO_IP and first.sname == b""
+    assert dataclasses.replace(first, xid=8) == DhcpMessage(Op.BOOTREQUEST, 8, first.chaddr)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        first.xid = 9  # type: ignore[misc]

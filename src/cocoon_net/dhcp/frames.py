@@ -20,8 +20,8 @@ from __future__ import annotations
 import ctypes
 import socket
 import struct
-from dataclasses import dataclass
 from ipaddress import IPv4Address
+from typing import NamedTuple
 
 from cocoon_net.dhcp.packet import MalformedPacket
 
@@ -44,9 +44,11 @@ _UDP = struct.Struct("!HHHH")
 _PSEUDO = struct.Struct("!IIxBH")  # RFC 768 pseudo-header: src, dst, zero, protocol, UDP length
 
 
-@dataclass(frozen=True)
-class UdpFrame:
-    """One received or sent IPv4/UDP frame. `payload` is the UDP data (the DHCP message)."""
+class UdpFrame(NamedTuple):
+    """One received or sent IPv4/UDP frame. `payload` is the UDP data (the DHCP message).
+
+    A named tuple, not a frozen dataclass: one is built per request, and a tuple is built in
+    a single step instead of one object.__setattr__ per field."""
 
     src_mac: bytes
     dst_mac: bytes
@@ -136,14 +138,18 @@ def parse_frame(frame: bytes, port: int = SERVER_PORT) -> UdpFrame | None:
         )
     data_start = ip_end + UDP_HEADER_SIZE
     return UdpFrame(
-        src_mac=src_mac,
-        dst_mac=dst_mac,
-        src_ip=IPv4Address(src_ip),
-        dst_ip=IPv4Address(dst_ip),
-        src_port=src_port,
-        dst_port=dst_port,
-        payload=frame[data_start : ip_end + udp_len],
+        src_mac,
+        dst_mac,
+        _COMMON_IPS.get(src_ip) or IPv4Address(src_ip),
+        _COMMON_IPS.get(dst_ip) or IPv4Address(dst_ip),
+        src_port,
+        dst_port,
+        frame[data_start : ip_end + udp_len],
     )
+
+
+# A client without an address sends from 0.0.0.0 to 255.255.255.255: shared, not built anew.
+_COMMON_IPS = {0: IPv4Address(0), 0xFFFFFFFF: IPv4Address(0xFFFFFFFF)}
 
 
 # Ethernet, IPv4 (no options) and UDP headers of a reply, packed at once: dst MAC, src MAC, type,
