@@ -595,3 +595,24 @@ def test_late_frames_are_read_with_their_age_until_one_is_fresh(ok: Rig) -> None
     assert ("drop", "stale_discover") in ok.counters.seen
     # The late SELECT, the fresh REQUEST and the RENEW behind it are all answered.
     assert sorted(m.yiaddr for m in acks(ok.events)) == [POOL[0], POOL[0], POOL[1]]
+
+
+def test_frames_queued_since_the_queue_was_seen_empty_are_read_without_timestamps(
+    ok: Rig,
+) -> None:
+    """Every frame in the queue arrived after the last wake-up found it empty: when that was
+    less than the shedding age ago, none can be late, and no timestamp is read."""
+    sock = cast("RecordingSocket", ok.server._packet_sock)
+    ok.feed(DISCOVER)  # the first wake-up: the head is read with its age
+    assert sock.reads == ["recvmsg"]
+    ok.feed(SELECT, RENEW)  # the queue was found empty a moment ago
+    assert sock.reads == ["recvmsg", "recv", "recv"]
+    assert len(acks(ok.events)) == 2
+    # Found empty longer ago than a DISCOVER may wait: the head's age is read again.
+    ok.server.state.drained_at -= STALE_DISCOVER_SECONDS
+    late = frame(request(MessageType.DISCOVER, mac=OTHER), src_mac=OTHER, src_ip=ZERO_IP,
+                 dst_ip=BCAST)  # fmt: skip
+    sock.stamps = {late: time.time() - 2 * STALE_DISCOVER_SECONDS}
+    ok.feed(late)
+    assert sock.reads[3:] == ["recvmsg"]
+    assert ("drop", "stale_discover") in ok.counters.seen

@@ -122,6 +122,7 @@ class ServerState:
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     pending: list[_Durable] = field(default_factory=list)  # decided, not yet handed to the store
     flushing: bool = False  # the flusher task runs; it takes `pending` when it may
+    drained_at: float = -STALE_REQUEST_SECONDS  # monotonic time the queue was last seen empty
 
 
 class DhcpServer:
@@ -238,7 +239,9 @@ class DhcpServer:
         # The queue is in arrival order, so once one frame is fresh, so is every frame behind
         # it: those are read with recv(), which skips the timestamp and the sender address
         # (for a packet socket, Python looks the interface name up with an ioctl per call).
-        fresh = False
+        # And every frame queued now came after the queue was last found empty: if that was
+        # recently enough, even the first is fresh.
+        fresh = time.monotonic() - self.state.drained_at < STALE_DISCOVER_SECONDS
         for _ in range(_READ_BATCH):
             try:
                 if fresh:
@@ -246,6 +249,7 @@ class DhcpServer:
                 else:
                     data, ancillary, _flags, _addr = sock.recvmsg(4096, _ANCILLARY)
             except (BlockingIOError, InterruptedError):
+                self.state.drained_at = time.monotonic()
                 return
             except OSError as exc:
                 if exc.errno in (errno.ENETDOWN, errno.ENXIO, errno.ENODEV):
@@ -303,11 +307,11 @@ class DhcpServer:
             broadcast=frame.dst_mac == BROADCAST_MAC or frame.dst_ip == policy.BROADCAST_IP,
         )
         decision = policy.handle(request, ctx, self.table, self.settings, now, limiter=self.limiter)
-        mtype = request.message_type
-        type_name = mtype.name.lower() if mtype is not None else "bootp"
+        type_name = _TYPE_NAMES.get(request.options.get(Opt.MESSAGE_TYPE), "bootp")
         self._note_exhaustion(decision, now)
-        records = effects.records(decision.changes)
-        touched = effects.touched(decision.changes)
+        changes = decision.changes
+        records = effects.records(changes) if changes else []
+        touched = effects.touched(changes) if changes else set()
         if isinstance(decision, policy.Drop):
             self.counters.drop(decision.reason)
             self.counters.packet(type_name, decision.reason)
@@ -445,7 +449,7 @@ class DhcpServer:
 
     def _send(self, reply: policy.Reply, type_name: str) -> None:
         message = reply.message
-        result = _RESULT_NAMES.get(message.options.get(Opt.MESSAGE_TYPE), "reply")
+        result = _TYPE_NAMES.get(message.options.get(Opt.MESSAGE_TYPE), "reply")
         try:
             payload = packet.encode(message, max_size=reply.max_size)
         except (packet.MessageTooLarge, ValueError) as exc:
@@ -476,10 +480,9 @@ class DhcpServer:
             log.info("NAK -> %s", message.mac)
 
 
-# Option 53 of a reply -> its metric label; anything else is a "reply".
-_RESULT_NAMES: dict[bytes | None, str] = {
-    bytes([mtype]): mtype.name.lower() for mtype in MessageType
-}
+# Option 53 -> the metric label of a request's or a reply's type; what is not a known type is
+# "bootp" for a request and "reply" for a reply.
+_TYPE_NAMES: dict[bytes | None, str] = {bytes([mtype]): mtype.name.lower() for mtype in MessageType}
 
 
 # A boot storm of hundreds of VMs arrives faster than one Python thread decodes it; the
