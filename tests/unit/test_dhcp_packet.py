@@ -323,3 +323,21 @@ def test_a_message_is_a_frozen_value_with_its_defaults() -> None:
     assert dataclasses.replace(first, xid=8) == DhcpMessage(Op.BOOTREQUEST, 8, first.chaddr)
     with pytest.raises(dataclasses.FrozenInstanceError):
         first.xid = 9  # type: ignore[misc]
+
+
+def test_message_type_and_mac_read_from_the_fields() -> None:
+    base = DhcpMessage(Op.BOOTREQUEST, 7, b"\x02\0\0\0\0\x01")
+    for raw, expected in [
+        (b"\x03", MessageType.REQUEST),
+        (b"\x08", MessageType.INFORM),
+        (b"", None),  # wrong length
+        (b"\x03\x03", None),
+        (b"\x09", None),  # no such type
+        (b"\x00", None),
+    ]:
+        assert dataclasses.replace(base, options={Opt.MESSAGE_TYPE: raw}).message_type is expected
+    assert base.message_type is None
+    assert base.mac == "02:00:00:00:00:01" and base.mac == "02:00:00:00:00:01"
+    other = dataclasses.replace(base, chaddr=b"\x02\0\0\0\0\x02")
+    assert other.mac == "02:00:00:00:00:02" and other != base
+    assert repr(base) == repr(DhcpMessage(Op.BOOTREQUEST, 7, base.chaddr))  # the cache is no field

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from functools import cached_property
 from ipaddress import IPv4Address
 
 ZERO_IP = IPv4Address(0)
@@ -115,21 +116,19 @@ class DhcpMessage:
 
     @property
     def message_type(self) -> MessageType | None:
-        raw = self.options.get(Opt.MESSAGE_TYPE)
-        if raw is None or len(raw) != 1:
-            return None
-        try:
-            return MessageType(raw[0])
-        except ValueError:
-            return None
+        return _MESSAGE_TYPES.get(self.options.get(Opt.MESSAGE_TYPE))
 
     @property
     def broadcast(self) -> bool:
         return bool(self.flags & BROADCAST_FLAG)
 
-    @property
+    @cached_property
     def mac(self) -> str:
-        """chaddr as lower-case colon hex, the client's identity (leases.json "mac")."""
+        """chaddr as lower-case colon hex, the client's identity (leases.json "mac").
+
+        Computed once: the policy asks for it several times per request. (Cached in the
+        instance dict, which equality, hashing and repr do not look at: they use the fields.)
+        """
         return self.chaddr.hex(":")
 
     def ip_option(self, code: int) -> IPv4Address | None:
@@ -137,6 +136,10 @@ class DhcpMessage:
         if raw is None or len(raw) != 4:
             return None
         return IPv4Address(raw)
+
+
+# Option 53's value -> its type; a wrong length or an unknown value is no type at all.
+_MESSAGE_TYPES: dict[bytes | None, MessageType] = {bytes([t]): t for t in MessageType}
 
 
 @dataclass(frozen=True)
