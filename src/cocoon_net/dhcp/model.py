@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from functools import cached_property
 from ipaddress import IPv4Address
 
 ZERO_IP = IPv4Address(0)
@@ -87,6 +86,9 @@ class DhcpMessage:
     sname: bytes = b""
     file: bytes = b""
     options: dict[int, bytes] = field(default_factory=dict)
+    # chaddr as lower-case colon hex, the client's identity (leases.json "mac"): derived, set
+    # once here because the policy reads it several times per request.
+    mac: str = field(init=False, repr=False, compare=False)
 
     def __init__(
         self,
@@ -106,12 +108,12 @@ class DhcpMessage:
         options: dict[int, bytes] | None = None,
     ) -> None:
         # Two messages per packet are built on the server's hot path. The generated frozen
-        # __init__ sets the 14 fields one object.__setattr__ at a time (about 3 us); one
-        # update of the instance dict sets the same fields and leaves the instance as frozen.
+        # __init__ sets the fields one object.__setattr__ at a time (about 3 us); one update
+        # of the instance dict sets the same fields and leaves the instance as frozen.
         self.__dict__.update(
             op=op, xid=xid, chaddr=chaddr, htype=htype, hops=hops, secs=secs, flags=flags,
             ciaddr=ciaddr, yiaddr=yiaddr, siaddr=siaddr, giaddr=giaddr, sname=sname, file=file,
-            options={} if options is None else options,
+            options={} if options is None else options, mac=chaddr.hex(":"),
         )  # fmt: skip
 
     @property
@@ -121,15 +123,6 @@ class DhcpMessage:
     @property
     def broadcast(self) -> bool:
         return bool(self.flags & BROADCAST_FLAG)
-
-    @cached_property
-    def mac(self) -> str:
-        """chaddr as lower-case colon hex, the client's identity (leases.json "mac").
-
-        Computed once: the policy asks for it several times per request. (Cached in the
-        instance dict, which equality, hashing and repr do not look at: they use the fields.)
-        """
-        return self.chaddr.hex(":")
 
     def ip_option(self, code: int) -> IPv4Address | None:
         raw = self.options.get(code)
