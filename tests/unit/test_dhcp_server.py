@@ -12,7 +12,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
@@ -28,6 +28,7 @@ from cocoon_net.dhcp.settings import DhcpSettings
 from cocoon_net.dhcp.store import LeaseStore
 from cocoon_net.errors import CocoonError
 from cocoon_net.node import rtnl
+from cocoon_net.node.guard import Guard
 
 A = IPv4Address
 GW = A("172.20.100.1")
@@ -90,6 +91,21 @@ class RecordingRoutes(rtnl.RouteSocket):
         assert ifindex == IFINDEX
         self.events.log.append(("route", batch))
         return dict.fromkeys(batch, "Network is unreachable") if self.fail else {}
+
+
+class RecordingGuard(Guard):
+    """A VM guard that records its updates (the elements wanted) instead of talking to
+    nftables, or fails them."""
+
+    def __init__(self, events: Events, fail: bool = False) -> None:  # no nftables
+        self.events, self.fail = events, fail
+        self.elements: dict[IPv4Address, str] = {}
+
+    def update(self, wanted: Mapping[IPv4Address, str | None]) -> None:
+        self.events.log.append(("guard", dict(wanted)))
+        if self.fail:
+            raise CocoonError("nftables: No buffer space available")
+        self.elements.update({ip: mac for ip, mac in wanted.items() if mac is not None})
 
 
 class RecordingSocket:
@@ -616,3 +632,51 @@ def test_frames_queued_since_the_queue_was_seen_empty_are_read_without_timestamp
     ok.feed(late)
     assert sock.reads[3:] == ["recvmsg"]
     assert ("drop", "stale_discover") in ok.counters.seen
+
+
+@pytest.mark.parametrize("kind", sorted(NEW_GRANTS))
+def test_with_a_guard_every_grant_is_synced_routed_and_guarded_before_its_ack(
+    ok: Rig, kind: str
+) -> None:
+    ok.server.guard = RecordingGuard(ok.events)
+    before, grant = NEW_GRANTS[kind]
+    ok.feed(*before)
+    ok.events.log.clear()
+    ok.feed(grant)
+    assert ok.events.kinds() == ["fsync", "route", "guard", "send"]
+    assert ok.events.log[2][1] == {IP: VM_MAC}  # the VM's MAC may use its address
+    (ack,) = acks(ok.events)
+    assert ack.yiaddr == IP
+
+
+@pytest.mark.parametrize("kind", sorted(NEW_GRANTS))
+def test_no_ack_leaves_when_the_guard_cannot_be_updated(ok: Rig, kind: str) -> None:
+    ok.server.guard = RecordingGuard(ok.events, fail=True)
+    before, grant = NEW_GRANTS[kind]
+    ok.feed(*before)
+    ok.events.log.clear()
+    ok.counters.seen.clear()
+    ok.feed(grant)
+    assert ok.events.kinds() == ["fsync", "route", "guard"]
+    assert ok.counters.seen == [
+        ("route", "add", True),
+        ("packet", "request", "guard_failed"),
+        ("lease", False),
+    ]
+
+
+def test_after_a_failed_commit_later_grants_are_refused_at_once(
+    ok: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store fails for good: a grant decided afterwards is not even handed to it, and
+    is counted as unanswered for that reason."""
+
+    def broken(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", broken)
+    ok.feed(RENEW)
+    ok.counters.seen.clear()
+    ok.feed(other_renew(POOL[1]))
+    assert ok.counters.seen == [("packet", "request", "store_failed"), ("lease", False)]
+    assert "send" not in ok.events.kinds() and "route" not in ok.events.kinds()

@@ -355,19 +355,18 @@ class DhcpServer:
             self.state.flushing = False
 
     async def _durable(self, group: _Group) -> bool:
-        try:
-            if group.done is None:
-                raise CocoonError("the lease store has failed")
-            await group.done
-        except CocoonError as exc:
-            # The store said it once, as an error, when it failed: it fails for good.
-            log.debug("lease store: %s; not answering", exc)
-            for item in group.items:
-                if item.reply is not None:
-                    self.counters.packet(item.type_name, "store_failed")
-                    self.counters.lease(False)
-            return False
-        return True
+        if group.done is not None:
+            try:
+                await group.done
+                return True
+            except CocoonError as exc:
+                log.debug("lease store: %s; not answering", exc)
+        # The store said it once, as an error, when it failed: it fails for good.
+        for item in group.items:
+            if item.reply is not None:
+                self.counters.packet(item.type_name, "store_failed")
+                self.counters.lease(False)
+        return False
 
     def _complete(self, items: list[_Durable]) -> None:
         """Routes and guard for a group on disk, then its replies."""

@@ -691,8 +691,13 @@ class LeaseStore:
         snapshot = _Snapshot(seq=self._seq, started=self._monotonic())
         # Copies of the dicts only: the Lease records in them are immutable.
         view, previous = self._state.copy(), self._snapshot_digest
+        # A daemon thread like the writer: an exit without close() leaves at worst a temp file,
+        # which the next open() removes, and the journal, which holds everything.
         snapshot.thread = threading.Thread(
-            target=self._write_snapshot, args=(snapshot, view, previous), name="lease-snapshot"
+            target=self._write_snapshot,
+            args=(snapshot, view, previous),
+            name="lease-snapshot",
+            daemon=True,
         )
         self._snapshot = snapshot
         snapshot.thread.start()
