@@ -18,6 +18,7 @@ from cocoon_net.dhcp.frames import (
     BROADCAST_MAC,
     CLIENT_PORT,
     SERVER_PORT,
+    Framer,
     UdpFrame,
     build_frame,
     open_server_socket,
@@ -96,6 +97,36 @@ def test_build_frame_reproduces_udhcpc_byte_for_byte() -> None:
 def test_built_checksums_verify_with_an_independent_sum() -> None:
     frame = build_frame(SERVER_MAC, CLIENT_MAC, GATEWAY, IPv4Address("10.0.0.9"), 67, 68, b"x")
     assert rfc1071(frame[14:34]) == 0xFFFF
+    pseudo = frame[26:34] + b"\0\x11" + frame[38:40]
+    assert rfc1071(pseudo + frame[34:]) == 0xFFFF
+
+
+@given(
+    payload=st.binary(max_size=700),
+    dst=st.integers(0, 2**32 - 1),
+    port=st.integers(0, 0xFFFF),
+)
+def test_every_built_frame_carries_checksums_that_verify(
+    payload: bytes, dst: int, port: int
+) -> None:
+    # The sender's share of both sums is added once per Framer; every frame must still sum to
+    # 0xFFFF as RFC 1071 computes it word by word, and never carry a UDP checksum of 0.
+    frame = Framer(SERVER_MAC, GATEWAY, 67).frame(CLIENT_MAC, dst, port, payload)
+    assert rfc1071(frame[14:34]) == 0xFFFF
+    pseudo = frame[26:34] + b"\0\x11" + frame[38:40]
+    assert rfc1071(pseudo + frame[34:]) == 0xFFFF
+    assert frame[40:42] != b"\0\0"
+    parsed = parse_frame(frame, port=port)
+    assert parsed is not None and parsed.payload == payload
+
+
+def test_a_frame_whose_udp_sum_is_zero_carries_ffff() -> None:
+    # Find the two payload octets that make the computed UDP checksum 0.
+    framer, dst = Framer(SERVER_MAC, GATEWAY, 67), int(ALL)
+    probe = framer.frame(CLIENT_MAC, dst, 68, b"\0\0")
+    wanted = (0xFFFF - (~int.from_bytes(probe[40:42], "big") & 0xFFFF)).to_bytes(2, "big")
+    frame = framer.frame(CLIENT_MAC, dst, 68, wanted)
+    assert frame[40:42] == b"\xff\xff"
     pseudo = frame[26:34] + b"\0\x11" + frame[38:40]
     assert rfc1071(pseudo + frame[34:]) == 0xFFFF
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from ipaddress import IPv4Address
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cocoon_net.dhcp.model import DhcpMessage, MessageType, Op, Opt
+from cocoon_net.dhcp.model import ZERO_IP, DhcpMessage, MessageType, Op, Opt
 from cocoon_net.dhcp.packet import (
     MAX_MESSAGE_SIZE,
     MalformedPacket,
@@ -309,3 +310,34 @@ def test_round_trip(msg: DhcpMessage) -> None:
     data = encode(msg, max_size=MAX_MESSAGE_SIZE)
     assert len(data) >= 300
     assert decode(data) == msg
+
+
+def test_a_message_is_a_frozen_value_with_its_defaults() -> None:
+    # DhcpMessage fills its fields through its instance dict (the hot path's constructor):
+    # it must still compare by value, refuse assignment, and give each message its own
+    # options dict.
+    first = DhcpMessage(Op.BOOTREQUEST, 7, b"\x02\0\0\0\0\x01")
+    second = DhcpMessage(Op.BOOTREQUEST, 7, b"\x02\0\0\0\0\x01")
+    assert first == second and first.options is not second.options
+    assert first.htype == 1 and first.ciaddr == ZERO_IP and first.sname == b""
+    assert dataclasses.replace(first, xid=8) == DhcpMessage(Op.BOOTREQUEST, 8, first.chaddr)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        first.xid = 9  # type: ignore[misc]
+
+
+def test_message_type_and_mac_read_from_the_fields() -> None:
+    base = DhcpMessage(Op.BOOTREQUEST, 7, b"\x02\0\0\0\0\x01")
+    for raw, expected in [
+        (b"\x03", MessageType.REQUEST),
+        (b"\x08", MessageType.INFORM),
+        (b"", None),  # wrong length
+        (b"\x03\x03", None),
+        (b"\x09", None),  # no such type
+        (b"\x00", None),
+    ]:
+        assert dataclasses.replace(base, options={Opt.MESSAGE_TYPE: raw}).message_type is expected
+    assert base.message_type is None
+    assert base.mac == "02:00:00:00:00:01" and base.mac == "02:00:00:00:00:01"
+    other = dataclasses.replace(base, chaddr=b"\x02\0\0\0\0\x02")
+    assert other.mac == "02:00:00:00:00:02" and other != base
+    assert "mac=" not in repr(base)  # derived from chaddr, not a value of its own

@@ -8,7 +8,11 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
-from collections.abc import Iterator
+import socket
+import struct
+import threading
+import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
@@ -19,11 +23,12 @@ import pytest
 from cocoon_net.dhcp import frames, packet
 from cocoon_net.dhcp.leases import LeaseTable
 from cocoon_net.dhcp.model import ZERO_IP, DhcpMessage, MessageType, Op, Opt
-from cocoon_net.dhcp.server import Counters, DhcpServer
+from cocoon_net.dhcp.server import STALE_DISCOVER_SECONDS, Counters, DhcpServer
 from cocoon_net.dhcp.settings import DhcpSettings
 from cocoon_net.dhcp.store import LeaseStore
 from cocoon_net.errors import CocoonError
 from cocoon_net.node import rtnl
+from cocoon_net.node.guard import Guard
 
 A = IPv4Address
 GW = A("172.20.100.1")
@@ -88,18 +93,48 @@ class RecordingRoutes(rtnl.RouteSocket):
         return dict.fromkeys(batch, "Network is unreachable") if self.fail else {}
 
 
+class RecordingGuard(Guard):
+    """A VM guard that records its updates (the elements wanted) instead of talking to
+    nftables, or fails them."""
+
+    def __init__(self, events: Events, fail: bool = False) -> None:  # no nftables
+        self.events, self.fail = events, fail
+        self.elements: dict[IPv4Address, str] = {}
+
+    def update(self, wanted: Mapping[IPv4Address, str | None]) -> None:
+        self.events.log.append(("guard", dict(wanted)))
+        if self.fail:
+            raise CocoonError("nftables: No buffer space available")
+        self.elements.update({ip: mac for ip, mac in wanted.items() if mac is not None})
+
+
 class RecordingSocket:
     """Stands in for the packet socket (frames in, frames out) and the relay UDP socket."""
 
     def __init__(self, events: Events, incoming: list[bytes] | None = None) -> None:
         self.events, self.incoming = events, incoming or []
         self.sent: list[tuple[str, str]] = []  # (destination MAC or "udp", IP)
+        # Kernel receive times (wall clock) of the incoming frames that have one, by frame.
+        self.stamps: dict[bytes, float] = {}
+        self.reads: list[str] = []  # "recvmsg" or "recv", one per frame read
 
     def recvmsg(self, size: int, ancsize: int) -> tuple[bytes, list[Any], int, Any]:
-        # No receive timestamp: the frame is as fresh as the server can tell.
         if not self.incoming:
             raise BlockingIOError
-        return self.incoming.pop(0), [], 0, None
+        data = self.incoming.pop(0)
+        self.reads.append("recvmsg")
+        stamp = self.stamps.get(data)
+        if stamp is None:  # no receive timestamp: as fresh as the server can tell
+            return data, [], 0, None
+        sec = int(stamp)
+        spec = struct.pack("@qq", sec, int((stamp - sec) * 1e9))
+        return data, [(socket.SOL_SOCKET, 35, spec)], 0, None
+
+    def recv(self, size: int) -> bytes:
+        if not self.incoming:
+            raise BlockingIOError
+        self.reads.append("recv")
+        return self.incoming.pop(0)
 
     def send(self, frame: bytes) -> int:
         parsed = frames.parse_frame(frame, port=68)
@@ -505,3 +540,143 @@ def test_a_decline_ahead_in_the_batch_does_not_hold_back_a_later_ack(ok: Rig) ->
     decline = vm(request(MessageType.DECLINE, requested_ip=IP, server_id=GW))
     ok.feed(decline, other_renew(POOL[1]))
     assert [m.yiaddr for m in acks(ok.events)] == [POOL[1]]
+
+
+def test_a_group_decided_during_an_fsync_is_committed_before_the_last_groups_routes(
+    ok: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While one group's fsync runs, new decisions wait; once it is on disk they go to the
+    writer as the next group before that group's routes, and each ACK still waits for its own
+    fsync and route."""
+    real = os.fdatasync
+    release = threading.Event()
+    in_fsync = threading.Event()
+
+    def held(fd: int) -> None:
+        in_fsync.set()
+        release.wait(5)
+        real(fd)  # the recording one
+
+    monkeypatch.setattr(os, "fdatasync", held)
+    routes = cast("RecordingRoutes", ok.server.routes)
+    waiting_at_route: list[int] = []
+    plain_apply = routes.apply
+
+    def apply(ops: object, ifindex: int) -> dict[rtnl.RouteOp, str]:
+        waiting_at_route.append(len(ok.server.state.pending))
+        return plain_apply(ops, ifindex)
+
+    monkeypatch.setattr(routes, "apply", apply)
+    sock = cast("RecordingSocket", ok.server._packet_sock)
+
+    async def run() -> None:
+        sock.incoming.append(RENEW)
+        ok.server._on_frames()
+        await asyncio.get_running_loop().run_in_executor(None, in_fsync.wait, 5)
+        sock.incoming.append(other_renew(POOL[1]))
+        ok.server._on_frames()  # decided now; committed once the first group is on disk
+        assert len(ok.server.state.tasks) == 1 and len(ok.server.state.pending) == 1
+        release.set()
+        await ok.server.drain()
+
+    asyncio.run(run())
+    assert waiting_at_route == [0, 0]  # the second group had left before the first's routes
+    log = ok.events.log
+    fsyncs = [i for i, (kind, _) in enumerate(log) if kind == "fsync"]
+    assert len(fsyncs) == 2 and OTHER not in cast("str", log[fsyncs[0]][1])
+    assert OTHER in cast("str", log[fsyncs[1]][1])
+    routed = [cast("list[rtnl.RouteOp]", m) for kind, m in log if kind == "route"]
+    assert routed == [[rtnl.RouteOp(True, POOL[0])], [rtnl.RouteOp(True, POOL[1])]]
+    for ip in POOL[:2]:
+        ack = next(i for i, (k, m) in enumerate(log) if k == "send" and m.yiaddr == ip)  # type: ignore[attr-defined]
+        route = next(i for i, (k, m) in enumerate(log) if k == "route" and m[0].ip == ip)  # type: ignore[index]
+        fsync = next(i for i in fsyncs if str(ip) in cast("str", log[i][1]))
+        assert fsync < route < ack
+
+
+def test_late_frames_are_read_with_their_age_until_one_is_fresh(ok: Rig) -> None:
+    """A late DISCOVER is shed and a late REQUEST served; after the first fresh frame the rest
+    of the queue, younger still, is read without timestamps."""
+    sock = cast("RecordingSocket", ok.server._packet_sock)
+    now = time.time()
+    late_discover, late_select, fresh = DISCOVER, SELECT, other_renew(POOL[1])
+    sock.stamps = {
+        late_discover: now - 2 * STALE_DISCOVER_SECONDS,
+        late_select: now - 2 * STALE_DISCOVER_SECONDS,
+        fresh: now,
+    }
+    ok.server.table.offer(VM_MAC, T0, None)  # the SELECT's address is offered
+    ok.feed(late_discover, late_select, fresh, RENEW)
+    assert sock.reads == ["recvmsg", "recvmsg", "recvmsg", "recv"]
+    assert ("drop", "stale_discover") in ok.counters.seen
+    # The late SELECT, the fresh REQUEST and the RENEW behind it are all answered.
+    assert sorted(m.yiaddr for m in acks(ok.events)) == [POOL[0], POOL[0], POOL[1]]
+
+
+def test_frames_queued_since_the_queue_was_seen_empty_are_read_without_timestamps(
+    ok: Rig,
+) -> None:
+    """Every frame in the queue arrived after the last wake-up found it empty: when that was
+    less than the shedding age ago, none can be late, and no timestamp is read."""
+    sock = cast("RecordingSocket", ok.server._packet_sock)
+    ok.feed(DISCOVER)  # the first wake-up: the head is read with its age
+    assert sock.reads == ["recvmsg"]
+    ok.feed(SELECT, RENEW)  # the queue was found empty a moment ago
+    assert sock.reads == ["recvmsg", "recv", "recv"]
+    assert len(acks(ok.events)) == 2
+    # Found empty longer ago than a DISCOVER may wait: the head's age is read again.
+    ok.server.state.drained_at -= STALE_DISCOVER_SECONDS
+    late = frame(request(MessageType.DISCOVER, mac=OTHER), src_mac=OTHER, src_ip=ZERO_IP,
+                 dst_ip=BCAST)  # fmt: skip
+    sock.stamps = {late: time.time() - 2 * STALE_DISCOVER_SECONDS}
+    ok.feed(late)
+    assert sock.reads[3:] == ["recvmsg"]
+    assert ("drop", "stale_discover") in ok.counters.seen
+
+
+@pytest.mark.parametrize("kind", sorted(NEW_GRANTS))
+def test_with_a_guard_every_grant_is_synced_routed_and_guarded_before_its_ack(
+    ok: Rig, kind: str
+) -> None:
+    ok.server.guard = RecordingGuard(ok.events)
+    before, grant = NEW_GRANTS[kind]
+    ok.feed(*before)
+    ok.events.log.clear()
+    ok.feed(grant)
+    assert ok.events.kinds() == ["fsync", "route", "guard", "send"]
+    assert ok.events.log[2][1] == {IP: VM_MAC}  # the VM's MAC may use its address
+    (ack,) = acks(ok.events)
+    assert ack.yiaddr == IP
+
+
+@pytest.mark.parametrize("kind", sorted(NEW_GRANTS))
+def test_no_ack_leaves_when_the_guard_cannot_be_updated(ok: Rig, kind: str) -> None:
+    ok.server.guard = RecordingGuard(ok.events, fail=True)
+    before, grant = NEW_GRANTS[kind]
+    ok.feed(*before)
+    ok.events.log.clear()
+    ok.counters.seen.clear()
+    ok.feed(grant)
+    assert ok.events.kinds() == ["fsync", "route", "guard"]
+    assert ok.counters.seen == [
+        ("route", "add", True),
+        ("packet", "request", "guard_failed"),
+        ("lease", False),
+    ]
+
+
+def test_after_a_failed_commit_later_grants_are_refused_at_once(
+    ok: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store fails for good: a grant decided afterwards is not even handed to it, and
+    is counted as unanswered for that reason."""
+
+    def broken(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", broken)
+    ok.feed(RENEW)
+    ok.counters.seen.clear()
+    ok.feed(other_renew(POOL[1]))
+    assert ok.counters.seen == [("packet", "request", "store_failed"), ("lease", False)]
+    assert "send" not in ok.events.kinds() and "route" not in ok.events.kinds()

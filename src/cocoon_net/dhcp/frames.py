@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import socket
 import struct
-from dataclasses import dataclass
 from ipaddress import IPv4Address
+from typing import NamedTuple
 
 from cocoon_net import bpf
 from cocoon_net.bpf import attach_filter
@@ -45,9 +45,11 @@ _UDP = struct.Struct("!HHHH")
 _PSEUDO = struct.Struct("!IIxBH")  # RFC 768 pseudo-header: src, dst, zero, protocol, UDP length
 
 
-@dataclass(frozen=True)
-class UdpFrame:
-    """One received or sent IPv4/UDP frame. `payload` is the UDP data (the DHCP message)."""
+class UdpFrame(NamedTuple):
+    """One received or sent IPv4/UDP frame. `payload` is the UDP data (the DHCP message).
+
+    A named tuple, not a frozen dataclass: one is built per request, and a tuple is built in
+    a single step instead of one object.__setattr__ per field."""
 
     src_mac: bytes
     dst_mac: bytes
@@ -137,14 +139,70 @@ def parse_frame(frame: bytes, port: int = SERVER_PORT) -> UdpFrame | None:
         )
     data_start = ip_end + UDP_HEADER_SIZE
     return UdpFrame(
-        src_mac=src_mac,
-        dst_mac=dst_mac,
-        src_ip=IPv4Address(src_ip),
-        dst_ip=IPv4Address(dst_ip),
-        src_port=src_port,
-        dst_port=dst_port,
-        payload=frame[data_start : ip_end + udp_len],
+        src_mac,
+        dst_mac,
+        _COMMON_IPS.get(src_ip) or IPv4Address(src_ip),
+        _COMMON_IPS.get(dst_ip) or IPv4Address(dst_ip),
+        src_port,
+        dst_port,
+        frame[data_start : ip_end + udp_len],
     )
+
+
+# A client without an address sends from 0.0.0.0 to 255.255.255.255: shared, not built anew.
+_COMMON_IPS = {0: IPv4Address(0), 0xFFFFFFFF: IPv4Address(0xFFFFFFFF)}
+
+
+# Ethernet, IPv4 (no options) and UDP headers of a reply, packed at once: dst MAC, src MAC, type,
+# version/IHL, TOS, total length, id, flags/fragment, TTL, protocol, checksum, src, dst, then
+# UDP ports, length, checksum.
+_REPLY_HEADERS = struct.Struct("!6s6sHBBHHHBBHIIHHHH")
+
+
+class Framer:
+    """Frames for one sender (MAC, IPv4 address, UDP port): what build_frame makes, with the
+    sender's share of both checksums summed once instead of per frame.
+
+    Checksums by parts (RFC 1071 §2(B)): the ones'-complement sum is associative, so the
+    fixed header words are added up front and only total length, destination and payload are
+    added per frame. TTL 64, DF clear, identification 0 (the datagram is never fragmented, so
+    the id is unused, RFC 6864 §4.1). No Ethernet padding: the kernel pads short frames.
+    """
+
+    def __init__(self, src_mac: bytes, src_ip: IPv4Address, src_port: int) -> None:
+        self.src_mac, self.src_ip, self.src_port = src_mac, int(src_ip), src_port
+        ip_words = (self.src_ip >> 16) + (self.src_ip & 0xFFFF)
+        # Version/IHL/TOS and TTL/protocol words, then the source address.
+        self._ip_sum = 0x4500 + (_DEFAULT_TTL << 8 | IPPROTO_UDP) + ip_words
+        # Pseudo-header source and protocol (RFC 768), and the source port.
+        self._udp_sum = ip_words + IPPROTO_UDP + src_port
+
+    def frame(self, dst_mac: bytes, dst_ip: int, dst_port: int, payload: bytes) -> bytes:
+        """An Ethernet II frame carrying one UDP datagram to dst_ip (an int), checksums set."""
+        udp_len = UDP_HEADER_SIZE + len(payload)
+        total = IP_MIN_HEADER_SIZE + udp_len
+        if total > 0xFFFF:
+            raise ValueError(f"UDP payload of {len(payload)} octets does not fit in one datagram")
+        dst_words = (dst_ip >> 16) + (dst_ip & 0xFFFF)
+        ip_csum = ~_fold(self._ip_sum + total + dst_words) & 0xFFFF
+        padded = payload + b"\0" if len(payload) & 1 else payload  # RFC 768: pad with a zero
+        # The pseudo-header and the UDP header both carry the UDP length.
+        udp_sum = self._udp_sum + dst_words + dst_port + 2 * udp_len
+        udp_sum += int.from_bytes(padded, "big") % 0xFFFF
+        # Nonzero words (the protocol) are in the sum, so a multiple of 0xFFFF stands for 0xFFFF,
+        # whose complement 0 goes out as 0xFFFF: 0 means "no checksum" (RFC 768).
+        udp_csum = ~_fold(udp_sum) & 0xFFFF or 0xFFFF
+        headers = _REPLY_HEADERS.pack(
+            dst_mac, self.src_mac, ETH_P_IP,
+            0x45, 0, total, 0, 0, _DEFAULT_TTL, IPPROTO_UDP, ip_csum, self.src_ip, dst_ip,
+            self.src_port, dst_port, udp_len, udp_csum,
+        )  # fmt: skip
+        return headers + payload
+
+
+def _fold(total: int) -> int:
+    """A nonzero sum of 16-bit words, folded to its 16-bit ones'-complement form (1..0xFFFF)."""
+    return total % 0xFFFF or 0xFFFF
 
 
 def build_frame(
@@ -156,32 +214,9 @@ def build_frame(
     dst_port: int,
     payload: bytes,
 ) -> bytes:
-    """An Ethernet II frame carrying one UDP datagram, with IPv4 and UDP checksums filled in.
-
-    TTL 64, DF clear, identification 0 (the datagram is never fragmented, so the id is unused,
-    RFC 6864 §4.1). No Ethernet padding: the kernel pads short frames on transmit.
-    """
-    udp_len = UDP_HEADER_SIZE + len(payload)
-    total = IP_MIN_HEADER_SIZE + udp_len
-    if total > 0xFFFF:
-        raise ValueError(f"UDP payload of {len(payload)} octets does not fit in one IPv4 datagram")
-    segment = _UDP.pack(src_port, dst_port, udp_len, 0) + payload
-    ucsum = udp_checksum(src_ip, dst_ip, segment)
-    ip_header = _IPV4.pack(
-        0x45, 0, total, 0, 0, _DEFAULT_TTL, IPPROTO_UDP, 0, int(src_ip), int(dst_ip)
-    )
-    ip_csum = _checksum(ip_header)
-    return b"".join(
-        (
-            _ETH.pack(dst_mac, src_mac, ETH_P_IP),
-            ip_header[:10],
-            ip_csum.to_bytes(2, "big"),
-            ip_header[12:],
-            segment[:6],
-            ucsum.to_bytes(2, "big"),
-            segment[UDP_HEADER_SIZE:],
-        )
-    )
+    """An Ethernet II frame carrying one UDP datagram, with IPv4 and UDP checksums filled in
+    (see Framer, which a sender of many frames keeps)."""
+    return Framer(src_mac, src_ip, src_port).frame(dst_mac, int(dst_ip), dst_port, payload)
 
 
 # --- Kernel-side filter (classic BPF, see Documentation/networking/filter.rst) ---------------

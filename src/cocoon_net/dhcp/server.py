@@ -12,6 +12,12 @@ requests can take the same address), the journal records are fsync'ed (group com
 /32 route is installed and the guard lets the VM's MAC use the address (node/guard.py), and
 only then does the ACK leave. A failure at any step sends nothing:
 the client retries, and the periodic route reconcile repairs the kernel.
+
+Pipeline: decisions that need the disk wait in one list. A single flusher task commits what the
+list holds as one group; while that fsync runs, the loop keeps reading and deciding, and what
+it decides forms the next group, handed to the journal writer as soon as the previous group is
+on disk, before that group's routes, guard update and replies. So the disk, the route and guard
+batches and the replies all work per group, and the group grows with the load.
 """
 
 from __future__ import annotations
@@ -28,8 +34,9 @@ from ipaddress import IPv4Address
 from typing import Any
 
 from cocoon_net.dhcp import effects, frames, packet, policy
+from cocoon_net.dhcp.leasefile import Record
 from cocoon_net.dhcp.leases import Change, LeaseTable
-from cocoon_net.dhcp.model import ZERO_IP, DhcpMessage, MessageType
+from cocoon_net.dhcp.model import ZERO_IP, MessageType, Opt
 from cocoon_net.dhcp.ratelimit import RateLimiter
 from cocoon_net.dhcp.settings import DhcpSettings
 from cocoon_net.dhcp.store import LeaseStore
@@ -77,6 +84,16 @@ class _Durable:
     changes: tuple[Change, ...]
     reply: policy.Reply | None
     type_name: str
+    records: list[Record]
+    touched: set[IPv4Address]
+
+
+@dataclass(frozen=True)
+class _Group:
+    """Decisions committed together: one journal write, one route batch, one guard update."""
+
+    items: list[_Durable]
+    done: asyncio.Future[None] | None  # None: the store refused it at once (it has failed)
 
 
 class Counters:
@@ -103,6 +120,9 @@ class ServerState:
     mac: bytes = b""
     exhausted_since: float | None = None  # start of the current pool-exhaustion burst
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    pending: list[_Durable] = field(default_factory=list)  # decided, not yet handed to the store
+    flushing: bool = False  # the flusher task runs; it takes `pending` when it may
+    drained_at: float = -STALE_REQUEST_SECONDS  # monotonic time the queue was last seen empty
 
 
 class DhcpServer:
@@ -130,6 +150,7 @@ class DhcpServer:
         self.state = ServerState()
         self._packet_sock: socket.socket | None = None
         self._udp_sock: socket.socket | None = None
+        self._framer_cache: frames.Framer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # ------------------------------------------------------------------ sockets
@@ -204,23 +225,31 @@ class DhcpServer:
                 return
 
     def _on_frames(self) -> None:
-        # Everything this wake-up decides that must be durable goes to disk together: one
-        # commit, one route batch, then the replies (one task, not one per request).
-        batch: list[_Durable] = []
         try:
-            self._read_frames(batch)
+            self._read_frames(self.state.pending)
         finally:
-            if batch:
-                self._spawn(self._persist(batch))
+            if self.state.pending and not self.state.flushing:
+                self.state.flushing = True
+                self._spawn(self._flush())
 
     def _read_frames(self, batch: list[_Durable]) -> None:
         sock = self._packet_sock
         if sock is None:
             return
+        # The queue is in arrival order, so once one frame is fresh, so is every frame behind
+        # it: those are read with recv(), which skips the timestamp and the sender address
+        # (for a packet socket, Python looks the interface name up with an ioctl per call).
+        # And every frame queued now came after the queue was last found empty: if that was
+        # recently enough, even the first is fresh.
+        fresh = time.monotonic() - self.state.drained_at < STALE_DISCOVER_SECONDS
         for _ in range(_READ_BATCH):
             try:
-                data, ancillary, _flags, _addr = sock.recvmsg(4096, _ANCILLARY)
+                if fresh:
+                    data = sock.recv(4096)
+                else:
+                    data, ancillary, _flags, _addr = sock.recvmsg(4096, _ANCILLARY)
             except (BlockingIOError, InterruptedError):
+                self.state.drained_at = time.monotonic()
                 return
             except OSError as exc:
                 if exc.errno in (errno.ENETDOWN, errno.ENXIO, errno.ENODEV):
@@ -228,10 +257,15 @@ class DhcpServer:
                     self.close_sockets()
                     return
                 raise
-            if ancillary:
-                sec, nsec = _TIMESPEC.unpack_from(ancillary[0][2])
-                # The wall clock, as the kernel stamps: never self.clock, which a test may move.
-                reason = shed_reason(time.time() - sec - nsec / 1e9, data)
+            if not fresh:
+                age = 0.0
+                if ancillary:
+                    sec, nsec = _TIMESPEC.unpack_from(ancillary[0][2])
+                    # The wall clock, as the kernel stamps: never self.clock, which a test may
+                    # move.
+                    age = time.time() - sec - nsec / 1e9
+                fresh = age < STALE_DISCOVER_SECONDS
+                reason = shed_reason(age, data)
                 if reason is not None:
                     self.counters.drop(reason)
                     continue
@@ -273,45 +307,80 @@ class DhcpServer:
             broadcast=frame.dst_mac == BROADCAST_MAC or frame.dst_ip == policy.BROADCAST_IP,
         )
         decision = policy.handle(request, ctx, self.table, self.settings, now, limiter=self.limiter)
-        mtype = request.message_type
-        type_name = mtype.name.lower() if mtype is not None else "bootp"
+        type_name = _TYPE_NAMES.get(request.options.get(Opt.MESSAGE_TYPE), "bootp")
         self._note_exhaustion(decision, now)
-        records = effects.records(decision.changes)
-        touched = effects.touched(decision.changes)
+        changes = decision.changes
+        records = effects.records(changes) if changes else []
+        touched = effects.touched(changes) if changes else set()
         if isinstance(decision, policy.Drop):
             self.counters.drop(decision.reason)
             self.counters.packet(type_name, decision.reason)
-            return _Durable(decision.changes, None, type_name) if records or touched else None
+            if records or touched:
+                return _Durable(decision.changes, None, type_name, records, touched)
+            return None
         if not records and not touched:
             self._send(decision, type_name)  # OFFER, NAK, INFORM: nothing to make durable
             return None
-        return _Durable(decision.changes, decision, type_name)
+        return _Durable(decision.changes, decision, type_name, records, touched)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self.state.tasks.add(task)
         task.add_done_callback(self.state.tasks.discard)
 
-    async def _persist(self, batch: list[_Durable]) -> None:
-        changes = [change for item in batch for change in item.changes]
+    def _submit(self) -> _Group | None:
+        """Hand everything decided so far to the journal writer as one group."""
+        items, self.state.pending = self.state.pending, []
+        if not items:
+            return None
         try:
-            await self.store.commit(effects.records(changes))
+            done = self.store.submit([record for item in items for record in item.records])
         except CocoonError as exc:
-            # The store said it once, as an error, when it failed: it fails for good.
             log.debug("lease store: %s; not answering", exc)
-            for item in batch:
-                if item.reply is not None:
-                    self.counters.packet(item.type_name, "store_failed")
-                    self.counters.lease(False)
-            return
-        touched = effects.touched(changes)
+            return _Group(items, None)
+        return _Group(items, done)
+
+    async def _flush(self) -> None:
+        # One group on its way to the disk at a time. Once it is there, the next group goes to
+        # the writer first, so that fsync overlaps this group's routes, guard and replies.
+        try:
+            group = self._submit()
+            while group is not None:
+                durable = await self._durable(group)
+                following = self._submit()
+                if durable:
+                    self._complete(group.items)
+                group = following
+        finally:
+            self.state.flushing = False
+
+    async def _durable(self, group: _Group) -> bool:
+        if group.done is not None:
+            try:
+                await group.done
+                return True
+            except CocoonError as exc:
+                log.debug("lease store: %s; not answering", exc)
+        # The store said it once, as an error, when it failed: it fails for good.
+        for item in group.items:
+            if item.reply is not None:
+                self.counters.packet(item.type_name, "store_failed")
+                self.counters.lease(False)
+        return False
+
+    def _complete(self, items: list[_Durable]) -> None:
+        """Routes and guard for a group on disk, then its replies."""
+        touched: set[IPv4Address] = set()
+        for item in items:
+            touched |= item.touched
         route_failed = self.sync_routes(touched)
         guard_failed = self.sync_guard(touched)
-        for item in batch:
+        failed = route_failed | guard_failed
+        for item in items:
             if item.reply is None:
                 continue
-            granted = effects.grants(item.changes)
-            if granted & (route_failed | guard_failed):
+            granted = effects.grants(item.changes) if failed else set()
+            if granted & failed:
                 # No ACK for an address the VPC cannot reach or the VM may not use yet; the
                 # client retries and the reconcile loop repairs the route or the guard.
                 why = "route_failed" if granted & route_failed else "guard_failed"
@@ -368,9 +437,18 @@ class DhcpServer:
 
     # ------------------------------------------------------------------ replies
 
+    def _framer(self) -> frames.Framer:
+        """The frame builder for our MAC and server address (either may change on a reload or
+        a rebind)."""
+        framer, server_ip = self._framer_cache, int(self.settings.server_id)
+        if framer is None or framer.src_mac != self.state.mac or framer.src_ip != server_ip:
+            framer = frames.Framer(self.state.mac, self.settings.server_id, policy.SERVER_PORT)
+            self._framer_cache = framer
+        return framer
+
     def _send(self, reply: policy.Reply, type_name: str) -> None:
         message = reply.message
-        result = _result_name(message)
+        result = _TYPE_NAMES.get(message.options.get(Opt.MESSAGE_TYPE), "reply")
         try:
             payload = packet.encode(message, max_size=reply.max_size)
         except (packet.MessageTooLarge, ValueError) as exc:
@@ -384,15 +462,7 @@ class DhcpServer:
                 self._udp_sock.sendto(payload, (str(reply.dest.ip), policy.SERVER_PORT))
             else:
                 dst_mac = bytes.fromhex(reply.dest.mac.replace(":", ""))
-                frame = frames.build_frame(
-                    self.state.mac,
-                    dst_mac,
-                    self.settings.server_id,
-                    reply.dest.ip,
-                    policy.SERVER_PORT,
-                    reply.dest.port,
-                    payload,
-                )
+                frame = self._framer().frame(dst_mac, int(reply.dest.ip), reply.dest.port, payload)
                 self._packet_sock.send(frame)
         except OSError as exc:
             log.error("send %s to %s: %s", result, reply.dest.ip, exc)
@@ -409,9 +479,9 @@ class DhcpServer:
             log.info("NAK -> %s", message.mac)
 
 
-def _result_name(message: DhcpMessage) -> str:
-    mtype = message.message_type
-    return mtype.name.lower() if mtype is not None else "reply"
+# Option 53 -> the metric label of a request's or a reply's type; what is not a known type is
+# "bootp" for a request and "reply" for a reply.
+_TYPE_NAMES: dict[bytes | None, str] = {bytes([mtype]): mtype.name.lower() for mtype in MessageType}
 
 
 # A boot storm of hundreds of VMs arrives faster than one Python thread decodes it; the

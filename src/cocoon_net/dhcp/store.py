@@ -24,7 +24,8 @@ Files (Role), next to the lease file the caller names:
                                     hold deadlines still ahead
     leases.json.journal   JOURNAL   one JSON line per change since the snapshot
     leases.json.lock      LOCK      flock: one store per lease file
-    .leases.json.*.tmp    temps of atomic_write; leases-<digits>.json are the Go tool's
+    .leases.json.*.tmp    temps of atomic_write (also of .meta and .journal); leases-<digits>.json
+                          are the Go tool's
 
 Journal lines (each sets or deletes whole entries, so replaying a line twice changes nothing):
 
@@ -39,12 +40,20 @@ newline is a write torn by a crash: ignored and reported. Other bad lines are co
 `max_corrupt` the store refuses to start) and the journal is copied aside before it is
 truncated.
 
-Compaction folds the journal into the snapshot, in the writer thread, between batches:
+Compaction folds the journal into the snapshot:
 
     1. write META with digest(new snapshot) and digest(current snapshot): tmp, fsync, rename,
        fsync dir
     2. write SNAPSHOT the same way
-    3. truncate JOURNAL to zero and fsync it
+    3. replace JOURNAL by the records written after the snapshot's point (tmp, fsync, rename,
+       fsync dir; at open and close, when nothing else writes, truncate it and fsync instead)
+
+Steps 1-2 take a few hundred milliseconds with tens of thousands of leases on a slow disk, so
+while the daemon runs they go to a thread of their own, with the table as it was when they
+began (Lease records are immutable: a copy of the list is a consistent view). The writer keeps
+appending and fsyncing commits meanwhile, and remembers what it wrote since; step 3 is its own,
+between two batches, and costs one small write and two fsyncs. A commit never waits for a
+snapshot.
 
 It runs when the journal passes N records or bytes, at open and close, and as the write-behind
 of leases.json: once the oldest change not yet in the snapshot is `snapshot_lag` (2 s) old, so
@@ -55,9 +64,8 @@ after a restart it takes the lines of the snapshot it finds), so a snapshot of 6
 costs mostly the sort and two 7 MB writes with their fsyncs: about 0.1 s, up to 0.25 s under
 a storm of renewals on a busy 2-CPU host, instead of 0.4 s and more. And a write-behind that
 took t seconds is followed by the next one no sooner than t / `snapshot_share` seconds after
-it started, so snapshots never take more than that share (a fifth) of the writer's time,
-whatever the disk does. Commits that arrive during a compaction wait for it, then go out as
-one batch: still written and fdatasync'ed before their ACK.
+it started, so snapshots never take more than that share (a fifth) of the time, whatever
+the disk does. One compaction runs at a time.
 
 So leases.json holds every change committed more than `snapshot_lag` plus the time one
 compaction takes ago, as long as compactions succeed and each takes less than
@@ -65,17 +73,18 @@ compaction takes ago, as long as compactions succeed and each takes less than
 own length.
 
 The snapshot built in 1-2 drops the history of MACs whose last lease ended more than
-`history_retention` ago, so VM churn does not grow META without bound. If 1 or 2 fails, the
-journal is untouched: it still holds every change and the next start replays it. The failure
-is logged once (`store.compact.failed`, then `store.compact.recovered` when a later attempt
-succeeds); the write-behind retries with a back-off from `snapshot_lag` up to a minute, the
-size trigger after as many records again.
+`history_retention` ago, so VM churn does not grow META without bound. If 1, 2 or the write
+in 3 fails, the journal is untouched: it still holds every change and the next start replays
+it. The failure is logged once (`store.compact.failed`, then `store.compact.recovered` when
+a later attempt succeeds); the write-behind retries with a back-off from `snapshot_lag` up to
+a minute, the size trigger after as many records again.
 
 A crash before 3 leaves a snapshot that already holds some or all of the journal; replaying
-the journal over it gives the same table because records are idempotent. META names both the
-new and the old snapshot digest, so either snapshot is recognised as ours after a crash between
-1 and 2. A leases.json matching neither was written by someone else (the Go tool after a
-downgrade, an operator's edit): it wins, and the journal is set aside as stale.
+the journal over it gives the same table because records are idempotent (and the rename in 3
+is atomic: the old journal, whole, or the new one). META names both the new and the old
+snapshot digest, so either snapshot is recognised as ours after a crash between 1 and 2.
+A leases.json matching neither was written by someone else (the Go tool after a downgrade,
+an operator's edit): it wins, and the journal is set aside as stale.
 
 Startup: take LOCK, remove temps, read META, read SNAPSHOT (a corrupt or empty one is renamed
 to leases.json.corrupt-<UTC time>, never overwritten), replay JOURNAL. When something was set
@@ -222,7 +231,11 @@ def _set_aside(path: Path, label: str, *, copy: bool = False) -> Path:
 
 
 def _remove_temps(path: Path) -> list[Path]:
-    removed = remove_stale_temps(path) + remove_stale_temps(role_path(path, Role.META))
+    removed = [
+        *remove_stale_temps(path),
+        *remove_stale_temps(role_path(path, Role.META)),
+        *remove_stale_temps(role_path(path, Role.JOURNAL)),
+    ]
     if path.parent.is_dir():
         for leftover in path.parent.iterdir():
             if _GO_TEMP.match(leftover.name):
@@ -394,6 +407,21 @@ class SnapshotPace:
         return max(now + backoff, self.after_success(now - took, took)), backoff
 
 
+@dataclass
+class _Snapshot:
+    """A compaction whose steps 1-2 run in a thread of their own (module docstring)."""
+
+    seq: int  # the last journal record the snapshot holds
+    started: float  # monotonic
+    thread: threading.Thread | None = None
+    tail: list[bytes] = field(default_factory=list)  # journal writes after `seq`, in order
+    tail_since: float | None = None  # monotonic time of the first of them
+    tail_records: int = 0
+    done: bool = False  # set by its thread, under the store's condition
+    error: str = ""  # why steps 1-2 failed; "" when they succeeded
+    digest: str = ""  # of the snapshot written
+
+
 @dataclass(frozen=True)
 class _Pending:
     records: tuple[Record, ...]
@@ -465,6 +493,7 @@ class LeaseStore:
         self._not_before = 0.0  # earliest start of the next write-behind
         self._backoff = 0.0
         self._failing = False  # the latest compaction failed (logged once per streak)
+        self._snapshot: _Snapshot | None = None  # steps 1-2 under way in their own thread
         self._stats = StoreStats(0, 0, 0, 0, 0, 0, 0, False)
 
     def open(self) -> Recovered:
@@ -520,15 +549,22 @@ class LeaseStore:
 
         Cancelling the caller does not take the records back: they may still be written.
         """
+        await self.submit(records)
+
+    def submit(self, records: Iterable[Record]) -> asyncio.Future[None]:
+        """Queue records for the writer now; the future is done once they are on disk, or
+        fails with StateError if they may not be. StateError at once when the store has
+        failed or is not open. Call from the event loop."""
+        import asyncio
+
         batch = tuple(records)
         for record in batch:
             check_record(record)
-        if not batch:
-            return
-        import asyncio
-
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
+        if not batch:
+            future.set_result(None)
+            return future
         with self._cond:
             if self._error:
                 raise StateError(self._error)
@@ -536,7 +572,7 @@ class LeaseStore:
                 raise StateError(f"lease store {self.path} is not open")
             self._queue.append(_Pending(batch, future, loop))
             self._cond.notify()
-        await future
+        return future
 
     def resume_write_behind(self) -> None:
         """The owner serves now: the write-behind, held since an open() that left the fold to
@@ -560,6 +596,10 @@ class LeaseStore:
             return
         thread.join()
         self._thread = None
+        if self._snapshot is not None:  # left running by a writer that failed
+            if self._snapshot.thread is not None:
+                self._snapshot.thread.join()
+            self._snapshot = None
         if compact and not self._error:
             try:
                 self._compact()
@@ -590,19 +630,26 @@ class LeaseStore:
         while True:
             with self._cond:
                 while not self._queue and not self._closing:
-                    wait = self._snapshot_wait()
-                    if wait is not None and wait <= 0:
-                        break
+                    if self._snapshot is not None:
+                        if self._snapshot.done:
+                            break
+                        wait = None  # until it is done or a commit comes
+                    else:
+                        wait = self._snapshot_wait()
+                        if wait is not None and wait <= 0:
+                            break
                     self._cond.wait(wait)
                 batch, self._queue = self._queue, []
                 closing = self._closing
-            if closing and not batch:
-                return  # close() compacts once the writer is gone
             try:
                 if batch:
                     self._append(batch)
-                if self._compaction_due():
-                    self._try_compact()
+                if self._snapshot is not None and (self._snapshot.done or (closing and not batch)):
+                    self._finish_snapshot()
+                if closing and not batch:
+                    return  # close() compacts once the writer is gone
+                if self._snapshot is None and self._compaction_due():
+                    self._start_snapshot()
             except OSError as exc:
                 self._fail(f"lease journal {self.journal_path}: {exc.strerror or exc}", batch)
                 return
@@ -621,7 +668,8 @@ class LeaseStore:
             for record in pending.records:
                 self._seq += 1
                 lines.append(encode_record(record, self._seq))
-        data = memoryview(b"".join(lines))
+        data_all = b"".join(lines)
+        data = memoryview(data_all)
         size = len(data)
         while data:
             data = data[os.write(self._fd, data) :]
@@ -635,6 +683,12 @@ class LeaseStore:
         for pending in batch:
             for record in pending.records:
                 self._state.apply(record)
+        snapshot = self._snapshot
+        if snapshot is not None:  # written after its snapshot point: kept by the rotation
+            if snapshot.tail_since is None:
+                snapshot.tail_since = self._monotonic()
+            snapshot.tail.append(data_all)
+            snapshot.tail_records += len(lines)
         count = len(lines)
         with self._cond:
             s = self._stats
@@ -687,50 +741,100 @@ class LeaseStore:
         wait = self._snapshot_wait()
         return wait is not None and wait <= 0
 
-    def _try_compact(self) -> None:
-        started = self._monotonic()
+    def _start_snapshot(self) -> None:
+        """Steps 1-2 of a write-behind or size-triggered compaction, in a thread of their own
+        on a copy of the table as of now; the journal keeps taking commits meanwhile."""
+        self._state.prune_history(self._clock() - self.history_retention)
+        snapshot = _Snapshot(seq=self._seq, started=self._monotonic())
+        # Copies of the dicts only: the Lease records in them are immutable.
+        view, previous = self._state.copy(), self._snapshot_digest
+        # A daemon thread like the writer: an exit without close() leaves at worst a temp file,
+        # which the next open() removes, and the journal, which holds everything.
+        snapshot.thread = threading.Thread(
+            target=self._write_snapshot,
+            args=(snapshot, view, previous),
+            name="lease-snapshot",
+            daemon=True,
+        )
+        self._snapshot = snapshot
+        snapshot.thread.start()
+
+    def _write_snapshot(self, snapshot: _Snapshot, view: LeaseState, previous: str) -> None:
+        error = ""
         try:
-            self._compact()
+            snapshot.digest = self._write_files(view, snapshot.seq, previous)
         except CocoonError as exc:
-            # The journal is intact and keeps every change: nothing is lost, and the next
-            # start replays it. Only leases.json (what the Go tool would read) falls behind.
-            now = self._monotonic()
-            self._not_before, self._backoff = self.pace.after_failure(
-                now, now - started, self._backoff
-            )
-            if not self._failing:
-                log.error(
-                    "store.compact.failed %s; the journal keeps every change, leases.json "
-                    "is not updated until a retry succeeds (retrying, not logged again)",
-                    exc,
-                )
-            else:
-                log.debug("store.compact.failed again: %s", exc)
-            self._failing = True
-            s = self._stats
-            self._due = (
-                s.journal_records + self.max_journal_records,
-                s.journal_bytes + self.max_journal_bytes,
-            )
-            with self._cond:
-                self._stats = replace(s, compaction_failures=s.compaction_failures + 1)
+            error = str(exc)
+        except Exception as exc:  # a bug must not leave the writer waiting for it
+            log.exception("store.compact.failed unexpected error writing the snapshot")
+            error = repr(exc)
+        with self._cond:
+            snapshot.error, snapshot.done = error, True
+            self._cond.notify()
+
+    def _finish_snapshot(self) -> None:
+        """Step 3 once steps 1-2 are done: the journal keeps only what they do not hold."""
+        snapshot, self._snapshot = self._snapshot, None
+        assert snapshot is not None and snapshot.thread is not None
+        snapshot.thread.join()
+        took = self._monotonic() - snapshot.started
+        if snapshot.error:
+            self._compaction_failed(snapshot.error, took)
             return
-        took = self._monotonic() - started
-        self._not_before = self.pace.after_success(started, took)
+        self._snapshot_digest = snapshot.digest
+        tail = b"".join(snapshot.tail)
+        try:
+            atomic_write(self.journal_path, tail)
+        except CocoonError as exc:
+            # leases.json is new and the old journal, still whole, replays over it to the same
+            # table; the next compaction tries again.
+            self._compaction_failed(str(exc), took)
+            return
+        fd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        os.close(self._fd)
+        self._fd = fd
+        self._due = (self.max_journal_records, self.max_journal_bytes)
+        self._behind_since = snapshot.tail_since
+        self._not_before = self.pace.after_success(snapshot.started, took)
         self._backoff = 0.0
         if self._failing:
             log.warning("store.compact.recovered leases.json is current again")
             self._failing = False
+        with self._cond:
+            self._stats = replace(
+                self._stats,
+                compactions=self._stats.compactions + 1,
+                journal_records=snapshot.tail_records,
+                journal_bytes=len(tail),
+            )
+
+    def _compaction_failed(self, error: str, took: float) -> None:
+        # The journal is intact and keeps every change: nothing is lost, and the next start
+        # replays it. Only leases.json (what the Go tool would read) falls behind.
+        now = self._monotonic()
+        self._not_before, self._backoff = self.pace.after_failure(now, took, self._backoff)
+        if not self._failing:
+            log.error(
+                "store.compact.failed %s; the journal keeps every change, leases.json "
+                "is not updated until a retry succeeds (retrying, not logged again)",
+                error,
+            )
+        else:
+            log.debug("store.compact.failed again: %s", error)
+        self._failing = True
+        s = self._stats
+        self._due = (
+            s.journal_records + self.max_journal_records,
+            s.journal_bytes + self.max_journal_bytes,
+        )
+        with self._cond:
+            self._stats = replace(s, compaction_failures=s.compaction_failures + 1)
 
     def _compact(self) -> None:
-        """Steps 1-3 of the module docstring. HostSetupError: nothing lost, journal untouched."""
+        """Steps 1-3 at once, with no commit running (open and close). HostSetupError:
+        nothing lost, journal untouched."""
         self._state.prune_history(self._clock() - self.history_retention)
-        snapshot = self._encoder.encode(self._state.leases.values())
-        digest = _digest(snapshot)
-        meta = _meta(self._state, self._seq, digest, self._snapshot_digest, self._clock())
-        atomic_write(role_path(self.path, Role.META), encode_meta(meta))
-        atomic_write(self.path, snapshot)
-        self._snapshot_digest = digest
+        self._snapshot_digest = self._write_files(self._state, self._seq, self._snapshot_digest)
         os.ftruncate(self._fd, 0)
         os.fsync(self._fd)
         self._due = (self.max_journal_records, self.max_journal_bytes)
@@ -740,3 +844,12 @@ class LeaseStore:
             self._stats = replace(
                 s, compactions=s.compactions + 1, journal_records=0, journal_bytes=0
             )
+
+    def _write_files(self, state: LeaseState, seq: int, previous: str) -> str:
+        """Steps 1-2 for `state` as of journal record `seq`; the new snapshot's digest."""
+        snapshot = self._encoder.encode(state.leases.values())
+        digest = _digest(snapshot)
+        meta = _meta(state, seq, digest, previous, self._clock())
+        atomic_write(role_path(self.path, Role.META), encode_meta(meta))
+        atomic_write(self.path, snapshot)
+        return digest
