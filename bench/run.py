@@ -47,7 +47,7 @@ from bench.report import OURS
 from bench.servers import SERVERS, CocoonNet
 
 DEFAULT_SERVERS = ("kea", "dnsmasq", "dnsmasq-ping", "cocoon-net", "cocoon-net-no-guard")
-FULL_RATES = (1000, 2000, 3000, 4000, 5000, 6000, 8000, 10000, 12000)
+FULL_RATES = (1000, 2000, 3000, 4000, 5000, 6000, 7000, 8000, 9000, 10000, 12000)
 SMOKE_RATES = (50,)
 # Past the listed rates, the ladder goes on to 3x each server's lossless rate, up to this.
 MAX_RATE = 30_000.0
