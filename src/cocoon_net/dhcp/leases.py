@@ -328,7 +328,11 @@ class LeaseTable:
         # then the others oldest-ended first. Every change of what holds an address puts it
         # in or out (_requeue), so the first address of the order is the one to offer.
         self._order = _ReuseOrder((), (), self._in_pool)
-        # The earliest time anything above can expire: expire() is free before it.
+        # The earliest time a lease, quarantine or recovered hold can end: expire() sweeps
+        # them all, and walks every one of them, only from then on. Offers are left out:
+        # one lapses every few DISCOVERs when clients do not REQUEST, and _offers is in the
+        # order they lapse in (each offer goes in last, with the same hold), so expire()
+        # ends them from its front.
         self._next_deadline = math.inf
         self._set_pool(pool)
         self._rebuild_order()
@@ -555,7 +559,6 @@ class LeaseTable:
         self._order.discard(int(ip))
         if self._order.holes > self.compact_after:
             self._order.compact()
-        self._next_deadline = min(self._next_deadline, offer.until)
         return ip, changes
 
     def grant(
@@ -654,6 +657,11 @@ class LeaseTable:
     def expire(self, now: float) -> list[Change]:
         """End what ran out by `now`: leases (returned), offers, quarantines, recovered marks."""
         if now < self._next_deadline:
+            while self._offers:
+                offer = next(iter(self._offers.values()))
+                if offer.until > now:
+                    break
+                self._drop_offer(offer.mac)
             return []
         changes: list[Change] = []
         ended = sorted((le for le in self._leases.values() if le.expires <= now), key=_end_key)
@@ -838,7 +846,6 @@ class LeaseTable:
     def _reset_deadline(self) -> None:
         self._next_deadline = min(
             [le.expires for le in self._leases.values()]
-            + [o.until for o in self._offers.values()]
             + [q.until for q in self._quarantine.values()]
             + [r.until for r in self._recovered.values()],
             default=math.inf,
