@@ -384,6 +384,14 @@ def test_a_discover_after_a_lost_lease_file_looks_at_no_held_address() -> None:
     assert int(pool[5]) not in order
 
 
+def test_an_address_a_vm_answers_for_is_held_for_it_also_when_it_was_free() -> None:
+    # Free when the probe was sent (asked while it was leased, say): held once answered.
+    table = LeaseTable(POOL)
+    assert table.probed([ip(2)], {ip(2): mac(5)}, 0.0, 100.0) == [Hold(ip(2), 100.0)]
+    assert table.offer(mac(1), 1.0)[0] == ip(3)
+    assert table.offer(mac(5), 1.0)[0] == ip(2)
+
+
 def test_a_declined_address_stays_last_after_a_reload() -> None:
     table = LeaseTable(POOL)
     dora(table, mac(1), 0.0)  # .2
@@ -558,7 +566,9 @@ class TableMachine(RuleBasedStateMachine):
         # allocation takes its first address without looking at any held one.
         order = list(map(IPv4Address, t._order))
         assert len(order) == len(set(order))
-        assert set(order) == {a for a in POOL if not t._held(a)}
+        # An ended lease or offer holds its address until the next change sweeps it.
+        held = {a for a in POOL if a in t._lease_at or a in t._offer_at or t._kept(a)}
+        assert set(order) == set(POOL) - held
         # Never-bound addresses first, then those bound before.
         used = [a in t._history for a in order]
         assert used == sorted(used)

@@ -324,7 +324,7 @@ class LeaseTable:
         # showed that nobody uses the address (probed()).
         self._unprobed: set[IPv4Address] = set()
         # Step 6 of the allocation order, kept ready so a DISCOVER does not scan the pool:
-        # the addresses nothing holds (_held), never-bound ones first in ascending order,
+        # the addresses nothing holds (_holds), never-bound ones first in ascending order,
         # then the others oldest-ended first. Every change of what holds an address puts it
         # in or out (_requeue), so the first address of the order is the one to offer.
         self._order = _ReuseOrder((), (), self._in_pool)
@@ -448,18 +448,17 @@ class LeaseTable:
         """After the ARP probe of `asked`: an address some VM answered for is held again for
         that MAC (Hold), for `hold` seconds; the others are free for new VMs."""
         changes: list[Change] = []
-        # Ascending, so the free ones rejoin the order as it is rebuilt, not in the order of
-        # a set's hashes.
-        for ip in sorted(asked):
-            was_unprobed = ip in self._unprobed
-            self._unprobed.discard(ip)
-            mac = answers.get(ip)
-            if mac is not None and self._has(ip) and self.holder(ip, now) is None:
-                self._set_recovered(ip, _Recovered(mac, now + hold))
+        asked = set(asked)
+        # Those still unprobed, and those held again: what holds them changed. By set
+        # operations, on the hashes the sets keep (see _requeue).
+        changed = asked & self._unprobed
+        self._unprobed -= asked
+        for ip in sorted(asked.intersection(answers), key=int):
+            if self._has(ip) and self.holder(ip, now) is None:
+                self._set_recovered(ip, _Recovered(answers[ip], now + hold))
                 changes.append(Hold(ip, now + hold))
-                self._requeue(ip)
-            elif was_unprobed:
-                self._requeue(ip)
+                changed.add(ip)
+        self._requeue(changed)
         self._reset_deadline()
         return changes
 
@@ -520,11 +519,6 @@ class LeaseTable:
             or ip in self._quarantine
             or ip in self._unprobed
         )
-
-    def _held(self, ip: IPv4Address) -> bool:
-        """Not in the reuse order. A lease or offer counts until expire() sweeps it, as every
-        mutation does first."""
-        return ip in self._lease_at or ip in self._offer_at or self._kept(ip)
 
     def _choose(self, mac: str, now: float, requested: IPv4Address | None) -> IPv4Address | None:
         own = self.known_address(mac, now)
@@ -634,13 +628,13 @@ class LeaseTable:
         self._remember(Lease("", ip, now))
         already = any(q.mac == mac and q.until > now for q in self._quarantine.values())
         if already:
-            self._requeue(ip)
+            self._requeue({ip})
             if ended is not None:
                 changes.append(Release(ended))
             return changes
         until = now + hold
         self._quarantine[ip] = _Quarantined(until, mac)
-        self._requeue(ip)
+        self._requeue({ip})
         self._next_deadline = min(self._next_deadline, until)
         changes.append(Quarantine(ip, until, ended))
         return changes
@@ -703,9 +697,7 @@ class LeaseTable:
         before = self._reserved_for.keys()
         self._reserved = dict(reservations)
         self._reserved_for = {ip: mac for mac, ip in reservations.items()}
-        # Ascending, as the order is rebuilt: not in the order of a set's hashes.
-        for ip in sorted(before ^ self._reserved_for.keys()):
-            self._requeue(ip)
+        self._requeue(before ^ self._reserved_for.keys())
 
     def load(
         self,
@@ -800,14 +792,10 @@ class LeaseTable:
 
     def _rebuild_order(self) -> None:
         # Marks per address of the span, from ints: hashing 60,000 IPv4Address keys runs
-        # Python code for each. 1: held (_held), 2: free and bound before.
+        # Python code for each. 1: held (_holds), 2: free and bound before.
         span = self._in_pool
         marks = bytearray(len(span.flags))
-        held = chain(
-            self._lease_at, self._offer_at, self._reserved_for, self._recovered,
-            self._quarantine, self._unprobed,
-        )  # fmt: skip
-        for ip in held:
+        for ip in chain(*self._holds()):
             if span.has(int(ip)):
                 marks[int(ip) - span.base] = 1
         idle = [le for le in self._history.values() if not marks[int(le.ip) - span.base]]
@@ -819,14 +807,33 @@ class LeaseTable:
             span,
         )
 
-    def _requeue(self, ip: IPv4Address) -> None:
-        """What holds `ip` changed: free now, it goes to the back of its group (a lapsed
-        offer, a dropped reservation, a probed hold: the last to go to a new client);
-        held, it leaves the order."""
-        if self._has(ip) and not self._held(ip):
-            self._order.push(int(ip), ip in self._history)
-        else:
-            self._order.discard(int(ip))
+    def _requeue(self, ips: set[IPv4Address]) -> None:
+        """What holds `ips` changed: each one free now goes to the back of its group (a
+        lapsed offer, a dropped reservation, a probed hold: the last to go to a new client),
+        in ascending order; each one held leaves the order.
+
+        By set operations, which use the hashes the sets and dicts keep: hashing an
+        IPv4Address runs Python code, and a hold can end for 20,000 addresses at once."""
+        free = ips
+        for holds in self._holds():
+            free = free.difference(holds)
+        fresh = free.difference(self._history)
+        for group, used in ((fresh, False), (free - fresh, True)):
+            for value in sorted(map(int, group)):
+                if self._in_pool.has(value):
+                    self._order.push(value, used)
+                else:
+                    self._order.discard(value)
+        for value in map(int, ips - free):
+            self._order.discard(value)
+
+    def _holds(self) -> tuple[Iterable[IPv4Address], ...]:
+        """What keeps an address out of the reuse order. A lease or offer counts until
+        expire() sweeps it, as every mutation does first."""
+        return (
+            self._lease_at, self._offer_at, self._reserved_for, self._recovered,
+            self._quarantine, self._unprobed,
+        )  # fmt: skip
 
     def _set_recovered(self, ip: IPv4Address, held: _Recovered) -> None:
         """Hold ip for held.mac, keeping the per-MAC index in step."""
@@ -858,14 +865,16 @@ class LeaseTable:
         if self._lease_at.get(lease.ip) is lease:
             del self._lease_at[lease.ip]
         self._remember(ended)
-        self._requeue(lease.ip)
+        self._requeue({lease.ip})
         return ended
 
     def _drop_offer(self, mac: str) -> None:
         offer = self._offers.pop(mac, None)
         if offer is not None and self._offer_at.get(offer.ip) is offer:
             del self._offer_at[offer.ip]
-            self._requeue(offer.ip)
+            # Taken by a REQUEST (grant() leases it first), it stays out of the order.
+            if offer.ip not in self._lease_at:
+                self._requeue({offer.ip})
 
     def _remember(self, lease: Lease) -> None:
         """Make `lease` the last binding of its address (and its MAC's last address)."""
