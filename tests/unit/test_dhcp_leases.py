@@ -562,6 +562,11 @@ class TableMachine(RuleBasedStateMachine):
         assert {o.ip: o for o in t._offers.values()} == t._offer_at
         for m, addr in t._last_ip.items():
             assert t._history[addr].mac == m
+        by_mac = {m: addrs for m, addrs in t._recovered_of.items() if addrs}
+        assert by_mac == {
+            m: {a for a, r in t._recovered.items() if r.mac == m}
+            for m in {r.mac for r in t._recovered.values() if r.mac}
+        }
         # The reuse order holds every pool address nothing holds, once, and no other:
         # allocation takes its first address without looking at any held one.
         order = list(map(IPv4Address, t._order))

@@ -591,9 +591,7 @@ class LeaseTable:
         self._leases[mac] = lease
         self._lease_at[ip] = lease  # before the offer is dropped: see offer()
         self._drop_offer(mac)
-        recovered = self._recovered.pop(ip, None)
-        if recovered is not None:
-            self._recovered_of.get(recovered.mac, set()).discard(ip)
+        self._unrecover(ip)
         self._remember(lease)
         self._order.discard(int(ip))
         self._next_deadline = min(self._next_deadline, lease.expires)
@@ -665,12 +663,13 @@ class LeaseTable:
         for offer in [o for o in self._offers.values() if o.until <= now]:
             self._drop_offer(offer.mac)
         self._unprobed.update(ip for ip, q in self._quarantine.items() if q.until <= now)
-        self._unprobed.update(
-            ip for ip, r in self._recovered.items() if r.until <= now and ip not in self._lease_at
-        )
         self._quarantine = {ip: q for ip, q in self._quarantine.items() if q.until > now}
-        self._recovered = {ip: r for ip, r in self._recovered.items() if r.until > now}
-        self._index_recovered()
+        # Only the holds that ended are taken out: rebuilding the dict and its per-MAC index
+        # hashes every key again (Python code), 15 ms with 20,000 held, at every lease end.
+        for ip in [ip for ip, r in self._recovered.items() if r.until <= now]:
+            self._unrecover(ip)
+            if ip not in self._lease_at:
+                self._unprobed.add(ip)
         self._reset_deadline()
         return changes
 
@@ -837,12 +836,16 @@ class LeaseTable:
 
     def _set_recovered(self, ip: IPv4Address, held: _Recovered) -> None:
         """Hold ip for held.mac, keeping the per-MAC index in step."""
-        old = self._recovered.get(ip)
-        if old is not None and old.mac:
-            self._recovered_of.get(old.mac, set()).discard(ip)
+        self._unrecover(ip)
         self._recovered[ip] = held
         if held.mac:
             self._recovered_of.setdefault(held.mac, set()).add(ip)
+
+    def _unrecover(self, ip: IPv4Address) -> None:
+        """End the recovered hold on ip, if any, keeping the per-MAC index in step."""
+        held = self._recovered.pop(ip, None)
+        if held is not None and held.mac:
+            self._recovered_of.get(held.mac, set()).discard(ip)
 
     def _index_recovered(self) -> None:
         self._recovered_of = {}
