@@ -33,7 +33,7 @@ from typing import Any
 if __package__ in {None, ""}:  # run as a script: bench/run.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import figures, recovered, report, summary
+from bench import figures, recovered, report, spy, summary
 from bench.bed import Bed
 from bench.ladder import (
     REPO,
@@ -82,6 +82,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--profile",
         action="store_true",
         help="run cocoon-net's ladder under cProfile; print its hot spots, keep the .prof",
+    )
+    p.add_argument(
+        "--py-spy",
+        action="store_true",
+        help="sample cocoon-net's ladder with py-spy --native (every thread); print the shares",
     )
     p.add_argument("--no-install", action="store_true", help="never apt-get missing peers")
     p.add_argument("--results-dir", type=Path, default=REPO / "bench" / "results")
@@ -191,6 +196,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         log(f"bench: unknown server {', '.join(unknown)} (known: {', '.join(SERVERS)})")
         return 2
+    if args.py_spy and spy.binary() is None:
+        log("bench: --py-spy needs py-spy on PATH or in this venv (pip install py-spy)")
+        return 2
     rates = tuple(float(r) for r in args.rates.split(",") if r) or (
         SMOKE_RATES if args.smoke else FULL_RATES
     )
@@ -223,6 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     timings: list[figures.Timing] = []
     relay_steps: list[RelayStep] = []
     after_loss: recovered.Recovered | None = None
+    spied: dict[str, CocoonNet] = {}
     try:
         with tempfile.TemporaryDirectory(prefix="cocoon-bench-") as tmp:
             work = Path(tmp)
@@ -233,6 +242,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     if args.profile and isinstance(server, CocoonNet):
                         server.profile_to = args.results_dir / f"{stamp}-cocoon-net.prof"
                         args.results_dir.mkdir(parents=True, exist_ok=True)
+                    if args.py_spy and isinstance(server, CocoonNet):
+                        server.spy_to = args.results_dir / f"{stamp}-{name}-py-spy"
+                        args.results_dir.mkdir(parents=True, exist_ok=True)
+                        spied[name] = server
                     runs.append(run_ladder(bed, server, cfg, log))
                 if args.relay:
                     relay_steps = run_relay(bed, names, cfg, work, log)
@@ -279,6 +292,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     profile = args.results_dir / f"{stamp}-cocoon-net.prof"
     if args.profile and profile.exists():
         lines += ["", f"cocoon-net profile (ladder, main thread): {profile}", *hot_spots(profile)]
+    for name, spied_server in spied.items():
+        files = [f for f in spied_server.spy_files if f.exists()]
+        listed = ", ".join(map(str, files)) or "no samples written"
+        lines += ["", f"{name} py-spy (ladder): {listed}", *spy.report_files(files)]
     lines += [
         "",
         f"load average at start {' '.join(machine_at_start['loadavg'])}, "

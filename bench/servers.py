@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
+from bench import spy
 from cocoon_net import config, control
 from cocoon_net.dhcp.leasefile import encode_snapshot
 from cocoon_net.dhcp.model import Lease
@@ -313,6 +314,10 @@ class CocoonNet(ServerUnderTest):
         # cProfile of the main thread (the event loop: receive, decode, decide, reply), written
         # when the daemon exits on SIGTERM. The store's writer thread is not in it.
         self.profile_to = profile_to
+        # py-spy's raw samples of every thread, one file per start: `<spy_to>.<n>.txt`.
+        self.spy_to: Path | None = None
+        self.spy_files: list[Path] = []
+        self._spy: subprocess.Popen[bytes] | None = None
 
     @property
     def lease_file(self) -> Path:
@@ -376,6 +381,18 @@ class CocoonNet(ServerUnderTest):
                 return True
         return False
 
+    def wait_ready(self, timeout: float) -> float:
+        took = super().wait_ready(timeout)
+        py_spy = spy.binary()
+        if self.spy_to is not None and py_spy is not None:
+            out = self.spy_to.with_name(f"{self.spy_to.name}.{len(self.spy_files)}.txt")
+            self.spy_files.append(out)
+            argv = [py_spy, "record", "--pid", str(self.pid), "--native", "--threads"]
+            argv += ["--rate", str(spy.RATE_HZ), "--format", "raw", "--output", str(out)]
+            with self.log_path.open("ab") as log:
+                self._spy = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        return took
+
     def journal_stats(self) -> dict[str, int]:
         answer = control.request(self.site.paths.control_socket, {"cmd": "stats"})
         store = answer["store"]
@@ -389,6 +406,14 @@ class CocoonNet(ServerUnderTest):
         try:
             super().stop()
         finally:
+            spy_proc, self._spy = self._spy, None
+            if spy_proc is not None:
+                # py-spy writes its file when the process it samples has exited.
+                try:
+                    spy_proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    spy_proc.send_signal(signal.SIGINT)
+                    spy_proc.wait(timeout=10)
             if self._notify is not None:
                 with contextlib.suppress(OSError):
                     self._notify.close()

@@ -312,6 +312,15 @@ def test_an_untaken_offer_goes_behind_the_other_free_addresses() -> None:
     assert [table.offer(mac(i), 61.0)[0] for i in (4, 5, 6, 7)] == [ip(5), ip(6), ip(7), ip(2)]
 
 
+def test_a_lapsed_offer_of_a_never_used_address_comes_before_a_used_one() -> None:
+    table = LeaseTable(POOL)
+    assert table.offer(mac(1), 0.0)[0] == ip(2)  # lapses at 60
+    dora(table, mac(2), 1.0)  # .3
+    table.release(mac(2), ip(3), 10.0)
+    got = [table.offer(mac(i), 61.0)[0] for i in range(3, 9)]
+    assert got == [ip(4), ip(5), ip(6), ip(7), ip(2), ip(3)]
+
+
 def test_a_held_address_stepped_over_goes_behind_the_free_ones() -> None:
     # Held addresses at the front of the order are stepped over once and moved back, so
     # allocation does not walk all of them again for every DISCOVER.
@@ -353,6 +362,34 @@ def test_each_mac_finds_its_own_among_many_recovered_addresses() -> None:
     assert table.offer(mac(2), 3.0)[0] == pool[1500]  # even MACs' entries are in the "" half
     assert table.offer(mac(3), 3.0)[0] == pool[3]
     assert table.offer(mac(199), 3.0)[0] == pool[199]
+
+
+def test_a_discover_after_a_lost_lease_file_looks_at_no_held_address() -> None:
+    # A daemon that handed addresses out in ascending order leaves the front of the pool
+    # routed; after its lease file is lost all of it is held. The held addresses are not in
+    # the reuse order at all, so the first DISCOVER takes the order's first address instead
+    # of stepping over 20,000, and none of them is ever looked at again.
+    pool = [A(f"172.20.{i // 250}.{i % 250 + 2}") for i in range(22000)]
+    table = LeaseTable(pool, reservations={mac(9): pool[20001]})
+    table.load([], [], {}, 0.0, in_use=dict.fromkeys(pool[:20000], ""), recovery_hold=1000.0)
+    assert next(iter(table._order)) == int(pool[20000])
+    assert table.offer(mac(1), 1.0)[0] == pool[20000]
+    assert table.offer(mac(2), 1.0)[0] == pool[20002]  # .. and not the reserved one
+    assert next(iter(table._order)) == int(pool[20003])
+    # Held addresses come back only when free: at the back, after the probe found nobody.
+    table.expire(1000.0)
+    table.probed(table.unprobed(), {pool[5]: mac(5)}, 1000.0, 1000.0)
+    order = list(table._order)
+    assert order[-19999:] == [int(a) for a in pool[:20000] if a != pool[5]]
+    assert int(pool[5]) not in order
+
+
+def test_an_address_a_vm_answers_for_is_held_for_it_also_when_it_was_free() -> None:
+    # Free when the probe was sent (asked while it was leased, say): held once answered.
+    table = LeaseTable(POOL)
+    assert table.probed([ip(2)], {ip(2): mac(5)}, 0.0, 100.0) == [Hold(ip(2), 100.0)]
+    assert table.offer(mac(1), 1.0)[0] == ip(3)
+    assert table.offer(mac(5), 1.0)[0] == ip(2)
 
 
 def test_a_declined_address_stays_last_after_a_reload() -> None:
@@ -402,6 +439,7 @@ class TableMachine(RuleBasedStateMachine):
         self.reservations = {mac(8): ip(7), mac(7): ip(9)}  # .9 is outside the pool
         self.table = LeaseTable(POOL, reservations=self.reservations, offer_hold=60.0)
         self.now = 0.0
+        self.held_before_reserved: dict[IPv4Address, str] = {}
 
     @rule(dt=st.sampled_from([0.0, 1.0, 30.0, 61.0, 500.0, 3600.0]))
     def advance(self, dt: float) -> None:
@@ -415,7 +453,8 @@ class TableMachine(RuleBasedStateMachine):
         assert addr in POOL
         assert not self.table.is_quarantined(addr, self.now)
         owner = self.table._reserved_for.get(addr)
-        assert owner in (None, m), f"{addr} reserved for {owner} offered to {m}"
+        if self.held_before_reserved.get(addr) != m:
+            assert owner in (None, m), f"{addr} reserved for {owner} offered to {m}"
         assert self.table.offer_of(m, self.now) is not None
 
     @rule(m=MACS, addr=ADDRS, lease_time=st.sampled_from([10.0, 600.0, DAY]))
@@ -472,6 +511,40 @@ class TableMachine(RuleBasedStateMachine):
         assert fresh.leases(self.now) == before
         self.table = fresh
 
+    @rule(
+        pairs=st.lists(
+            st.tuples(MACS, ADDRS), max_size=3, unique_by=(lambda p: p[0], lambda p: p[1])
+        )
+    )
+    def reserve(self, pairs: list[tuple[str, IPv4Address]]) -> None:
+        self.reservations = dict(pairs)
+        self.table.set_reservations(self.reservations)
+        # Whoever holds a newly reserved address keeps it until it is free.
+        self.held_before_reserved = {
+            addr: holder
+            for addr in self.reservations.values()
+            if (holder := self.table.holder(addr, self.now)) is not None
+        }
+
+    @rule(in_use=st.dictionaries(st.sampled_from(POOL), st.sampled_from(["", mac(1), mac(2)])))
+    def reload_after_lost_leases(self, in_use: dict[IPv4Address, str]) -> None:
+        # The lease records are gone; the kernel's routes name the addresses in use.
+        snap = self.table.snapshot()
+        fresh = LeaseTable(POOL, reservations=self.reservations)
+        fresh.load([], snap.history, snap.quarantine, self.now, in_use=in_use, recovery_hold=600)
+        self.table = fresh
+
+    @rule(answered=st.sets(st.sampled_from(POOL)), m=MACS)
+    def probe(self, answered: set[IPv4Address], m: str) -> None:
+        self.table.expire(self.now)
+        asked = self.table.unprobed()
+        self.table.probed(asked, dict.fromkeys(asked & answered, m), self.now, 600.0)
+        assert not self.table.unprobed()
+
+    @rule(addr=st.sampled_from(POOL), m=MACS)
+    def identify(self, addr: IPv4Address, m: str) -> None:
+        self.table.identify({addr: m})
+
     @invariant()
     def one_holder_per_address_and_all_in_pool(self) -> None:
         t, now = self.table, self.now
@@ -487,7 +560,8 @@ class TableMachine(RuleBasedStateMachine):
             assert addr in POOL
             assert not t.is_quarantined(addr, now)
             owner = t._reserved_for.get(addr)
-            assert owner in (None, *macs), f"{addr} reserved for {owner} held by {macs}"
+            if {self.held_before_reserved.get(addr)} != macs:
+                assert owner in (None, *macs), f"{addr} reserved for {owner} held by {macs}"
 
     @invariant()
     def indexes_agree(self) -> None:
@@ -496,12 +570,21 @@ class TableMachine(RuleBasedStateMachine):
         assert {o.ip: o for o in t._offers.values()} == t._offer_at
         for m, addr in t._last_ip.items():
             assert t._history[addr].mac == m
-        # Every pool address is exactly one of: never bound, bound before and idle, leased.
-        fresh, idle = list(map(IPv4Address, t._fresh)), list(map(IPv4Address, t._idle))
-        parts = [set(fresh), set(idle), set(t._lease_at)]
-        assert len(fresh) + len(idle) + len(t._lease_at) == len(POOL)  # none queued twice
-        assert set().union(*parts) == set(POOL)
-        assert not set(fresh) & set(t._history)
+        by_mac = {m: addrs for m, addrs in t._recovered_of.items() if addrs}
+        assert by_mac == {
+            m: {a for a, r in t._recovered.items() if r.mac == m}
+            for m in {r.mac for r in t._recovered.values() if r.mac}
+        }
+        # The reuse order holds every pool address nothing holds, once, and no other:
+        # allocation takes its first address without looking at any held one.
+        order = list(map(IPv4Address, t._order))
+        assert len(order) == len(set(order))
+        # An ended lease or offer holds its address until the next change sweeps it.
+        held = {a for a in POOL if a in t._lease_at or a in t._offer_at or t._kept(a)}
+        assert set(order) == set(POOL) - held
+        # Never-bound addresses first, then those bound before.
+        used = [a in t._history for a in order]
+        assert used == sorted(used)
         # The free count, taken from the indexes, is the pool's addresses free one by one.
         assert t.stats(self.now).free == sum(t._free_for_new(a, self.now) for a in POOL)
 

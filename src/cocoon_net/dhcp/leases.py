@@ -21,8 +21,9 @@ Allocation order for a MAC (`offer`): its reservation; its active lease; its une
 its last address if free; the address it asks for (option 50) if free and nobody else's; then
 the free address unused for the longest time: never-used ones first in ascending order, then
 by when they were last released, so a just-freed address is the last one handed to a new VM
-(an address offered and not taken, or stepped over while it was held, goes to the back of its
-group: each DISCOVER then costs O(1) amortized, whatever number of addresses is held).
+(an address offered and not taken, or free again after a reservation, quarantine or recovered
+hold, goes to the back of its group). Held addresses are kept out of that order, so a DISCOVER
+takes its first address in O(1), whatever number of addresses is held.
 """
 
 from __future__ import annotations
@@ -30,10 +31,11 @@ from __future__ import annotations
 import enum
 import math
 from array import array
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from ipaddress import IPv4Address
-from typing import ClassVar, TypeVar
+from itertools import chain
+from typing import ClassVar
 
 from cocoon_net.dhcp.model import Lease
 
@@ -192,8 +194,6 @@ class PoolStats:
 
 # ---------------------------------------------------------------------------- pool layout
 
-_T = TypeVar("_T")
-
 
 class _Span:
     """A set of addresses (as ints) within [base, base + size): one byte each, 64 KB for a
@@ -213,87 +213,87 @@ class _Span:
         self.flags[value - self.base] = present
 
 
-class _Queue:
-    """Pool addresses in allocation order, each removed or moved to the back in O(1).
+class _ReuseOrder:
+    """The addresses free for a new client, in the order they are handed out: the
+    never-bound ones, then those bound before. Taking any address out, putting one at the
+    back of its group and finding the first are each O(1), however many are held.
 
-    The order it was built in is kept as a run of ints read from a cursor, with a flag per
-    address of the pool's span saying which of them are still queued there; an address moved
-    to the back leaves the run for good and joins the tail, a dict kept in the order of the
-    moves. A dict keeps a hole for each key taken from it until it is copied, and finding its
-    first key steps over them all: compact() copies the tail afresh.
+    Each group keeps the order it was built in as a run of ints read from a cursor, with a
+    byte per position saying whether that address is still queued there: the first one is
+    found by bytearray.find (C, not a Python loop over the addresses taken out before it), and
+    an address is found in its run by a slot per address of the pool's span. An address put
+    at the back leaves the run for good and joins its group's tail, a dict kept in the order
+    of the moves. A dict keeps a hole for each key taken from it until it is copied, and
+    finding its first key steps over them all: compact() copies the tails afresh.
     """
 
-    __slots__ = ("_pos", "_queued", "_run", "_tail")
+    __slots__ = ("_base", "_cursor", "_end", "_live", "_run", "_slot", "_tails", "holes")
 
-    def __init__(self, run: Iterable[int], span: _Span) -> None:
-        self._run = array("I", run)
-        self._pos = 0  # every queued address of the run is at this index or after it
-        self._queued = _Span(span.base, len(span.flags))
-        for value in self._run:
-            self._queued.put(value, True)
-        self._tail: dict[int, None] = {}
+    def __init__(self, fresh: Iterable[int], used: Iterable[int], span: _Span) -> None:
+        self._run = array("I", fresh)
+        split = len(self._run)
+        self._run.extend(used)
+        self._live = bytearray(b"\x01") * len(self._run)
+        # Where each group's run ends and where its cursor stands: every queued address of
+        # a run is at its cursor or after it.
+        self._end = (split, len(self._run))
+        self._cursor = [0, split]
+        self._base = span.base
+        self._slot = array("I", bytes(4 * len(span.flags)))  # run position + 1; 0: not there
+        base, slot = self._base, self._slot
+        for position, value in enumerate(self._run, 1):
+            slot[value - base] = position
+        self._tails: tuple[dict[int, None], dict[int, None]] = ({}, {})
+        self.holes = 0  # keys taken from the tails since they were copied
 
     def __iter__(self) -> Iterator[int]:
-        run, queued = self._run, self._queued
-        yield from (run[i] for i in range(self._pos, len(run)) if queued.has(run[i]))
-        yield from self._tail
+        for group in (0, 1):
+            start, end = self._cursor[group], self._end[group]
+            yield from (self._run[i] for i in range(start, end) if self._live[i])
+            yield from self._tails[group]
 
-    def discard(self, value: int) -> bool:
-        """Take `value` out of the queue; whether it was in it."""
-        if self._queued.has(value):
-            self._queued.put(value, False)
-            return True
-        return self._tail.pop(value, 0) is None
+    def first(self) -> int | None:
+        for group in (0, 1):
+            position = self._live.find(1, self._cursor[group], self._end[group])
+            if position >= 0:
+                self._cursor[group] = position
+                return self._run[position]
+            self._cursor[group] = self._end[group]
+            for value in self._tails[group]:
+                return value
+        return None
 
-    def to_back(self, value: int) -> None:
-        """Move `value` to the back, if it is queued."""
-        if self.discard(value):
-            self._tail[value] = None
+    def discard(self, value: int) -> None:
+        """Take `value` out of the order, if it is in it."""
+        i = value - self._base
+        position = self._slot[i] if 0 <= i < len(self._slot) else 0
+        if position:
+            self._slot[i] = 0
+            self._live[position - 1] = 0
+            return
+        for tail in self._tails:
+            if tail.pop(value, 0) is None:
+                self.holes += 1
+                return
 
-    def push(self, value: int) -> None:
-        """Put `value` at the back, whether it was queued or not."""
+    def push(self, value: int, used: bool) -> None:
+        """Put `value` at the back of its group (bound before or not), wherever it was."""
         self.discard(value)
-        self._tail[value] = None
-
-    def first(self, take: Callable[[int], _T | None]) -> tuple[_T | None, int]:
-        """What `take` makes of the first address it does not refuse (None), and how many
-        were refused on the way: those go to the back, in the order they were met, so that
-        the next call does not meet them first."""
-        run, queued = self._run, self._queued
-        skipped: list[int] = []
-        found = None
-        pos = self._pos
-        while pos < len(run):
-            value = run[pos]
-            if queued.has(value):
-                found = take(value)
-                if found is not None:
-                    break
-                skipped.append(value)
-            pos += 1
-        self._pos = pos
-        if found is None:
-            for value in self._tail:
-                found = take(value)
-                if found is not None:
-                    break
-                skipped.append(value)
-        for value in skipped:
-            self.to_back(value)
-        return found, len(skipped)
+        self._tails[used][value] = None
 
     def compact(self) -> None:
-        self._tail = dict(self._tail)
+        self._tails = (dict(self._tails[0]), dict(self._tails[1]))
+        self.holes = 0
 
 
 # ---------------------------------------------------------------------------- the table
 
 
 class LeaseTable:
-    # Addresses moved in the reuse order (offered, or stepped over) before its tails are
-    # copied afresh (_Queue.compact). A dict keeps a hole for each key taken from it, and
-    # finding its first key steps over all of them: ~20 us per DISCOVER after 20,000 grants
-    # on a /16. Copying 65,000 entries every 4,096 takes ~0.5 us per DISCOVER.
+    # Addresses taken from the tails of the reuse order before they are copied afresh
+    # (_ReuseOrder.compact). A dict keeps a hole for each key taken from it, and finding its
+    # first key steps over all of them: ~20 us per DISCOVER after 20,000 grants on a /16.
+    # Copying 65,000 entries every 4,096 takes ~0.5 us per DISCOVER.
     compact_after = 4096
 
     def __init__(
@@ -324,11 +324,15 @@ class LeaseTable:
         # showed that nobody uses the address (probed()).
         self._unprobed: set[IPv4Address] = set()
         # Step 6 of the allocation order, kept ready so a DISCOVER does not scan the pool:
-        # never-bound addresses in ascending order, then unleased ones oldest-ended first.
-        self._fresh = _Queue((), self._in_pool)
-        self._idle = _Queue((), self._in_pool)
-        self._holes = 0  # moved in _fresh or _idle since their tails were copied
-        # The earliest time anything above can expire: expire() is free before it.
+        # the addresses nothing holds (_holds), never-bound ones first in ascending order,
+        # then the others oldest-ended first. Every change of what holds an address puts it
+        # in or out (_requeue), so the first address of the order is the one to offer.
+        self._order = _ReuseOrder((), (), self._in_pool)
+        # The earliest time a lease, quarantine or recovered hold can end: expire() sweeps
+        # them all, and walks every one of them, only from then on. Offers are left out:
+        # one lapses every few DISCOVERs when clients do not REQUEST, and _offers is in the
+        # order they lapse in (each offer goes in last, with the same hold), so expire()
+        # ends them from its front.
         self._next_deadline = math.inf
         self._set_pool(pool)
         self._rebuild_order()
@@ -444,12 +448,17 @@ class LeaseTable:
         """After the ARP probe of `asked`: an address some VM answered for is held again for
         that MAC (Hold), for `hold` seconds; the others are free for new VMs."""
         changes: list[Change] = []
-        for ip in asked:
-            self._unprobed.discard(ip)
-            mac = answers.get(ip)
-            if mac is not None and self._has(ip) and self.holder(ip, now) is None:
-                self._set_recovered(ip, _Recovered(mac, now + hold))
+        asked = set(asked)
+        # Those still unprobed, and those held again: what holds them changed. By set
+        # operations, on the hashes the sets keep (see _requeue).
+        changed = asked & self._unprobed
+        self._unprobed -= asked
+        for ip in sorted(asked.intersection(answers), key=int):
+            if self._has(ip) and self.holder(ip, now) is None:
+                self._set_recovered(ip, _Recovered(answers[ip], now + hold))
                 changes.append(Hold(ip, now + hold))
+                changed.add(ip)
+        self._requeue(changed)
         self._reset_deadline()
         return changes
 
@@ -498,14 +507,17 @@ class LeaseTable:
 
     def _free_for_new(self, ip: IPv4Address, now: float) -> bool:
         """Free to hand to a MAC that has no claim on it (step 6 of the allocation order)."""
+        return self.holder(ip, now) is None and not self._kept(ip)
+
+    def _kept(self, ip: IPv4Address) -> bool:
+        """Kept from new clients whether or not they ask: reserved, quarantined, recovered, or
+        waiting for its probe. Ended but not yet swept counts as kept: expire() passes it on
+        to the probe."""
         return (
-            self.holder(ip, now) is None
-            and not self.is_quarantined(ip, now)
-            and ip not in self._reserved_for
-            # Ended but not yet swept counts as held: expire() passes it on to the probe.
-            and ip not in self._recovered
-            and ip not in self._quarantine
-            and ip not in self._unprobed
+            ip in self._reserved_for
+            or ip in self._recovered
+            or ip in self._quarantine
+            or ip in self._unprobed
         )
 
     def _choose(self, mac: str, now: float, requested: IPv4Address | None) -> IPv4Address | None:
@@ -514,24 +526,13 @@ class LeaseTable:
             return own
         if requested is not None and self.standing(mac, requested, now) is Standing.UNKNOWN:
             return requested
-        return self._first_free(now)
+        return self._first_free()
 
-    def _first_free(self, now: float) -> IPv4Address | None:
-        """The first free address in the reuse order. Those stepped over on the way are held
-        (offered, quarantined, reserved, recovered) and go to the back of their queue: each
-        is stepped over once, not by every DISCOVER, so allocation costs O(1) amortized
-        however many addresses are held."""
-
-        def free(value: int) -> IPv4Address | None:
-            ip = IPv4Address(value)
-            return ip if self._free_for_new(ip, now) else None
-
-        for queue in (self._fresh, self._idle):
-            found, skipped = queue.first(free)
-            self._holes += skipped
-            if found is not None:
-                return found
-        return None
+    def _first_free(self) -> IPv4Address | None:
+        """The first free address in the reuse order: the order holds only free ones, so
+        this costs the same however many addresses are held."""
+        value = self._order.first()
+        return None if value is None else IPv4Address(value)
 
     # ------------------------------------------------------------------ mutations
 
@@ -543,22 +544,15 @@ class LeaseTable:
         ip = self._choose(mac, now, requested)
         if ip is None:
             return None, changes
-        self._drop_offer(mac)
-        # An offered address goes to the back of its queue, so the next DISCOVER finds a
-        # free one at the front instead of stepping over every offer still outstanding (a
-        # burst of clients that never REQUEST would otherwise make each DISCOVER O(offers)).
-        value = int(ip)
-        self._fresh.to_back(value)
-        self._idle.to_back(value)
-        self._holes += 1
-        if self._holes > self.compact_after:
-            self._fresh.compact()
-            self._idle.compact()
-            self._holes = 0
         offer = Offer(mac, ip, now + self.offer_hold)
-        self._offers[mac] = offer
+        # Held before the MAC's earlier offer is dropped: when that was for the same address,
+        # the address does not go back to the order only to be taken out again.
         self._offer_at[ip] = offer
-        self._next_deadline = min(self._next_deadline, offer.until)
+        self._drop_offer(mac)
+        self._offers[mac] = offer
+        self._order.discard(int(ip))
+        if self._order.holes > self.compact_after:
+            self._order.compact()
         return ip, changes
 
     def grant(
@@ -594,16 +588,12 @@ class LeaseTable:
             if old is not None:
                 changes.append(Revoke(self._end_lease(old, now), "moved"))
             changes.append(Grant(lease))
-        self._drop_offer(mac)
-        recovered = self._recovered.pop(ip, None)
-        if recovered is not None:
-            self._recovered_of.get(recovered.mac, set()).discard(ip)
         self._leases[mac] = lease
-        self._lease_at[ip] = lease
+        self._lease_at[ip] = lease  # before the offer is dropped: see offer()
+        self._drop_offer(mac)
+        self._unrecover(ip)
         self._remember(lease)
-        value = int(ip)
-        self._fresh.discard(value)
-        self._idle.discard(value)
+        self._order.discard(int(ip))
         self._next_deadline = min(self._next_deadline, lease.expires)
         return changes
 
@@ -634,14 +624,15 @@ class LeaseTable:
             self._drop_offer(mac)
         # The address is nobody's to come back to; it goes last in the reuse order.
         self._remember(Lease("", ip, now))
-        self._idle_last(ip)
         already = any(q.mac == mac and q.until > now for q in self._quarantine.values())
         if already:
+            self._requeue({ip})
             if ended is not None:
                 changes.append(Release(ended))
             return changes
         until = now + hold
         self._quarantine[ip] = _Quarantined(until, mac)
+        self._requeue({ip})
         self._next_deadline = min(self._next_deadline, until)
         changes.append(Quarantine(ip, until, ended))
         return changes
@@ -658,6 +649,11 @@ class LeaseTable:
     def expire(self, now: float) -> list[Change]:
         """End what ran out by `now`: leases (returned), offers, quarantines, recovered marks."""
         if now < self._next_deadline:
+            while self._offers:
+                offer = next(iter(self._offers.values()))
+                if offer.until > now:
+                    break
+                self._drop_offer(offer.mac)
             return []
         changes: list[Change] = []
         ended = sorted((le for le in self._leases.values() if le.expires <= now), key=_end_key)
@@ -667,12 +663,13 @@ class LeaseTable:
         for offer in [o for o in self._offers.values() if o.until <= now]:
             self._drop_offer(offer.mac)
         self._unprobed.update(ip for ip, q in self._quarantine.items() if q.until <= now)
-        self._unprobed.update(
-            ip for ip, r in self._recovered.items() if r.until <= now and ip not in self._lease_at
-        )
         self._quarantine = {ip: q for ip, q in self._quarantine.items() if q.until > now}
-        self._recovered = {ip: r for ip, r in self._recovered.items() if r.until > now}
-        self._index_recovered()
+        # Only the holds that ended are taken out: rebuilding the dict and its per-MAC index
+        # hashes every key again (Python code), 15 ms with 20,000 held, at every lease end.
+        for ip in [ip for ip, r in self._recovered.items() if r.until <= now]:
+            self._unrecover(ip)
+            if ip not in self._lease_at:
+                self._unprobed.add(ip)
         self._reset_deadline()
         return changes
 
@@ -696,8 +693,10 @@ class LeaseTable:
 
     def set_reservations(self, reservations: Mapping[str, IPv4Address]) -> None:
         """Replace the reservations; one that is leased to another MAC waits until it is free."""
+        before = self._reserved_for.keys()
         self._reserved = dict(reservations)
         self._reserved_for = {ip: mac for mac, ip in reservations.items()}
+        self._requeue(before ^ self._reserved_for.keys())
 
     def load(
         self,
@@ -791,19 +790,62 @@ class LeaseTable:
         return self._in_pool.has(int(ip))
 
     def _rebuild_order(self) -> None:
-        used = {int(ip) for ip in self._history}
-        self._fresh = _Queue((v for v in self._pool if v not in used), self._in_pool)
-        idle = [le for ip, le in self._history.items() if ip not in self._lease_at]
-        self._idle = _Queue((int(le.ip) for le in sorted(idle, key=_end_key)), self._in_pool)
+        # Marks per address of the span, from ints: hashing 60,000 IPv4Address keys runs
+        # Python code for each. 1: held (_holds), 2: free and bound before.
+        span = self._in_pool
+        marks = bytearray(len(span.flags))
+        for ip in chain(*self._holds()):
+            if span.has(int(ip)):
+                marks[int(ip) - span.base] = 1
+        idle = [le for le in self._history.values() if not marks[int(le.ip) - span.base]]
+        for lease in idle:
+            marks[int(lease.ip) - span.base] = 2
+        self._order = _ReuseOrder(
+            (v for v in self._pool if not marks[v - span.base]),
+            (int(le.ip) for le in sorted(idle, key=_end_key)),
+            span,
+        )
+
+    def _requeue(self, ips: set[IPv4Address]) -> None:
+        """What holds `ips` changed: each one free now goes to the back of its group (a
+        lapsed offer, a dropped reservation, a probed hold: the last to go to a new client),
+        in ascending order; each one held leaves the order.
+
+        By set operations, which use the hashes the sets and dicts keep: hashing an
+        IPv4Address runs Python code, and a hold can end for 20,000 addresses at once."""
+        free = ips
+        for holds in self._holds():
+            free = free.difference(holds)
+        fresh = free.difference(self._history)
+        for group, used in ((fresh, False), (free - fresh, True)):
+            for value in sorted(map(int, group)):
+                if self._in_pool.has(value):
+                    self._order.push(value, used)
+                else:
+                    self._order.discard(value)
+        for value in map(int, ips - free):
+            self._order.discard(value)
+
+    def _holds(self) -> tuple[Iterable[IPv4Address], ...]:
+        """What keeps an address out of the reuse order. A lease or offer counts until
+        expire() sweeps it, as every mutation does first."""
+        return (
+            self._lease_at, self._offer_at, self._reserved_for, self._recovered,
+            self._quarantine, self._unprobed,
+        )  # fmt: skip
 
     def _set_recovered(self, ip: IPv4Address, held: _Recovered) -> None:
         """Hold ip for held.mac, keeping the per-MAC index in step."""
-        old = self._recovered.get(ip)
-        if old is not None and old.mac:
-            self._recovered_of.get(old.mac, set()).discard(ip)
+        self._unrecover(ip)
         self._recovered[ip] = held
         if held.mac:
             self._recovered_of.setdefault(held.mac, set()).add(ip)
+
+    def _unrecover(self, ip: IPv4Address) -> None:
+        """End the recovered hold on ip, if any, keeping the per-MAC index in step."""
+        held = self._recovered.pop(ip, None)
+        if held is not None and held.mac:
+            self._recovered_of.get(held.mac, set()).discard(ip)
 
     def _index_recovered(self) -> None:
         self._recovered_of = {}
@@ -811,15 +853,9 @@ class LeaseTable:
             if rec.mac:
                 self._recovered_of.setdefault(rec.mac, set()).add(ip)
 
-    def _idle_last(self, ip: IPv4Address) -> None:
-        """`ip` just became free after use: the last to go to a new client."""
-        self._fresh.discard(int(ip))
-        self._idle.push(int(ip))
-
     def _reset_deadline(self) -> None:
         self._next_deadline = min(
             [le.expires for le in self._leases.values()]
-            + [o.until for o in self._offers.values()]
             + [q.until for q in self._quarantine.values()]
             + [r.until for r in self._recovered.values()],
             default=math.inf,
@@ -832,13 +868,16 @@ class LeaseTable:
         if self._lease_at.get(lease.ip) is lease:
             del self._lease_at[lease.ip]
         self._remember(ended)
-        self._idle_last(lease.ip)
+        self._requeue({lease.ip})
         return ended
 
     def _drop_offer(self, mac: str) -> None:
         offer = self._offers.pop(mac, None)
         if offer is not None and self._offer_at.get(offer.ip) is offer:
             del self._offer_at[offer.ip]
+            # Taken by a REQUEST (grant() leases it first), it stays out of the order.
+            if offer.ip not in self._lease_at:
+                self._requeue({offer.ip})
 
     def _remember(self, lease: Lease) -> None:
         """Make `lease` the last binding of its address (and its MAC's last address)."""
