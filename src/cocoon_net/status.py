@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any
 
 from cocoon_net import config, control, state
 from cocoon_net.errors import CocoonError, StateError
-from cocoon_net.node import egress
 
 if TYPE_CHECKING:
     from cocoon_net.dhcp.model import Lease
+    from cocoon_net.node import egress
 
 log = logging.getLogger("cocoon_net.status")
 
@@ -113,16 +113,19 @@ def _lease_lines(live: dict[str, Any]) -> list[str]:
 
 def _egress(pool: state.PoolState, live: dict[str, Any]) -> egress.Report | str:
     """Each secondary ENI's egress against the live leases, or why it cannot be read."""
+    # Most nodes have no secondary ENI: they do not pay for importing netlink code.
+    from cocoon_net.node import egress
+
     try:
         return egress.report(pool, (IPv4Address(row["ip"]) for row in live["leases"]))
     except CocoonError as exc:
         return str(exc)
 
 
-def _egress_lines(report: egress.Report | str) -> list[str]:
+def _egress_lines(report: egress.Report | str | None) -> list[str]:
     if isinstance(report, str):
         return [f"{'Egress:':12}unavailable ({report})"]
-    if not report.enis:
+    if report is None or not report.enis:
         return [f"{'Egress:':12}main table (no secondary ENI)"]
     wanted = sum(r.rules_wanted for r in report.enis) + 1  # and the VM subnet's
     present = sum(r.rules_present for r in report.enis) + 1 - len(report.missing)
@@ -131,7 +134,7 @@ def _egress_lines(report: egress.Report | str) -> list[str]:
     for r in report.enis:
         hop = f"gateway {r.gateway} at {r.gateway_mac}" if r.gateway_mac else "next hop MISSING"
         table = f"table {r.table}" + ("" if r.table_ok else " MISSING")
-        line = f"  {r.ifname:10}{table}, via {egress.NEXTHOP} ({hop}), "
+        line = f"  {r.ifname:10}{table}, via {r.next_hop} ({hop}), "
         line += f"rules {r.rules_present} of {r.rules_wanted}"
         lines.append(line)
         lines += [f"    missing rule: {rule.spec()}" for rule in r.missing]
@@ -156,7 +159,7 @@ def show_status(paths: config.Paths, *, as_json: bool, ask_cloud: bool) -> list[
     pool = state.load(paths.pool_file)
     rows = _pool_rows(pool)
     live = _live(paths, pool)
-    report = _egress(pool, live)
+    report = _egress(pool, live) if pool.cloud.get("enis") else None
     cloud_rows: list[tuple[str, str]] = []
     cloud_error = ""
     if ask_cloud and pool.platform not in ("", "static"):
@@ -178,7 +181,7 @@ def show_status(paths: config.Paths, *, as_json: bool, ask_cloud: bool) -> list[
         if isinstance(report, str):
             doc["egressError"] = report
         else:
-            doc["egress"] = report.to_json()
+            doc["egress"] = {"enis": [], "missingRules": []} if report is None else report.to_json()
         if cloud_error:
             doc["cloudError"] = cloud_error
         return [json.dumps(doc, indent=2)]

@@ -317,12 +317,16 @@ class EniReport:
     rules_present: int
     missing: tuple[Rule, ...]
 
+    @property
+    def next_hop(self) -> IPv4Address:
+        return NEXTHOP
+
     def to_json(self) -> dict[str, Any]:
         return {
             "ifname": self.ifname,
             "table": self.table,
             "gateway": str(self.gateway),
-            "nextHop": str(NEXTHOP),
+            "nextHop": str(self.next_hop),
             "gatewayMAC": self.gateway_mac,
             "tableOK": self.table_ok,
             "rulesWanted": self.rules_wanted,
