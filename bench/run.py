@@ -295,7 +295,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, spied_server in spied.items():
         files = [f for f in spied_server.spy_files if f.exists()]
         listed = ", ".join(map(str, files)) or "no samples written"
-        lines += ["", f"{name} py-spy (ladder): {listed}", *spy.report_files(files)]
+        stacks = spy.read_files(files)
+        lines += ["", f"{name} py-spy (ladder): {listed}", *spy.report(stacks)]
+        lines += spy.cpu_lines(spied_server.thread_cpu, stacks)
     lines += [
         "",
         f"load average at start {' '.join(machine_at_start['loadavg'])}, "

@@ -317,6 +317,8 @@ class CocoonNet(ServerUnderTest):
         # py-spy's raw samples of every thread, one file per start: `<spy_to>.<n>.txt`.
         self.spy_to: Path | None = None
         self.spy_files: list[Path] = []
+        # CPU seconds (user, system) of each thread id, read from /proc just before each stop.
+        self.thread_cpu: dict[int, tuple[float, float]] = {}
         self._spy: subprocess.Popen[bytes] | None = None
 
     @property
@@ -403,6 +405,9 @@ class CocoonNet(ServerUnderTest):
         self.lease_file.write_bytes(encode_snapshot(leases))
 
     def stop(self) -> None:
+        if self._spy is not None:
+            with contextlib.suppress(ServerFailed):
+                self.thread_cpu.update(spy.thread_cpu(self.pid))
         try:
             super().stop()
         finally:

@@ -10,6 +10,7 @@ profiled run's figures are not the bench's figures.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import sys
@@ -19,6 +20,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 RATE_HZ = 100
+# Native frames a thread waits in. py-spy's idle filter does not see a wait below a native
+# frame (a lock, the event loop's epoll), so those samples are told apart here: the rest is
+# what the daemon spent CPU on.
+WAITS = frozenset(
+    {
+        "epoll_wait",
+        "PyThread_acquire_lock_timed",
+        "pthread_cond_wait",
+        "pthread_cond_timedwait",
+        "sem_wait",
+        "sem_timedwait",
+        "__futex_abstimed_wait_common",
+        "poll",
+        "select",
+    }
+)
 _ADDRESS = re.compile(r"^0x[0-9a-f]+ \((?P<lib>[^)]*)\)$")
 _LINE = re.compile(r":\d+\)$")
 
@@ -26,8 +43,13 @@ _LINE = re.compile(r":\d+\)$")
 @dataclass(frozen=True)
 class Stack:
     thread: str
+    tid: int
     frames: tuple[str, ...]  # outermost first
     samples: int
+
+    @property
+    def waiting(self) -> bool:
+        return any(f.partition(" (")[0] in WAITS for f in self.frames[-3:])
 
 
 def binary() -> str | None:
@@ -55,12 +77,16 @@ def parse(lines: Iterable[str]) -> list[Stack]:
             continue
         thread, _, rest = head.partition(": ")
         name, *frames = rest.split(";")
-        out.append(Stack(name or thread, tuple(map(frame_name, frames)), int(count)))
+        tid = int(thread.partition("(")[2].rstrip(")") or "0", 0)
+        out.append(Stack(name or thread, tid, tuple(map(frame_name, frames)), int(count)))
     return out
 
 
 def report(stacks: list[Stack], top: int = 15) -> list[str]:
-    """Shares by thread, by the function running (own), and by function on the stack."""
+    """Shares of the samples not waiting, by thread, by the function running (own), and by
+    function on the stack."""
+    waited = sum(s.samples for s in stacks if s.waiting)
+    stacks = [s for s in stacks if not s.waiting]
     total = sum(s.samples for s in stacks)
     if total == 0:
         return ["no samples"]
@@ -77,7 +103,10 @@ def report(stacks: list[Stack], top: int = 15) -> list[str]:
     def pct(n: int) -> str:
         return f"{100 * n / total:5.1f} %"
 
-    lines = [f"{total} samples at {RATE_HZ} Hz while running; by thread:"]
+    lines = [
+        f"{total} samples at {RATE_HZ} Hz on CPU ({waited} more waiting in epoll or a lock, "
+        "left out); by thread:"
+    ]
     lines += [f"  {pct(n)}  {name}" for name, n in threads.most_common()]
     lines.append(f"running (own), top {top}:")
     lines += [f"  {pct(n)}  {name}" for name, n in own.most_common(top)]
@@ -87,8 +116,40 @@ def report(stacks: list[Stack], top: int = 15) -> list[str]:
     return lines
 
 
-def report_files(paths: Iterable[Path], top: int = 15) -> list[str]:
+def thread_cpu(pid: int) -> dict[int, tuple[float, float]]:
+    """User and system CPU seconds of each of `pid`'s threads, by thread id, from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[int, tuple[float, float]] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:
+            continue  # the thread ended meanwhile
+        fields = stat[stat.rindex(")") + 2 :].split()
+        out[int(task.name)] = (int(fields[11]) / tick, int(fields[12]) / tick)
+    return out
+
+
+def cpu_lines(cpu: dict[int, tuple[float, float]], stacks: list[Stack]) -> list[str]:
+    """The samples count a thread blocked in a syscall (fdatasync waiting for the disk) as
+    running: its CPU time says how much of that was CPU. Threads by their Python names as
+    the samples give them."""
+    if not cpu:
+        return []
+    names = {s.tid: s.thread for s in stacks}
+    by_name: dict[str, tuple[float, float]] = {}
+    for tid, (user, system) in cpu.items():
+        name = names.get(tid, f"thread {tid}")
+        was = by_name.get(name, (0.0, 0.0))
+        by_name[name] = (was[0] + user, was[1] + system)
+    lines = ["CPU time by thread (/proc, user + system, over the daemon's life):"]
+    for name, (user, system) in sorted(by_name.items(), key=lambda kv: -sum(kv[1])):
+        lines.append(f"  {user + system:8.2f} s  ({user:.2f} + {system:.2f})  {name}")
+    return lines
+
+
+def read_files(paths: Iterable[Path]) -> list[Stack]:
     stacks: list[Stack] = []
     for path in paths:
         stacks += parse(path.read_text(errors="replace").splitlines())
-    return report(stacks, top)
+    return stacks
