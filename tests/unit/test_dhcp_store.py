@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -630,15 +631,31 @@ def test_commits_are_not_held_up_while_a_snapshot_is_written(
         settled(s, compactions=2)
         snapshot = set(go_view(path))
         assert {lease(1).mac, lease(2).mac} <= snapshot <= {lease(n).mac for n in (1, 2, 3)}
-        held, _ = replay(LeaseState(), role_path(path, Role.JOURNAL).read_bytes())
+        journal = role_path(path, Role.JOURNAL).read_bytes()
+        held, _ = replay(LeaseState(), journal)
         assert set(held.leases) == {lease(n).mac for n in range(1, 9)} - snapshot
-        assert s.stats().journal_records == len(held.leases)
-        grant(s, 9)  # the writer appends to the new journal
+        stats = s.stats()
+        assert (stats.compactions, stats.journal_records) == (2, len(held.leases))
+        assert stats.journal_bytes == len(journal)
+        grant(s, 9)  # appended to the new journal, after what it kept
+        held, _ = replay(LeaseState(), role_path(path, Role.JOURNAL).read_bytes())
+        assert set(held.leases) == {lease(n).mac for n in range(1, 10)} - snapshot
+        # What the journal kept is as old as when it was written: once the lag has run out
+        # for it, the next commit starts the next snapshot.
+        written = hashlib.sha256(path.read_bytes()).hexdigest()
+        clock.now += 61
+        grant(s, 10)
+        settled(s, compactions=3)
+        assert set(go_view(path)) == {lease(n).mac for n in range(1, 11)}
+        # That snapshot's META names the one before as its predecessor (recognised as ours
+        # after a crash between the two writes).
+        meta = json.loads(role_path(path, Role.META).read_bytes())
+        assert meta["previous"] == written
     finally:
         release.set()
         s.close(compact=False)
     got = load(path)
-    assert ips(got) == {lease(n).mac: f"10.0.0.{n}" for n in range(1, 10)}
+    assert ips(got) == {lease(n).mac: f"10.0.0.{n}" for n in range(1, 11)}
     assert got.report.complete
 
 
