@@ -11,6 +11,7 @@ from cocoon_net.dhcp.leases import (
     Change,
     Expire,
     Grant,
+    Hold,
     Quarantine,
     Release,
     Renew,
@@ -51,6 +52,18 @@ def test_a_holders_decline_ends_its_lease_and_quarantines_the_address() -> None:
 def test_a_decline_of_an_offer_quarantines_with_no_lease_to_end() -> None:
     assert records([Quarantine(L1.ip, 5000.0, None)]) == [Record.quarantine(L1.ip, 5000.0, "")]
     assert records([Quarantine(L1.ip, 5000.0, None)])[0].op is Op.QUARANTINE
+
+
+def test_a_recovered_address_held_for_its_vm_keeps_its_deadline_on_disk() -> None:
+    ip = A("10.0.0.9")
+    out = records([Hold(ip, 7000.0)])
+    assert [r.op for r in out] == [Op.HOLD]
+    # Replayed after a restart, the address is held until the same deadline, not a later one.
+    state = LeaseState()
+    for record in out:
+        state.apply(record)
+    assert state.holds == {ip: 7000.0}
+    assert touched([Hold(ip, 7000.0)]) == {ip}
 
 
 def test_a_withdrawn_offer_writes_nothing_and_touches_no_route() -> None:

@@ -17,6 +17,7 @@ from cocoon_net.errors import (
     CloudTimeout,
 )
 from cocoon_net.platform.http import (
+    Backoff,
     HttpClient,
     Retry,
     RetryPolicy,
@@ -326,9 +327,52 @@ def test_a_retry_that_would_end_at_the_deadline_is_not_made(server: EmulatorServ
 def test_each_attempt_waits_no_longer_than_the_time_left(server: EmulatorServer) -> None:
     # A slow answer past the deadline is a timeout even though the per-call timeout is long.
     server.inject(Fault(delay=3.0))
-    http, _ = client(timeout=30.0, retry=RetryPolicy(attempts=1, deadline=0.5))
-    with pytest.raises(CloudTimeout):
+    # No time passes on this clock: the one attempt has the whole 0.5 s left, no more.
+    policy = RetryPolicy(attempts=1, deadline=0.5)
+    http, _ = client(timeout=30.0, clock=lambda: 100.0, retry=policy)
+    with pytest.raises(CloudTimeout, match=r"no answer within 0\.5 s$"):
         http.request("GET", server.url + "/x")
+
+
+def test_a_calls_own_policy_replaces_the_clients_attempts_and_deadline(
+    server: EmulatorServer,
+) -> None:
+    # The client allows 4 attempts within 30 s; a call that asks for less gets less.
+    server.inject(Fault(status=503, count=10, path="/x"))
+    http, sleeps = client()
+    with pytest.raises(CloudError, match="HTTP 503"):
+        http.request("GET", server.url + "/x", retry=RetryPolicy(attempts=2, deadline=30))
+    assert len(server.log) == 2 and len(sleeps) == 1
+
+    now = [0.0]
+
+    def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    server.inject(Fault(status=503, count=10, headers={"Retry-After": "1"}, path="/y"))
+    http, _ = client(sleep=sleep, clock=lambda: now[0])
+    own = RetryPolicy(attempts=10, deadline=2.5, base_delay=0.01)
+    with pytest.raises(CloudError, match="HTTP 503"):
+        http.request("GET", server.url + "/y", retry=own)
+    # Tries at 0 s, 1 s and 2 s; a fourth at 3 s would be past the call's 2.5 s.
+    assert [r.path for r in server.log].count("/y") == 3 and now[0] == 2.0
+
+
+def test_a_backoff_without_a_call_policy_keeps_to_its_own() -> None:
+    # The EC2 client's way: one policy for every call.
+    now = [100.0]
+    backoff = Backoff(
+        RetryPolicy(attempts=3, deadline=10.0, base_delay=0.5, max_delay=8.0),
+        clock=lambda: now[0],
+        rng=Highest(),
+    )
+    deadline = backoff.deadline()
+    assert deadline == 110.0
+    assert [backoff.delay(n, deadline) for n in (1, 2, 3)] == [0.5, 1.0, None]
+    assert backoff.delay(1, deadline, hint=5.0) == 5.0  # a server's Retry-After, if longer
+    now[0] = 109.5
+    assert backoff.delay(1, deadline) is None  # the wait would end at the deadline
+    assert backoff.delay(1, deadline + 0.25) == 0.5
 
 
 def _mirror(req: Request) -> Reply:

@@ -118,6 +118,15 @@ def test_a_jump_pushed_down_is_put_first_again_and_a_flushed_chain_refilled() ->
     assert [c.name for c in fw.fill] == ["COCOON-INPUT"]
 
 
+def test_a_go_rule_after_our_jump_goes_and_our_jump_stays_where_it_is() -> None:
+    go = "-A FORWARD -d 10.0.0.0/8 -i cni0 -m comment --comment cocoon-net-drop -j DROP\n"
+    jump = '-A FORWARD -m comment --comment "cocoon-net:jump" -j COCOON-FORWARD\n'
+    current = firewall.parse_save(SAVED.replace(jump, jump + go))
+    fw = firewall.plan(SPEC, current)
+    assert [r.text() for r in fw.delete] == [go[len("-A FORWARD ") : -1]]
+    assert fw.insert == () and fw.fill == ()
+
+
 def test_plan_on_empty_host_creates_chains_and_three_jumps() -> None:
     fw = firewall.plan(SPEC, Ruleset())
     assert [(r.table, r.chain, r.spec[-1]) for r in fw.insert] == [

@@ -28,6 +28,12 @@ def test_one_lease_change_is_one_element_change() -> None:
     assert guard.element_changes(current, {A: MAC_B}) == ([(A, MAC_A)], [(A, MAC_B)])
 
 
+def test_an_unchanged_address_in_a_batch_does_not_hold_up_the_others() -> None:
+    current = {A: MAC_A, C: MAC_A}
+    wanted = {A: MAC_A, B: MAC_B, C: None}  # one wake-up: A renewed, B granted, C released
+    assert guard.element_changes(current, wanted) == ([(C, MAC_A)], [(B, MAC_B)])
+
+
 def test_element_key_pads_the_mac_to_four_byte_words() -> None:
     key = guard.element_key(A, MAC_A)
     assert key == bytes.fromhex("02000000000a00000a000002")

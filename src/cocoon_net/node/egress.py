@@ -244,22 +244,33 @@ def sync_tables(
 # --- rules (netlink) -----------------------------------------------------------------------
 
 
+def plan_rules(want: frozenset[Rule], present: set[Rule]) -> tuple[list[Rule], list[Rule]]:
+    """Pure: the rules to add and to remove (each in a stable order) so ours equal want."""
+    return sorted(want - present, key=Rule.spec), sorted(present - want, key=Rule.spec)
+
+
+def rules_outcome(
+    add: Iterable[Rule], remove: Iterable[Rule], failed: Mapping[Rule, str]
+) -> tuple[list[str], list[str]]:
+    """Pure: what changed (removals first, as they were sent) and what failed, the failures
+    in one line however many VMs they concern."""
+    changes = [f"rule removed: {r.spec()}" for r in remove if r not in failed]
+    changes += [f"rule added: {r.spec()}" for r in add if r not in failed]
+    failures = [f"rule {r.spec()}: {why}" for r, why in sorted(failed.items(), key=str)]
+    if len(failures) > 1:
+        failures = [f"{failures[0]} (and {len(failures) - 1} more)"]
+    return changes, failures
+
+
 def sync_rules(
     sock: rtnl.RouteSocket, want: frozenset[Rule], present: set[Rule]
 ) -> tuple[list[str], list[str]]:
     """Make our rules equal want, in one netlink batch (removals first: a rule whose table
     moved is re-added with its new table). Returns what changed and what failed."""
-    add = sorted(want - present, key=Rule.spec)
-    remove = sorted(present - want, key=Rule.spec)
+    add, remove = plan_rules(want, present)
     if not add and not remove:
         return [], []
-    failed = sock.apply_rules(add, remove)
-    changes = [f"rule removed: {r.spec()}" for r in remove if r not in failed]
-    changes += [f"rule added: {r.spec()}" for r in add if r not in failed]
-    failures = [f"rule {r.spec()}: {why}" for r, why in sorted(failed.items(), key=str)]
-    if len(failures) > 1:  # one line in the log, not one per VM
-        failures = [f"{failures[0]} (and {len(failures) - 1} more)"]
-    return changes, failures
+    return rules_outcome(add, remove, sock.apply_rules(add, remove))
 
 
 class Reconciler:
