@@ -88,6 +88,37 @@ def test_firewall_flushed_or_its_jump_deleted_comes_back(tmp_path: Path) -> None
         assert not daemon.errors()
 
 
+def forward_chain(sandbox: Sandbox) -> list[str]:
+    text = proc.run(["ip", "netns", "exec", sandbox.node, "iptables", "-S", "FORWARD"]).stdout
+    return [line for line in text.splitlines() if line.startswith("-A FORWARD")]
+
+
+def test_a_rule_inserted_above_our_jump_is_passed_and_kept(tmp_path: Path) -> None:
+    """Another program's DROP put first in FORWARD cuts the VMs off: our jump goes first
+    again, and the other program's rule stays where we found it, below ours."""
+    with node_with_daemon(1, tmp_path) as (sandbox, daemon):
+        vm = sandbox.vms[0]
+        ip = Udhcpc(sandbox, vm).start()
+        assert sandbox.source_seen_by_peer(vm.netns) == ip
+        before = daemon.metric(REPAIRS, what="firewall")
+        lines = len(repair_lines(daemon))
+        theirs = ["-i", "cni0", "-m", "comment", "--comment", "someone else", "-j", "DROP"]
+        node(sandbox, ["iptables", "-I", "FORWARD", "1", *theirs])
+        assert "someone else" in forward_chain(sandbox)[0]
+        repaired_within(
+            daemon,
+            "firewall",
+            before,
+            FIREWALL_BOUND,
+            lambda: "COCOON-FORWARD" in forward_chain(sandbox)[0],
+        )
+        assert "someone else" in forward_chain(sandbox)[1]
+        assert sandbox.source_seen_by_peer(vm.netns) == ip
+        new = repair_lines(daemon)[lines:]
+        assert len(new) == 1 and "put our jump first again in FORWARD" in new[0], new
+        assert not daemon.errors()
+
+
 def bridge(sandbox: Sandbox) -> dict[str, object]:
     link = proc.run_json(["ip", "-n", sandbox.node, "-json", "addr", "show", "dev", "cni0"])[0]
     return {

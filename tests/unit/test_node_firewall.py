@@ -108,14 +108,24 @@ def test_plan_against_its_own_result_changes_nothing() -> None:
 
 
 def test_a_jump_pushed_down_is_put_first_again_and_a_flushed_chain_refilled() -> None:
-    current = firewall.parse_save(SAVED)
+    # Someone inserted a rule of their own above our FORWARD jump and flushed COCOON-INPUT.
+    jump = '-A FORWARD -m comment --comment "cocoon-net:jump" -j COCOON-FORWARD\n'
+    dhcp = next(line for line in SAVED.splitlines(True) if line.startswith("-A COCOON-INPUT"))
+    text = SAVED.replace(jump, "-A FORWARD -j KUBE-FORWARD\n" + jump).replace(dhcp, "")
+    current = firewall.parse_save(text)
+    assert ("filter", "FORWARD") not in current.first
+    assert {("filter", "INPUT"), ("nat", "POSTROUTING")} <= current.first
     forward = [r for r in current.rules if (r.table, r.chain) == ("filter", "FORWARD")]
-    other = firewall.Rule("filter", "FORWARD", ("-j", "KUBE-FORWARD"))
-    flushed = [r for r in current.rules if r.chain != "COCOON-INPUT"]
-    pushed = Ruleset(current.chains, (other, *flushed))
-    fw = firewall.plan(SPEC, pushed)
+    fw = firewall.plan(SPEC, current)
     assert fw.delete == tuple(forward) and fw.insert == tuple(forward)
     assert [c.name for c in fw.fill] == ["COCOON-INPUT"]
+    assert firewall.expected(fw).first == current.first | {("filter", "FORWARD")}
+    assert firewall.summarize(current, firewall.expected(fw)) == [
+        "firewall: add 1 rule, put our jump first again in FORWARD"
+    ]
+    # Once our jump is first again, the rule above it before is below it: nothing to do.
+    fixed = firewall.parse_save(SAVED.replace(jump, jump + "-A FORWARD -j KUBE-FORWARD\n"))
+    assert firewall.render(firewall.plan(SPEC, fixed)) == ""
 
 
 def test_a_go_rule_after_our_jump_goes_and_our_jump_stays_where_it_is() -> None:

@@ -67,6 +67,9 @@ class Ruleset:
 
     chains: tuple[tuple[str, str], ...] = ()  # (table, chain) of declared COCOON- chains
     rules: tuple[Rule, ...] = ()
+    # The (table, hook) chains whose first rule, of all rules in the chain, is our jump. The
+    # rules above hold only ours, so a foreign rule inserted above our jump shows only here.
+    first: frozenset[tuple[str, str]] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -138,6 +141,8 @@ def parse_save(text: str, foreign: Collection[Rule] = ()) -> Ruleset:
     table = ""
     chains: list[tuple[str, str]] = []
     rules: list[Rule] = []
+    jumps = {(t, hook): _jump(t, hook, chain) for t, hook, chain in HOOKS}
+    heads: dict[tuple[str, str], Rule] = {}
     for line in text.splitlines():
         if line.startswith("*"):
             table = line[1:].strip()
@@ -148,6 +153,7 @@ def parse_save(text: str, foreign: Collection[Rule] = ()) -> Ruleset:
         elif line.startswith("-A "):
             _, chain, *spec = shlex.split(line)
             rule = Rule(table, chain, tuple(spec))
+            heads.setdefault((table, chain), rule)
             if (
                 chain.startswith(CHAIN_PREFIX)
                 or _is_jump(rule)
@@ -155,7 +161,8 @@ def parse_save(text: str, foreign: Collection[Rule] = ()) -> Ruleset:
                 or rule in foreign
             ):
                 rules.append(rule)
-    return Ruleset(tuple(chains), tuple(rules))
+    first = frozenset(hook for hook, jump in jumps.items() if heads.get(hook) == jump)
+    return Ruleset(tuple(chains), tuple(rules), first)
 
 
 def _chain(table: str, name: str, specs: list[tuple[str, ...]]) -> Chain:
@@ -206,7 +213,7 @@ def plan(spec: FirewallSpec, current: Ruleset) -> FirewallPlan:
     for table, hook, chain in HOOKS:
         in_hook = [r for r in current.rules if (r.table, r.chain) == (table, hook)]
         jump = _jump(table, hook, chain)
-        if in_hook[:1] != [jump]:
+        if (table, hook) not in current.first:
             old += [r for r in in_hook if _is_jump(r) and r.spec[-1] == chain]
             missing.append(jump)
     fill = tuple(
@@ -247,16 +254,29 @@ def expected(fw: FirewallPlan) -> Ruleset:
     kept.subtract(fw.delete)
     rules = [*kept.elements(), *fw.insert, *(r for c in fw.fill for r in c.rules)]
     chains = dict.fromkeys([*fw.current.chains, *((c.table, c.name) for c in fw.fill)])
+    first = {(r.table, r.chain) for r in fw.insert}
+    first |= {hook for hook in fw.current.first if _jump_of(hook) not in fw.delete}
     return Ruleset(
         tuple(c for c in chains if c not in dropped),
         tuple(r for r in rules if (r.table, r.chain) not in dropped),
+        frozenset(first),
     )
+
+
+def _jump_of(hook: tuple[str, str]) -> Rule | None:
+    return next((_jump(t, h, c) for t, h, c in HOOKS if (t, h) == hook), None)
 
 
 def summarize(before: Ruleset, after: Ruleset) -> list[str]:
     """One line such as 'firewall: add 2 rules, remove 1'; nothing when nothing differs."""
     old, new = Counter(before.rules), Counter(after.rules)
     added, removed = sum((new - old).values()), sum((old - new).values())
+    # A jump that was there and is first only now was moved: deleted and put back first.
+    moved = [
+        hook
+        for table, hook in sorted(after.first - before.first)
+        if _jump_of((table, hook)) in old and _jump_of((table, hook)) in new
+    ]
     created = [name for table, name in after.chains if (table, name) not in before.chains]
     deleted = [name for table, name in before.chains if (table, name) not in after.chains]
     parts = []
@@ -266,6 +286,8 @@ def summarize(before: Ruleset, after: Ruleset) -> list[str]:
         parts.append(f"add {added} rule" + ("s" if added != 1 else ""))
     if removed:
         parts.append(f"remove {removed} rule" + ("s" if removed != 1 else ""))
+    if moved:
+        parts.append("put our jump first again in " + ", ".join(moved))
     if deleted:
         parts.append("delete chain " + ", ".join(deleted))
     return ["firewall: " + ", ".join(parts)] if parts else []
