@@ -240,6 +240,20 @@ def request_frame(mac: bytes, xid: int, offered: IPv4Address, server_id: bytes) 
     return _frame(mac, msg)
 
 
+def _option_value_at(frame: bytes, code: int) -> int:
+    """Where option `code`'s value starts in a frame built here, found by walking the options
+    (a search for its bytes could match inside chaddr: a MAC ending in the code and length)."""
+    i = _UDP_AT + 8 + _OPTIONS_AT
+    while i < len(frame) and frame[i] != Opt.END:
+        if frame[i] == Opt.PAD:
+            i += 1
+            continue
+        if frame[i] == code:
+            return i + 2
+        i += 2 + frame[i + 1]
+    raise ValueError(f"option {code} not in the frame")
+
+
 class RequestTemplate:
     """One client's REQUEST, built before the clock starts with the offered address and the
     server identifier left blank: on an OFFER only those 8 octets and the UDP checksum change,
@@ -255,9 +269,8 @@ class RequestTemplate:
     def __init__(self, mac: bytes, xid: int) -> None:
         frame = request_frame(mac, xid, ZERO_IP, bytes(4))
         self.frame = frame
-        # Each blank is the option's code and length followed by four zero octets.
-        self.requested_at = frame.index(bytes([Opt.REQUESTED_IP, 4, 0, 0, 0, 0])) + 2
-        self.server_id_at = frame.index(bytes([Opt.SERVER_ID, 4, 0, 0, 0, 0])) + 2
+        self.requested_at = _option_value_at(frame, Opt.REQUESTED_IP)
+        self.server_id_at = _option_value_at(frame, Opt.SERVER_ID)
         segment = bytearray(frame[_UDP_AT:])
         segment[6:8] = b"\0\0"
         pseudo = _PSEUDO.pack(int(ZERO_IP), int(BROADCAST_IP), IPPROTO_UDP, len(segment))

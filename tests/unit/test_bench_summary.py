@@ -21,6 +21,7 @@ from bench.summary import (
     overload_at,
 )
 
+from cocoon_net.dhcp.model import Opt
 from tests.support.benchsteps import step
 
 
@@ -193,6 +194,11 @@ def test_request_template_patches_the_frame_request_frame_builds() -> None:
         offered, server_id = secrets.token_bytes(4), secrets.token_bytes(4)
         filled = RequestTemplate(mac, xid).fill(offered, server_id)
         assert filled == request_frame(mac, xid, IPv4Address(offered), server_id)
+    # A MAC ending in an option's code and length, then chaddr's zero padding, is no option.
+    for code in (Opt.SERVER_ID, Opt.REQUESTED_IP):
+        mac = bytes([0x02, 0x11, 0x22, 0x33, code, 4])
+        filled = RequestTemplate(mac, 7).fill(b"\x0a\0\0\x09", b"\x0a\0\0\x01")
+        assert filled == request_frame(mac, 7, IPv4Address("10.0.0.9"), b"\x0a\0\0\x01")
 
 
 def test_generator_share_is_its_cpu_over_the_time_it_sent() -> None:
