@@ -114,8 +114,8 @@ class Served(Protocol):
         """Our /32 routes on the bridge now."""
         ...
 
-    def guard_status(self) -> dict[str, Any]:
-        """The VM guard: state "on" or "off", addresses guarded, bridge ports covered."""
+    def guarded(self) -> tuple[int, int] | None:
+        """The VM guard's addresses guarded and bridge ports covered; None when it is off."""
         ...
 
     async def persist(self, changes: list[Change]) -> None:
@@ -159,7 +159,7 @@ def _leases(daemon: Served, now: float) -> dict[str, Any]:
             "offered": stats.offered,
             "quarantined": stats.quarantined,
         },
-        "guard": daemon.guard_status(),
+        "guard": _guard_status(daemon.guarded()),
         "leases": [
             {
                 "ip": str(lease.ip),
@@ -171,6 +171,12 @@ def _leases(daemon: Served, now: float) -> dict[str, Any]:
             for lease in daemon.table.leases(now)
         ],
     }
+
+
+def _guard_status(guarded: tuple[int, int] | None) -> dict[str, Any]:
+    if guarded is None:
+        return {"state": "off", "guarded": 0, "ports": 0}
+    return {"state": "on", "guarded": guarded[0], "ports": guarded[1]}
 
 
 async def _release(daemon: Served, request: dict[str, Any], now: float) -> dict[str, Any]:

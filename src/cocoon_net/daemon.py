@@ -41,8 +41,7 @@ from cocoon_net.dhcp.settings import DhcpSettings, Route
 from cocoon_net.dhcp.store import LeaseStore, Recovered
 from cocoon_net.errors import CocoonError, StateError
 from cocoon_net.lock import StateLock
-from cocoon_net.node import arp, egress, guard, nic, routes, rtnl, watch
-from cocoon_net.node.nft import Nft
+from cocoon_net.node import egress, guard_reconcile, nic, route_reconcile, rtnl, watch
 from cocoon_net.platform import get_platform
 from cocoon_net.platform.base import Platform
 from cocoon_net.sdnotify import Notifier, watchdog_interval
@@ -137,9 +136,9 @@ class Daemon:
         self._reload_due = False
         self._reloading = asyncio.Lock()
         self._platform: Platform | None = None
-        self.guard: guard.Guard | None = None
         self.egress: egress.Reconciler
-        self._guard_reader = guard.GuardReader()  # for the metrics and reconcile threads
+        self.routes: route_reconcile.Reconciler
+        self.guard: guard_reconcile.Reconciler
         self._store_error = ""
         self.metrics: Any = None
         self._host_check: watch.HostCheck | None = None
@@ -215,7 +214,8 @@ class Daemon:
         now = time.time()
         route_sock = rtnl.RouteSocket()
         self.egress = egress.Reconciler(route_sock)
-        in_use = self._routed_in_kernel(route_sock)
+        self.routes = route_reconcile.Reconciler(route_sock, self.bridge, self.pool.network)
+        in_use = self.routes.routed()
         self.table = LeaseTable(
             self.pool.pool_ints, reservations=settings.reservations, offer_hold=settings.offer_hold
         )
@@ -234,9 +234,14 @@ class Daemon:
         await self.store.commit(effects.records(changes))
         # Asked before the guard is installed: it would drop the answers of VMs it does not
         # know yet. A held address is then confirmed to the MAC that answered, and to no other.
-        answering = await self._answering(self.table.recovered_addresses(now))
+        answering = await self.routes.answering(
+            self.pool.gateway_ip, self.table.recovered_addresses(now)
+        )
         self.table.identify(answering)
-        self.guard = self._start_guard(now, answering)
+        self.guard = guard_reconcile.Reconciler(
+            self.opts.paths, self.bridge, self.table, START_LOCK_WAIT
+        )
+        handle = self.guard.start(self.pool, self.opts.guard, now, answering)
         counters = PromCounters(metrics) if metrics is not None else Counters()
         self.server = DhcpServer(
             bridge=self.bridge,
@@ -244,11 +249,11 @@ class Daemon:
             table=self.table,
             store=self.store,
             routes=route_sock,
-            guard=self.guard,
+            guard=handle,
             counters=counters,
         )
         self.server.open()
-        await self._reconcile_routes(answering=answering)
+        self.routes.reconcile(self.table, time.time(), self.server.sync_routes, answering=answering)
         try:
             await self._reconcile_egress(first=True)
         except CocoonError as exc:  # DHCP serves meanwhile; the reconcile loop retries
@@ -258,7 +263,7 @@ class Daemon:
         events = rtnl.EventSocket(quiet=route_sock.portid)
         asyncio.get_running_loop().add_reader(events.fileno(), self._on_netlink, events)
         ruleset = self._ruleset_events()
-        self._guard_ports()  # a port attached since the guard was installed
+        self.guard.follow_ports()  # a port attached since the guard was installed
         stats = self.table.stats(now)
         ready = (
             f"serving {self.pool.subnet} on {self.bridge}: {stats.total} addresses, "
@@ -299,8 +304,7 @@ class Daemon:
             if metrics_server is not None:
                 metrics_server.stop()
             route_sock.close()
-            if self.guard is not None:
-                self.guard.close()
+            self.guard.close()
         return 0
 
     def _setup_host(self, lock_wait: float) -> tuple[PoolState, list[str]]:
@@ -317,117 +321,6 @@ class Daemon:
             spec.conflist, spec.port_isolation,
         )  # fmt: skip
         return pool, changes
-
-    def _start_guard(self, now: float, answering: dict[IPv4Address, str]) -> guard.Guard | None:
-        """Install the VM guard for the recovered leases before the first request is read
-        (or remove it under --no-guard). Its tables are recorded in pool.json before they
-        are made, so teardown always knows them. A held address whose VM answered ARP (a
-        node taken over from the Go tool) stays usable by the MAC that answered, and by
-        nobody else, until its VM asks for it."""
-        nft = Nft()
-        if not self.opts.guard:
-            if self.pool.guard.installed:
-                for line in guard.remove(nft):
-                    log.warning("guard: %s (--no-guard)", line)
-                self._record_guard(installed=False)
-            nft.close()
-            log.warning("VM guard off (--no-guard): any VM may send from any address")
-            return None
-        record = self.pool.guard
-        policy = guard.GuardPolicy(
-            bridge=self.bridge,
-            gateway=self.pool.gateway_ip,
-            allow_vm_to_vm=record.allow_vm_to_vm,
-            allow_ipv6=record.allow_ipv6,
-        )
-        handle = guard.Guard(policy, nft)
-        # The previous daemon's elements matter only for addresses held without a lease
-        # (effects.guarded); listing them costs seconds with tens of thousands of VMs.
-        held = self.table.recovered_addresses(now)
-        kernel = guard.read_kernel(nft) if held else None
-        if not record.installed:
-            self._record_guard(installed=True)
-        known = {**answering, **(kernel.elements if kernel else {})}
-        elements = effects.guarded(self.table, known, now)
-        handle.install(elements, guard.bridge_ports(self.bridge))
-        log.info(
-            "VM guard on: %d addresses guarded on %d ports (VM to VM %s, IPv6 %s)",
-            len(handle.elements), len(handle.ports),
-            "allowed" if policy.allow_vm_to_vm else "dropped",
-            "allowed" if policy.allow_ipv6 else "dropped",
-        )  # fmt: skip
-        return handle
-
-    def _record_guard(self, *, installed: bool) -> None:
-        with StateLock(self.opts.paths.lock_file, "daemon", wait=START_LOCK_WAIT):
-            pool = state.load(self.opts.paths.pool_file)
-            pool.guard = dataclasses.replace(pool.guard, installed=installed)
-            state.save(self.opts.paths.pool_file, pool)
-        self.pool.guard = pool.guard
-
-    def guard_status(self) -> dict[str, Any]:
-        if self.guard is None:
-            return {"state": "off", "guarded": 0, "ports": 0}
-        return {"state": "on", "guarded": len(self.guard.elements), "ports": len(self.guard.ports)}
-
-    def _check_guard(self) -> None:
-        """Every second: our tables still there? (`nft flush ruleset` removes every table;
-        listing the table names is cheap, comparing every element waits for the reconcile.)"""
-        if self.guard is None:
-            return
-        try:
-            if not self.guard.present():
-                self._repair_guard(None)
-        except CocoonError as exc:
-            log.error("VM guard: %s", exc)
-
-    async def _reconcile_guard(self) -> None:
-        """Compare every rule count, port and element with the kernel. The listing takes
-        seconds with tens of thousands of VMs, so it is read in a thread; a snapshot that
-        changes made meanwhile have outdated is left for the next round. It is skipped while
-        nobody but the guard itself has committed to the ruleset (its generation says so)."""
-        if self.guard is None or self._guard_in_line():
-            return
-        generation = self.guard.generation
-        kernel = await asyncio.to_thread(self._guard_reader.snapshot)
-        if self.guard.generation == generation:
-            self._repair_guard(kernel)
-
-    def _guard_in_line(self) -> bool:
-        assert self.guard is not None
-        try:
-            wanted = effects.guarded(self.table, self.guard.elements, time.time())
-            if not self.guard.in_line(wanted, guard.bridge_ports(self.bridge)):
-                return False
-        except CocoonError:
-            return False  # the full comparison says what is wrong, and repairs it
-        log.debug("VM guard: ruleset at generation %s, as the guard left it; not listed",
-                  self.guard.ruleset)  # fmt: skip
-        return True
-
-    def _repair_guard(self, kernel: guard.KernelGuard | None) -> None:
-        assert self.guard is not None
-        wanted = effects.guarded(self.table, self.guard.elements, time.time())
-        try:
-            problem = self.guard.reconcile(wanted, guard.bridge_ports(self.bridge), kernel)
-        except CocoonError as exc:
-            log.error("VM guard: %s (retrying)", exc)
-            return
-        if problem:
-            log.warning("VM guard: %s; restored (%d addresses)", problem, len(wanted))
-            self._repaired("guard", 1)
-        elif kernel is not None:
-            log.debug("VM guard: compared with the kernel at generation %s: in line",
-                      kernel.generation)  # fmt: skip
-
-    def _guard_ports(self) -> None:
-        if self.guard is None:
-            return
-        try:
-            for change in self.guard.set_ports(guard.bridge_ports(self.bridge)):
-                log.info("%s", change)
-        except CocoonError as exc:
-            log.error("guard ports: %s (the reconcile loop retries)", exc)
 
     def _fix_host(self) -> None:
         """What the cloud's agents did to the host behind our back, undone again."""
@@ -460,9 +353,10 @@ class Daemon:
             return PoolCounts(s.total, s.free, s.leased, s.offered, s.quarantined)
 
         def guard_counts() -> GuardCounts | None:
-            if self.guard is None:
+            handle = self.guard.handle
+            if handle is None:
                 return None
-            return GuardCounts(len(self.guard.elements), self._guard_reader.read())
+            return GuardCounts(len(handle.elements), self.guard.reader.read())
 
         return Metrics(counts, guard_counts)
 
@@ -480,78 +374,12 @@ class Daemon:
         log.info("metrics on http://%s:%d/metrics", *server.address[:2])
         return server
 
-    # ------------------------------------------------------------------ routes
-
-    def _kernel_routes(self, sock: rtnl.RouteSocket) -> dict[int, set[IPv4Address]]:
-        index = rtnl.ifindex(self.bridge)
-        if index is None:
-            return {config.ROUTE_PROTO: set(), config.GO_ROUTE_PROTO: set()}
-        return sock.dump(index, (config.ROUTE_PROTO, config.GO_ROUTE_PROTO))
-
-    def _routed_in_kernel(self, sock: rtnl.RouteSocket) -> set[IPv4Address]:
-        """/32 routes on the bridge that say a VM holds an address: ours and the Go tool's."""
-        subnet = self.pool.network
-        found = self._kernel_routes(sock)
-        return {ip for ips in found.values() for ip in ips if ip in subnet}
-
-    async def _reconcile_routes(self, *, answering: dict[IPv4Address, str] | None = None) -> None:
-        """Routes = leases (+ recovered holds): missing ones added, ours without one removed,
-        anyone else's untouched. The Go tool's proto-boot route for a pool address is taken
-        over (replaced in place) once a lease or, at start-up, an answer on the bridge shows
-        a VM uses that address; other boot routes, an operator's among them, stay as they are.
-        `answering` is given at start-up only: what that first pass changes is not a repair."""
-        found = self._kernel_routes(self.server.routes)
-        now = time.time()
-        wanted = self.table.routed_addresses(now)
-        leased = self.table.leased_addresses(now)
-        boot = found[config.GO_ROUTE_PROTO]
-        diff = routes.plan_reconcile(
-            wanted=wanted,
-            leased=leased,
-            ours=found[config.ROUTE_PROTO],
-            boot=boot,
-            subnet=self.pool.network,
-            answering=set(answering or ()),
-        )
-        if diff:
-            failed = self.server.sync_routes(set(diff.add) | set(diff.remove))
-            if answering is None:  # not the start-up's own reconcile
-                self._repaired("route", len(diff.add) + len(diff.remove) - len(failed))
-            log.info(
-                "routes reconciled: %d added, %d removed%s",
-                len(diff.add), len(diff.remove), f", {len(failed)} failed" if failed else "",
-            )  # fmt: skip
-            taken = sorted((set(diff.add) & boot) - failed, key=int)
-            if taken:
-                log.info("took over %d proto-boot routes: %s", len(taken),
-                         " ".join(map(str, taken)))  # fmt: skip
-
-    async def _answering(self, targets: set[IPv4Address]) -> dict[IPv4Address, str]:
-        """The targets whose VM answers ARP on the bridge, with its MAC (none when it cannot
-        be asked)."""
-        if not targets:
-            return {}
-        found = await self._arp(targets)
-        if found is None:
-            return {}
-        log.info(
-            "recovery: %d of %d routed addresses without a lease answer on %s; their routes "
-            "are taken over, the rest stay held until their VM asks",
-            len(found), len(targets), self.bridge,
-        )  # fmt: skip
-        return found
-
-    async def _arp(self, targets: set[IPv4Address]) -> dict[IPv4Address, str] | None:
-        """Who answers for targets on the bridge; None when the bridge cannot be asked."""
-        try:
-            return await asyncio.to_thread(arp.probe, self.bridge, self.pool.gateway_ip, targets)
-        except OSError as exc:
-            log.warning("ARP probe on %s: %s; holding %d addresses", self.bridge,
-                        exc.strerror or exc, len(targets))  # fmt: skip
-            return None
-
     def lease_routes(self) -> set[IPv4Address]:
-        return self._kernel_routes(self.server.routes)[config.ROUTE_PROTO]
+        return self.routes.ours()
+
+    def guarded(self) -> tuple[int, int] | None:
+        handle = self.guard.handle
+        return None if handle is None else (len(handle.elements), len(handle.ports))
 
     async def persist(self, changes: list[Change]) -> None:
         if not changes:
@@ -574,7 +402,7 @@ class Daemon:
                 await self._probe_ended_holds()
             except CocoonError as exc:
                 log.error("expiry: %s", exc)
-            self._check_guard()
+            self._repaired("guard", self.guard.check())
 
     async def _probe_ended_holds(self) -> None:
         """An address whose hold (after a lost lease file) or quarantine (a DECLINE) ended goes
@@ -583,7 +411,7 @@ class Daemon:
         asked = self.table.unprobed()
         if not asked:
             return
-        answers = await self._arp(asked)
+        answers = await self.routes.ask(self.pool.gateway_ip, asked)
         if answers is None:
             return  # asked again at the next sweep; until then nobody gets them
         changes = self.table.probed(asked, answers, time.time(), float(self.opts.lease_seconds))
@@ -611,10 +439,11 @@ class Daemon:
             try:
                 await self._heal_host()
                 await asyncio.to_thread(self._fix_host)
-                if self.server.bound:
-                    await self._reconcile_routes()
+                if self.server.bound:  # after start-up, a route changed was a repair
+                    fixed = self.routes.reconcile(self.table, time.time(), self.server.sync_routes)
+                    self._repaired("route", fixed)
                 await self._reconcile_egress()
-                await self._reconcile_guard()
+                self._repaired("guard", await self.guard.reconcile())
             except CocoonError as exc:
                 log.error("reconcile: %s (retrying)", exc)
 
@@ -650,7 +479,7 @@ class Daemon:
             ):
                 repair.add(event.dst)
         if links:  # a port attached or gone: guard it now, not at the next reconcile
-            self._guard_ports()
+            self.guard.follow_ports()
         if repair:
             log.warning("lease routes removed from outside, restoring: %s", sorted(repair))
             self._repaired("route", len(repair - self.server.sync_routes(repair)))
@@ -678,7 +507,7 @@ class Daemon:
             self.server.open()
 
     def _ruleset_events(self) -> watch.RulesetEvents | None:
-        quiet = self.guard.writer.portid if self.guard is not None else None
+        quiet = self.guard.handle.writer.portid if self.guard.handle is not None else None
         try:
             ruleset = watch.RulesetEvents(quiet)
         except OSError as exc:
