@@ -75,8 +75,10 @@ def parse(lines: Iterable[str]) -> list[Stack]:
         head, sep, count = line.rstrip("\n").rpartition(" ")
         if not sep or not count.isdigit():
             continue
-        thread, _, rest = head.partition(": ")
-        name, *frames = rest.split(";")
+        # `thread (TID): NAME;frames`, or `thread (TID);frames` when py-spy did not get the
+        # name (a thread that ended meanwhile).
+        first, *frames = head.split(";")
+        thread, _, name = first.partition(": ")
         tid = int(thread.partition("(")[2].rstrip(")") or "0", 0)
         out.append(Stack(name or thread, tid, tuple(map(frame_name, frames)), int(count)))
     return out

@@ -25,8 +25,12 @@ def test_frames_lose_their_line_numbers_and_addresses_become_their_library() -> 
 
 
 def test_parse_reads_thread_frames_and_count() -> None:
-    stacks = parse(RAW)
-    assert len(stacks) == 5
+    # py-spy leaves the name out for a thread that ended meanwhile.
+    unnamed = "thread (14);Thread.run (threading.py:982);_write_snapshot (store.py:7) 1"
+    stacks = parse([*RAW, unnamed])
+    assert len(stacks) == 6
+    assert stacks[5].thread == "thread (14)" and stacks[5].tid == 14
+    assert stacks[5].frames == ("Thread.run (threading.py)", "_write_snapshot (store.py)")
     assert stacks[0].thread == "MainThread" and stacks[0].samples == 6
     assert stacks[0].frames[-1] == "decide (policy.py)"
     assert stacks[2].thread == "store-writer" and stacks[2].tid == 12

@@ -21,6 +21,7 @@ from typing import Any, cast
 import pytest
 
 from cocoon_net.dhcp import frames, packet
+from cocoon_net.dhcp import server as server_module
 from cocoon_net.dhcp.leases import LeaseTable
 from cocoon_net.dhcp.model import ZERO_IP, DhcpMessage, MessageType, Op, Opt
 from cocoon_net.dhcp.server import STALE_DISCOVER_SECONDS, Counters, DhcpServer
@@ -55,6 +56,7 @@ class Events:
     ("route", ops), ("send", DHCP message)."""
 
     log: list[tuple[str, object]] = field(default_factory=list)
+    fsync_threads: list[str] = field(default_factory=list)  # where each fsync ran
 
     def kinds(self) -> list[str]:
         return [kind for kind, _ in self.log]
@@ -163,6 +165,7 @@ def events(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Events]:
         real(fd)
         journal = os.readlink(f"/proc/self/fd/{fd}")
         out.log.append(("fsync", Path(journal).read_text()))
+        out.fsync_threads.append(threading.current_thread().name)
 
     monkeypatch.setattr(os, "fdatasync", fdatasync)
     yield out
@@ -241,6 +244,7 @@ class Rig:
     store: LeaseStore
     events: Events
     counters: RecordingCounters
+    commit_path: str = "here"
 
     def feed(self, *data: bytes) -> None:
         """Frames arrive on the packet socket; wait until everything they caused is done."""
@@ -257,6 +261,9 @@ class Rig:
 def rig(tmp_path: Path, events: Events, *, routes_fail: bool = False) -> Iterator[Rig]:
     store = LeaseStore(tmp_path / "leases.json", clock=lambda: T0)
     store.open()
+    deadline = time.monotonic() + 5
+    while not store._idle and time.monotonic() < deadline:  # the writer waits for work
+        time.sleep(0.001)
     table = LeaseTable(POOL)
     counters = RecordingCounters()
     server = DhcpServer(
@@ -277,14 +284,38 @@ def rig(tmp_path: Path, events: Events, *, routes_fail: bool = False) -> Iterato
         store.close(compact=False)
 
 
-@pytest.fixture
-def ok(tmp_path: Path, events: Events) -> Iterator[Rig]:
-    yield from rig(tmp_path, events)
+# The thread each way to the disk fsyncs in.
+FSYNC_THREAD = {"here": "MainThread", "writer": "lease-journal"}
+
+
+@pytest.fixture(params=sorted(FSYNC_THREAD))
+def commit_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways a group reaches the disk: committed in the loop's thread while the journal
+    writer is idle, or handed to the writer (a large group, or the writer busy: under load)."""
+    if request.param == "writer":
+        monkeypatch.setattr(server_module, "HERE_GROUP", 0)
+    return cast("str", request.param)
 
 
 @pytest.fixture
-def no_route(tmp_path: Path, events: Events) -> Iterator[Rig]:
+def ok(tmp_path: Path, events: Events, commit_path: str) -> Iterator[Rig]:
+    for made in rig(tmp_path, events):
+        made.commit_path = commit_path
+        yield made
+
+
+@pytest.fixture
+def no_route(tmp_path: Path, events: Events, commit_path: str) -> Iterator[Rig]:
     yield from rig(tmp_path, events, routes_fail=True)
+
+
+@pytest.fixture
+def loaded(tmp_path: Path, events: Events, monkeypatch: pytest.MonkeyPatch) -> Iterator[Rig]:
+    """Every group goes through the journal writer, as under load."""
+    monkeypatch.setattr(server_module, "HERE_GROUP", 0)
+    for made in rig(tmp_path, events):
+        made.commit_path = "writer"
+        yield made
 
 
 def acks(events: Events) -> list[DhcpMessage]:
@@ -301,6 +332,7 @@ def test_every_grant_is_synced_then_routed_then_acked(ok: Rig, kind: str) -> Non
     ok.feed(grant)
     kinds = ok.events.kinds()
     assert kinds == ["fsync", "route", "send"], kinds
+    assert ok.events.fsync_threads[-1] == FSYNC_THREAD[ok.commit_path]
     journal = cast("str", ok.events.log[0][1])
     assert str(IP) in journal and VM_MAC in journal  # the fsync covered this very grant
     route = cast("list[rtnl.RouteOp]", ok.events.log[1][1])
@@ -543,7 +575,7 @@ def test_a_decline_ahead_in_the_batch_does_not_hold_back_a_later_ack(ok: Rig) ->
 
 
 def test_a_group_decided_during_an_fsync_is_committed_before_the_last_groups_routes(
-    ok: Rig, monkeypatch: pytest.MonkeyPatch
+    loaded: Rig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """While one group's fsync runs, new decisions wait; once it is on disk they go to the
     writer as the next group before that group's routes, and each ACK still waits for its own
@@ -558,30 +590,30 @@ def test_a_group_decided_during_an_fsync_is_committed_before_the_last_groups_rou
         real(fd)  # the recording one
 
     monkeypatch.setattr(os, "fdatasync", held)
-    routes = cast("RecordingRoutes", ok.server.routes)
+    routes = cast("RecordingRoutes", loaded.server.routes)
     waiting_at_route: list[int] = []
     plain_apply = routes.apply
 
     def apply(ops: object, ifindex: int) -> dict[rtnl.RouteOp, str]:
-        waiting_at_route.append(len(ok.server.state.pending))
+        waiting_at_route.append(len(loaded.server.state.pending))
         return plain_apply(ops, ifindex)
 
     monkeypatch.setattr(routes, "apply", apply)
-    sock = cast("RecordingSocket", ok.server._packet_sock)
+    sock = cast("RecordingSocket", loaded.server._packet_sock)
 
     async def run() -> None:
         sock.incoming.append(RENEW)
-        ok.server._on_frames()
+        loaded.server._on_frames()
         await asyncio.get_running_loop().run_in_executor(None, in_fsync.wait, 5)
         sock.incoming.append(other_renew(POOL[1]))
-        ok.server._on_frames()  # decided now; committed once the first group is on disk
-        assert len(ok.server.state.tasks) == 1 and len(ok.server.state.pending) == 1
+        loaded.server._on_frames()  # decided now; committed once the first group is on disk
+        assert len(loaded.server.state.tasks) == 1 and len(loaded.server.state.pending) == 1
         release.set()
-        await ok.server.drain()
+        await loaded.server.drain()
 
     asyncio.run(run())
     assert waiting_at_route == [0, 0]  # the second group had left before the first's routes
-    log = ok.events.log
+    log = loaded.events.log
     fsyncs = [i for i, (kind, _) in enumerate(log) if kind == "fsync"]
     assert len(fsyncs) == 2 and OTHER not in cast("str", log[fsyncs[0]][1])
     assert OTHER in cast("str", log[fsyncs[1]][1])

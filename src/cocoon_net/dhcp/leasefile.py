@@ -261,6 +261,10 @@ def check_record(record: Record) -> None:
         raise ValueError(f"{record.op} record has a non-finite time {record.expires!r}")
 
 
+# json.dumps with separators builds an encoder per call: a third of a journal line's cost.
+_COMPACT = json.JSONEncoder(separators=(",", ":"))
+
+
 def encode_record(record: Record, seq: int) -> bytes:
     out: dict[str, Any] = {"seq": seq, "op": record.op.value, "ip": str(record.ip)}
     if record.mac:
@@ -271,7 +275,7 @@ def encode_record(record: Record, seq: int) -> bytes:
         out["hostname"] = record.hostname
     if record.client_id:
         out["clientId"] = record.client_id
-    return json.dumps(out, separators=(",", ":")).encode() + b"\n"
+    return _COMPACT.encode(out).encode() + b"\n"
 
 
 def decode_record(line: bytes) -> tuple[int, Record]:
@@ -333,7 +337,7 @@ def encode_meta(meta: Meta) -> bytes:
             for ip, until in sorted(meta.holds.items(), key=lambda item: int(item[0]))
         ],
     }
-    return json.dumps(out, separators=(",", ":")).encode() + b"\n"
+    return _COMPACT.encode(out).encode() + b"\n"
 
 
 def decode_meta(data: bytes) -> Meta:
