@@ -20,6 +20,8 @@ from cocoon_net.dhcp.leases import (
     Revoke,
     Standing,
     Withdraw,
+    _ReuseOrder,
+    _Span,
 )
 from cocoon_net.dhcp.model import Lease
 
@@ -700,3 +702,24 @@ def test_a_lapsed_fresh_offer_comes_before_a_used_address_from_the_store() -> No
     assert t.offer(mac(1), 20.0)[0] == POOL[0]
     t.withdraw(mac(1), 21.0)
     assert t.offer(mac(2), 22.0)[0] == POOL[0]
+
+
+def test_the_reuse_order_counts_what_it_takes_from_its_tails_until_copied_afresh() -> None:
+    """The tails are dicts, which keep a hole for each key taken out until they are copied:
+    the count is what tells the table to copy them (LeaseTable.compact_after), so that finding
+    the first address never steps over more holes than that."""
+    span = _Span(10, 4)
+    for value in range(10, 14):
+        span.put(value, True)
+    order = _ReuseOrder([10, 11], [12, 13], span)
+    order.discard(10)  # out of the run: no hole
+    order.push(11, True)  # from the run to the used tail: no hole
+    order.push(10, False)
+    assert order.holes == 0 and list(order) == [10, 12, 13, 11]
+    order.discard(10)  # out of a tail: a hole
+    order.push(11, False)  # from one tail to the other: another
+    order.discard(99)  # not in the order: nothing
+    assert order.holes == 2 and list(order) == [11, 12, 13]
+    assert order.first() == 11
+    order.compact()
+    assert order.holes == 0 and list(order) == [11, 12, 13]
