@@ -20,6 +20,8 @@ from cocoon_net.dhcp.leases import (
     Revoke,
     Standing,
     Withdraw,
+    _ReuseOrder,
+    _Span,
 )
 from cocoon_net.dhcp.model import Lease
 
@@ -612,3 +614,112 @@ def test_every_hold_ends_at_its_exact_instant() -> None:
     assert not t.is_quarantined(POOL[5], 50.0)
     t.expire(50.0)
     assert t.stats(50.0).quarantined == 0 and POOL[5] not in t.snapshot().quarantine
+
+
+def test_the_sweep_ends_leases_offers_and_quarantines_due_at_its_very_instant() -> None:
+    """One expire() at the instant a lease, an offer and a quarantine all end: the lease is
+    returned, the offered address is free again (before the used one, never bound), and the
+    quarantined one waits for its probe."""
+    t = LeaseTable(POOL[:3], offer_hold=60)
+    t.grant(mac(1), POOL[1], 0.0, 60)
+    t.grant(mac(2), POOL[2], 0.0, 1000)
+    t.decline(mac(2), POOL[2], 0.0, 60)
+    assert t.offer(mac(3), 0.0)[0] == POOL[0]
+    got, changes = t.offer(mac(4), 60.0)
+    assert changes == [Expire(Lease(mac(1), POOL[1], 60.0))]
+    assert got == POOL[0]
+    assert t.unprobed() == {POOL[2]}
+
+
+def test_two_leases_ending_in_one_sweep_are_returned_in_the_order_they_ended() -> None:
+    t = LeaseTable(POOL)
+    t.grant(mac(9), POOL[0], 0.0, 20)
+    t.grant(mac(1), POOL[1], 0.0, 10)
+    assert [c.lease.mac for c in t.expire(30.0) if isinstance(c, Expire)] == [mac(1), mac(9)]
+
+
+def test_an_offer_that_lapsed_before_a_sweep_is_free_again_after_it() -> None:
+    t = LeaseTable(POOL[:2], offer_hold=60)
+    t.grant(mac(2), POOL[1], 0.0, 100)
+    assert t.offer(mac(1), 0.0)[0] == POOL[0]
+    assert t.offer(mac(3), 150.0)[0] == POOL[0]  # never bound: before the one leased till 100
+
+
+def test_a_new_offer_on_another_address_frees_the_one_offered_before() -> None:
+    t = LeaseTable(POOL[:2])
+    assert t.offer(mac(1), 0.0)[0] == POOL[0]
+    t.set_reservations({mac(1): POOL[1]})
+    assert t.offer(mac(1), 1.0)[0] == POOL[1]
+    assert t.offer(mac(2), 2.0)[0] == POOL[0]
+
+
+def test_declining_an_offer_keeps_the_lease_held_on_another_address() -> None:
+    t = LeaseTable(POOL)
+    lease = dora(t, mac(1), 0.0)
+    t.set_reservations({mac(1): POOL[3]})
+    assert t.offer(mac(1), 1.0)[0] == POOL[3]
+    changes = t.decline(mac(1), POOL[3], 2.0, 50)
+    assert changes == [Quarantine(POOL[3], 52.0, None)]
+    assert t.lease_of(mac(1), 2.0) == lease
+
+
+def test_a_quarantine_of_one_mac_does_not_stop_another_macs_decline() -> None:
+    t = LeaseTable(POOL)
+    a, b = dora(t, mac(1), 0.0), dora(t, mac(2), 0.0)
+    t.decline(mac(1), a.ip, 1.0, 50)
+    assert t.decline(mac(2), b.ip, 1.0, 50) == [Quarantine(b.ip, 51.0, Lease(b.mac, b.ip, 1.0))]
+    assert t.is_quarantined(b.ip, 2.0)
+    # The declined address is remembered as nobody's, ended when it was declined.
+    assert Lease("", b.ip, 1.0) in t.snapshot().history
+
+
+def test_a_granted_recovered_address_is_held_by_its_lease_only() -> None:
+    t = LeaseTable(POOL)
+    t.load([], [], {}, 0.0, in_use={POOL[0]: mac(1)}, recovery_hold=1000)
+    t.grant(mac(1), POOL[0], 1.0, 100)
+    t.release(mac(1), POOL[0], 2.0)
+    assert not t.needs_route(POOL[0], 3.0) and t.recovered_addresses(3.0) == set()
+
+
+def test_a_recovered_hold_is_over_at_its_exact_end() -> None:
+    t = LeaseTable(POOL)
+    t.load([], [], {}, 0.0, in_use={POOL[0]: mac(1), POOL[1]: ""}, recovery_hold=100)
+    assert t.standing(mac(1), POOL[0], 99.0) is Standing.RECOVERED_MINE
+    assert t.standing(mac(2), POOL[1], 99.0) is Standing.RECOVERED
+    assert t.standing(mac(1), POOL[0], 100.0) is Standing.UNKNOWN
+    assert t.standing(mac(2), POOL[1], 100.0) is Standing.UNKNOWN
+    assert not t.needs_route(POOL[0], 100.0)
+
+
+def test_a_reservation_just_past_the_pool_is_never_offered() -> None:
+    t = LeaseTable(POOL, reservations={mac(1): ip(8)})
+    assert t.offer(mac(1), 0.0)[0] == POOL[0]
+
+
+def test_a_lapsed_fresh_offer_comes_before_a_used_address_from_the_store() -> None:
+    t = LeaseTable(POOL[:2])
+    t.load([], [Lease(mac(9), POOL[1], 10.0)], {}, 20.0)
+    assert t.offer(mac(1), 20.0)[0] == POOL[0]
+    t.withdraw(mac(1), 21.0)
+    assert t.offer(mac(2), 22.0)[0] == POOL[0]
+
+
+def test_the_reuse_order_counts_what_it_takes_from_its_tails_until_copied_afresh() -> None:
+    """The tails are dicts, which keep a hole for each key taken out until they are copied:
+    the count is what tells the table to copy them (LeaseTable.compact_after), so that finding
+    the first address never steps over more holes than that."""
+    span = _Span(10, 4)
+    for value in range(10, 14):
+        span.put(value, True)
+    order = _ReuseOrder([10, 11], [12, 13], span)
+    order.discard(10)  # out of the run: no hole
+    order.push(11, True)  # from the run to the used tail: no hole
+    order.push(10, False)
+    assert order.holes == 0 and list(order) == [10, 12, 13, 11]
+    order.discard(10)  # out of a tail: a hole
+    order.push(11, False)  # from one tail to the other: another
+    order.discard(99)  # not in the order: nothing
+    assert order.holes == 2 and list(order) == [11, 12, 13]
+    assert order.first() == 11
+    order.compact()
+    assert order.holes == 0 and list(order) == [11, 12, 13]

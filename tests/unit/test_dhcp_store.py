@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -595,9 +596,19 @@ def settled(s: LeaseStore, *, compactions: int = 0, failures: int = 0) -> StoreS
     leases.json beside the commits, so a commit returning says nothing about them."""
     deadline = time.monotonic() + 20
     while (stats := s.stats()).compactions < compactions or stats.compaction_failures < failures:
+        assert not stats.failed, "the store failed while a compaction was awaited"
         assert time.monotonic() < deadline, f"compactions never ended: {stats}"
         time.sleep(0.005)
     return stats
+
+
+def temp_role(path: Path, fd: int) -> Role | None:
+    """Which of the store's files the temp file open as `fd` is about to replace, if any."""
+    name = Path(os.readlink(f"/proc/self/fd/{fd}")).name
+    for role in Role:  # the temp's random part has no dot: one pattern fits at most
+        if re.fullmatch(rf"\.{re.escape(path.name + role.value)}\.[^.]+\.tmp", name):
+            return role
+    return None
 
 
 def test_commits_are_not_held_up_while_a_snapshot_is_written(
@@ -684,6 +695,65 @@ def test_an_idle_store_writes_nothing(path: Path) -> None:
         s.close(compact=False)
 
 
+class CountingClock(Clock):
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    def __call__(self) -> float:
+        self.reads += 1
+        return self.now
+
+
+def test_the_writer_sleeps_out_the_lag_and_writes_the_moment_it_ends(path: Path) -> None:
+    """Waiting for the write-behind costs no CPU (the writer sleeps until it is due instead of
+    polling the clock), and the snapshot starts once the lag has run out, to the instant."""
+    clock = CountingClock()
+    s = LeaseStore(path, monotonic=clock, snapshot_lag=0.5)
+    s.open()
+    try:
+        grant(s, 1)
+        time.sleep(0.25)  # the writer is waiting out the lag, in real seconds too
+        reads = clock.reads
+        time.sleep(0.2)
+        assert clock.reads - reads < 20, "the writer polls the clock while it waits"
+        clock.now += 0.5  # exactly the lag, and the clock stands still from here
+        settled(s, compactions=2)
+        assert go_view(path) == {lease(1).mac: "10.0.0.1"}
+    finally:
+        s.close(compact=False)
+
+
+def test_commits_made_during_a_snapshot_reach_leases_json_without_further_commits(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The records the journal keeps at its rotation are as old as when they were written:
+    the write-behind folds them in on its own, no later commit needed."""
+    s = LeaseStore(path, snapshot_lag=0.05)
+    s.open()
+    real_fsync = os.fsync
+    writing, release = threading.Event(), threading.Event()
+
+    def fsync(fd: int) -> None:
+        if not release.is_set() and temp_role(path, fd) is Role.META:
+            writing.set()  # the first write-behind hangs as on a slow disk
+            release.wait(20)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    try:
+        grant(s, 1)
+        assert writing.wait(20)
+        grant(s, 2, 3)  # written while the snapshot, which lacks them, is under way
+        release.set()
+        caught_up(path, s)  # the journal emptied by a second write-behind
+        assert s.stats().compactions >= 3
+        assert set(go_view(path)) == {lease(n).mac for n in (1, 2, 3)}
+    finally:
+        release.set()
+        s.close(compact=False)
+
+
 FS_IOC_GETFLAGS, FS_IOC_SETFLAGS, FS_IMMUTABLE_FL = 0x80086601, 0x40086602, 0x10
 
 
@@ -734,6 +804,7 @@ def test_failed_write_behind_keeps_the_journal_and_is_logged_once(
         assert stats.compaction_failures == 8 and not stats.failed
         failed = [r for r in caplog.records if "store.compact.failed" in r.getMessage()]
         assert len(failed) == 1, [r.getMessage() for r in failed]
+        assert f"write {path}" in failed[0].getMessage()  # which file, and why (below)
         held, _ = replay(LeaseState(), role_path(path, Role.JOURNAL).read_bytes())
         assert len(held.leases) == 17  # nothing truncated that no snapshot holds
         if fault == "unwritable-directory":
@@ -749,6 +820,148 @@ def test_failed_write_behind_keeps_the_journal_and_is_logged_once(
     s.close()
     got = reopen(path)
     assert len(got.leases) == 19 and got.report.complete
+
+
+def test_a_failed_journal_replacement_loses_nothing_and_each_streak_is_logged(
+    path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The snapshot is written but the journal cannot be replaced by what it lacks: the old
+    journal, whole, still replays over the new snapshot; commits go on, a later write-behind
+    tries again, and a failure after a recovery is reported again, with its reason, and
+    retried after the lag again."""
+    clock = Clock()
+    s = LeaseStore(path, monotonic=clock, snapshot_lag=1.0)
+    s.open()
+    real_fsync = os.fsync
+    broken = threading.Event()
+
+    def fsync(fd: int) -> None:
+        if broken.is_set() and temp_role(path, fd) is Role.JOURNAL:
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    caplog.set_level(logging.WARNING, logger="cocoon_net.dhcp.store")
+
+    def write_behind(*ns: int, compactions: int = 0, failures: int = 0) -> None:
+        grant(s, *ns)  # behind since now, if nothing was before
+        clock.now += RETRY_MAX_S + 1  # past the lag and any back-off
+        grant(s, 100 + ns[0])  # after this batch the writer starts the snapshot
+        settled(s, compactions=compactions, failures=failures)
+
+    try:
+        broken.set()
+        write_behind(1, failures=1)
+        stats = s.stats()
+        assert (stats.compactions, stats.compaction_failures, stats.failed) == (1, 1, False)
+        assert set(go_view(path)) == {lease(n).mac for n in (1, 101)}  # the new snapshot
+        held, _ = replay(LeaseState(), role_path(path, Role.JOURNAL).read_bytes())
+        assert set(held.leases) == {lease(n).mac for n in (1, 101)}  # kept whole
+        got = load(path)  # a crash now: the new snapshot and the whole journal over it
+        assert len(got.leases) == 2 and got.report.complete
+        grant(s, 2)  # commits go on
+        broken.clear()
+        write_behind(3, compactions=2)
+        assert s.stats().journal_records == 0
+        broken.set()
+        write_behind(4, failures=2)
+        broken.clear()
+        clock.now += 1.5  # past the lag: the new streak's first back-off, not a longer one
+        grant(s, 5)
+        settled(s, compactions=3)
+    finally:
+        s.close(compact=False)
+    logged = [(r.levelno, r.getMessage()) for r in caplog.records]
+    failed = [m for level, m in logged if level >= logging.ERROR and "compact.failed" in m]
+    assert len(failed) == 2, logged  # once per streak
+    assert all("Input/output error" in m for m in failed)
+    assert sum("store.compact.recovered" in m for _, m in logged) == 2
+    got = load(path)
+    assert set(got.leases) == {lease(n).mac for n in (1, 2, 3, 4, 5, 101, 103, 104)}
+    assert got.report.complete
+
+
+def test_a_crash_in_close_while_a_snapshot_was_being_written_loses_nothing(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """close() meets a write-behind under way: the writer first completes it (the journal
+    keeps what it lacks, the next META names it as the previous snapshot), so a crash between
+    close's own META and snapshot writes finds a snapshot the store knows as its own."""
+    clock = Clock()
+    s = LeaseStore(path, monotonic=clock, snapshot_lag=60.0)
+    s.open()
+    real_fsync = os.fsync
+    writing, release = threading.Event(), threading.Event()
+    snapshots = 0
+
+    def fsync(fd: int) -> None:
+        nonlocal snapshots
+        role = temp_role(path, fd)
+        if role is Role.META and not writing.is_set():
+            writing.set()  # the write-behind's first write hangs as on a slow disk
+            release.wait(20)
+        elif role is Role.SNAPSHOT:
+            snapshots += 1
+            if snapshots == 2:  # close's: as if the power went after its META
+                raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    closer = threading.Thread(target=s.close)
+    try:
+        grant(s, 1, 2)
+        clock.now += 61
+        grant(s, 3)  # the write-behind starts after this batch
+        assert writing.wait(20)
+        grant(s, 4)  # not in the snapshot under way
+        closer.start()
+        time.sleep(0.2)  # the writer meets the close while the snapshot still hangs
+    finally:
+        release.set()
+        if closer.ident is None:  # the test failed before the close began
+            s.close(compact=False)
+        else:
+            closer.join(30)
+    assert not closer.is_alive()
+    assert snapshots == 2  # both written: the write-behind's, then close's that failed
+    got = load(path)
+    assert set(got.leases) == {lease(n).mac for n in (1, 2, 3, 4)}
+    assert got.report.complete and not got.report.foreign_snapshot
+
+
+def test_a_commit_whose_event_loop_closed_meanwhile_does_not_stop_the_store(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A daemon stopping mid-commit closes its loop before the writer answers: the records
+    are written all the same and the writer goes on for everyone else."""
+    entered, gate = threading.Event(), threading.Event()
+    real = os.fdatasync
+
+    def held(fd: int) -> None:
+        entered.set()
+        gate.wait(30)
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", held)
+    s = LeaseStore(path)
+    s.open()
+
+    async def submit() -> asyncio.Future[None]:
+        return s.submit([Record.grant(lease(1))])
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(submit())
+        assert entered.wait(30)  # the writer holds the batch
+        loop.close()
+        gate.set()
+        asyncio.run(asyncio.wait_for(s.commit([Record.grant(lease(2))]), 30))
+        assert not s.stats().failed
+    finally:
+        gate.set()
+        loop.close()
+        s.close()
+    assert set(reopen(path).leases) == {lease(1).mac, lease(2).mac}
 
 
 def test_a_commit_returns_after_its_records_were_written_and_fdatasynced(
