@@ -192,3 +192,65 @@ def test_a_close_asked_during_a_commit_here_is_carried_out_after_it(
     closer.join(10)
     assert not closer.is_alive(), "close() never finished"
     assert ips(load(path)) == {lease(1).mac: "10.0.0.1"}
+
+
+def test_a_commit_here_on_a_store_not_open_is_refused(path: Path) -> None:
+    s = LeaseStore(path)
+    with pytest.raises(StateError, match=r"lease store .*leases\.json is not open"):
+        s.commit_here([Record.grant(lease(1))])
+    assert not role_path(path, Role.JOURNAL).exists()
+
+
+def test_a_second_commit_here_declines_while_the_first_holds_the_writers_place(
+    path: Path, store: LeaseStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer still sits idle while a commit_here writes: the place it holds, not the
+    writer's state, keeps a second caller from writing alongside."""
+    real = os.fdatasync
+    journal = role_path(path, Role.JOURNAL)
+    answers: list[tuple[bool, bytes, bytes]] = []  # (accepted, journal before, after)
+
+    def second() -> None:
+        before = journal.read_bytes()
+        accepted = store.commit_here([Record.grant(lease(2))])
+        answers.append((accepted, before, journal.read_bytes()))
+
+    def fdatasync(fd: int) -> None:
+        if not answers:
+            other = threading.Thread(target=second)
+            other.start()
+            other.join(10)
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    assert store.commit_here([Record.grant(lease(1))])
+    assert len(answers) == 1
+    accepted, before, after = answers[0]
+    assert not accepted and after == before
+    store.close(compact=False)
+    assert ips(load(path)) == {lease(1).mac: "10.0.0.1"}
+
+
+def test_a_commit_here_starts_no_compaction_before_one_is_due(path: Path) -> None:
+    """With the write-behind's lag not run out and the journal small, what is written here
+    stays in the journal only; leases.json is still the one written at open."""
+    s = LeaseStore(path, monotonic=Clock())
+    s.open()
+    idle(s)
+    assert s.commit_here([Record.grant(lease(1))])
+    s.close(compact=False)  # waits for any snapshot under way
+    assert go_view(path) == {}
+    assert s.stats().compactions == 1  # the one at open
+    assert ips(load(path)) == {lease(1).mac: "10.0.0.1"}
+
+
+def test_a_commit_here_reports_its_fdatasync_time(path: Path) -> None:
+    took: list[float] = []
+    s = LeaseStore(path, monotonic=Clock(), observe_fsync=took.append)
+    s.open()
+    try:
+        idle(s)
+        assert s.commit_here([Record.grant(lease(1))])
+        assert len(took) == 1 and isinstance(took[0], float) and 0 <= took[0] < 60
+    finally:
+        s.close()
