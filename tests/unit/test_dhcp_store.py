@@ -929,11 +929,8 @@ def test_a_crash_in_close_while_a_snapshot_was_being_written_loses_nothing(
     assert got.report.complete and not got.report.foreign_snapshot
 
 
-def test_a_commit_whose_event_loop_closed_meanwhile_does_not_stop_the_store(
-    path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A daemon stopping mid-commit closes its loop before the writer answers: the records
-    are written all the same and the writer goes on for everyone else."""
+def hold_fdatasync(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
+    """fdatasync blocks until `gate` is set; `entered` is set once a call has begun."""
     entered, gate = threading.Event(), threading.Event()
     real = os.fdatasync
 
@@ -943,6 +940,15 @@ def test_a_commit_whose_event_loop_closed_meanwhile_does_not_stop_the_store(
         real(fd)
 
     monkeypatch.setattr(os, "fdatasync", held)
+    return entered, gate
+
+
+def test_a_commit_whose_event_loop_closed_meanwhile_does_not_stop_the_store(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A daemon stopping mid-commit closes its loop before the writer answers: the records
+    are written all the same and the writer goes on for everyone else."""
+    entered, gate = hold_fdatasync(monkeypatch)
     s = LeaseStore(path)
     s.open()
 
@@ -1057,15 +1063,7 @@ def test_a_journal_deleted_under_the_writer_is_named_in_the_error(path: Path) ->
 def test_a_cancelled_waiter_does_not_strand_the_others_of_its_batch(
     path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    entered, gate = threading.Event(), threading.Event()
-    real = os.fdatasync
-
-    def held(fd: int) -> None:
-        entered.set()
-        gate.wait(30)
-        real(fd)
-
-    monkeypatch.setattr(os, "fdatasync", held)
+    entered, gate = hold_fdatasync(monkeypatch)
     s = LeaseStore(path)
     s.open()
 
