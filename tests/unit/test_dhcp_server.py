@@ -35,6 +35,7 @@ A = IPv4Address
 GW = A("172.20.100.1")
 RELAY = A("172.20.100.250")
 POOL = [A(f"172.20.100.{i}") for i in range(2, 6)]
+HERE_GROUP = server_module.HERE_GROUP  # as the module has it, before a test changes it
 SETTINGS = DhcpSettings(
     server_id=GW,
     subnet=IPv4Network("172.20.100.0/24"),
@@ -468,6 +469,21 @@ def test_one_wake_up_is_one_commit_and_one_route_batch(ok: Rig) -> None:
     ok.feed(*two)
     assert ok.events.kinds() == ["fsync", "route", "send", "send"]
     assert sorted(m.yiaddr for m in acks(ok.events)) == POOL[:2]
+
+
+def test_a_group_of_the_largest_size_committed_here_is_committed_here(ok: Rig) -> None:
+    """HERE_GROUP grants in one wake-up (the renewal and one per other pool address) are
+    still committed on the loop's thread; past that size they go to the writer."""
+    assert len(POOL) == HERE_GROUP
+    others = [(f"02:00:00:00:00:{i + 2:02x}", POOL[i]) for i in range(1, len(POOL))]
+    group = [RENEW] + [
+        frame(request(MessageType.REQUEST, mac=m, ciaddr=ip), src_mac=m, src_ip=ip, dst_ip=GW)
+        for m, ip in others
+    ]
+    ok.feed(*group)
+    assert ok.events.kinds()[:2] == ["fsync", "route"]
+    assert ok.events.fsync_threads == [FSYNC_THREAD[ok.commit_path]]
+    assert sorted(m.yiaddr for m in acks(ok.events)) == POOL
 
 
 def test_an_offer_leaves_at_once_and_a_grant_waits_for_the_disk(ok: Rig) -> None:
