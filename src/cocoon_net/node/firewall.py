@@ -106,6 +106,9 @@ def _jump(table: str, hook: str, chain: str) -> Rule:
     return Rule(table, hook, (*_comment("cocoon-net:jump"), "-j", chain))
 
 
+JUMPS = {(table, hook): _jump(table, hook, chain) for table, hook, chain in HOOKS}
+
+
 def _is_jump(rule: Rule) -> bool:
     """A rule in a chain not ours whose target is one of our chains."""
     spec = rule.spec
@@ -141,7 +144,6 @@ def parse_save(text: str, foreign: Collection[Rule] = ()) -> Ruleset:
     table = ""
     chains: list[tuple[str, str]] = []
     rules: list[Rule] = []
-    jumps = {(t, hook): _jump(t, hook, chain) for t, hook, chain in HOOKS}
     heads: dict[tuple[str, str], Rule] = {}
     for line in text.splitlines():
         if line.startswith("*"):
@@ -161,7 +163,7 @@ def parse_save(text: str, foreign: Collection[Rule] = ()) -> Ruleset:
                 or rule in foreign
             ):
                 rules.append(rule)
-    first = frozenset(hook for hook, jump in jumps.items() if heads.get(hook) == jump)
+    first = frozenset(hook for hook, jump in JUMPS.items() if heads.get(hook) == jump)
     return Ruleset(tuple(chains), tuple(rules), first)
 
 
@@ -212,7 +214,7 @@ def plan(spec: FirewallSpec, current: Ruleset) -> FirewallPlan:
     missing: list[Rule] = []
     for table, hook, chain in HOOKS:
         in_hook = [r for r in current.rules if (r.table, r.chain) == (table, hook)]
-        jump = _jump(table, hook, chain)
+        jump = JUMPS[table, hook]
         if (table, hook) not in current.first:
             old += [r for r in in_hook if _is_jump(r) and r.spec[-1] == chain]
             missing.append(jump)
@@ -255,16 +257,12 @@ def expected(fw: FirewallPlan) -> Ruleset:
     rules = [*kept.elements(), *fw.insert, *(r for c in fw.fill for r in c.rules)]
     chains = dict.fromkeys([*fw.current.chains, *((c.table, c.name) for c in fw.fill)])
     first = {(r.table, r.chain) for r in fw.insert}
-    first |= {hook for hook in fw.current.first if _jump_of(hook) not in fw.delete}
+    first |= {hook for hook in fw.current.first if JUMPS[hook] not in fw.delete}
     return Ruleset(
         tuple(c for c in chains if c not in dropped),
         tuple(r for r in rules if (r.table, r.chain) not in dropped),
         frozenset(first),
     )
-
-
-def _jump_of(hook: tuple[str, str]) -> Rule | None:
-    return next((_jump(t, h, c) for t, h, c in HOOKS if (t, h) == hook), None)
 
 
 def summarize(before: Ruleset, after: Ruleset) -> list[str]:
@@ -275,7 +273,7 @@ def summarize(before: Ruleset, after: Ruleset) -> list[str]:
     moved = [
         hook
         for table, hook in sorted(after.first - before.first)
-        if _jump_of((table, hook)) in old and _jump_of((table, hook)) in new
+        if JUMPS[table, hook] in old and JUMPS[table, hook] in new
     ]
     created = [name for table, name in after.chains if (table, name) not in before.chains]
     deleted = [name for table, name in before.chains if (table, name) not in after.chains]
