@@ -26,40 +26,44 @@ from cocoon_net.dhcp.leases import (
 )
 
 
-def records(changes: Iterable[Change]) -> list[Record]:
-    """The journal records that make changes durable (offers are not: clients retry)."""
+def durable(changes: Iterable[Change]) -> tuple[list[Record], set[IPv4Address]]:
+    """The journal records that make changes durable (offers are not: clients retry), and
+    the addresses whose route may have to be added or removed: both in one pass, as the
+    server needs them for every decision that changes something."""
     out: list[Record] = []
+    ips: set[IPv4Address] = set()
     for change in changes:
         match change:
             case Grant(lease) | Renew(lease):
                 out.append(Record.grant(lease))
+                ips.add(lease.ip)
             case Release(lease) | Revoke(lease, _):
                 out.append(Record.release(lease))
+                ips.add(lease.ip)
             case Expire(lease):
                 out.append(Record.expire(lease))
+                ips.add(lease.ip)
             case Quarantine(ip, until, lease):
                 if lease is not None:
                     out.append(Record.release(lease))
                 out.append(Record.quarantine(ip, until, lease.mac if lease else ""))
+                ips.add(ip)
             case Hold(ip, until):
                 out.append(Record.hold(ip, until))
+                ips.add(ip)
             case Withdraw():
                 pass
-    return out
+    return out, ips
+
+
+def records(changes: Iterable[Change]) -> list[Record]:
+    """The journal records that make changes durable (see durable)."""
+    return durable(changes)[0]
 
 
 def touched(changes: Iterable[Change]) -> set[IPv4Address]:
-    """Addresses whose route may have to be added or removed."""
-    out: set[IPv4Address] = set()
-    for change in changes:
-        match change:
-            case Grant(lease) | Renew(lease) | Release(lease) | Expire(lease) | Revoke(lease, _):
-                out.add(lease.ip)
-            case Quarantine(ip, _, _) | Hold(ip, _):
-                out.add(ip)
-            case Withdraw():
-                pass
-    return out
+    """Addresses whose route may have to be added or removed (see durable)."""
+    return durable(changes)[1]
 
 
 def grants(changes: Iterable[Change]) -> set[IPv4Address]:

@@ -27,9 +27,16 @@ from cocoon_net.dhcp.model import ZERO_IP, DhcpMessage, Op, Opt
 # and out of the ipaddress type.
 _HEADER = struct.Struct("!BBBBIHHIIII16s64s128s")
 HEADER_SIZE = _HEADER.size  # 236
+# The same header for decode(), which skips sname and file: nearly every request leaves both
+# empty, and they are read from the message only when their first octet is not NUL.
+_REQUEST_HEADER = struct.Struct("!BBBBIHHIIII6s")
 MAGIC_COOKIE = b"\x63\x82\x53\x63"  # 99.130.83.99, RFC 2131 §3
 # Plain ints: comparing them costs less than comparing IntEnum members, in a per-octet loop.
 _PAD, _END, _MESSAGE_TYPE = int(Opt.PAD), int(Opt.END), int(Opt.MESSAGE_TYPE)
+_OVERLOAD = int(Opt.OVERLOAD)
+# Codes encode() writes as they come: not framing (PAD, END), not option 52 (the sname and
+# file it would point into are written as fields), and not 53, which goes first.
+_PLAIN_CODES = frozenset(range(1, 255)) - {_OVERLOAD, _MESSAGE_TYPE}
 OPTIONS_OFFSET = HEADER_SIZE + len(MAGIC_COOKIE)  # 240
 _SNAME = slice(44, 108)
 _FILE = slice(108, 236)
@@ -51,12 +58,15 @@ DEFAULT_MAX_SIZE = 548
 # Options whose length RFC 2132 fixes and which the policy reads; a wrong length here means the
 # packet is malformed, not that the option is absent: §9.6 (53), §9.1 (50), §9.7 (54),
 # §9.2 (51), §9.10 (57). Option 52 (§9.3) is checked where it is read.
-_FIXED_LENGTHS = (
-    (Opt.MESSAGE_TYPE, 1),
-    (Opt.REQUESTED_IP, 4),
-    (Opt.SERVER_ID, 4),
-    (Opt.LEASE_TIME, 4),
-    (Opt.MAX_MESSAGE_SIZE, 2),
+_FIXED_LENGTHS = tuple(
+    (int(code), length)
+    for code, length in (
+        (Opt.MESSAGE_TYPE, 1),
+        (Opt.REQUESTED_IP, 4),
+        (Opt.SERVER_ID, 4),
+        (Opt.LEASE_TIME, 4),
+        (Opt.MAX_MESSAGE_SIZE, 2),
+    )
 )
 _OPS = (None, Op.BOOTREQUEST, Op.BOOTREPLY)
 
@@ -85,13 +95,10 @@ class MessageTooLarge(ValueError):
     """
 
 
-def _ip(value: int) -> IPv4Address:
-    return ZERO_IP if value == 0 else IPv4Address(value)
-
-
-def _cstring(field: bytes) -> bytes:
-    """sname and file are NUL-terminated strings (RFC 2131 §2)."""
-    return b"" if field[0] == 0 else field.partition(b"\0")[0]
+def _cstring(data: bytes, field: slice) -> bytes:
+    """sname and file are NUL-terminated strings (RFC 2131 §2); most requests leave them empty,
+    and the test of their first octet spares those the copy."""
+    return b"" if data[field.start] == 0 else data[field].partition(b"\0")[0]
 
 
 def _parse_options(data: bytes, pos: int, end: int, options: dict[int, bytes], where: str) -> bool:
@@ -127,22 +134,9 @@ def decode(data: bytes) -> DhcpMessage:
         raise MalformedPacket("too_short", f"{size} octets, a DHCP message has at least 240")
     if size > MAX_MESSAGE_SIZE:
         raise MalformedPacket("too_long", f"{size} octets, the limit is {MAX_MESSAGE_SIZE}")
-    (
-        op,
-        htype,
-        hlen,
-        hops,
-        xid,
-        secs,
-        flags,
-        ciaddr,
-        yiaddr,
-        siaddr,
-        giaddr,
-        chaddr,
-        sname,
-        file,
-    ) = _HEADER.unpack_from(data)
+    (op, htype, hlen, hops, xid, secs, flags, ciaddr, yiaddr, siaddr, giaddr, mac) = (
+        _REQUEST_HEADER.unpack_from(data)
+    )
     if op not in {1, 2}:  # a constant frozenset: no allocation per packet
         raise MalformedPacket("bad_op", f"op {op} is neither BOOTREQUEST nor BOOTREPLY")
     # §9.1 #6 of the reference review: the Go server keyed clients on chaddr[:hlen] without
@@ -152,7 +146,6 @@ def decode(data: bytes) -> DhcpMessage:
         raise MalformedPacket("bad_htype", f"hardware type {htype}, only Ethernet (1) is served")
     if hlen != HLEN_ETHERNET:
         raise MalformedPacket("bad_hlen", f"hardware address length {hlen}, Ethernet needs 6")
-    mac = chaddr[:HLEN_ETHERNET]
     # A NIC address is never all-zero and never a group address (IEEE 802 I/G bit): such a
     # chaddr names no single client and would be another shared identity.
     if mac[0] & 1 or mac == b"\0\0\0\0\0\0":
@@ -160,15 +153,15 @@ def decode(data: bytes) -> DhcpMessage:
     if data[HEADER_SIZE:OPTIONS_OFFSET] != MAGIC_COOKIE:
         raise MalformedPacket("bad_cookie", f"magic cookie {data[236:240].hex()} is not 63825363")
 
-    sname_text = _cstring(sname)
-    file_text = _cstring(file)
+    sname_text = _cstring(data, _SNAME)
+    file_text = _cstring(data, _FILE)
 
     options: dict[int, bytes] = {}
     # RFC 2131 §4.1 / RFC 2132 §3.2: the options field ends with END.
     if not _parse_options(data, OPTIONS_OFFSET, size, options, "options"):
         raise MalformedPacket("no_end", "options field has no END option")
 
-    overload = options.pop(Opt.OVERLOAD, None)
+    overload = options.pop(_OVERLOAD, None)
     if overload is not None:
         # RFC 2132 §9.3: 1 = file, 2 = sname, 3 = both hold options; RFC 2131 §4.1: read file
         # before sname. The fields are fixed-size, so their end also ends them when a sender
@@ -200,10 +193,10 @@ def decode(data: bytes) -> DhcpMessage:
         hops=hops,
         secs=secs,
         flags=flags,
-        ciaddr=_ip(ciaddr),
-        yiaddr=_ip(yiaddr),
-        siaddr=_ip(siaddr),
-        giaddr=_ip(giaddr),
+        ciaddr=ZERO_IP if ciaddr == 0 else IPv4Address(ciaddr),
+        yiaddr=ZERO_IP if yiaddr == 0 else IPv4Address(yiaddr),
+        siaddr=ZERO_IP if siaddr == 0 else IPv4Address(siaddr),
+        giaddr=ZERO_IP if giaddr == 0 else IPv4Address(giaddr),
         sname=sname_text,
         file=file_text,
         options=options,
@@ -258,6 +251,7 @@ def encode(msg: DhcpMessage, *, max_size: int = DEFAULT_MAX_SIZE) -> bytes:
     if len(msg.chaddr) > 16 or len(msg.sname) > 64 or len(msg.file) > 128:
         # struct would silently truncate these.
         raise ValueError("chaddr, sname or file longer than its BOOTP field")
+    ciaddr, yiaddr, siaddr, giaddr = msg.ciaddr, msg.yiaddr, msg.siaddr, msg.giaddr
     out = bytearray(
         _HEADER.pack(
             msg.op,
@@ -267,10 +261,12 @@ def encode(msg: DhcpMessage, *, max_size: int = DEFAULT_MAX_SIZE) -> bytes:
             msg.xid,
             msg.secs,
             msg.flags,
-            int(msg.ciaddr),
-            int(msg.yiaddr),
-            int(msg.siaddr),
-            int(msg.giaddr),
+            # Most replies leave ciaddr, siaddr and giaddr zero: the shared ZERO_IP needs no
+            # conversion.
+            0 if ciaddr is ZERO_IP else int(ciaddr),
+            0 if yiaddr is ZERO_IP else int(yiaddr),
+            0 if siaddr is ZERO_IP else int(siaddr),
+            0 if giaddr is ZERO_IP else int(giaddr),
             msg.chaddr,
             msg.sname,
             msg.file,
@@ -278,17 +274,24 @@ def encode(msg: DhcpMessage, *, max_size: int = DEFAULT_MAX_SIZE) -> bytes:
     )
     out += MAGIC_COOKIE
     options = msg.options
-    first = options.get(Opt.MESSAGE_TYPE)
+    first = options.get(_MESSAGE_TYPE)
     if first is not None:
-        _put_option(out, Opt.MESSAGE_TYPE, first)
+        _put_option(out, _MESSAGE_TYPE, first)
+    # Written inline, not through _put_option: one call per option was half of the cost of
+    # encoding a typical reply. A long value takes the call (RFC 3396 split).
     for code, value in options.items():
-        if code == Opt.MESSAGE_TYPE:
-            continue
-        if not 0 < code < 255 or code == Opt.OVERLOAD:
-            # PAD and END are framing, and overload would contradict the sname/file we write.
-            raise ValueError(f"option code {code} cannot be encoded as an option")
-        _put_option(out, code, value)
-    out.append(Opt.END)
+        size = len(value)
+        if size <= 255 and code in _PLAIN_CODES:
+            out.append(code)
+            out.append(size)
+            out += value
+        elif code != _MESSAGE_TYPE:
+            if code not in _PLAIN_CODES:
+                # PAD and END are framing, and overload would contradict the sname/file we
+                # write.
+                raise ValueError(f"option code {code} cannot be encoded as an option")
+            _put_option(out, code, value)
+    out.append(_END)
     if len(out) < MIN_REPLY_SIZE:
         out += bytes(MIN_REPLY_SIZE - len(out))
     if len(out) > max_size:

@@ -57,6 +57,9 @@ _ANCILLARY = socket.CMSG_SPACE(_TIMESPEC.size)
 _SOL_PACKET = 263
 _PACKET_STATISTICS = 6  # struct tpacket_stats; reading it resets the counters
 _DISCOVER = int(MessageType.DISCOVER)
+_MESSAGE_TYPE = int(Opt.MESSAGE_TYPE)  # a plain int: an enum member is slow to look up
+# What a decision without changes makes durable; shared, and never changed by its readers.
+_NOTHING_DURABLE: tuple[list[Record], set[IPv4Address]] = ([], set())
 # Decisions in a group that may be committed in the loop's own thread (_commit_here): a
 # group this small comes from a wake-up that found little to do, so the loop has time for
 # the fsync; a larger one means load, and its fsync overlaps the next decisions instead.
@@ -327,28 +330,29 @@ class DhcpServer:
             log.debug("dropped malformed packet: %s", exc)
             return None
         now = self.clock()
+        src_mac = frame.src_mac
         ctx = policy.RequestContext(
-            src_mac=frame.src_mac.hex(":"),
+            # A VM's frame comes from its chaddr: the text decode() made of that is the same.
+            src_mac=request.mac if src_mac == request.chaddr else src_mac.hex(":"),
             src_ip=frame.src_ip,
             dst_ip=frame.dst_ip,
             broadcast=frame.dst_mac == BROADCAST_MAC or frame.dst_ip == policy.BROADCAST_IP,
         )
         decision = policy.handle(request, ctx, self.table, self.settings, now, limiter=self.limiter)
-        type_name = _TYPE_NAMES.get(request.options.get(Opt.MESSAGE_TYPE), "bootp")
+        type_name = _TYPE_NAMES.get(request.options.get(_MESSAGE_TYPE), "bootp")
         self._note_exhaustion(decision, now)
         changes = decision.changes
-        records = effects.records(changes) if changes else []
-        touched = effects.touched(changes) if changes else set()
+        records, touched = effects.durable(changes) if changes else _NOTHING_DURABLE
         if isinstance(decision, policy.Drop):
             self.counters.drop(decision.reason)
             self.counters.packet(type_name, decision.reason)
             if records or touched:
-                return _Durable(decision.changes, None, type_name, records, touched)
+                return _Durable(changes, None, type_name, records, touched)
             return None
         if not records and not touched:
             self._send(decision, type_name)  # OFFER, NAK, INFORM: nothing to make durable
             return None
-        return _Durable(decision.changes, decision, type_name, records, touched)
+        return _Durable(changes, decision, type_name, records, touched)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -424,14 +428,16 @@ class DhcpServer:
         if not ips or not self.bound:
             return set(ips) if ips and not self.bound else set()
         now = self.clock()
-        ops = [rtnl.RouteOp(self.table.needs_route(ip, now), ip) for ip in sorted(ips, key=int)]
+        needs_route = self.table.needs_route
+        ops = [rtnl.RouteOp(needs_route(ip, now), ip) for ip in sorted(ips, key=int)]
         try:
             failures = self.routes.apply(ops, self.state.ifindex)
         except CocoonError as exc:
             log.error("routes: %s", exc)
             failures = {op: str(exc) for op in ops}
+        count = self.counters.route
         for op in ops:
-            self.counters.route("add" if op.add else "del", op not in failures)
+            count("add" if op.add else "del", op not in failures)
         for op, reason in failures.items():
             log.error("route %s %s/32 dev %s: %s", "add" if op.add else "del", op.ip,
                       self.bridge, reason)  # fmt: skip
@@ -478,24 +484,30 @@ class DhcpServer:
 
     def _send(self, reply: policy.Reply, type_name: str) -> None:
         message = reply.message
-        result = _TYPE_NAMES.get(message.options.get(Opt.MESSAGE_TYPE), "reply")
+        result = _TYPE_NAMES.get(message.options.get(_MESSAGE_TYPE), "reply")
         try:
             payload = packet.encode(message, max_size=reply.max_size)
         except (packet.MessageTooLarge, ValueError) as exc:
             log.error("reply to %s does not fit: %s", message.mac, exc)
             self.counters.packet(type_name, "too_large")
             return
+        dest = reply.dest
         try:
             if self._udp_sock is None or self._packet_sock is None:
                 raise OSError("not bound to the bridge")
-            if reply.dest.port == policy.SERVER_PORT:
-                self._udp_sock.sendto(payload, (str(reply.dest.ip), policy.SERVER_PORT))
+            if dest.port == policy.SERVER_PORT:
+                self._udp_sock.sendto(payload, (str(dest.ip), policy.SERVER_PORT))
             else:
-                dst_mac = bytes.fromhex(reply.dest.mac.replace(":", ""))
-                frame = self._framer().frame(dst_mac, int(reply.dest.ip), reply.dest.port, payload)
+                mac = dest.mac
+                # Most replies go to the client's MAC: its chaddr, the bytes that text came from.
+                if mac == message.mac:
+                    dst_mac = message.chaddr
+                else:
+                    dst_mac = bytes.fromhex(mac.replace(":", ""))
+                frame = self._framer().frame(dst_mac, int(dest.ip), dest.port, payload)
                 self._packet_sock.send(frame)
         except OSError as exc:
-            log.error("send %s to %s: %s", result, reply.dest.ip, exc)
+            log.error("send %s to %s: %s", result, dest.ip, exc)
             self.counters.packet(type_name, "send_failed")
             if result == "ack":
                 self.counters.lease(False)
