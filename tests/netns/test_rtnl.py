@@ -68,6 +68,75 @@ def test_bulk_add_delete_and_errors(make_netns: Callable[[str], Netns]) -> None:
     }
 
 
+def _failures_inside_a_batch() -> tuple[dict[str, str], dict[str, str], list[str]]:
+    """Only a batch's last request asks for an ACK: errors of the others must still come back,
+    each for its own address, and a batch that ends in a failure must not wait for more."""
+    index = _bridge()
+    sock = rtnl.RouteSocket()
+    a, b, c = (IPv4Address(NET + str(i)) for i in (3, 4, 5))
+    assert sock.apply([rtnl.RouteOp(True, c)], index) == {}
+    subprocess.run(["ip", "link", "set", "br0", "down"], check=True)  # takes c's route along
+    # Adds fail on a device that is down; deletes of what is gone succeed.
+    ops = [rtnl.RouteOp(True, a), rtnl.RouteOp(False, b), rtnl.RouteOp(True, c),
+           rtnl.RouteOp(False, a)]  # fmt: skip
+    middle = sock.apply(ops, index)
+    last = sock.apply([rtnl.RouteOp(False, b), rtnl.RouteOp(True, a)], index)
+    subprocess.run(["ip", "link", "set", "br0", "up"], check=True)
+    assert sock.apply([rtnl.RouteOp(True, b)], index) == {}  # nothing left over in the queue
+    routed = [r["dst"] for r in _routes() if r.get("protocol") == "203"]
+    sock.close()
+    named = {str(op.ip) + (" add" if op.add else " del"): why for op, why in middle.items()}
+    return named, {str(op.ip): why for op, why in last.items()}, routed
+
+
+def test_failures_inside_a_batch_are_each_reported(make_netns: Callable[[str], Netns]) -> None:
+    ns = make_netns("rtmid")
+    middle, last, routed = ns.call(_failures_inside_a_batch)
+    down = "Network is down"
+    assert middle == {NET + "3 add": down, NET + "5 add": down}
+    assert last == {NET + "3": down}
+    assert routed == [NET + "4"]
+
+
+class _CountingReads:
+    """The route socket's netlink socket, counting the reads of its answers."""
+
+    def __init__(self, sock: Any) -> None:
+        self.sock, self.reads = sock, 0
+
+    def recv(self, size: int) -> bytes:
+        self.reads += 1
+        data: bytes = self.sock.recv(size)
+        return data
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sock, name)
+
+
+def _reads_per_batch() -> list[int]:
+    index = _bridge()
+    sock = rtnl.RouteSocket()
+    counting = _CountingReads(sock._sock)
+    sock._sock = counting  # type: ignore[assignment]
+    reads = []
+    for ops in (
+        [rtnl.RouteOp(True, IPv4Address(NET + str(i))) for i in range(2, 40)],
+        [rtnl.RouteOp(False, IPv4Address(NET + str(i))) for i in range(2, 40)],
+        [rtnl.RouteOp(True, IPv4Address(NET + "2")), rtnl.RouteOp(False, IPv4Address(NET + "3"))],
+    ):
+        counting.reads = 0
+        assert sock.apply(ops, index) == {}
+        reads.append(counting.reads)
+    sock.close()
+    return reads
+
+
+def test_a_batch_that_succeeds_is_answered_once(make_netns: Callable[[str], Netns]) -> None:
+    """One ACK for the whole batch, not one per route to build, queue and read."""
+    ns = make_netns("rtone")
+    assert ns.call(_reads_per_batch) == [1, 1, 1]
+
+
 def _events() -> list[rtnl.Event]:
     index = _bridge()
     events = rtnl.EventSocket()

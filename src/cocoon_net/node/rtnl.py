@@ -2,8 +2,9 @@
 that goes with a route, and link events.
 
 The daemon adds a route before every ACK. `ip route replace` costs a process (about 2 ms);
-one netlink message costs microseconds, and a batch of them is one sendmsg and a few reads,
-with an ACK per message so every failure is attributed to its address. Bulk work outside
+one netlink message costs microseconds, and a batch of them is one sendmsg and, when all
+succeed, one read: the kernel answers each failed request with its own error, so every failure
+is attributed to its address, and only the batch's last request asks for an ACK. Bulk work outside
 the hot path (host setup, teardown) uses iproute2 (routes.py).
 
 Netlink route changes are carried out synchronously while the kernel processes sendmsg(), so
@@ -58,6 +59,7 @@ _RTA = struct.Struct("=HH")
 _ERR = struct.Struct("=i")
 _BATCH = 256  # requests per sendmsg: their ACKs fit the socket's receive buffer
 _DEL_FLAGS = NLM_F_REQUEST | NLM_F_ACK
+_ADD_FLAGS = NLM_F_REQUEST | NLM_F_CREATE | NLM_F_REPLACE  # a route's; NLM_F_ACK on the last
 
 
 def quiet_sender(sock: socket.socket, portid: int) -> None:
@@ -135,6 +137,8 @@ class RouteSocket:
         # the same batch, so the route and the rule are both in place before the ACK.
         self.rules: Mapping[IPv4Address, Rule] = {}
         self._seq = 0
+        # A route request's fixed parts by interface: rtmsg and the RTA_DST header, RTA_OIF.
+        self._route_body: dict[int, tuple[bytes, bytes]] = {}
         self._sock = socket.socket(
             socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE
         )
@@ -155,28 +159,45 @@ class RouteSocket:
         self, ops: list[RouteOp], ifindex: int
     ) -> tuple[dict[int, tuple[RouteOp, int]], bytes]:
         """One request per op, and one more for an address with an egress rule, each with
-        its own sequence number for its ACK and the error that means "already as asked"."""
-        rtmsg = _RTMSG.pack(
-            socket.AF_INET, 32, 0, 0, RT_TABLE_MAIN, self.proto, RT_SCOPE_LINK, RTN_UNICAST, 0
-        )
-        tail = _attr(RTA_OIF, struct.pack("=I", ifindex))
-        dst_header = _RTA.pack(_RTA.size + 4, RTA_DST)
-        length = _NLMSG.size + len(rtmsg) + len(dst_header) + 4 + len(tail)
-        add_flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE
+        its own sequence number for its answer and the error that means "already as asked".
+
+        Only the batch's last request asks for an ACK. The kernel answers every request that
+        fails whatever its flags, in order, so once the last one is answered every error of
+        the batch has arrived: one read in the common case where all succeed, instead of an
+        ACK built, queued and read per route."""
+        route = self._route_body.get(ifindex)
+        if route is None:
+            rtmsg = _RTMSG.pack(socket.AF_INET, 32, 0, 0, RT_TABLE_MAIN, self.proto,
+                                RT_SCOPE_LINK, RTN_UNICAST, 0)  # fmt: skip
+            tail = _attr(RTA_OIF, struct.pack("=I", ifindex))
+            route = (rtmsg + _RTA.pack(_RTA.size + 4, RTA_DST), tail)
+            self._route_body[ifindex] = route
+        head, tail = route
+        length = _NLMSG.size + len(head) + 4 + len(tail)
         by_seq: dict[int, tuple[RouteOp, int]] = {}
         parts: list[bytes] = []
         rules = self.rules
+        seq = self._seq
+        last_route = -1  # where the last request's header is, while that request is a route
         for op in ops:
-            self._seq = (self._seq + 1) & 0xFFFFFFFF
-            by_seq[self._seq] = (op, 0 if op.add else errno.ESRCH)
-            kind, flags = (RTM_NEWROUTE, add_flags) if op.add else (RTM_DELROUTE, _DEL_FLAGS)
-            parts += (_NLMSG.pack(length, kind, flags, self._seq, 0), rtmsg, dst_header)
-            parts += (op.ip.packed, tail)
+            seq = (seq + 1) & 0xFFFFFFFF
+            if op.add:
+                by_seq[seq] = (op, 0)
+                kind, flags = RTM_NEWROUTE, _ADD_FLAGS
+            else:
+                by_seq[seq] = (op, errno.ESRCH)
+                kind, flags = RTM_DELROUTE, NLM_F_REQUEST
+            last_route = len(parts)
+            parts += (_NLMSG.pack(length, kind, flags, seq, 0), head, op.ip.packed, tail)
             rule = rules.get(op.ip) if rules else None
             if rule is not None:
-                self._seq = (self._seq + 1) & 0xFFFFFFFF
-                by_seq[self._seq] = (op, errno.EEXIST if op.add else errno.ENOENT)
-                parts.append(rule.message(op.add, self._seq))
+                seq = (seq + 1) & 0xFFFFFFFF
+                by_seq[seq] = (op, errno.EEXIST if op.add else errno.ENOENT)
+                parts.append(rule.message(op.add, seq))  # a rule asks for its ACK itself
+                last_route = -1
+        self._seq = seq
+        if last_route >= 0:
+            parts[last_route] = _NLMSG.pack(length, kind, flags | NLM_F_ACK, seq, 0)
         return by_seq, b"".join(parts)
 
     def apply(self, ops: Iterable[RouteOp], ifindex: int) -> dict[RouteOp, str]:
@@ -186,10 +207,10 @@ class RouteSocket:
         both succeed: the result is what the caller asked for.
         """
         failed: dict[RouteOp, str] = {}
-        pending = list(ops)
+        pending = ops if isinstance(ops, list) else list(ops)
         for start in range(0, len(pending), _BATCH):
             by_seq, data = self._messages(pending[start : start + _BATCH], ifindex)
-            for seq, error in self._exchange(data, len(by_seq)):
+            for seq, error in self._exchange(data, self._seq):
                 acked, harmless = by_seq.get(seq, (None, 0))
                 if acked is None or error in (0, harmless):
                     continue
@@ -208,18 +229,18 @@ class RouteSocket:
                 self._seq = (self._seq + 1) & 0xFFFFFFFF
                 by_seq[self._seq] = (rule, errno.EEXIST if adding else errno.ENOENT)
                 parts.append(rule.message(adding, self._seq))
-            for seq, error in self._exchange(b"".join(parts), len(by_seq)):
+            for seq, error in self._exchange(b"".join(parts), self._seq):
                 if seq in by_seq and error not in (0, by_seq[seq][1]):
                     failed[by_seq[seq][0]] = os.strerror(error)
         return failed
 
-    def _exchange(self, data: bytes, count: int) -> Iterator[tuple[int, int]]:
-        """Send requests; their (sequence, error) ACKs."""
+    def _exchange(self, data: bytes, last: int) -> Iterator[tuple[int, int]]:
+        """Send requests; the (sequence, error) answers, up to the one to `last`."""
         try:
             self._sock.sendall(data)
         except OSError as exc:
             raise HostSetupError(f"netlink send: {exc.strerror or exc}") from None
-        return self._acks(count)
+        return self._acks(last)
 
     def dump(self, ifindex: int, protocols: Iterable[int]) -> dict[int, set[IPv4Address]]:
         """The /32 routes of the main table through ifindex, by protocol, for the protocols
@@ -263,14 +284,16 @@ class RouteSocket:
                     raise HostSetupError(f"netlink {what} dump: {os.strerror(error)}")
                 yield payload
 
-    def _acks(self, count: int) -> Iterator[tuple[int, int]]:
-        seen = 0
-        while seen < count:
+    def _acks(self, last: int) -> Iterator[tuple[int, int]]:
+        """Answers until the one to request `last`, which the kernel sends after those to
+        every request before it (it handles a batch in order, within sendall)."""
+        while True:
             data = self._sock.recv(1 << 16)
             for kind, seq, payload in _messages(data):
                 if kind == NLMSG_ERROR:
-                    seen += 1
                     yield seq, -_ERR.unpack_from(payload)[0]
+                    if seq == last:
+                        return
 
 
 def _messages(data: bytes) -> Iterator[tuple[int, int, memoryview]]:
