@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import select
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -439,6 +440,72 @@ def test_one_vm_is_one_set_update_among_1000() -> None:
         "element_deletes": 1,
         "generations": 2,
     }
+
+
+class _CountingReads:
+    """The element writer's netlink socket, counting the reads of its answers."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock, self.reads = sock, 0
+
+    def recv(self, size: int) -> bytes:
+        self.reads += 1
+        return self.sock.recv(size)
+
+    def sendall(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+
+def _element_answers() -> list[tuple[str, int, str]]:
+    """Run in a fresh namespace: element transactions that succeed and fail; for each, the
+    answers read and the error; then what @leased holds."""
+    handle = guard.Guard(guard.GuardPolicy("cni0", IPv4Address("10.0.0.1")))
+    handle.install({}, ["veth0"])
+    writer = handle.writer
+    counting = _CountingReads(writer._sock)
+    writer._sock = counting  # type: ignore[assignment]
+    a, b, c = (IPv4Address(f"10.0.0.{i}") for i in (2, 3, 4))
+    mac = "02:00:00:00:00:0{}".format
+    key = guard.element_key
+    steps: dict[str, Callable[[], None]] = {
+        "add": lambda: writer.apply([], [key(a, mac(2)), key(b, mac(3))]),
+        # The delete fails (no such element) and the add after it asks for the only ACK.
+        "delete absent, add": lambda: writer.apply([key(c, mac(4))], [key(c, mac(4))]),
+        "delete, add": lambda: writer.apply([key(a, mac(2))], [key(c, mac(4))]),
+        "delete only": lambda: writer.apply([key(b, mac(3))], []),
+    }
+    seen = []
+    for step, change in steps.items():
+        counting.reads = 0
+        try:
+            change()
+            error = ""
+        except HostSetupError as exc:
+            error = str(exc)
+        seen.append((step, counting.reads, error))
+    elements = guard.read_kernel(handle.nft)
+    assert elements is not None
+    seen.append(("left", len(elements.elements), str(sorted(elements.elements))))
+    writer._sock = counting.sock
+    handle.close()
+    return seen
+
+
+def test_an_element_transaction_is_read_once_and_its_errors_all_reported() -> None:
+    # Only the last message of a transaction asks for an ACK; a failure of any message still
+    # comes back (and undoes the whole transaction), and a success is one read.
+    with netns("guard") as ns:
+        assert ns.call(_element_answers) == [
+            ("add", 1, ""),
+            (
+                "delete absent, add",
+                2,
+                "nftables: set element update refused: No such file or directory",
+            ),
+            ("delete, add", 1, ""),
+            ("delete only", 1, ""),
+            ("left", 1, str([IPv4Address("10.0.0.4")])),
+        ]
 
 
 def _ruleset_echoes() -> list[tuple[str, bool, bool]]:

@@ -24,6 +24,7 @@ from cocoon_net.errors import HostSetupError
 from cocoon_net.node.rtnl import (
     _ERR,
     _NLMSG,
+    _RTA,
     NETLINK_CAP_ACK,
     NLM_F_ACK,
     NLM_F_CREATE,
@@ -124,6 +125,8 @@ NFTA_LIST_ELEM = NFTA_SET_ELEM_KEY = NFTA_DATA_VALUE = 1
 NLA_F_NESTED = 0x8000
 NFPROTO_INET, NFPROTO_BRIDGE = 1, 7
 _NFGEN = struct.Struct("=BBH")  # family, version, res_id (big endian)
+# The nfgenmsg of a batch's begin and end messages: they name the subsystem in res_id.
+_BATCH = _NFGEN.pack(0, 0, socket.htons(NFNL_SUBSYS_NFTABLES))
 # struct timeval: how long a read waits for the kernel's answer before the call fails.
 _ACK_TIMEOUT = struct.pack("@ll", 2, 0)
 _RESTART = os.strerror(errno.ERESTART)  # a batch refused by its generation check
@@ -143,9 +146,11 @@ class ElementSocket:
     """Adds and deletes elements of one set in one transaction per call, over netlink."""
 
     def __init__(self, family: int, table: str, set_name: str) -> None:
-        self._family = family
-        self._names = _attr(NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0") + _attr(
-            NFTA_SET_ELEM_LIST_SET, set_name.encode() + b"\0"
+        # An element message's nfgenmsg and the names of its table and set: the same in each.
+        self._head = (
+            _NFGEN.pack(family, 0, 0)
+            + _attr(NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0")
+            + _attr(NFTA_SET_ELEM_LIST_SET, set_name.encode() + b"\0")
         )
         self._seq = 0
         self._sock = socket.socket(
@@ -168,44 +173,44 @@ class ElementSocket:
         self._sock.close()
 
     def _message(self, kind: int, flags: int, body: bytes, family: int = 0, res: int = 0) -> bytes:
+        return self._request(kind, flags, _NFGEN.pack(family, 0, socket.htons(res)) + body)
+
+    def _request(self, kind: int, flags: int, payload: bytes) -> bytes:
+        """One message whose payload starts with its nfgenmsg, with the next sequence number."""
         self._seq = (self._seq + 1) & 0xFFFFFFFF
-        payload = _NFGEN.pack(family, 0, socket.htons(res)) + body
         return _NLMSG.pack(_NLMSG.size + len(payload), kind, flags, self._seq, 0) + payload
 
     def _elements(self, kind: int, keys: list[bytes], flags: int) -> bytes:
-        elements = b"".join(
-            _attr(
-                NFTA_LIST_ELEM | NLA_F_NESTED,
-                _attr(NFTA_SET_ELEM_KEY | NLA_F_NESTED, _attr(NFTA_DATA_VALUE, key)),
-            )
-            for key in keys
-        )
-        body = self._names + _attr(NFTA_SET_ELEM_LIST_ELEMENTS | NLA_F_NESTED, elements)
-        message_type = (NFNL_SUBSYS_NFTABLES << 8) | kind
-        return self._message(message_type, flags | NLM_F_REQUEST | NLM_F_ACK, body, self._family)
+        elements = b"".join([_element_head(len(key)) + key + _PAD[-len(key) % 4] for key in keys])
+        body = self._head + _attr(NFTA_SET_ELEM_LIST_ELEMENTS | NLA_F_NESTED, elements)
+        return self._request((NFNL_SUBSYS_NFTABLES << 8) | kind, flags | NLM_F_REQUEST, body)
 
     def apply(self, deletes: list[bytes], adds: list[bytes], generation: int | None = None) -> None:
         """Delete, then add, these keys as one transaction; HostSetupError if refused.
 
         With `generation`, only if the ruleset is still at that generation: StaleGeneration
         (and nothing applied) when anyone has committed anything since.
+
+        Only the last message asks for an ACK: the kernel answers every message that fails
+        whatever its flags, all of them once the batch is over, so the ACK ends the answers.
         """
         if not deletes and not adds:
             return
         check = b""
         if generation is not None:
             check = _attr(NFNL_BATCH_GENID, struct.pack("!I", generation))
-        parts = [self._message(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, check, 0, NFNL_SUBSYS_NFTABLES)]
+        parts = [self._request(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, _BATCH + check)]
         begin = self._seq
         if deletes:
-            parts.append(self._elements(NFT_MSG_DELSETELEM, deletes, 0))
+            parts.append(self._elements(NFT_MSG_DELSETELEM, deletes, 0 if adds else NLM_F_ACK))
         if adds:
-            parts.append(self._elements(NFT_MSG_NEWSETELEM, adds, NLM_F_CREATE))
-        parts.append(self._message(NFNL_MSG_BATCH_END, NLM_F_REQUEST, b"", 0, NFNL_SUBSYS_NFTABLES))
+            parts.append(self._elements(NFT_MSG_NEWSETELEM, adds, NLM_F_CREATE | NLM_F_ACK))
+        last = self._seq
+        parts.append(self._request(NFNL_MSG_BATCH_END, NLM_F_REQUEST, _BATCH))
         self.transactions += 1
         try:
             self._sock.sendall(b"".join(parts))
-            errors = self._acks(len(parts) - 2, begin)
+            errors = self._acks(last, begin)
         except OSError as exc:
             raise HostSetupError(f"nftables netlink: {exc.strerror or exc}") from None
         if errors == [_RESTART]:
@@ -239,7 +244,7 @@ class ElementSocket:
         kind = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETTABLE
         try:
             self._sock.sendall(self._message(kind, NLM_F_REQUEST | NLM_F_ACK, body, family))
-            errors = self._acks(1)
+            errors = self._acks(self._seq)
         except OSError as exc:
             raise HostSetupError(f"nftables netlink: {exc.strerror or exc}") from None
         if errors and errors[0] != os.strerror(errno.ENOENT):
@@ -273,21 +278,36 @@ class ElementSocket:
         except OSError as exc:
             raise HostSetupError(f"nftables netlink: {exc.strerror or exc}") from None
 
-    def _acks(self, count: int, begin: int | None = None) -> list[str]:
-        """The errors among `count` answers. An answer to the batch's `begin` message is the
-        kernel refusing the whole batch (a generation check): nothing else follows it."""
+    def _acks(self, last: int, begin: int | None = None) -> list[str]:
+        """The errors among the answers up to the one to message `last`. An answer to the
+        batch's `begin` message is the kernel refusing the whole batch (a generation check):
+        nothing else follows it."""
         errors: list[str] = []
-        seen = 0
-        while seen < count:
+        while True:
             for kind, seq, payload in _messages(self._sock.recv(1 << 16)):
                 if kind == NLMSG_ERROR:
                     error = -_ERR.unpack_from(payload)[0]
                     if seq == begin:
                         return [os.strerror(error)]
-                    seen += 1
                     if error:
                         errors.append(os.strerror(error))
-        return errors
+                    if seq == last:
+                        return errors
+
+
+def _element_head(size: int) -> bytes:
+    """The attribute headers of one set element whose key is `size` octets: the element and
+    its key (both nested), then the key's value, which is padded to 4 octets."""
+    value = _RTA.size + size
+    padded = value + -size % 4
+    return (
+        _RTA.pack(2 * _RTA.size + padded, NFTA_LIST_ELEM | NLA_F_NESTED)
+        + _RTA.pack(_RTA.size + padded, NFTA_SET_ELEM_KEY | NLA_F_NESTED)
+        + _RTA.pack(value, NFTA_DATA_VALUE)
+    )
+
+
+_PAD = (b"", b"\0", b"\0\0", b"\0\0\0")
 
 
 def _attrs(payload: memoryview) -> dict[int, memoryview]:
