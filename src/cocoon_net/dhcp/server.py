@@ -437,7 +437,8 @@ class DhcpServer:
             failures = {op: str(exc) for op in ops}
         count = self.counters.route
         for op in ops:
-            count("add" if op.add else "del", op not in failures)
+            # Hashing an op hashes its address in Python: asked only when something failed.
+            count("add" if op.add else "del", op not in failures if failures else True)
         for op, reason in failures.items():
             log.error("route %s %s/32 dev %s: %s", "add" if op.add else "del", op.ip,
                       self.bridge, reason)  # fmt: skip

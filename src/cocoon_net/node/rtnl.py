@@ -20,6 +20,7 @@ import struct
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
+from typing import NamedTuple
 
 from cocoon_net import bpf, config
 from cocoon_net.errors import HostSetupError
@@ -83,9 +84,11 @@ def _attr(kind: int, payload: bytes) -> bytes:
     return _RTA.pack(length, kind) + payload + b"\0" * (-length % 4)
 
 
-@dataclass(frozen=True)
-class RouteOp:
-    """Add (replace) or delete `ip/32 dev <ifindex> proto <proto> scope link`."""
+class RouteOp(NamedTuple):
+    """Add (replace) or delete `ip/32 dev <ifindex> proto <proto> scope link`.
+
+    A named tuple, not a frozen dataclass: the server makes one per grant, and a tuple is
+    built in one step instead of one object.__setattr__ per field."""
 
     add: bool
     ip: IPv4Address
