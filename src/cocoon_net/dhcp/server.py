@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
-from typing import Any
+from typing import Any, NamedTuple
 
 from cocoon_net.dhcp import effects, frames, packet, policy
 from cocoon_net.dhcp.leasefile import Record
@@ -86,9 +86,9 @@ def shed_reason(age: float, frame: bytes) -> str | None:
     return "stale_discover" if _peek_type(frame) == _DISCOVER else None
 
 
-@dataclass(frozen=True)
-class _Durable:
-    """A decision whose changes must be on disk (and routed) before its reply may leave."""
+class _Durable(NamedTuple):
+    """A decision whose changes must be on disk (and routed) before its reply may leave.
+    A named tuple: one is built per grant, in one step."""
 
     changes: tuple[Change, ...]
     reply: policy.Reply | None
@@ -404,23 +404,22 @@ class DhcpServer:
 
     def _complete(self, items: list[_Durable]) -> None:
         """Routes and guard for a group on disk, then its replies."""
-        touched: set[IPv4Address] = set()
-        for item in items:
-            touched |= item.touched
+        touched: set[IPv4Address] = set().union(*[item.touched for item in items])
         route_failed = self.sync_routes(touched)
         guard_failed = self.sync_guard(touched)
         failed = route_failed | guard_failed
         for item in items:
             if item.reply is None:
                 continue
-            granted = effects.grants(item.changes) if failed else set()
-            if granted & failed:
-                # No ACK for an address the VPC cannot reach or the VM may not use yet; the
-                # client retries and the reconcile loop repairs the route or the guard.
-                why = "route_failed" if granted & route_failed else "guard_failed"
-                self.counters.packet(item.type_name, why)
-                self.counters.lease(False)
-                continue
+            if failed:
+                granted = effects.grants(item.changes)
+                if granted & failed:
+                    # No ACK for an address the VPC cannot reach or the VM may not use yet;
+                    # the client retries and the reconcile loop repairs the route or guard.
+                    why = "route_failed" if granted & route_failed else "guard_failed"
+                    self.counters.packet(item.type_name, why)
+                    self.counters.lease(False)
+                    continue
             self._send(item.reply, item.type_name)
 
     def sync_routes(self, ips: set[IPv4Address]) -> set[IPv4Address]:
