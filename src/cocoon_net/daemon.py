@@ -402,7 +402,7 @@ class Daemon:
                 await self._probe_ended_holds()
             except CocoonError as exc:
                 log.error("expiry: %s", exc)
-            self._repaired("guard", self.guard.check())
+            self._repaired("guard", self.guard.check(self.server.unsettled))
 
     async def _probe_ended_holds(self) -> None:
         """An address whose hold (after a lost lease file) or quarantine (a DECLINE) ended goes
@@ -440,10 +440,15 @@ class Daemon:
                 await self._heal_host()
                 await asyncio.to_thread(self._fix_host)
                 if self.server.bound:  # after start-up, a route changed was a repair
-                    fixed = self.routes.reconcile(self.table, time.time(), self.server.sync_routes)
+                    fixed = self.routes.reconcile(
+                        self.table,
+                        time.time(),
+                        self.server.sync_routes,
+                        unsettled=self.server.unsettled(),
+                    )
                     self._repaired("route", fixed)
                 await self._reconcile_egress()
-                self._repaired("guard", await self.guard.reconcile())
+                self._repaired("guard", await self.guard.reconcile(self.server.unsettled))
             except CocoonError as exc:
                 log.error("reconcile: %s (retrying)", exc)
 
