@@ -15,11 +15,14 @@ from typing import cast
 
 import pytest
 
+from cocoon_net import config
+from cocoon_net.daemon import Daemon, DaemonOptions
 from cocoon_net.dhcp import server as server_module
 from cocoon_net.node import rtnl
 from tests.unit.test_dhcp_server import (
     POOL,
     RENEW,
+    T0,
     Events,
     RecordingRoutes,
     RecordingSocket,
@@ -126,3 +129,35 @@ def test_a_flush_that_broke_leaves_nothing_unsettled(
     first, both = {POOL[0]}, {POOL[0], POOL[1]}
     assert in_flight(loaded, monkeypatch, second=False) == [set(), first, both, set()]
     assert acks(loaded.events) == []
+
+
+def test_a_change_the_daemon_persists_is_unsettled_until_it_is_durable(
+    loaded: Rig, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # A VM released by request (or an expiry, a probe's hold) is the daemon's own commit.
+    loaded.feed(RENEW)
+    daemon = Daemon(DaemonOptions(config.Paths(tmp_path, tmp_path, tmp_path), True, "", 60))
+    daemon.server, daemon.store, daemon.table = loaded.server, loaded.store, loaded.server.table
+    entered, gate = hold_fdatasync(monkeypatch)
+    seen = [daemon.unsettled()]
+    routed = len(loaded.events.log)
+
+    async def run() -> None:
+        lease = loaded.server.table.lease_at(POOL[0], T0)
+        assert lease is not None
+        persisting = asyncio.create_task(
+            daemon.persist(loaded.server.table.release(lease.mac, lease.ip, T0))
+        )
+        await waited(entered)
+        seen.append(daemon.unsettled())
+        assert loaded.events.log[routed:] == []  # the route waits for the disk
+        gate.release()
+        await persisting
+        seen.append(daemon.unsettled())
+
+    try:
+        asyncio.run(run())
+    finally:
+        gate.release()
+    assert seen == [set(), {POOL[0]}, set()]
+    assert loaded.events.log[routed:] == [("route", [rtnl.RouteOp(False, POOL[0])])]
