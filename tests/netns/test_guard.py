@@ -16,6 +16,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from ipaddress import IPv4Address
@@ -619,3 +620,43 @@ def _tampered(change: str) -> tuple[str, bool]:
 def test_reconcile_rebuilds_a_changed_guard(change: str, found: str) -> None:
     with netns("guard") as ns:
         assert ns.call(_tampered, change) == (found, True)
+
+
+def _listed_while_the_guard_commits(leases: int) -> tuple[str, bool]:
+    """Run in a fresh namespace: a guard of `leases` elements listed while the guard commits
+    an element change after another (as under load, one per grant); what the listing said,
+    and whether it came back while the commits still went on (they stop after 20 s)."""
+    handle = guard.Guard(guard.GuardPolicy("cni0", IPv4Address("10.0.0.1")))
+    base = IPv4Address("10.1.0.0")
+    handle.install({base + i: f"02:00:00:00:{i >> 8:02x}:{i & 255:02x}" for i in range(leases)},
+                   ["veth0"])  # fmt: skip
+    listed = threading.Event()
+    vm = IPv4Address("10.2.0.1")
+
+    def churn() -> None:
+        deadline = time.monotonic() + 20
+        while not listed.is_set() and time.monotonic() < deadline:
+            handle.update({vm: "02:aa:00:00:00:01"})
+            handle.update({vm: None})
+
+    committing = threading.Thread(target=churn)
+    committing.start()
+    try:
+        guard.GuardReader().snapshot()
+        said = "listed"
+    except guard.Outdated as exc:
+        said = str(exc)
+    during = committing.is_alive()
+    listed.set()
+    committing.join()
+    handle.close()
+    return said, during
+
+
+def test_a_listing_outdated_by_commits_stops_instead_of_starting_over() -> None:
+    # A listing takes a fraction of a second with thousands of elements; under load the guard
+    # commits every millisecond. nft starts a listing again whenever the ruleset moves under
+    # it, so it would run (and burn CPU) for as long as the load lasts.
+    with netns("guard") as ns:
+        said, during = ns.call(_listed_while_the_guard_commits, 5000)
+    assert said.startswith("the ruleset moved past generation") and during

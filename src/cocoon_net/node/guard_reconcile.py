@@ -113,13 +113,19 @@ class Reconciler:
     async def reconcile(self, unsettled: Unsettled) -> bool:
         """Compare every rule count, port and element with the kernel; whether it repaired
         them. The listing takes seconds with tens of thousands of VMs, so it is read in a
-        thread; a snapshot that changes made meanwhile have outdated is left for the next
-        round. It is skipped while nobody but the guard itself has committed to the ruleset
-        (its generation says so)."""
+        thread, and given up at the first commit made meanwhile (the next round tries
+        again). It is skipped while nobody but the guard itself has committed to the
+        ruleset (its generation says so)."""
         if self.handle is None or self._in_line(self.handle, unsettled):
             return False
         generation = self.handle.generation
-        kernel = await asyncio.to_thread(self.reader.snapshot)
+        try:
+            kernel = await asyncio.to_thread(self.reader.snapshot)
+        except guard.Outdated as exc:
+            # Under load the guard itself commits every few milliseconds: the comparison
+            # waits for a quieter round rather than list again and again meanwhile.
+            log.info("VM guard: %s; compared at the next round", exc)
+            return False
         if self.handle.generation == generation:
             return self._repair(kernel, unsettled)
         return False
