@@ -256,7 +256,13 @@ class Daemon:
             counters=counters,
         )
         self.server.open()
-        self.routes.reconcile(self.table, time.time(), self.server.sync_routes, answering=answering)
+        self.routes.reconcile(
+            self.table,
+            time.time(),
+            self.server.sync_routes,
+            unsettled=self.unsettled(),
+            answering=answering,
+        )
         try:
             await self._reconcile_egress(first=True)
         except CocoonError as exc:  # DHCP serves meanwhile; the reconcile loop retries

@@ -62,8 +62,8 @@ class Reconciler:
         now: float,
         sync: Sync,
         *,
+        unsettled: Iterable[IPv4Address],
         answering: dict[IPv4Address, str] | None = None,
-        unsettled: Iterable[IPv4Address] = (),
     ) -> int:
         """Put the routes in line with table, except for the `unsettled` addresses (their
         lease change is on its way to the disk, and brings its route after); the number of
