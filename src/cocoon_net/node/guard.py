@@ -292,10 +292,30 @@ class Guard:
 
     def install(self, elements: Mapping[IPv4Address, str], ports: Iterable[str]) -> None:
         """Replace our tables with the whole guard, in one transaction."""
-        self.ruleset = None  # libnftables commits at a generation we are not told
-        self.nft.run(render(self.policy, ports, elements))
+        self._run(render(self.policy, ports, elements), whole=True)
         self.elements, self.ports = dict(elements), set(ports)
         self.generation += 1
+
+    def _run(self, commands: str, *, whole: bool) -> None:
+        """Commit commands through libnftables, which does not say at which generation.
+        When the ruleset moved by exactly one commit around the call, that commit was ours,
+        and the kernel holds what we say if the commands replaced our tables `whole`, or if
+        it already did just before them: a change to one part cannot vouch for the rest.
+        Otherwise only a listing (reconcile) can tell again. Under load, right after a
+        start, that listing would be stopped round after round by the grants' commits."""
+        known, self.ruleset = self.ruleset, None
+        before = self._generation_now()
+        self.nft.run(commands)
+        after = self._generation_now()
+        if before is not None and after == next_generation(before) and (whole or known == before):
+            self.ruleset = after
+
+    def _generation_now(self) -> int | None:
+        try:
+            return self.writer.generation()
+        except HostSetupError as exc:  # not knowing it costs a listing, never a change
+            log.debug("nftables generation: %s", exc)
+            return None
 
     def update(self, wanted: Mapping[IPv4Address, str | None]) -> None:
         """Put these addresses' elements in line, in one transaction (nothing if in line)."""
@@ -343,8 +363,7 @@ class Guard:
         want = set(ports)
         commands = port_commands(self.ports, want)
         if commands:
-            self.ruleset = None
-            self.nft.run("\n".join(commands) + "\n")
+            self._run("\n".join(commands) + "\n", whole=False)
             self.generation += 1
         changes = [f"guard port {p} added" for p in sorted(want - self.ports)]
         changes += [f"guard port {p} removed" for p in sorted(self.ports - want)]
