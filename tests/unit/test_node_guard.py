@@ -115,6 +115,8 @@ def test_an_unsettled_address_keeps_the_element_the_guard_holds() -> None:
     assert effects.guarded(table, held, now, unsettled={A, B, C}) == held
     assert effects.guarded(table, held, now, unsettled={A}) == {A: MAC_A, B: MAC_A}
     assert effects.guarded(table, held, now) == {A: MAC_B, B: MAC_A}
+    # C released, and no element for it yet: it has none
+    assert effects.guarded(table, {}, now, unsettled={C}) == {A: MAC_B, B: MAC_A}
 
 
 def test_pool_json_guard_key_round_trips(tmp_path: Path) -> None:
