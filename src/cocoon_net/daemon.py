@@ -151,6 +151,9 @@ class Daemon:
         self.routes: route_reconcile.Reconciler
         self.guard: guard_reconcile.Reconciler
         self._store_error = ""
+        # The addresses of each lease change made here (expiry, ARP probes, a VM released by
+        # request) while its records are on their way to the disk.
+        self._persisting: list[set[IPv4Address]] = []
         self.metrics: Any = None
         self._host_check: watch.HostCheck | None = None
 
@@ -264,7 +267,13 @@ class Daemon:
             counters=counters,
         )
         self.server.open()
-        self.routes.reconcile(self.table, time.time(), self.server.sync_routes, answering=answering)
+        self.routes.reconcile(
+            self.table,
+            time.time(),
+            self.server.sync_routes,
+            unsettled=self.unsettled(),
+            answering=answering,
+        )
         try:
             await self._reconcile_egress(first=True)
         except CocoonError as exc:  # DHCP serves meanwhile; the reconcile loop retries
@@ -392,11 +401,20 @@ class Daemon:
         handle = self.guard.handle
         return None if handle is None else (len(handle.elements), len(handle.ports))
 
+    def unsettled(self) -> set[IPv4Address]:
+        """Addresses whose lease change is not on disk yet, the server's and ours: reconcile
+        rounds leave them to the change itself, which routes and guards them once durable."""
+        return self.server.unsettled().union(*self._persisting)
+
     async def persist(self, changes: list[Change]) -> None:
         if not changes:
             return
-        await self.store.commit(effects.records(changes))
         touched = effects.touched(changes)
+        self._persisting.append(touched)
+        try:
+            await self.store.commit(effects.records(changes))
+        finally:
+            self._persisting.remove(touched)
         self.server.sync_routes(touched)
         self.server.sync_guard(touched)
 
@@ -413,7 +431,7 @@ class Daemon:
                 await self._probe_ended_holds()
             except CocoonError as exc:
                 log.error("expiry: %s", exc)
-            self._repaired("guard", self.guard.check())
+            self._repaired("guard", self.guard.check(self.unsettled))
 
     async def _probe_ended_holds(self) -> None:
         """An address whose hold (after a lost lease file) or quarantine (a DECLINE) ended goes
@@ -451,10 +469,15 @@ class Daemon:
                 await self._heal_host()
                 await asyncio.to_thread(self._fix_host)
                 if self.server.bound:  # after start-up, a route changed was a repair
-                    fixed = self.routes.reconcile(self.table, time.time(), self.server.sync_routes)
+                    fixed = self.routes.reconcile(
+                        self.table,
+                        time.time(),
+                        self.server.sync_routes,
+                        unsettled=self.unsettled(),
+                    )
                     self._repaired("route", fixed)
                 await self._reconcile_egress()
-                self._repaired("guard", await self.guard.reconcile())
+                self._repaired("guard", await self.guard.reconcile(self.unsettled))
             except CocoonError as exc:
                 log.error("reconcile: %s (retrying)", exc)
 

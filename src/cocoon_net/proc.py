@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from cocoon_net.errors import HostSetupError
@@ -29,6 +29,37 @@ def run(
         raise HostSetupError(f"{argv[0]}: command not found (install it first)") from exc
     except subprocess.TimeoutExpired as exc:
         raise HostSetupError(f"{' '.join(argv)}: timed out after 60 s") from exc
+    return _checked(argv, proc, ok_codes)
+
+
+def run_unless(
+    argv: Sequence[str], outdated: Callable[[], bool], poll: float
+) -> subprocess.CompletedProcess[str] | None:
+    """Run argv like run(), asking outdated() every `poll` seconds while it runs: once that
+    says its answer would come too late to be used, it is killed and None returned."""
+    try:
+        child = subprocess.Popen(
+            list(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+    except FileNotFoundError as exc:
+        raise HostSetupError(f"{argv[0]}: command not found (install it first)") from exc
+    with child:
+        while True:
+            try:
+                out, err = child.communicate(timeout=poll)  # keeps reading what it prints
+            except subprocess.TimeoutExpired:
+                if outdated():
+                    child.kill()
+                    child.communicate()
+                    return None
+            else:
+                break
+    return _checked(argv, subprocess.CompletedProcess(argv, child.returncode, out, err), (0,))
+
+
+def _checked(
+    argv: Sequence[str], proc: subprocess.CompletedProcess[str], ok_codes: Sequence[int]
+) -> subprocess.CompletedProcess[str]:
     if proc.returncode not in ok_codes:
         detail = (proc.stderr or proc.stdout).strip().splitlines()
         reason = detail[-1] if detail else f"exit status {proc.returncode}"

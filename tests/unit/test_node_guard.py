@@ -102,6 +102,23 @@ def test_an_address_held_after_a_lost_lease_file_keeps_the_kernels_mac() -> None
     assert effects.guard_elements(table, kernel, {A}, now) == {A: MAC_B}
 
 
+def test_an_unsettled_address_keeps_the_element_the_guard_holds() -> None:
+    # A granted to MAC_B (the guard still holds MAC_A's lease before it), B granted anew, C
+    # released: none of them on disk yet; the guard takes them as it holds them.
+    table = LeaseTable([A, B, C])
+    now = 1000.0
+    table.grant(MAC_A, C, now, 60)
+    table.release(MAC_A, C, now)
+    table.grant(MAC_B, A, now, 60)
+    table.grant(MAC_A, B, now, 60)
+    held = {A: MAC_A, C: MAC_A}
+    assert effects.guarded(table, held, now, unsettled={A, B, C}) == held
+    assert effects.guarded(table, held, now, unsettled={A}) == {A: MAC_A, B: MAC_A}
+    assert effects.guarded(table, held, now) == {A: MAC_B, B: MAC_A}
+    # C released, and no element for it yet: it has none
+    assert effects.guarded(table, {}, now, unsettled={C}) == {A: MAC_B, B: MAC_A}
+
+
 def test_pool_json_guard_key_round_trips(tmp_path: Path) -> None:
     pool = PoolState(platform="static", node_name="n", subnet="10.0.0.0/24", gateway="10.0.0.1")
     assert pool.to_json()["guard"] == {

@@ -88,6 +88,18 @@ def test_our_routes_outside_the_subnet_are_never_removed() -> None:
     assert diff == RouteDiff(remove=(B,))
 
 
+def test_unsettled_addresses_keep_the_routes_they_have() -> None:
+    # A granted (leased, no route yet) and B released (routed, no lease now), neither on disk
+    # yet: their routes wait for that; C's missing route is a real repair.
+    diff = plan_reconcile(
+        wanted={A, C}, leased={A, C}, ours={B}, boot=(), subnet=SUBNET, unsettled={A, B}
+    )
+    assert diff == RouteDiff(add=(C,))
+    assert plan_reconcile(wanted={A}, leased={A}, ours={B}, boot=(), subnet=SUBNET) == RouteDiff(
+        add=(A,), remove=(B,)
+    )
+
+
 def test_a_diff_is_true_when_it_adds_or_removes_anything() -> None:
     a, b = IPv4Address("10.0.0.2"), IPv4Address("10.0.0.3")
     assert not plan_routes([a], [a])

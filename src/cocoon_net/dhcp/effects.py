@@ -91,11 +91,22 @@ def guard_elements(
 
 
 def guarded(
-    table: LeaseTable, current: Mapping[IPv4Address, str], now: float
+    table: LeaseTable,
+    current: Mapping[IPv4Address, str],
+    now: float,
+    unsettled: Iterable[IPv4Address] = (),
 ) -> dict[IPv4Address, str]:
-    """Every element the guard should hold now (see guard_elements)."""
+    """Every element the guard should hold now (see guard_elements). An `unsettled` address
+    (its lease changed in the table, the change not on disk yet) keeps the element in
+    `current`, or none: the guard follows a lease only once it is durable."""
     out = {lease.ip: lease.mac for lease in table.leases(now)}
     for ip in table.recovered_addresses(now):
         if ip in current:
             out[ip] = current[ip]
+    for ip in unsettled:
+        mac = current.get(ip)
+        if mac is None:
+            out.pop(ip, None)
+        else:
+            out[ip] = mac
     return out

@@ -30,6 +30,7 @@ import logging
 import socket
 import struct
 import time
+from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
@@ -131,6 +132,8 @@ class ServerState:
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     pending: list[_Durable] = field(default_factory=list)  # decided, not yet handed to the store
     flushing: bool = False  # the flusher task runs; it takes `pending` when it may
+    # Groups handed to the store whose routes, guard update and replies have not run yet.
+    in_flight: deque[_Group] = field(default_factory=deque)
     drained_at: float = -STALE_REQUEST_SECONDS  # monotonic time the queue was last seen empty
 
 
@@ -364,12 +367,15 @@ class DhcpServer:
         items, self.state.pending = self.state.pending, []
         if not items:
             return None
+        done: asyncio.Future[None] | None
         try:
             done = self.store.submit([record for item in items for record in item.records])
         except CocoonError as exc:
             log.debug("lease store: %s; not answering", exc)
-            return _Group(items, None)
-        return _Group(items, done)
+            done = None
+        group = _Group(items, done)
+        self.state.in_flight.append(group)
+        return group
 
     async def _flush(self) -> None:
         # One group on its way to the disk at a time. Once it is there, the next group goes to
@@ -381,9 +387,21 @@ class DhcpServer:
                 following = self._submit()
                 if durable:
                     self._complete(group.items)
+                self.state.in_flight.popleft()
                 group = following
         finally:
             self.state.flushing = False
+            self.state.in_flight.clear()  # after a failure nothing still waits for its group
+
+    def unsettled(self) -> set[IPv4Address]:
+        """Addresses whose lease changed in the table but not yet on disk: their route,
+        guard element and reply follow once it is (commit, fdatasync, route, guard, reply),
+        so until then the kernel rightly lags the table for them."""
+        out: set[IPv4Address] = set()
+        for items in (self.state.pending, *(group.items for group in self.state.in_flight)):
+            for item in items:
+                out |= item.touched
+        return out
 
     async def _durable(self, group: _Group) -> bool:
         if group.done is not None:

@@ -34,6 +34,7 @@ import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address
+from typing import Any
 
 from cocoon_net import proc
 from cocoon_net.errors import HostSetupError
@@ -239,24 +240,32 @@ def read_kernel(nft: Nft) -> KernelGuard | None:
     """Our tables as the kernel has them; None when either is missing."""
     if len(our_tables(nft)) != 2:
         return None
+    return parse_tables(
+        item for table in (BRIDGE_TABLE, INET_TABLE) for item in nft.json(f"list table {table}")
+    )
+
+
+def parse_tables(items: Iterable[Mapping[str, Any]]) -> KernelGuard:
+    """Our two tables from what `nft -j list table` prints for each."""
     ports: set[str] = set()
     elements: dict[IPv4Address, str] = {}
     rules: dict[str, int] = {}
-    for family in ("bridge", "inet"):
-        for item in nft.json(f"list table {family} {TABLE}"):
-            if "set" in item:
-                s = item["set"]
-                for elem in s.get("elem", ()):
-                    if s["name"] == "ports":
-                        ports.add(str(elem))
-                    elif s["name"] == "leased" and isinstance(elem, dict) and "concat" in elem:
-                        mac, ip = elem["concat"]
-                        elements[IPv4Address(ip)] = str(mac)
-            elif "chain" in item:
-                rules.setdefault(f"{family}/{item['chain']['name']}", 0)
-            elif "rule" in item:
-                key = f"{family}/{item['rule']['chain']}"
-                rules[key] = rules.get(key, 0) + 1
+    for item in items:
+        if "set" in item:
+            s = item["set"]
+            for elem in s.get("elem", ()):
+                if s["name"] == "ports":
+                    ports.add(str(elem))
+                elif s["name"] == "leased" and isinstance(elem, dict) and "concat" in elem:
+                    mac, ip = elem["concat"]
+                    elements[IPv4Address(ip)] = str(mac)
+        elif "chain" in item:
+            chain = item["chain"]
+            rules.setdefault(f"{chain['family']}/{chain['name']}", 0)
+        elif "rule" in item:
+            rule = item["rule"]
+            key = f"{rule['family']}/{rule['chain']}"
+            rules[key] = rules.get(key, 0) + 1
     return KernelGuard(frozenset(ports), elements, rules)
 
 
@@ -283,10 +292,30 @@ class Guard:
 
     def install(self, elements: Mapping[IPv4Address, str], ports: Iterable[str]) -> None:
         """Replace our tables with the whole guard, in one transaction."""
-        self.ruleset = None  # libnftables commits at a generation we are not told
-        self.nft.run(render(self.policy, ports, elements))
+        self._run(render(self.policy, ports, elements), whole=True)
         self.elements, self.ports = dict(elements), set(ports)
         self.generation += 1
+
+    def _run(self, commands: str, *, whole: bool) -> None:
+        """Commit commands through libnftables, which does not say at which generation.
+        When the ruleset moved by exactly one commit around the call, that commit was ours,
+        and the kernel holds what we say if the commands replaced our tables `whole`, or if
+        it already did just before them: a change to one part cannot vouch for the rest.
+        Otherwise only a listing (reconcile) can tell again. Under load, right after a
+        start, that listing would be stopped round after round by the grants' commits."""
+        known, self.ruleset = self.ruleset, None
+        before = self._generation_now()
+        self.nft.run(commands)
+        after = self._generation_now()
+        if before is not None and after == next_generation(before) and (whole or known == before):
+            self.ruleset = after
+
+    def _generation_now(self) -> int | None:
+        try:
+            return self.writer.generation()
+        except HostSetupError as exc:  # not knowing it costs a listing, never a change
+            log.debug("nftables generation: %s", exc)
+            return None
 
     def update(self, wanted: Mapping[IPv4Address, str | None]) -> None:
         """Put these addresses' elements in line, in one transaction (nothing if in line)."""
@@ -334,8 +363,7 @@ class Guard:
         want = set(ports)
         commands = port_commands(self.ports, want)
         if commands:
-            self.ruleset = None
-            self.nft.run("\n".join(commands) + "\n")
+            self._run("\n".join(commands) + "\n", whole=False)
             self.generation += 1
         changes = [f"guard port {p} added" for p in sorted(want - self.ports)]
         changes += [f"guard port {p} removed" for p in sorted(self.ports - want)]
@@ -383,24 +411,27 @@ def remove(nft: Nft, *, dry_run: bool = False) -> list[str]:
     return [f"{verb} nftables table {t}" for t in found]
 
 
+# How often a listing of our tables asks whether the ruleset has moved (one netlink round
+# trip): once it has, what the listing would return is outdated, and it is stopped.
+LISTING_POLL = 0.02
+
+
+class Outdated(HostSetupError):
+    """The ruleset changed while our tables were listed: the listing says nothing sure."""
+
+
 class GuardReader:
     """Reads the guard's tables from other threads (metrics, the reconcile's listing): a
-    context of their own, one reader at a time."""
+    netlink socket of their own, one reader at a time."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._nft: Nft | None = None
         self._sock: ElementSocket | None = None
 
     def _socket(self) -> ElementSocket:
         if self._sock is None:
             self._sock = ElementSocket(NFPROTO_BRIDGE, TABLE, "leased")
         return self._sock
-
-    def _context(self) -> Nft:
-        if self._nft is None:
-            self._nft = Nft()
-        return self._nft
 
     def read(self) -> dict[str, int]:
         """Packets dropped so far, by reason (empty when the guard is not installed)."""
@@ -415,12 +446,30 @@ class GuardReader:
             return found
 
     def snapshot(self) -> KernelGuard | None:
-        """Our tables now, with the ruleset generation they were read at when no commit came
-        in between."""
+        """Our tables now (None when either is missing), with the ruleset generation they
+        were read at; Outdated once anyone commits before the listing is done.
+
+        Listed by `nft` in a process of its own, stopped at the first commit: libnftables
+        starts a listing again from scratch whenever the ruleset moves under it, and with
+        the guard committing a grant every millisecond or so it never finishes (seconds of
+        CPU), while nothing can stop it in this process."""
         with self._lock:
             sock = self._socket()
             before = sock.generation()
-            kernel = read_kernel(self._context())
-            if kernel is None or sock.generation() != before:
-                return kernel
-            return dataclasses.replace(kernel, generation=before)
+            if not (sock.has_table(NFPROTO_BRIDGE, TABLE) and sock.has_table(NFPROTO_INET, TABLE)):
+                return None
+
+            def moved() -> bool:
+                return sock.generation() != before
+
+            items: list[dict[str, Any]] = []
+            for table in (BRIDGE_TABLE, INET_TABLE):
+                listed = proc.run_unless(["nft", "-j", "list", "table", *table.split()], moved,
+                                         LISTING_POLL)  # fmt: skip
+                if listed is None or moved():
+                    raise Outdated(f"the ruleset moved past generation {before} while listed")
+                try:
+                    items += json.loads(listed.stdout or '{"nftables": []}')["nftables"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise HostSetupError(f"nft list table {table}: unreadable output") from None
+            return dataclasses.replace(parse_tables(items), generation=before)

@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import logging
 import time
+from collections.abc import Callable, Iterable
 from ipaddress import IPv4Address
 from typing import TYPE_CHECKING
 
@@ -26,6 +27,11 @@ if TYPE_CHECKING:
     from cocoon_net.dhcp.leases import LeaseTable
 
 log = logging.getLogger("cocoon_net.guard")
+
+# The addresses whose lease change is on its way to the disk (DhcpServer.unsettled): the
+# guard follows such a change only once it is durable, so until then their elements stay as
+# the guard holds them, and a comparison takes them as they are.
+Unsettled = Callable[[], Iterable[IPv4Address]]
 
 
 class Reconciler:
@@ -91,7 +97,7 @@ class Reconciler:
             state.save(self.paths.pool_file, saved)
         pool.guard = saved.guard
 
-    def check(self) -> bool:
+    def check(self, unsettled: Unsettled) -> bool:
         """Every second: our tables still there? (`nft flush ruleset` removes every table;
         listing the table names is cheap, comparing every element waits for the reconcile.)
         Whether it repaired them."""
@@ -99,28 +105,34 @@ class Reconciler:
             return False
         try:
             if not self.handle.present():
-                return self._repair(None)
+                return self._repair(None, unsettled)
         except CocoonError as exc:
             log.error("VM guard: %s", exc)
         return False
 
-    async def reconcile(self) -> bool:
+    async def reconcile(self, unsettled: Unsettled) -> bool:
         """Compare every rule count, port and element with the kernel; whether it repaired
         them. The listing takes seconds with tens of thousands of VMs, so it is read in a
-        thread; a snapshot that changes made meanwhile have outdated is left for the next
-        round. It is skipped while nobody but the guard itself has committed to the ruleset
-        (its generation says so)."""
-        if self.handle is None or self._in_line(self.handle):
+        thread, and given up at the first commit made meanwhile (the next round tries
+        again). It is skipped while nobody but the guard itself has committed to the
+        ruleset (its generation says so)."""
+        if self.handle is None or self._in_line(self.handle, unsettled):
             return False
         generation = self.handle.generation
-        kernel = await asyncio.to_thread(self.reader.snapshot)
+        try:
+            kernel = await asyncio.to_thread(self.reader.snapshot)
+        except guard.Outdated as exc:
+            # Under load the guard itself commits every few milliseconds: the comparison
+            # waits for a quieter round rather than list again and again meanwhile.
+            log.info("VM guard: %s; compared at the next round", exc)
+            return False
         if self.handle.generation == generation:
-            return self._repair(kernel)
+            return self._repair(kernel, unsettled)
         return False
 
-    def _in_line(self, handle: guard.Guard) -> bool:
+    def _in_line(self, handle: guard.Guard, unsettled: Unsettled) -> bool:
         try:
-            wanted = effects.guarded(self.table, handle.elements, time.time())
+            wanted = effects.guarded(self.table, handle.elements, time.time(), unsettled())
             if not handle.in_line(wanted, guard.bridge_ports(self.bridge)):
                 return False
         except CocoonError:
@@ -129,9 +141,9 @@ class Reconciler:
                   handle.ruleset)  # fmt: skip
         return True
 
-    def _repair(self, kernel: guard.KernelGuard | None) -> bool:
+    def _repair(self, kernel: guard.KernelGuard | None, unsettled: Unsettled) -> bool:
         assert self.handle is not None
-        wanted = effects.guarded(self.table, self.handle.elements, time.time())
+        wanted = effects.guarded(self.table, self.handle.elements, time.time(), unsettled())
         try:
             problem = self.handle.reconcile(wanted, guard.bridge_ports(self.bridge), kernel)
         except CocoonError as exc:

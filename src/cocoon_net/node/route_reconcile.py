@@ -62,10 +62,13 @@ class Reconciler:
         now: float,
         sync: Sync,
         *,
+        unsettled: Iterable[IPv4Address],
         answering: dict[IPv4Address, str] | None = None,
     ) -> int:
-        """Put the routes in line with table; the number of routes changed. `answering` is
-        given at start-up only (the addresses that answered ARP)."""
+        """Put the routes in line with table, except for the `unsettled` addresses (their
+        lease change is on its way to the disk, and brings its route after); the number of
+        routes changed. `answering` is given at start-up only (the addresses that answered
+        ARP)."""
         found = self.kernel()
         boot = found[config.GO_ROUTE_PROTO]
         diff = routes.plan_reconcile(
@@ -75,6 +78,7 @@ class Reconciler:
             boot=boot,
             subnet=self.subnet,
             answering=set(answering or ()),
+            unsettled=unsettled,
         )
         if not diff:
             return 0

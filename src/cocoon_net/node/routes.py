@@ -64,6 +64,7 @@ def plan_reconcile(
     boot: Iterable[IPv4Address],
     subnet: IPv4Network,
     answering: Iterable[IPv4Address] = (),
+    unsettled: Iterable[IPv4Address] = (),
 ) -> RouteDiff:
     """Make our routes match `wanted` (leases and recovered holds, all pool addresses).
 
@@ -71,9 +72,16 @@ def plan_reconcile(
     route in place) when it is leased or answered on the bridge. A held address whose boot
     route nobody vouched for keeps that route as it is: its VM confirms it at its next renewal,
     and only then is the route ours. Our routes outside `subnet` are never removed.
+
+    An `unsettled` address (its lease changed in the table, the change not on disk yet) keeps
+    whatever route it has: a route must not run ahead of its lease's fdatasync, and the
+    change brings its own route once it is durable.
     """
+    left = set(unsettled)
     borrowed = unconfirmed(wanted, leased, boot) - set(answering)
-    return plan_routes(set(wanted) - borrowed, (ip for ip in ours if ip in subnet))
+    return plan_routes(
+        set(wanted) - borrowed - left, (ip for ip in ours if ip in subnet and ip not in left)
+    )
 
 
 def list_routes(bridge: str, proto: int = config.ROUTE_PROTO) -> set[IPv4Address]:
