@@ -118,7 +118,7 @@ class DhcpMessage:
 
     @property
     def message_type(self) -> MessageType | None:
-        return _MESSAGE_TYPES.get(self.options.get(Opt.MESSAGE_TYPE))
+        return _MESSAGE_TYPES.get(self.options.get(_MESSAGE_TYPE))
 
     @property
     def broadcast(self) -> bool:
@@ -133,6 +133,9 @@ class DhcpMessage:
 
 # Option 53's value -> its type; a wrong length or an unknown value is no type at all.
 _MESSAGE_TYPES: dict[bytes | None, MessageType] = {bytes([t]): t for t in MessageType}
+# Read per packet: a module name, not an Enum class attribute (~0.1 us a read in Python 3.11,
+# whose EnumType.__getattr__ puts every class attribute lookup on a slow path).
+_MESSAGE_TYPE = Opt.MESSAGE_TYPE
 
 
 @dataclass(frozen=True)
