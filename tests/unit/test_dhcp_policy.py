@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Callable
 from dataclasses import replace
@@ -724,3 +725,24 @@ def test_a_settings_reload_is_answered_with_the_new_options() -> None:
         assert offer.options[Opt.INTERFACE_MTU] == options.u16(1000 + i)
         assert offer.options[Opt.LEASE_TIME] == options.u32(3600 + i)
         del s
+
+
+def test_context_destination_and_reply_keep_every_field_and_stay_frozen() -> None:
+    context = RequestContext(src_mac=ME, src_ip=RELAY, dst_ip=GW, broadcast=False)
+    assert (context.src_mac, context.src_ip, context.dst_ip, context.broadcast) == (
+        ME, RELAY, GW, False,
+    )  # fmt: skip
+    dest = Destination(POOL[0], 68, ME)
+    assert (dest.ip, dest.port, dest.mac, dest.broadcast) == (POOL[0], 68, ME, False)
+    assert Destination(BROADCAST_IP, 68, BROADCAST_MAC).broadcast
+    message = msg(MessageType.OFFER)
+    assert Reply(message, dest) == Reply(message, dest, (), 548)
+    full = Reply(message, dest, (Withdraw(ME, POOL[0]),), 1000)
+    assert (full.message, full.dest, full.changes, full.max_size) == (
+        message, dest, (Withdraw(ME, POOL[0]),), 1000,
+    )  # fmt: skip
+    assert context == RequestContext(ME, RELAY, GW, False)
+    assert hash(dest) == hash(Destination(POOL[0], 68, ME))
+    for record, name in ((context, "src_ip"), (dest, "ip"), (full, "max_size")):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(record, name, None)

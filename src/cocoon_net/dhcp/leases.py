@@ -121,6 +121,11 @@ Change = Grant | Renew | Release | Expire | Quarantine | Revoke | Withdraw | Hol
 class Standing(enum.Enum):
     """Where an address stands for one MAC (see LeaseTable.standing)."""
 
+    # Members hash by identity (C) rather than by name (Enum.__hash__, Python code): the
+    # policy's rule table and the sets below are looked up per packet. Enum members compare
+    # by identity, so the two agree.
+    __hash__ = object.__hash__
+
     # The address is this MAC's.
     LEASED = "leased"
     OFFERED = "offered"
@@ -155,11 +160,16 @@ _MINE = frozenset(
 _GRANTABLE = _MINE | {Standing.UNKNOWN, Standing.RECOVERED, Standing.USED}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Offer:
     mac: str
     ip: IPv4Address
     until: float
+
+    def __init__(self, mac: str, ip: IPv4Address, until: float) -> None:
+        # Built for every DISCOVER: one update of the instance dict instead of the generated
+        # frozen __init__'s object.__setattr__ per field.
+        self.__dict__.update(mac=mac, ip=ip, until=until)
 
 
 @dataclass(frozen=True)

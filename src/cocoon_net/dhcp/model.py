@@ -138,7 +138,7 @@ _MESSAGE_TYPES: dict[bytes | None, MessageType] = {bytes([t]): t for t in Messag
 _MESSAGE_TYPE = Opt.MESSAGE_TYPE
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Lease:
     """A granted address. `expires` is a UNIX timestamp (seconds, float)."""
 
@@ -147,3 +147,12 @@ class Lease:
     expires: float
     hostname: str = ""
     client_id: str = ""  # option 61 as hex, recorded and echoed, never an identity
+
+    def __init__(
+        self, mac: str, ip: IPv4Address, expires: float, hostname: str = "", client_id: str = ""
+    ) -> None:
+        # Built for every grant on the server's hot path: one update of the instance dict
+        # instead of the generated frozen __init__'s object.__setattr__ per field.
+        self.__dict__.update(
+            mac=mac, ip=ip, expires=expires, hostname=hostname, client_id=client_id
+        )
