@@ -77,6 +77,18 @@ def test_sticky_after_expiry() -> None:
     assert dora(table, mac(1), DAY + 10).ip == first
 
 
+def test_a_returning_mac_waits_while_its_last_address_is_offered_to_another() -> None:
+    table = LeaseTable(POOL[:1])
+    dora(table, mac(1), 0.0)
+    table.release(mac(1), ip(2), 10.0)
+    assert table.offer(mac(2), 20.0)[0] == ip(2)  # the only address, free
+    assert table.known_address(mac(1), 30.0) is None
+    assert table.offer(mac(1), 30.0)[0] is None  # mac(2)'s offer holds it
+    # That offer lapses at 80: the address is mac(1)'s last one again.
+    assert table.known_address(mac(1), 81.0) == ip(2)
+    assert table.offer(mac(1), 81.0)[0] == ip(2)
+
+
 def test_sticky_after_reload_from_snapshot() -> None:
     table = LeaseTable(POOL)
     dora(table, mac(1), 0.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Callable
 from dataclasses import replace
@@ -121,6 +122,14 @@ def test_client_state_per_rfc2131_4_3_2(
     if req:
         m.options[Opt.REQUESTED_IP] = POOL[0].packed
     assert policy.client_state(m, ctx(broadcast=bcast)) is state
+
+
+@pytest.mark.parametrize("length", [0, 3, 5])
+def test_an_option_50_that_is_no_address_asks_for_nothing(length: int) -> None:
+    m = msg(MessageType.REQUEST, server_id=GW, requested_ip=bytes(length))
+    assert policy.client_state(m, ctx()) is None  # SELECTING without the address it selected
+    m.options.pop(Opt.SERVER_ID)
+    assert policy.client_state(m, ctx()) is None
 
 
 def test_rule_table_is_complete() -> None:
@@ -664,3 +673,76 @@ def test_an_exhausted_pool_still_reports_the_leases_that_ran_out() -> None:
     decision = handle(msg(MessageType.DISCOVER, YOU), ctx(YOU), table, S, T0 + 20)
     assert isinstance(decision, Drop) and decision.reason == Why.POOL_EXHAUSTED
     assert [type(c).__name__ for c in decision.changes] == ["Expire"]
+
+
+# ---------------------------------------------------------------------------- reply options
+
+
+def test_clients_of_different_kinds_never_share_reply_options() -> None:
+    # Reply options are built once per kind of client and reused: each of these, asked
+    # right after another kind, must still get exactly the options of its own kind.
+    s = replace(S, mtu=1460, domain_name="cocoon.internal")
+    table = LeaseTable(POOL)
+    leased = [53, 54, 51, 58, 59]
+    kinds = [
+        (MessageType.DISCOVER, bytes([1, 3, 6]), MessageType.OFFER, [*leased, 1, 3, 6]),
+        (MessageType.DISCOVER, bytes([6, 3, 1]), MessageType.OFFER, [*leased, 6, 3, 1]),
+        (MessageType.DISCOVER, bytes([26, 15]), MessageType.OFFER, [*leased, 26, 15, 1, 3, 6]),
+        # An ACK with a lease and one without (to an INFORM), for the same list.
+        (MessageType.REQUEST, bytes([1, 3, 6]), MessageType.ACK, [*leased, 1, 3, 6]),
+        (MessageType.INFORM, bytes([1, 3, 6]), MessageType.ACK, [53, 54, 1, 3, 6]),
+        (MessageType.REQUEST, bytes([1, 3, 6]), MessageType.ACK, [*leased, 1, 3, 6]),
+    ]
+    for i, (mtype, asked, answer, codes) in enumerate(kinds * 2):
+        mac = f"02:00:00:00:01:{i:02x}"
+        addr = A("172.20.100.77")
+        if mtype is MessageType.INFORM:
+            request = msg(mtype, mac, ciaddr=addr, param_request_list=asked)
+            got = reply(handle(request, ctx(mac, src=addr), table, s, T0), answer)
+        elif mtype is MessageType.REQUEST:
+            table = LeaseTable(POOL)
+            offer = reply(
+                handle(msg(MessageType.DISCOVER, mac), ctx(mac), table, s, T0), MessageType.OFFER
+            )
+            request = msg(mtype, mac, server_id=GW, requested_ip=offer.yiaddr,
+                          param_request_list=asked)  # fmt: skip
+            got = reply(handle(request, ctx(mac), table, s, T0), answer)
+        else:
+            table = LeaseTable(POOL)
+            got = reply(handle(msg(mtype, mac, param_request_list=asked), ctx(mac), table, s, T0),
+                        answer)  # fmt: skip
+        assert list(got.options) == codes, (mtype, asked)
+
+
+def test_a_settings_reload_is_answered_with_the_new_options() -> None:
+    table = LeaseTable(POOL)
+    request = msg(MessageType.DISCOVER, param_request_list=bytes([1, 3, 6, 26]))
+    # Each reload makes new settings and drops the old ones, whose memory the next may take.
+    for i in range(30):
+        s = replace(S, dns=(A(f"10.0.0.{i + 1}"),), mtu=1000 + i, lease_time=3600 + i)
+        offer = reply(handle(request, ctx(), table, s, T0), MessageType.OFFER)
+        assert offer.options[Opt.DNS] == A(f"10.0.0.{i + 1}").packed
+        assert offer.options[Opt.INTERFACE_MTU] == options.u16(1000 + i)
+        assert offer.options[Opt.LEASE_TIME] == options.u32(3600 + i)
+        del s
+
+
+def test_context_destination_and_reply_keep_every_field_and_stay_frozen() -> None:
+    context = RequestContext(src_mac=ME, src_ip=RELAY, dst_ip=GW, broadcast=False)
+    assert (context.src_mac, context.src_ip, context.dst_ip, context.broadcast) == (
+        ME, RELAY, GW, False,
+    )  # fmt: skip
+    dest = Destination(POOL[0], 68, ME)
+    assert (dest.ip, dest.port, dest.mac, dest.broadcast) == (POOL[0], 68, ME, False)
+    assert Destination(BROADCAST_IP, 68, BROADCAST_MAC).broadcast
+    message = msg(MessageType.OFFER)
+    assert Reply(message, dest) == Reply(message, dest, (), 548)
+    full = Reply(message, dest, (Withdraw(ME, POOL[0]),), 1000)
+    assert (full.message, full.dest, full.changes, full.max_size) == (
+        message, dest, (Withdraw(ME, POOL[0]),), 1000,
+    )  # fmt: skip
+    assert context == RequestContext(ME, RELAY, GW, False)
+    assert hash(dest) == hash(Destination(POOL[0], 68, ME))
+    for record, name in ((context, "src_ip"), (dest, "ip"), (full, "max_size")):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(record, name, None)

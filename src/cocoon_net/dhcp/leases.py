@@ -121,6 +121,11 @@ Change = Grant | Renew | Release | Expire | Quarantine | Revoke | Withdraw | Hol
 class Standing(enum.Enum):
     """Where an address stands for one MAC (see LeaseTable.standing)."""
 
+    # Members hash by identity (C) rather than by name (Enum.__hash__, Python code): the
+    # policy's rule table and the sets below are looked up per packet. Enum members compare
+    # by identity, so the two agree.
+    __hash__ = object.__hash__
+
     # The address is this MAC's.
     LEASED = "leased"
     OFFERED = "offered"
@@ -155,11 +160,16 @@ _MINE = frozenset(
 _GRANTABLE = _MINE | {Standing.UNKNOWN, Standing.RECOVERED, Standing.USED}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Offer:
     mac: str
     ip: IPv4Address
     until: float
+
+    def __init__(self, mac: str, ip: IPv4Address, until: float) -> None:
+        # Built for every DISCOVER: one update of the instance dict instead of the generated
+        # frozen __init__'s object.__setattr__ per field.
+        self.__dict__.update(mac=mac, ip=ip, until=until)
 
 
 @dataclass(frozen=True)
@@ -371,8 +381,25 @@ class LeaseTable:
         return q is not None and q.until > now
 
     def known_address(self, mac: str, now: float) -> IPv4Address | None:
-        """The address the table would give this MAC without being asked, if it has one."""
-        return next(iter(self._own_candidates(mac, now)), None)
+        """The address the table would give this MAC without being asked, if it has one: the
+        first of its own addresses, in allocation order, that it can use right now."""
+        reserved = self._reserved.get(mac)
+        # Reserved, or already leased/offered to it: not while someone else still holds it.
+        if reserved is not None and self.standing(mac, reserved, now).mine:
+            return reserved
+        lease = self.lease_of(mac, now)
+        if lease is not None:
+            return lease.ip
+        offer = self.offer_of(mac, now)
+        if offer is not None:
+            return offer.ip
+        last = self._last_ip.get(mac)
+        if last is not None and self.standing(mac, last, now) is Standing.REMEMBERED:
+            return last
+        for ip in sorted(self._recovered_of.get(mac, ())):  # the lowest first
+            if self.standing(mac, ip, now) is Standing.RECOVERED_MINE:
+                return ip
+        return None
 
     def standing(self, mac: str, ip: IPv4Address, now: float) -> Standing:
         """Where `ip` stands for `mac`, first match wins (the order is the precedence)."""
@@ -485,25 +512,6 @@ class LeaseTable:
         )
 
     # ------------------------------------------------------------------ allocation
-
-    def _own_candidates(self, mac: str, now: float) -> Iterable[IPv4Address]:
-        """This MAC's own addresses in allocation order, each only if usable right now."""
-        reserved = self._reserved.get(mac)
-        # Reserved, or already leased/offered to it: not while someone else still holds it.
-        if reserved is not None and self.standing(mac, reserved, now).mine:
-            yield reserved
-        lease = self.lease_of(mac, now)
-        if lease is not None:
-            yield lease.ip
-        offer = self.offer_of(mac, now)
-        if offer is not None:
-            yield offer.ip
-        last = self._last_ip.get(mac)
-        if last is not None and self.standing(mac, last, now) is Standing.REMEMBERED:
-            yield last
-        for ip in sorted(self._recovered_of.get(mac, ()), key=int):
-            if self.standing(mac, ip, now) is Standing.RECOVERED_MINE:
-                yield ip
 
     def _free_for_new(self, ip: IPv4Address, now: float) -> bool:
         """Free to hand to a MAC that has no claim on it (step 6 of the allocation order)."""

@@ -8,15 +8,10 @@ recently seen one dropped (it then restarts full, the only approximation made).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from cocoon_net.dhcp.settings import DhcpSettings
 
-
-@dataclass(frozen=True)
-class _Bucket:
-    tokens: float
-    stamp: float
+# (tokens, when they were counted): a tuple, as every packet makes a new one.
+_Bucket = tuple[float, float]
 
 
 class RateLimiter:
@@ -36,8 +31,9 @@ class RateLimiter:
 
     def _tokens(self, bucket: _Bucket, now: float) -> float:
         # A clock that stepped back refills nothing rather than going negative.
-        elapsed = max(0.0, now - bucket.stamp)
-        return min(self.burst, bucket.tokens + elapsed * self.rate)
+        tokens, stamp = bucket
+        elapsed = max(0.0, now - stamp)
+        return min(self.burst, tokens + elapsed * self.rate)
 
     def allow(self, key: str, now: float) -> bool:
         """Take one token for `key`; False when its bucket is empty."""
@@ -46,7 +42,7 @@ class RateLimiter:
         allowed = tokens >= 1.0
         if allowed:
             tokens -= 1.0
-        self._buckets[key] = _Bucket(tokens, now)
+        self._buckets[key] = (tokens, now)
         if len(self._buckets) > self.max_clients:
             self._evict(now)
         return allowed
