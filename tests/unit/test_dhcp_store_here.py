@@ -254,3 +254,48 @@ def test_a_commit_here_reports_its_fdatasync_time(path: Path) -> None:
         assert len(took) == 1 and isinstance(took[0], float) and 0 <= took[0] < 60
     finally:
         s.close()
+
+
+class CountedCondition(threading.Condition):
+    """The store's condition, counting the waits of the writer thread."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writer_waits = 0
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if threading.current_thread().name == "lease-journal":
+            self.writer_waits += 1
+        return super().wait(timeout)
+
+
+def test_a_writer_woken_for_nothing_during_a_commit_here_is_not_woken_again_after_it(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Otherwise back-to-back commits here keep waking an idle writer, one wake-up each."""
+    s = LeaseStore(path, monotonic=Clock())
+    cond = s._cond = CountedCondition()
+    s.open()
+    idle(s)
+    real = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        waits = cond.writer_waits
+        with cond:
+            cond.notify()  # a wake-up with no work behind it
+        deadline = time.monotonic() + 10
+        while cond.writer_waits == waits:  # the writer looked and went back to its wait
+            assert time.monotonic() < deadline, "the writer never waited again"
+            time.sleep(0.001)
+        woken.append(s._wake)  # whether it asked to be woken after this write
+        real(fd)
+
+    woken: list[bool] = []
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    try:
+        assert s.commit_here([Record.grant(lease(1))])
+        assert woken == [False]
+    finally:
+        monkeypatch.setattr(os, "fdatasync", real)
+        s.close()
+    assert ips(load(path)) == {lease(1).mac: "10.0.0.1"}

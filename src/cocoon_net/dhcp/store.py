@@ -684,18 +684,21 @@ class LeaseStore:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._error and (self._here or not (self._queue or self._closing)):
-                    if self._here:
-                        self._wake = True  # whatever woke us is looked at once it is done
-                        wait = None
+                while not self._error:
+                    wait = None  # without work or deadline: until a commit or close comes
+                    if self._queue or self._closing:
+                        due = True
                     elif self._snapshot is not None:
-                        if self._snapshot.done:
-                            break
-                        wait = None  # until it is done or a commit comes
+                        due = self._snapshot.done  # else until it is done or a commit comes
                     else:
                         wait = self._snapshot_wait()
-                        if wait is not None and wait <= 0:
-                            break
+                        due = wait is not None and wait <= 0
+                    if due and not self._here:
+                        break
+                    if due:
+                        # commit_here() holds our place: it wakes us once it is done. Only
+                        # then: woken for nothing, each write here would wake us again.
+                        self._wake, wait = True, None
                     self._idle = True
                     self._cond.wait(wait)
                     self._idle = False
