@@ -18,7 +18,7 @@ import pytest
 from cocoon_net.dhcp.leasefile import Record
 from cocoon_net.dhcp.store import LeaseStore, Role, load, role_path
 from cocoon_net.errors import StateError
-from tests.unit.test_dhcp_store import Clock, caught_up, go_view, ips, lease
+from tests.unit.test_dhcp_store import Clock, caught_up, go_view, ips, journal_records, lease
 
 
 @pytest.fixture
@@ -94,7 +94,7 @@ def test_a_commit_here_waits_its_turn_behind_the_writer(
         await asyncio.wait_for(asyncio.gather(first, second), 10)
 
     asyncio.run(run())
-    lines = journal.read_bytes().splitlines()
+    lines = journal_records(path).splitlines()
     assert [b'"ip":"10.0.0.1"' in lines[0], b'"ip":"10.0.0.2"' in lines[1]] == [True, True]
     assert len(lines) == 2
 

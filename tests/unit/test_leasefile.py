@@ -278,6 +278,31 @@ def test_torn_tail_is_ignored_and_corrupt_lines_are_counted(
     assert (report.corrupt, report.torn_tail) == (1, False)
 
 
+@given(st.lists(records(), max_size=30), records(), st.data())
+def test_zeros_after_the_records_are_padding_and_a_record_cut_before_them_is_torn(
+    recs: list[Record], cut: Record, data: st.DataObject
+) -> None:
+    """The store writes zeros ahead of its next record; replay takes them for no line, and
+    a record a crash cut short before them (parts of it zeros: pages that did not reach
+    the disk) for a torn tail. `end` is where the next record goes."""
+    whole = journal(recs)
+    pad = b"\0" * data.draw(st.integers(0, 5000))
+    state, report = replay(LeaseState(), whole + pad)
+    assert view(state) == model(recs)
+    assert (report.records, report.corrupt, report.torn_tail) == (len(recs), 0, False)
+    assert report.end == len(whole)
+
+    line = encode_record(cut, len(recs) + 1)
+    torn = bytearray(line[: data.draw(st.integers(1, len(line) - 1))])
+    start = data.draw(st.integers(0, len(torn) - 1))
+    stop = data.draw(st.integers(start, len(torn) - 1))  # the fragment's last byte stays
+    torn[start:stop] = bytes(stop - start)
+    state, report = replay(LeaseState(), whole + torn + b"\0" + pad)
+    assert view(state) == model(recs)
+    assert (report.records, report.corrupt, report.torn_tail) == (len(recs), 0, True)
+    assert report.end == len(whole)
+
+
 def test_stale_release_is_a_noop_and_seq_order_is_checked() -> None:
     lease = Lease(MACS[0], IPS[0], 100.0)
     recs = [Record.grant(lease), Record.release(Lease(MACS[0], IPS[1], 0.0))]

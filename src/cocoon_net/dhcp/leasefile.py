@@ -442,12 +442,20 @@ class ReplayReport:
     torn_tail: bool = False  # the last line had no newline: a write cut short by a crash
     out_of_order: int = 0  # lines whose seq did not increase (file order still wins)
     last_seq: int = 0
+    end: int = 0  # offset just past the last complete line: where the next record goes
 
 
 def replay(snapshot: LeaseState, journal: bytes) -> tuple[LeaseState, ReplayReport]:
-    """Pure: the table after applying the journal's complete lines to a copy of snapshot."""
+    """Pure: the table after applying the journal's complete lines to a copy of snapshot.
+
+    The journal may end in NUL bytes: zeros written ahead of the next record (the store keeps
+    its file extended, so that a commit's fdatasync need not update its size). They are not
+    a line; a record cut short by a crash before them is a torn tail like one at the end of
+    the file. A NUL inside a complete line makes that line corrupt: it is never padding.
+    """
     state = snapshot.copy()
-    *lines, tail = journal.split(b"\n")
+    data = journal.rstrip(b"\0")
+    *lines, tail = data.split(b"\n")
     applied = noops = corrupt = out_of_order = last_seq = 0
     for line in lines:
         try:
@@ -461,5 +469,6 @@ def replay(snapshot: LeaseState, journal: bytes) -> tuple[LeaseState, ReplayRepo
         if seq <= last_seq:
             out_of_order += 1
         last_seq = max(last_seq, seq)
-    report = ReplayReport(applied, noops, corrupt, bool(tail), out_of_order, last_seq)
+    end = len(data) - len(tail)
+    report = ReplayReport(applied, noops, corrupt, bool(tail), out_of_order, last_seq, end)
     return state, report
