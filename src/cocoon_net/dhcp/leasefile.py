@@ -19,6 +19,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from ipaddress import IPv4Address
+from json.encoder import encode_basestring_ascii as _json_str  # json.dumps' escaper (C)
 from typing import Any
 
 from cocoon_net.config import ipv4_int
@@ -266,16 +267,20 @@ _COMPACT = json.JSONEncoder(separators=(",", ":"))
 
 
 def encode_record(record: Record, seq: int) -> bytes:
-    out: dict[str, Any] = {"seq": seq, "op": record.op.value, "ip": str(record.ip)}
+    """One journal line: byte for byte what _COMPACT writes for the record's object, built
+    without the encoder's walk of a dict (most of a commit's Python cost). Text that comes
+    from outside (MAC, hostname, client id) goes through json's own string escaper; numbers
+    are written as json writes them (repr)."""
+    line = f'{{"seq":{seq!r},"op":"{record.op.value}","ip":"{record.ip}"'
     if record.mac:
-        out["mac"] = record.mac
+        line += ',"mac":' + _json_str(record.mac)
     if record.op is not Op.UNQUARANTINE and record.expires:
-        out["expires"] = record.expires
+        line += f',"expires":{record.expires!r}'
     if record.hostname:
-        out["hostname"] = record.hostname
+        line += ',"hostname":' + _json_str(record.hostname)
     if record.client_id:
-        out["clientId"] = record.client_id
-    return _COMPACT.encode(out).encode() + b"\n"
+        line += ',"clientId":' + _json_str(record.client_id)
+    return (line + "}\n").encode()
 
 
 def decode_record(line: bytes) -> tuple[int, Record]:
