@@ -600,6 +600,15 @@ def caught_up(path: Path, s: LeaseStore) -> None:
         time.sleep(0.02)
 
 
+def idle(s: LeaseStore) -> None:
+    """Wait (real time) until the writer waits for work, as it does between commits: done
+    with the batch before, and with deciding whether a snapshot is due after it."""
+    deadline = time.monotonic() + 10
+    while not s._idle:
+        assert time.monotonic() < deadline, "the writer never went idle"
+        time.sleep(0.001)
+
+
 def settled(s: LeaseStore, *, compactions: int = 0, failures: int = 0) -> StoreStats:
     """Wait (real time) until this many compactions have ended, well or not: they write
     leases.json beside the commits, so a commit returning says nothing about them."""
@@ -663,6 +672,7 @@ def test_commits_are_not_held_up_while_a_snapshot_is_written(
         # What the journal kept is as old as when it was written: once the lag has run out
         # for it, the next commit starts the next snapshot.
         written = hashlib.sha256(path.read_bytes()).hexdigest()
+        idle(s)  # else it may see the lag run out before it wrote 10, and leave 10 out
         clock.now += 61
         grant(s, 10)
         settled(s, compactions=3)
@@ -854,6 +864,7 @@ def test_a_failed_journal_replacement_loses_nothing_and_each_streak_is_logged(
 
     def write_behind(*ns: int, compactions: int = 0, failures: int = 0) -> None:
         grant(s, *ns)  # behind since now, if nothing was before
+        idle(s)  # it decided about a snapshot after that batch with the clock as it was
         clock.now += RETRY_MAX_S + 1  # past the lag and any back-off
         grant(s, 100 + ns[0])  # after this batch the writer starts the snapshot
         settled(s, compactions=compactions, failures=failures)

@@ -18,20 +18,20 @@ import pytest
 from cocoon_net.dhcp.leasefile import Record
 from cocoon_net.dhcp.store import LeaseStore, Role, load, role_path
 from cocoon_net.errors import StateError
-from tests.unit.test_dhcp_store import Clock, caught_up, go_view, ips, journal_records, lease
+from tests.unit.test_dhcp_store import (
+    Clock,
+    caught_up,
+    go_view,
+    idle,
+    ips,
+    journal_records,
+    lease,
+)
 
 
 @pytest.fixture
 def path(tmp_path: Path) -> Path:
     return tmp_path / "state" / "leases.json"
-
-
-def idle(s: LeaseStore) -> None:
-    """Wait (real time) until the writer waits for work, as it does between commits."""
-    deadline = time.monotonic() + 10
-    while not s._idle:
-        assert time.monotonic() < deadline, "the writer never went idle"
-        time.sleep(0.001)
 
 
 @pytest.fixture

@@ -18,8 +18,7 @@ import pytest
 from cocoon_net.dhcp.leasefile import Record, encode_record
 from cocoon_net.dhcp.store import LeaseStore, Role, load, role_path
 from cocoon_net.errors import StateError
-from tests.unit.test_dhcp_store import Clock, caught_up, ips, journal_records, lease
-from tests.unit.test_dhcp_store_here import idle
+from tests.unit.test_dhcp_store import Clock, caught_up, idle, ips, journal_records, lease
 
 CHUNK = 4096
 
