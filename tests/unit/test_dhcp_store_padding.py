@@ -9,7 +9,7 @@ import asyncio
 import errno
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,13 @@ def journal_size(path: Path) -> int:
 
 def seqs(path: Path) -> list[int]:
     return [int(line.split(b",")[0].removeprefix(b'{"seq":')) for line in lines(path)]
+
+
+def restarts_with(path: Path, ns: Iterable[int]) -> None:
+    """A start on these files finds exactly the leases ns, no line corrupt or torn."""
+    got = load(path)
+    assert ips(got) == {lease(n).mac: str(lease(n).ip) for n in ns}
+    assert (got.report.journal.corrupt, got.report.journal.torn_tail) == (0, False)
 
 
 def lines(path: Path) -> list[bytes]:
@@ -85,9 +92,7 @@ def test_records_go_over_zeros_that_grow_a_chunk_at_a_time(
     size = journal_size(path)
     assert size % CHUNK == 0 and end + CHUNK // 4 <= size <= end + CHUNK + 4096
     assert seqs(path) == list(range(1, 121))
-    got = load(path)
-    assert ips(got) == {lease(n).mac: str(lease(n).ip) for n in range(1, 121)}
-    assert (got.report.journal.corrupt, got.report.journal.torn_tail) == (0, False)
+    restarts_with(path, range(1, 121))
 
 
 def test_a_restart_after_a_crash_resumes_at_the_end_of_the_records(path: Path) -> None:
@@ -103,9 +108,7 @@ def test_a_restart_after_a_crash_resumes_at_the_end_of_the_records(path: Path) -
     finally:
         s.close(compact=False)
     assert seqs(path) == [1, 2, 3, 4, 5]  # none lost, none written twice
-    got = load(path)
-    assert ips(got) == {lease(n).mac: str(lease(n).ip) for n in range(1, 6)}
-    assert (got.report.journal.corrupt, got.report.journal.torn_tail) == (0, False)
+    restarts_with(path, range(1, 6))
 
 
 def test_a_record_torn_before_the_zeros_is_cut_and_leaves_no_trace(path: Path) -> None:
@@ -128,9 +131,7 @@ def test_a_record_torn_before_the_zeros_is_cut_and_leaves_no_trace(path: Path) -
     finally:
         s.close(compact=False)
     assert seqs(path) == [1, 2, 3]  # the torn record had seq 3, never acknowledged
-    got = load(path)
-    assert ips(got) == {lease(n).mac: str(lease(n).ip) for n in (1, 2, 4)}
-    assert (got.report.journal.corrupt, got.report.journal.torn_tail) == (0, False)
+    restarts_with(path, (1, 2, 4))
     assert journal_size(path) > len(journal_records(path))  # padded again
 
 
@@ -153,9 +154,7 @@ def test_a_rotated_journal_gets_zeros_of_its_own(
         assert writes[0][0] == 0
     finally:
         s.close(compact=False)
-    got = load(path)
-    assert ips(got) == {lease(n).mac: str(lease(n).ip) for n in (1, 2, 3)}
-    assert (got.report.journal.corrupt, got.report.journal.torn_tail) == (0, False)
+    restarts_with(path, (1, 2, 3))
 
 
 def test_a_journal_of_zeros_only_counts_as_empty_at_open(path: Path) -> None:
@@ -218,8 +217,7 @@ def test_a_disk_full_while_writing_zeros_fails_no_commit(
         s.close(compact=False)
     assert seqs(path) == list(range(1, 40))
     assert journal_size(path) == len(journal_records(path))
-    got = load(path)
-    assert ips(got) == {lease(n).mac: str(lease(n).ip) for n in range(1, 40)}
+    restarts_with(path, range(1, 40))
 
 
 def test_an_io_error_writing_zeros_fails_the_store(

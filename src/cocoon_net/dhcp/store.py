@@ -40,8 +40,8 @@ Journal lines (each sets or deletes whole entries, so replaying a line twice cha
     {"seq":43,"op":"release","ip":"172.20.100.7","mac":"52:54:00:12:34:56"}
     {"seq":44,"op":"hold","ip":"172.20.100.8","expires":1775372400.0}
 
-The journal file runs on past its last line with zeros, written and fdatasync'ed a chunk
-(1 MiB) ahead by the writer between batches: a record written over zeros already on disk
+The journal file runs on past its last line with zeros, written and fsync'ed a chunk (1 MiB)
+ahead by the writer between batches: a record written over zeros already on disk
 costs its fdatasync the data and a cache flush, where one that grows the file also costs an
 inode write (LeaseStore._pad; with the disk nearly full it grows as it did without them).
 Records go at a tracked offset, never O_APPEND.
@@ -708,7 +708,7 @@ class LeaseStore:
         return self._end >= self._pad_at
 
     def _pad(self) -> None:
-        """Write zeros a chunk ahead of the journal's end and fdatasync them, between batches.
+        """Write zeros a chunk ahead of the journal's end and fsync them, between batches.
 
         A record written over zeros already on disk makes its fdatasync write the data and a
         cache flush; one past the end of the file also writes the inode (the new size). The
@@ -774,8 +774,9 @@ class LeaseStore:
                     if due and not self._here:
                         break
                     if due:
-                        # commit_here() holds our place: it wakes us once it is done. Only
-                        # then: woken for nothing, each write here would wake us again.
+                        # commit_here() holds our place: it wakes us once it is done. Asked
+                        # only with work waiting: asked after any wake-up, every write here
+                        # would wake us once more, for nothing.
                         self._wake, wait = True, None
                     self._idle = True
                     self._cond.wait(wait)
