@@ -9,6 +9,7 @@ import asyncio
 import errno
 import logging
 import os
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import pytest
 
 from cocoon_net.dhcp.leasefile import Record, encode_record
-from cocoon_net.dhcp.store import LeaseStore, Role, load, role_path
+from cocoon_net.dhcp.store import PAD_RESERVE, LeaseStore, Role, load, role_path
 from cocoon_net.errors import StateError
 from tests.unit.test_dhcp_store import Clock, caught_up, idle, ips, journal_records, lease
 
@@ -60,11 +61,14 @@ def lines(path: Path) -> list[bytes]:
 
 @pytest.fixture
 def writes(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[int, int, int]]]:
-    """(offset, length, journal size before) of every record written to a journal."""
+    """(offset, length, journal size before) of every record written to a journal. Zeros
+    are written 1000 bytes at a time, as short writes may be."""
     seen: list[tuple[int, int, int]] = []
     real = os.pwrite
 
     def pwrite(fd: int, data: Any, offset: int) -> int:
+        if bytes(data[:1]) == b"\0":
+            return real(fd, data[:1000], offset)
         if bytes(data[:1]) == b"{" and os.readlink(f"/proc/self/fd/{fd}").endswith(".journal"):
             seen.append((offset, len(data), os.fstat(fd).st_size))
         return real(fd, data, offset)
@@ -73,8 +77,36 @@ def writes(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[int, int, int
     yield seen
 
 
+@pytest.fixture
+def pads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The journal's size after each fsync of it (the records' syncs are fdatasyncs)."""
+    sizes: list[int] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        real(fd)
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".journal"):
+            sizes.append(os.fstat(fd).st_size)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return sizes
+
+
+def free_space(monkeypatch: pytest.MonkeyPatch, free: int) -> None:
+    """The journal's filesystem reports `free` bytes available."""
+    real = os.fstatvfs
+
+    def fstatvfs(fd: int) -> os.statvfs_result:
+        got = real(fd)
+        fields = list(got)
+        fields[4] = free // got.f_frsize  # f_bavail
+        return os.statvfs_result(fields)
+
+    monkeypatch.setattr(os, "fstatvfs", fstatvfs)
+
+
 def test_records_go_over_zeros_that_grow_a_chunk_at_a_time(
-    path: Path, writes: list[tuple[int, int, int]]
+    path: Path, writes: list[tuple[int, int, int]], pads: list[int]
 ) -> None:
     s = padded_store(path)
     try:
@@ -83,6 +115,8 @@ def test_records_go_over_zeros_that_grow_a_chunk_at_a_time(
             grant(s, n)
     finally:
         s.close(compact=False)  # as after a crash: the zeros stay
+    # Once per three quarters of a chunk of records, not once per batch.
+    assert 4 <= len(pads) <= 6 and pads == sorted(set(pads)), pads
     assert len(writes) == 120
     assert all(offset + length <= size for offset, length, size in writes), writes
     end = len(journal_records(path))
@@ -95,20 +129,42 @@ def test_records_go_over_zeros_that_grow_a_chunk_at_a_time(
     restarts_with(path, range(1, 121))
 
 
-def test_a_restart_after_a_crash_resumes_at_the_end_of_the_records(path: Path) -> None:
+def test_zeros_used_up_by_commits_here_are_extended_by_the_writer(
+    path: Path, writes: list[tuple[int, int, int]]
+) -> None:
+    s = padded_store(path, snapshot_lag=60.0)  # the writer's own deadline is a minute away
+    try:
+        for n in range(1, 80):  # some 7 KB
+            idle(s)
+            assert s.commit_here([Record.grant(lease(n))])
+            deadline = time.monotonic() + 10
+            while s._padding_due():  # the write here woke the writer to extend them
+                assert time.monotonic() < deadline, "the zeros were never extended"
+                time.sleep(0.001)
+    finally:
+        s.close(compact=False)
+    assert all(offset + length <= size for offset, length, size in writes), writes
+    restarts_with(path, range(1, 80))
+
+
+def test_a_restart_after_a_crash_resumes_at_the_end_of_the_records(
+    path: Path, writes: list[tuple[int, int, int]]
+) -> None:
     s = padded_store(path)
     grant(s, 1, 2)
     grant(s, 3)
     s.close(compact=False)
     assert journal_size(path) > len(journal_records(path))  # zeros after the records
     s = padded_store(path)
+    writes.clear()
     try:
-        grant(s, 4)
-        grant(s, 5)
+        for n in range(4, 80):  # past the zeros found at the start: they are extended
+            grant(s, n)
     finally:
         s.close(compact=False)
-    assert seqs(path) == [1, 2, 3, 4, 5]  # none lost, none written twice
-    restarts_with(path, range(1, 6))
+    assert all(offset + length <= size for offset, length, size in writes), writes
+    assert seqs(path) == list(range(1, 80))  # none lost, none written twice
+    restarts_with(path, range(1, 80))
 
 
 def test_a_record_torn_before_the_zeros_is_cut_and_leaves_no_trace(path: Path) -> None:
@@ -169,15 +225,7 @@ def test_a_journal_of_zeros_only_counts_as_empty_at_open(path: Path) -> None:
 def test_with_too_little_free_space_the_journal_grows_without_zeros(
     path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    real = os.fstatvfs
-
-    def short(fd: int) -> os.statvfs_result:
-        got = real(fd)
-        fields = list(got)
-        fields[4] = (60 << 20) // got.f_frsize  # f_bavail: under the reserve
-        return os.statvfs_result(fields)
-
-    monkeypatch.setattr(os, "fstatvfs", short)
+    free_space(monkeypatch, PAD_RESERVE + CHUNK - 4096)
     caplog.set_level(logging.WARNING, "cocoon_net.dhcp.store")
     s = padded_store(path)
     try:
@@ -191,33 +239,52 @@ def test_with_too_little_free_space_the_journal_grows_without_zeros(
     assert len(unpadded) == 1  # logged once, not per try
 
 
-def test_a_disk_full_while_writing_zeros_fails_no_commit(
-    path: Path, monkeypatch: pytest.MonkeyPatch
+def test_with_the_reserve_and_a_chunk_free_the_zeros_are_written(
+    path: Path, monkeypatch: pytest.MonkeyPatch, writes: list[tuple[int, int, int]]
 ) -> None:
-    """The zeros written before the disk filled up are padding; records go past them."""
+    free_space(monkeypatch, PAD_RESERVE + CHUNK)  # each extension is one chunk: just enough
+    s = padded_store(path)
+    try:
+        for n in range(1, 80):
+            grant(s, n)
+    finally:
+        s.close(compact=False)
+    assert all(offset + length <= size for offset, length, size in writes), writes
+    restarts_with(path, range(1, 80))
+
+
+def test_a_disk_full_while_writing_zeros_fails_no_commit(
+    path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The zeros written before the disk filled up are padding; records go past them. The
+    first failure after zeros were written is logged, and only that one."""
     real = os.pwrite
-    room = [1000]
+    room = [CHUNK + 1000]  # the zeros at open fit, then part of the next ones
 
     def full(fd: int, data: Any, offset: int) -> int:
         if bytes(data[:1]) == b"\0":
-            if room[0]:  # part of them fits
-                written, room[0] = real(fd, data[: room[0]], offset), 0
+            if room[0]:
+                written = real(fd, data[: room[0]], offset)
+                room[0] -= written
                 return written
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(fd, data, offset)
 
     monkeypatch.setattr(os, "pwrite", full)
+    caplog.set_level(logging.WARNING, "cocoon_net.dhcp.store")
     s = padded_store(path)
     try:
-        assert journal_size(path) == 1000
-        for n in range(1, 40):  # some 3.5 KB: over the zeros, then past them
+        assert journal_size(path) == CHUNK
+        for n in range(1, 80):  # some 7 KB: over the zeros, then past them
             grant(s, n)
         assert not s.stats().failed
     finally:
         s.close(compact=False)
-    assert seqs(path) == list(range(1, 40))
+    assert seqs(path) == list(range(1, 80))
     assert journal_size(path) == len(journal_records(path))
-    restarts_with(path, range(1, 40))
+    restarts_with(path, range(1, 80))
+    unpadded = [r for r in caplog.records if "store.journal.unpadded" in r.getMessage()]
+    assert len(unpadded) == 1 and "No space left on device" in unpadded[0].getMessage()
 
 
 def test_an_io_error_writing_zeros_fails_the_store(
