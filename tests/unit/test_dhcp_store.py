@@ -55,6 +55,15 @@ def journal_bytes(*records: Record, first_seq: int = 1) -> bytes:
     return b"".join(encode_record(r, seq) for seq, r in enumerate(records, first_seq))
 
 
+def journal_records(path: Path) -> bytes:
+    """What the journal of `path` holds before the zeros written ahead of its next record;
+    fails if anything but zeros follows them."""
+    data = role_path(path, Role.JOURNAL).read_bytes()
+    records = data.rstrip(b"\0")
+    assert records == b"" or records.endswith(b"\n"), "a record cut short before the zeros"
+    return records
+
+
 def go_snapshot(*leases: Lease) -> bytes:
     rows = [{"mac": x.mac, "ip": str(x.ip), "expiry": "2026-04-05T06:00:00Z"} for x in leases]
     return json.dumps(rows, indent=2).encode()
@@ -576,7 +585,7 @@ def test_write_behind_writes_leases_json_after_the_lag(path: Path) -> None:
     # Expiries as Go reads them: the lease's end, rounded up to a whole second.
     read = golease.read(path.read_bytes(), T0 - 1)
     assert {x.mac: x.expiry for x in read.leases}[lease(3).mac] == T0 + 3
-    assert role_path(path, Role.JOURNAL).stat().st_size < 400  # folded in, then truncated
+    assert len(journal_records(path)) < 400  # folded in, then rotated
     s.close(compact=False)  # as after a crash: whatever the journal holds is replayed
     got = load(path)
     assert ips(got) == {lease(n).mac: f"10.0.0.{n}" for n in range(1, 6)}
@@ -589,6 +598,15 @@ def caught_up(path: Path, s: LeaseStore) -> None:
     while (stats := s.stats()).compactions < 2 or stats.journal_records:
         assert time.monotonic() < deadline, "leases.json never caught up"
         time.sleep(0.02)
+
+
+def idle(s: LeaseStore) -> None:
+    """Wait (real time) until the writer waits for work, as it does between commits: done
+    with the batch before, and with deciding whether a snapshot is due after it."""
+    deadline = time.monotonic() + 10
+    while not s._idle:
+        assert time.monotonic() < deadline, "the writer never went idle"
+        time.sleep(0.001)
 
 
 def settled(s: LeaseStore, *, compactions: int = 0, failures: int = 0) -> StoreStats:
@@ -642,7 +660,7 @@ def test_commits_are_not_held_up_while_a_snapshot_is_written(
         settled(s, compactions=2)
         snapshot = set(go_view(path))
         assert {lease(1).mac, lease(2).mac} <= snapshot <= {lease(n).mac for n in (1, 2, 3)}
-        journal = role_path(path, Role.JOURNAL).read_bytes()
+        journal = journal_records(path)
         held, _ = replay(LeaseState(), journal)
         assert set(held.leases) == {lease(n).mac for n in range(1, 9)} - snapshot
         stats = s.stats()
@@ -654,6 +672,7 @@ def test_commits_are_not_held_up_while_a_snapshot_is_written(
         # What the journal kept is as old as when it was written: once the lag has run out
         # for it, the next commit starts the next snapshot.
         written = hashlib.sha256(path.read_bytes()).hexdigest()
+        idle(s)  # else it may see the lag run out before it wrote 10, and leave 10 out
         clock.now += 61
         grant(s, 10)
         settled(s, compactions=3)
@@ -845,6 +864,7 @@ def test_a_failed_journal_replacement_loses_nothing_and_each_streak_is_logged(
 
     def write_behind(*ns: int, compactions: int = 0, failures: int = 0) -> None:
         grant(s, *ns)  # behind since now, if nothing was before
+        idle(s)  # it decided about a snapshot after that batch with the clock as it was
         clock.now += RETRY_MAX_S + 1  # past the lag and any back-off
         grant(s, 100 + ns[0])  # after this batch the writer starts the snapshot
         settled(s, compactions=compactions, failures=failures)
@@ -989,7 +1009,7 @@ def test_a_commit_returns_after_its_records_were_written_and_fdatasynced(
         assert synced and b'"ip":"10.0.0.2"' in synced[-1]
         asyncio.run(s.commit([Record.grant(lease(3))]))
         assert b'"ip":"10.0.0.3"' in synced[-1]
-        journal = role_path(path, Role.JOURNAL).read_bytes()
+        journal = journal_records(path)
         stats = s.stats()
         assert (stats.batches, stats.records, stats.last_batch) == (2, 3, 1)
         assert (stats.journal_records, stats.journal_bytes) == (3, len(journal))

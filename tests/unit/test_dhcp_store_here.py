@@ -18,20 +18,20 @@ import pytest
 from cocoon_net.dhcp.leasefile import Record
 from cocoon_net.dhcp.store import LeaseStore, Role, load, role_path
 from cocoon_net.errors import StateError
-from tests.unit.test_dhcp_store import Clock, caught_up, go_view, ips, lease
+from tests.unit.test_dhcp_store import (
+    Clock,
+    caught_up,
+    go_view,
+    idle,
+    ips,
+    journal_records,
+    lease,
+)
 
 
 @pytest.fixture
 def path(tmp_path: Path) -> Path:
     return tmp_path / "state" / "leases.json"
-
-
-def idle(s: LeaseStore) -> None:
-    """Wait (real time) until the writer waits for work, as it does between commits."""
-    deadline = time.monotonic() + 10
-    while not s._idle:
-        assert time.monotonic() < deadline, "the writer never went idle"
-        time.sleep(0.001)
 
 
 @pytest.fixture
@@ -94,7 +94,7 @@ def test_a_commit_here_waits_its_turn_behind_the_writer(
         await asyncio.wait_for(asyncio.gather(first, second), 10)
 
     asyncio.run(run())
-    lines = journal.read_bytes().splitlines()
+    lines = journal_records(path).splitlines()
     assert [b'"ip":"10.0.0.1"' in lines[0], b'"ip":"10.0.0.2"' in lines[1]] == [True, True]
     assert len(lines) == 2
 
@@ -254,3 +254,48 @@ def test_a_commit_here_reports_its_fdatasync_time(path: Path) -> None:
         assert len(took) == 1 and isinstance(took[0], float) and 0 <= took[0] < 60
     finally:
         s.close()
+
+
+class CountedCondition(threading.Condition):
+    """The store's condition, counting the waits of the writer thread."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writer_waits = 0
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if threading.current_thread().name == "lease-journal":
+            self.writer_waits += 1
+        return super().wait(timeout)
+
+
+def test_a_writer_woken_for_nothing_during_a_commit_here_is_not_woken_again_after_it(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Otherwise back-to-back commits here keep waking an idle writer, one wake-up each."""
+    s = LeaseStore(path, monotonic=Clock())
+    cond = s._cond = CountedCondition()
+    s.open()
+    idle(s)
+    real = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        waits = cond.writer_waits
+        with cond:
+            cond.notify()  # a wake-up with no work behind it
+        deadline = time.monotonic() + 10
+        while cond.writer_waits == waits:  # the writer looked and went back to its wait
+            assert time.monotonic() < deadline, "the writer never waited again"
+            time.sleep(0.001)
+        woken.append(s._wake)  # whether it asked to be woken after this write
+        real(fd)
+
+    woken: list[bool] = []
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    try:
+        assert s.commit_here([Record.grant(lease(1))])
+        assert woken == [False]
+    finally:
+        monkeypatch.setattr(os, "fdatasync", real)
+        s.close()
+    assert ips(load(path)) == {lease(1).mac: "10.0.0.1"}

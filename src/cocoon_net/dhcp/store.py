@@ -40,11 +40,21 @@ Journal lines (each sets or deletes whole entries, so replaying a line twice cha
     {"seq":43,"op":"release","ip":"172.20.100.7","mac":"52:54:00:12:34:56"}
     {"seq":44,"op":"hold","ip":"172.20.100.8","expires":1775372400.0}
 
+The journal file runs on past its last line with zeros, written and fsync'ed a chunk (1 MiB)
+ahead by the writer between batches: a record written over zeros already on disk
+costs its fdatasync the data and a cache flush, where one that grows the file also costs an
+inode write (LeaseStore._pad; with the disk nearly full it grows as it did without them).
+Records go at a tracked offset, never O_APPEND.
+
 Replay: the snapshot, with history, quarantine and holds from META, then every complete
-journal line in file order; the last record for a MAC or IP wins. A final line without its
-newline is a write torn by a crash: ignored and reported. Other bad lines are counted (over
-`max_corrupt` the store refuses to start) and the journal is copied aside before it is
-truncated.
+journal line in file order; the last record for a MAC or IP wins. The zeros after the last
+line are no line. A final line without its newline, zeros or not after it, is a write torn
+by a crash: ignored, reported, and cut off at the next open, where writing resumes after
+the last complete line. Other bad lines are counted (over `max_corrupt` the store refuses to
+start) and the journal is copied aside before it is truncated. Only the last batch can be
+torn (each is fdatasync'ed before the next is written), so a line that a crash left with
+zeros where a page of it did not reach the disk costs no acknowledged record: it counts as
+corrupt, and the start is a careful one (LoadReport.complete).
 
 Compaction folds the journal into the snapshot:
 
@@ -314,7 +324,7 @@ def _recover(path: Path, max_corrupt: int, repair: bool) -> tuple[Recovered, Lea
         else:
             foreign = True
     journal = _read(journal_path) or b""
-    if foreign and journal:
+    if foreign and journal.rstrip(b"\0"):
         keep_aside(journal_path, "stale")
         journal = b""
 
@@ -341,7 +351,8 @@ def _recover(path: Path, max_corrupt: int, repair: bool) -> tuple[Recovered, Lea
             and raw is not None
             and not snapshot_lost
             and not skipped
-            and not journal
+            and not replayed.end  # nothing but padding, if anything
+            and not replayed.torn_tail
             and _digest(raw) == meta.snapshot
         ),
     )
@@ -389,6 +400,9 @@ class StoreStats:
 
 
 RETRY_MAX_S = 60.0  # the write-behind's back-off after failed snapshots stops growing here
+# Zeros are written ahead of the journal's end only while the disk keeps this much free after
+# them: they must never take the room a snapshot needs (a 60,000-lease one takes 7 MB).
+PAD_RESERVE = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -460,6 +474,7 @@ class LeaseStore:
         *,
         max_journal_records: int = 10_000,
         max_journal_bytes: int = 4 << 20,
+        journal_chunk: int = 1 << 20,
         history_retention: float = 30 * 86400,
         max_corrupt: int = 100,
         observe_fsync: Callable[[float], None] | None = None,
@@ -471,10 +486,13 @@ class LeaseStore:
     ) -> None:
         if not (snapshot_lag >= 0 and 0 < snapshot_share <= 1):
             raise ValueError(f"bad snapshot pace: lag {snapshot_lag}, share {snapshot_share}")
+        if journal_chunk < 4096:
+            raise ValueError(f"bad journal chunk: {journal_chunk} bytes")
         self.path = path
         self.journal_path = role_path(path, Role.JOURNAL)
         self.max_journal_records = max_journal_records
         self.max_journal_bytes = max_journal_bytes
+        self.journal_chunk = journal_chunk
         self.history_retention = history_retention
         self.max_corrupt = max_corrupt
         self._observe_fsync = observe_fsync
@@ -493,6 +511,10 @@ class LeaseStore:
         self._lock: StateLock | None = None
         self._fd = -1
         # Owned by the writer thread while it runs; by open() and close() otherwise.
+        self._end = 0  # the journal's offset past its last record: where the next one goes
+        self._padded = 0  # the journal's size: zeros from _end up to here
+        self._pad_at = 0  # the writer extends the zeros once _end reaches this
+        self._pad_failing = False  # the latest extension failed (logged once per streak)
         self._state = LeaseState()
         self._seq = 0
         self._snapshot_digest = ""
@@ -519,13 +541,13 @@ class LeaseStore:
             self._seq = recovered.seq
             written = _read(self.path)
             self._snapshot_digest = _digest(written)
-            self._fd = os.open(
-                self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644
-            )
+            # Not O_APPEND: records go at _end, over the zeros written ahead of them.
+            self._fd = os.open(self.journal_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
             # Rewriting files that are already what a compaction writes costs seconds with
             # 60,000 leases and changes nothing; the encoder takes the lines as they are.
             if recovered.report.current and written is not None:
                 self._encoder.adopt(self._state.leases.values(), written)
+                self._resume(0)
             elif written is not None and _sound(recovered.report):
                 # The files hold every lease as they are: the fold into leases.json is the
                 # write-behind's, once the owner serves (resume_write_behind), so that its
@@ -533,6 +555,7 @@ class LeaseStore:
                 # snapshot on disk now, so that one written by someone else meanwhile (the
                 # Go tool after a rollback) is still told apart from ours.
                 self._cut_torn_tail(recovered.report)
+                self._resume(recovered.report.journal.end)
                 meta = _meta(self._state, self._seq, self._snapshot_digest, "", self._clock())
                 atomic_write(role_path(self.path, Role.META), encode_meta(meta))
                 self._behind_since = self._monotonic()
@@ -615,7 +638,7 @@ class LeaseStore:
             self._fail_here(f"lease journal write crashed: {exc!r}")
         with self._cond:
             self._here = False
-            if self._wake or not timed:
+            if self._wake or not timed or self._padding_due():
                 self._wake = False
                 self._cond.notify()
         self._observe(took)
@@ -668,12 +691,67 @@ class LeaseStore:
 
     def _cut_torn_tail(self, report: LoadReport) -> None:
         """Drop a last line cut short by a crash, so the next record starts a line of its own
-        (glued to the fragment, it would be one corrupt line and lost at replay)."""
+        (glued to the fragment, it would be one corrupt line and lost at replay), and with it
+        any zeros after it: no byte of the fragment may outlive the record written over it."""
         if not report.journal.torn_tail:
             return
-        journal = self.journal_path.read_bytes()
-        os.ftruncate(self._fd, journal.rfind(b"\n") + 1)
+        os.ftruncate(self._fd, report.journal.end)
         os.fsync(self._fd)
+
+    def _resume(self, end: int) -> None:
+        """The next record goes at `end`, over the zeros after it, if the file has any."""
+        self._end = end
+        self._padded = os.fstat(self._fd).st_size
+        self._pad_at = max(end, self._padded - self.journal_chunk // 4)
+
+    def _padding_due(self) -> bool:
+        return self._end >= self._pad_at
+
+    def _pad(self) -> None:
+        """Write zeros a chunk ahead of the journal's end and fsync them, between batches.
+
+        A record written over zeros already on disk makes its fdatasync write the data and a
+        cache flush; one past the end of the file also writes the inode (the new size). The
+        extension runs when the zeros left fall under a quarter of a chunk, after the batch
+        that got there has been resolved: no commit waits for its own extension.
+
+        Disk full: the zeros are a saving, never a promise. ENOSPC or EDQUOT (or too little
+        space left for them beside PAD_RESERVE) leaves the journal as it is, zeros partly
+        written being padding like any other, and the next records go past the end of the
+        file; each commit then succeeds or fails exactly as an unpadded write does, and none
+        depends on this write. Any other error fails the store, like a failed commit: a disk
+        that cannot take zeros will not take records either.
+        """
+        chunk = self.journal_chunk
+        start = max(self._end, self._padded)
+        stop = -(-(self._end + chunk) // 4096) * 4096  # whole pages
+        try:
+            disk = os.fstatvfs(self._fd)
+            if disk.f_bavail * disk.f_frsize < stop - start + PAD_RESERVE:
+                raise OSError(errno.ENOSPC, "less free space than the reserve")
+            zeros = memoryview(bytes(stop - start))
+            while zeros:
+                zeros = zeros[os.pwrite(self._fd, zeros, start) :]
+                start = stop - len(zeros)
+            # fsync, not fdatasync: the size and every other piece of the inode, so that the
+            # records' fdatasyncs find nothing but their data to write.
+            os.fsync(self._fd)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            self._padded = os.fstat(self._fd).st_size
+            self._pad_at = self._end + chunk // 4
+            if not self._pad_failing:
+                log.warning(
+                    "store.journal.unpadded %s: %s; records go past its end, each fdatasync "
+                    "also writing its size (retried, not logged again)",
+                    self.journal_path,
+                    exc.strerror or exc,
+                )
+                self._pad_failing = True
+            return
+        self._padded, self._pad_at = stop, stop - chunk // 4
+        self._pad_failing = False
 
     def _release(self, lock: StateLock) -> None:
         if self._fd >= 0:
@@ -684,18 +762,22 @@ class LeaseStore:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._error and (self._here or not (self._queue or self._closing)):
-                    if self._here:
-                        self._wake = True  # whatever woke us is looked at once it is done
-                        wait = None
+                while not self._error:
+                    wait = None  # without work or deadline: until a commit or close comes
+                    if self._queue or self._closing or self._padding_due():
+                        due = True
                     elif self._snapshot is not None:
-                        if self._snapshot.done:
-                            break
-                        wait = None  # until it is done or a commit comes
+                        due = self._snapshot.done  # else until it is done or a commit comes
                     else:
                         wait = self._snapshot_wait()
-                        if wait is not None and wait <= 0:
-                            break
+                        due = wait is not None and wait <= 0
+                    if due and not self._here:
+                        break
+                    if due:
+                        # commit_here() holds our place: it wakes us once it is done. Asked
+                        # only with work waiting: asked after any wake-up, every write here
+                        # would wake us once more, for nothing.
+                        self._wake, wait = True, None
                     self._idle = True
                     self._cond.wait(wait)
                     self._idle = False
@@ -712,6 +794,8 @@ class LeaseStore:
                     return  # close() compacts once the writer is gone
                 if self._snapshot is None and self._compaction_due():
                     self._start_snapshot()
+                if not closing and self._padding_due():
+                    self._pad()
             except OSError as exc:
                 self._fail(f"lease journal {self.journal_path}: {exc.strerror or exc}", batch)
                 return
@@ -739,8 +823,10 @@ class LeaseStore:
         data_all = b"".join(lines)
         data = memoryview(data_all)
         size = len(data)
+        end = self._end
         while data:
-            data = data[os.write(self._fd, data) :]
+            written = os.pwrite(self._fd, data, end)
+            data, end = data[written:], end + written
         started = time.perf_counter()
         os.fdatasync(self._fd)
         took = time.perf_counter() - started
@@ -748,6 +834,7 @@ class LeaseStore:
         # without complaint, and loses them all at the next start.
         if os.fstat(self._fd).st_nlink == 0:
             raise OSError(errno.ENOENT, "deleted while in use")
+        self._end, self._padded = end, max(end, self._padded)
         for record in records:
             self._state.apply(record)
         snapshot = self._snapshot
@@ -759,13 +846,16 @@ class LeaseStore:
         count = len(lines)
         with self._cond:
             s = self._stats
-            self._stats = replace(
-                s,
+            # Not dataclasses.replace: it costs a commit twice as much.
+            self._stats = StoreStats(
                 batches=s.batches + 1,
                 records=s.records + count,
                 last_batch=count,
+                compactions=s.compactions,
+                compaction_failures=s.compaction_failures,
                 journal_records=s.journal_records + count,
                 journal_bytes=s.journal_bytes + size,
+                failed=s.failed,
             )
         return took
 
@@ -859,9 +949,10 @@ class LeaseStore:
             # table; the next compaction tries again.
             self._compaction_failed(str(exc), took)
             return
-        fd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        fd = os.open(self.journal_path, os.O_WRONLY | os.O_CLOEXEC)
         os.close(self._fd)
         self._fd = fd
+        self._resume(len(tail))  # the writer pads the new file before it waits again
         self._due = (self.max_journal_records, self.max_journal_bytes)
         self._behind_since = snapshot.tail_since
         self._not_before = self.pace.after_success(snapshot.started, took)
@@ -906,6 +997,7 @@ class LeaseStore:
         self._snapshot_digest = self._write_files(self._state, self._seq, self._snapshot_digest)
         os.ftruncate(self._fd, 0)
         os.fsync(self._fd)
+        self._resume(0)
         self._due = (self.max_journal_records, self.max_journal_bytes)
         self._behind_since = None
         with self._cond:
