@@ -235,8 +235,9 @@ def test_with_too_little_free_space_the_journal_grows_without_zeros(
     finally:
         s.close(compact=False)
     assert seqs(path) == list(range(1, 80))
-    unpadded = [r for r in caplog.records if "store.journal.unpadded" in r.getMessage()]
+    unpadded = [r.getMessage() for r in caplog.records if "store.journal.unpadded" in r.msg]
     assert len(unpadded) == 1  # logged once, not per try
+    assert ": less free space than the reserve;" in unpadded[0]
 
 
 def test_with_the_reserve_and_a_chunk_free_the_zeros_are_written(
