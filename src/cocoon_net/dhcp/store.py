@@ -833,8 +833,11 @@ class LeaseStore:
         os.fdatasync(self._fd)
         took = time.perf_counter() - started
         # A journal unlinked under us (its directory removed) takes writes and fsyncs
-        # without complaint, and loses them all at the next start.
-        if os.fstat(self._fd).st_nlink == 0:
+        # without complaint, and loses them all at the next start. Not fstat: a stat that
+        # reads the file's times makes the kernel (multigrain timestamps) give the next
+        # write a new mtime, which each fdatasync then writes with the inode: one more I/O
+        # and ~25 us of CPU a commit.
+        if os.readlink(f"/proc/self/fd/{self._fd}").endswith(" (deleted)"):
             raise OSError(errno.ENOENT, "deleted while in use")
         self._end, self._padded = end, max(end, self._padded)
         for record in records:
