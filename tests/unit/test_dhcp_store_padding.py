@@ -235,8 +235,9 @@ def test_with_too_little_free_space_the_journal_grows_without_zeros(
     finally:
         s.close(compact=False)
     assert seqs(path) == list(range(1, 80))
-    unpadded = [r for r in caplog.records if "store.journal.unpadded" in r.getMessage()]
+    unpadded = [r.getMessage() for r in caplog.records if "store.journal.unpadded" in r.msg]
     assert len(unpadded) == 1  # logged once, not per try
+    assert ": less free space than the reserve;" in unpadded[0]
 
 
 def test_with_the_reserve_and_a_chunk_free_the_zeros_are_written(
@@ -310,3 +311,29 @@ def test_an_io_error_writing_zeros_fails_the_store(
         s.close(compact=False)
     assert len(acked) < 59
     assert ips(load(path)) == {lease(n).mac: str(lease(n).ip) for n in acked}
+
+
+def test_a_commit_reads_none_of_the_journals_times(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stat of the journal between its writes makes the kernel give each write a new
+    mtime (multigrain timestamps), which every fdatasync then writes with the inode."""
+    s = padded_store(path)
+    stats: list[int] = []
+    real = os.fstat
+
+    def fstat(fd: int) -> os.stat_result:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".journal"):
+            stats.append(fd)
+        return real(fd)
+
+    monkeypatch.setattr(os, "fstat", fstat)
+    try:
+        grant(s, 1)
+        idle(s)
+        assert s.commit_here([Record.grant(lease(2))])
+    finally:
+        monkeypatch.setattr(os, "fstat", real)
+        s.close(compact=False)
+    assert stats == []
+    restarts_with(path, (1, 2))
