@@ -22,6 +22,7 @@ import pytest
 
 from cocoon_net.dhcp import frames, packet
 from cocoon_net.dhcp import server as server_module
+from cocoon_net.dhcp.leasefile import Record
 from cocoon_net.dhcp.leases import LeaseTable
 from cocoon_net.dhcp.model import ZERO_IP, DhcpMessage, MessageType, Op, Opt
 from cocoon_net.dhcp.server import STALE_DISCOVER_SECONDS, Counters, DhcpServer
@@ -728,3 +729,36 @@ def test_after_a_failed_commit_later_grants_are_refused_at_once(
     ok.feed(other_renew(POOL[1]))
     assert ok.counters.seen == [("packet", "request", "store_failed"), ("lease", False)]
     assert "send" not in ok.events.kinds() and "route" not in ok.events.kinds()
+
+
+def test_a_lone_grant_the_busy_writer_refuses_is_handed_to_the_writer(
+    tmp_path: Path, events: Events, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon's own commit (an expiry, say) holds the journal writer in its fdatasync when
+    a lone REQUEST arrives: the loop's thread may not write then, so the grant goes to the
+    writer, and its ACK leaves once it is on disk, with no further packet to wake the loop."""
+    real = os.fdatasync
+    entered, gate = threading.Semaphore(0), threading.Semaphore(0)
+
+    def held(fd: int) -> None:
+        entered.release()
+        assert gate.acquire(timeout=30)
+        real(fd)
+
+    async def run(made: Rig) -> None:
+        monkeypatch.setattr(os, "fdatasync", held)
+        own = made.store.submit([Record.hold(POOL[3], T0 + 60)])
+        loop = asyncio.get_running_loop()
+        assert await loop.run_in_executor(None, entered.acquire, True, 30)
+        cast("RecordingSocket", made.server._packet_sock).incoming.append(RENEW)
+        made.server._on_frames()  # refused here: the writer is busy
+        gate.release()  # the daemon's own commit
+        assert await loop.run_in_executor(None, entered.acquire, True, 30)
+        gate.release()  # the grant's
+        await own
+        await made.server.drain()
+
+    for made in rig(tmp_path, events):  # commits here while the writer is idle
+        asyncio.run(run(made))
+    assert [ack.yiaddr for ack in acks(events)] == [IP]
+    assert events.fsync_threads == ["lease-journal", "lease-journal"]
