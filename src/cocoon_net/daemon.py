@@ -409,10 +409,10 @@ class Daemon:
     async def persist(self, changes: list[Change]) -> None:
         if not changes:
             return
-        touched = effects.touched(changes)
+        records, touched = effects.durable(changes)
         self._persisting.append(touched)
         try:
-            await self.store.commit(effects.records(changes))
+            await self.store.commit(records)
         finally:
             self._persisting.remove(touched)
         self.server.sync_routes(touched)
