@@ -372,9 +372,7 @@ class Guard:
 
     def present(self) -> bool:
         """Both tables exist (cheap: asked every second)."""
-        return self.writer.has_table(NFPROTO_BRIDGE, TABLE) and self.writer.has_table(
-            NFPROTO_INET, TABLE
-        )
+        return both_tables(self.writer)
 
     def reconcile(
         self,
@@ -409,6 +407,11 @@ def remove(nft: Nft, *, dry_run: bool = False) -> list[str]:
         nft.run("".join(f"delete table {t}\n" for t in found))
     verb = "would remove" if dry_run else "removed"
     return [f"{verb} nftables table {t}" for t in found]
+
+
+def both_tables(sock: ElementSocket) -> bool:
+    """Our bridge and inet tables both exist (one netlink round trip each)."""
+    return sock.has_table(NFPROTO_BRIDGE, TABLE) and sock.has_table(NFPROTO_INET, TABLE)
 
 
 # How often a listing of our tables asks whether the ruleset has moved (one netlink round
@@ -456,7 +459,7 @@ class GuardReader:
         with self._lock:
             sock = self._socket()
             before = sock.generation()
-            if not (sock.has_table(NFPROTO_BRIDGE, TABLE) and sock.has_table(NFPROTO_INET, TABLE)):
+            if not both_tables(sock):
                 return None
 
             def moved() -> bool:
