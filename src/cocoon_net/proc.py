@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from cocoon_net.errors import HostSetupError
+
+TIMEOUT = 60  # seconds a host tool may take before it counts as hung
 
 
 def run(
@@ -23,12 +26,12 @@ def run(
     """Run argv and return the result; raise HostSetupError unless its exit code is in ok_codes."""
     try:
         proc = subprocess.run(
-            list(argv), input=stdin, capture_output=True, text=True, check=False, timeout=60
+            list(argv), input=stdin, capture_output=True, text=True, check=False, timeout=TIMEOUT
         )
     except FileNotFoundError as exc:
         raise HostSetupError(f"{argv[0]}: command not found (install it first)") from exc
     except subprocess.TimeoutExpired as exc:
-        raise HostSetupError(f"{' '.join(argv)}: timed out after 60 s") from exc
+        raise _timed_out(argv) from exc
     return _checked(argv, proc, ok_codes)
 
 
@@ -36,25 +39,34 @@ def run_unless(
     argv: Sequence[str], outdated: Callable[[], bool], poll: float
 ) -> subprocess.CompletedProcess[str] | None:
     """Run argv like run(), asking outdated() every `poll` seconds while it runs: once that
-    says its answer would come too late to be used, it is killed and None returned."""
+    says its answer would come too late to be used, it is killed and None returned. A child
+    still running after run()'s timeout is killed too, and that is an error, as in run()."""
     try:
         child = subprocess.Popen(
             list(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
     except FileNotFoundError as exc:
         raise HostSetupError(f"{argv[0]}: command not found (install it first)") from exc
+    deadline = time.monotonic() + TIMEOUT
     with child:
         while True:
             try:
                 out, err = child.communicate(timeout=poll)  # keeps reading what it prints
             except subprocess.TimeoutExpired:
-                if outdated():
+                hung = time.monotonic() >= deadline
+                if hung or outdated():
                     child.kill()
                     child.communicate()
+                    if hung:
+                        raise _timed_out(argv) from None
                     return None
             else:
                 break
     return _checked(argv, subprocess.CompletedProcess(argv, child.returncode, out, err), (0,))
+
+
+def _timed_out(argv: Sequence[str]) -> HostSetupError:
+    return HostSetupError(f"{' '.join(argv)}: timed out after {TIMEOUT} s")
 
 
 def _checked(

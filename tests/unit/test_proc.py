@@ -39,3 +39,21 @@ def test_a_failed_command_says_what_it_printed() -> None:
         proc.run_unless(["sh", "-c", "echo no such table >&2; exit 1"], lambda: False, 0.01)
     with pytest.raises(HostSetupError, match="no-such-command: command not found"):
         proc.run_unless(["no-such-command"], lambda: False, 0.01)
+
+
+def test_a_command_still_running_after_the_timeout_is_killed_and_an_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(proc, "TIMEOUT", 0.3)
+    said: list[object] = []
+
+    def call() -> None:
+        try:
+            proc.run_unless(["sleep", "120"], lambda: False, 0.01)
+        except HostSetupError as exc:
+            said.append(str(exc))
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    thread.join(60)  # not the two minutes the command would take
+    assert not thread.is_alive() and said == ["sleep 120: timed out after 0.3 s"]
