@@ -16,6 +16,7 @@ LD_W_ABS = 0x20
 LD_H_ABS = 0x28
 LD_B_ABS = 0x30
 LD_H_IND = 0x48
+LD_B_IND = 0x50
 LDX_B_MSH = 0xB1  # X = 4 * (pkt[k] & 0x0f): the IPv4 header length
 JEQ_K = 0x15
 JGT_K = 0x25

@@ -133,6 +133,12 @@ class PromCounters(Counters):
     def route(self, op: str, ok: bool) -> None:
         self._inc(self.m.route_ops, ("route", op, "ok" if ok else "failed"))
 
+    def gate_closed(self) -> None:
+        self.m.gate_closed.inc()
+
+    def gate_opened(self, seconds_closed: float) -> None:
+        self.m.gate_closed_seconds.inc(seconds_closed)
+
 
 class Daemon:
     def __init__(self, opts: DaemonOptions) -> None:

@@ -131,6 +131,18 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.gate_closed = Counter(
+            "cocoon_net_dhcp_discover_gate_closed_total",
+            "Times the receive queue ran deep and new DISCOVERs were left to the kernel to "
+            "drop until it drained (overload).",
+            registry=r,
+        )
+        self.gate_closed_seconds = Counter(
+            "cocoon_net_dhcp_discover_gate_closed_seconds_total",
+            "Seconds new DISCOVERs were dropped by the kernel under overload; REQUESTs were "
+            "still served.",
+            registry=r,
+        )
         self.fsync_seconds = Histogram(
             "cocoon_net_lease_fsync_seconds",
             "Time to make one batch of lease changes durable (write + fsync).",

@@ -17,12 +17,15 @@ from hypothesis import strategies as st
 from cocoon_net.dhcp.frames import (
     BROADCAST_MAC,
     CLIENT_PORT,
+    ETH_HEADER_SIZE,
     SERVER_PORT,
+    UDP_HEADER_SIZE,
     Framer,
     UdpFrame,
     build_frame,
     open_server_socket,
     parse_frame,
+    set_filter,
     udp_checksum,
 )
 from cocoon_net.dhcp.model import DhcpMessage, MessageType, Op, Opt
@@ -303,6 +306,59 @@ def test_bpf_filter_lets_only_dhcp_to_the_server_through(
         (BROADCAST_MAC, b"first"),
         (BROADCAST_MAC, b"last"),
     ]
+
+
+def dhcp_frame(options: dict[int, bytes], tag: bytes, *, dport: int = SERVER_PORT) -> bytes:
+    msg = DhcpMessage(Op.BOOTREQUEST, 1, CLIENT_MAC, options=options, file=tag)
+    return request_frame(encode(msg), dport=dport)
+
+
+def typed(mtype: MessageType, tag: bytes) -> bytes:
+    return dhcp_frame({Opt.MESSAGE_TYPE: bytes([mtype]), Opt.CLIENT_ID: b"\x01" + CLIENT_MAC}, tag)
+
+
+def gate_scenario() -> list[list[bytes]]:
+    """What the server socket takes with its filter closed to DISCOVERs, then open again."""
+    rx = open_server_socket("rx0")
+    tx = sender("tx0")
+    # encode() puts option 53 first; a client may not: moved behind option 61 (9 bytes).
+    discover = typed(MessageType.DISCOVER, b"discover-behind-61")
+    at = ETH_HEADER_SIZE + 20 + UDP_HEADER_SIZE + 240
+    option_53, option_61 = discover[at : at + 3], discover[at + 3 : at + 12]
+    behind_61 = discover[:at] + option_61 + option_53 + discover[at + 12 :]
+    got: list[list[bytes]] = []
+    for discovers in (False, True):
+        set_filter(rx, discovers=discovers)
+        for frame in (
+            typed(MessageType.DISCOVER, b"discover"),
+            typed(MessageType.REQUEST, b"request"),
+            typed(MessageType.RELEASE, b"release"),
+            behind_61,  # not known as one: passes
+            dhcp_frame({}, b"bootp"),  # no option 53 at all
+            edit(typed(MessageType.DISCOVER, b"to-68"), 36, b"\x00\x44"),  # not to port 67
+        ):
+            tx.send(frame)
+        tx.send(typed(MessageType.INFORM, b"last"))
+        tags = []
+        for data in receive_until(rx, lambda f: b"last" in f):
+            udp = parse_frame(data)
+            assert udp is not None
+            tags.append(decode(udp.payload).file.rstrip(b"\0"))
+        got.append(tags)
+    return got
+
+
+@pytest.mark.netns
+def test_the_gate_filter_drops_discovers_in_the_kernel_and_opens_again(
+    make_netns: Callable[[str], Netns],
+) -> None:
+    ns = make_netns("gate")
+    veth_in(ns)
+    closed, opened = ns.call(gate_scenario)
+    assert closed == [b"request", b"release", b"discover-behind-61", b"bootp", b"last"]
+    assert opened == [
+        b"discover", b"request", b"release", b"discover-behind-61", b"bootp", b"last"
+    ]  # fmt: skip
 
 
 def checksum_scenario() -> list[bytes]:

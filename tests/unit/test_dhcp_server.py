@@ -66,7 +66,7 @@ class Events:
 
 class RecordingCounters(Counters):
     """The metrics the server reports, as ("packet", type, result), ("lease", ok),
-    ("route", op, ok) and ("drop", reason)."""
+    ("route", op, ok), ("drop", reason) and ("gate", "closed" or "opened")."""
 
     def __init__(self) -> None:
         self.seen: list[tuple[object, ...]] = []
@@ -82,6 +82,12 @@ class RecordingCounters(Counters):
 
     def route(self, op: str, ok: bool) -> None:
         self.seen.append(("route", op, ok))
+
+    def gate_closed(self) -> None:
+        self.seen.append(("gate", "closed"))
+
+    def gate_opened(self, seconds_closed: float) -> None:
+        self.seen.append(("gate", "opened"))
 
 
 class RecordingRoutes(rtnl.RouteSocket):

@@ -10,7 +10,12 @@ import pytest
 from cocoon_net.dhcp import frames
 from cocoon_net.dhcp.model import ZERO_IP, DhcpMessage, MessageType, Op, Opt
 from cocoon_net.dhcp.packet import encode, peek_message_type
-from cocoon_net.dhcp.server import STALE_DISCOVER_SECONDS, STALE_REQUEST_SECONDS, shed_reason
+from cocoon_net.dhcp.server import (
+    STALE_DISCOVER_SECONDS,
+    STALE_REQUEST_SECONDS,
+    gate_closes,
+    shed_reason,
+)
 
 MAC = bytes.fromhex("02aabbccddee")
 ALL = IPv4Address("255.255.255.255")
@@ -67,3 +72,11 @@ def test_a_late_discover_is_shed_but_a_late_request_completes_its_exchange() -> 
 def test_anything_older_than_a_client_waits_is_shed() -> None:
     for mtype in MessageType:
         assert shed_reason(STALE_REQUEST_SECONDS, typed(mtype)) == "stale_request"
+
+
+def test_the_gate_closes_at_half_a_queue_or_on_a_late_discover() -> None:
+    limit = 8 << 20
+    assert not gate_closes(0, limit, 0)
+    assert not gate_closes(limit // 2 - 1, limit, 0)
+    assert gate_closes(limit // 2, limit, 0)
+    assert gate_closes(0, limit, 1)

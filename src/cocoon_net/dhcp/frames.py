@@ -245,6 +245,31 @@ BPF_DHCP_SERVER: bpf.Program = (
     (bpf.RET_K, 0, 0, 0),  # 12 drop
 )
 
+# The same, without DISCOVERs: what the server's socket takes while it is overloaded, so that
+# the kernel drops new exchanges for free and the queue keeps its room for the REQUESTs that
+# complete exchanges already under way (DhcpServer, the DISCOVER gate). A DISCOVER is known
+# by its first option, 53 of length 1 holding 1, where every client we know puts it; one that
+# has it elsewhere passes, to be handled or shed as any other. X is loaded here for the
+# options' offset (Ethernet, IPv4 header, UDP header, 236 fixed bytes and the magic cookie);
+# BPF_DHCP_SERVER loads it again for itself. A frame too short for these loads is dropped by
+# the kernel, as is anything shorter than BOOTP's 300 bytes' worth of DHCP.
+_OPTIONS = ETH_HEADER_SIZE + UDP_HEADER_SIZE + 240
+BPF_DHCP_SERVER_NO_DISCOVER: bpf.Program = (
+    (bpf.LDX_B_MSH, 0, 0, ETH_HEADER_SIZE),  # 0
+    (bpf.LD_B_IND, 0, 0, _OPTIONS),  # 1  first option's code
+    (bpf.JEQ_K, 0, 3, 53),  # 2  not 53: on to BPF_DHCP_SERVER
+    (bpf.LD_H_IND, 0, 0, _OPTIONS + 1),  # 3  its length and first byte
+    (bpf.JEQ_K, 0, 1, 0x0101),  # 4  not DISCOVER: on to BPF_DHCP_SERVER
+    (bpf.RET_K, 0, 0, 0),  # 5  a DISCOVER: drop
+    *BPF_DHCP_SERVER,
+)
+
+
+def set_filter(sock: socket.socket, *, discovers: bool) -> None:
+    """Swap the server socket's filter: with or without DISCOVERs. The kernel replaces the
+    old one at once for every frame not yet queued; those queued stay."""
+    attach_filter(sock, BPF_DHCP_SERVER if discovers else BPF_DHCP_SERVER_NO_DISCOVER)
+
 
 def open_server_socket(ifname: str) -> socket.socket:
     """An AF_PACKET socket on `ifname` that receives only DHCP-server traffic and can send frames.

@@ -57,6 +57,8 @@ _TIMESPEC = struct.Struct("@qq")
 _ANCILLARY = socket.CMSG_SPACE(_TIMESPEC.size)
 _SOL_PACKET = 263
 _PACKET_STATISTICS = 6  # struct tpacket_stats; reading it resets the counters
+_SO_MEMINFO = 55  # its first two u32: SK_MEMINFO_RMEM_ALLOC (bytes queued), SK_MEMINFO_RCVBUF
+_MEMINFO = struct.Struct("@II")
 _DISCOVER = int(MessageType.DISCOVER)
 _MESSAGE_TYPE = int(Opt.MESSAGE_TYPE)  # a plain int: an enum member is slow to look up
 # What a decision without changes makes durable; shared, and never changed by its readers.
@@ -75,6 +77,22 @@ STALE_DISCOVER_SECONDS = 0.25
 # Any request older than this is dropped unread: RFC 2131 §4.1 clients retransmit after 4 s
 # (+-1), so by then a reply answers a message its client has already replaced.
 STALE_REQUEST_SECONDS = 3.0
+# The DISCOVER gate. Shedding a late DISCOVER in Python still costs its read, and past twice
+# the server's capacity the queue fills faster than DISCOVERs get late: the kernel then drops
+# at the tail whatever comes, REQUESTs too, each one an OFFER made for nothing. So once the
+# queue is deep (gate_closes) the socket's filter is swapped for one that drops DISCOVERs in
+# the kernel (frames.BPF_DHCP_SERVER_NO_DISCOVER), at no cost to this process; the REQUESTs of
+# the exchanges already under way keep the room. It opens again as soon as the queue is found
+# empty. A client whose DISCOVER was dropped sends another (RFC 2131 §4.1), as it would after
+# a drop anywhere on its way.
+GATE_LOG_SECONDS = 60.0  # an overload is logged at most this often; the metrics count each
+
+
+def gate_closes(queued: int, limit: int, stale_discovers: int) -> bool:
+    """Whether to stop the kernel queueing new DISCOVERs, after a full batch of reads: the
+    receive queue holds `queued` bytes of its `limit` (half is left for the REQUESTs behind
+    them), or `stale_discovers` of the batch waited past STALE_DISCOVER_SECONDS."""
+    return stale_discovers > 0 or 2 * queued >= limit
 
 
 def shed_reason(age: float, frame: bytes) -> str | None:
@@ -121,6 +139,12 @@ class Counters:
     def route(self, op: str, ok: bool) -> None:
         pass
 
+    def gate_closed(self) -> None:
+        pass
+
+    def gate_opened(self, seconds_closed: float) -> None:
+        pass
+
 
 @dataclass
 class ServerState:
@@ -135,6 +159,8 @@ class ServerState:
     # Groups handed to the store whose routes, guard update and replies have not run yet.
     in_flight: deque[_Group] = field(default_factory=deque)
     drained_at: float = -STALE_REQUEST_SECONDS  # monotonic time the queue was last seen empty
+    gate_closed_at: float | None = None  # monotonic; None while the DISCOVER gate is open
+    gate_logged_at: float = -GATE_LOG_SECONDS  # monotonic time an overload was last logged
 
 
 class DhcpServer:
@@ -199,6 +225,7 @@ class DhcpServer:
         udp.setblocking(False)
         self._packet_sock, self._udp_sock = sock, udp
         self.state.ifindex, self.state.mac = ifindex, mac
+        self.state.gate_closed_at = None  # a new socket takes DISCOVERs
         self._loop.add_reader(sock.fileno(), self._on_frames)
         self._loop.add_reader(udp.fileno(), self._drain_udp)
         log.info("serving DHCP on %s (index %d)", self.bridge, ifindex)
@@ -275,6 +302,7 @@ class DhcpServer:
         # And every frame queued now came after the queue was last found empty: if that was
         # recently enough, even the first is fresh.
         fresh = time.monotonic() - self.state.drained_at < STALE_DISCOVER_SECONDS
+        stale_discovers = 0
         for _ in range(_READ_BATCH):
             try:
                 if fresh:
@@ -283,6 +311,8 @@ class DhcpServer:
                     data, ancillary, _flags, _addr = sock.recvmsg(4096, _ANCILLARY)
             except (BlockingIOError, InterruptedError):
                 self.state.drained_at = time.monotonic()
+                if self.state.gate_closed_at is not None:
+                    self._open_gate(sock)
                 return
             except OSError as exc:
                 if exc.errno in (errno.ENETDOWN, errno.ENXIO, errno.ENODEV):
@@ -301,6 +331,7 @@ class DhcpServer:
                 reason = shed_reason(age, data)
                 if reason is not None:
                     self.counters.drop(reason)
+                    stale_discovers += reason == "stale_discover"
                     continue
             try:
                 durable = self.handle_frame(data)
@@ -317,6 +348,44 @@ class DhcpServer:
         )
         for _ in range(dropped):
             self.counters.drop("receive_buffer_full")
+        if self.state.gate_closed_at is None:
+            queued, limit = _MEMINFO.unpack(
+                sock.getsockopt(socket.SOL_SOCKET, _SO_MEMINFO, _MEMINFO.size)
+            )
+            if gate_closes(queued, limit, stale_discovers):
+                self._close_gate(sock, queued, dropped)
+
+    def _close_gate(self, sock: socket.socket, queued: int, dropped: int) -> None:
+        """New DISCOVERs are dropped by the kernel from now until the queue is found empty."""
+        try:
+            frames.set_filter(sock, discovers=False)
+        except OSError as exc:
+            log.error("cannot shed DISCOVERs in the kernel: %s", exc.strerror or exc)
+            return
+        now = time.monotonic()
+        self.state.gate_closed_at = now
+        self.counters.gate_closed()
+        if now - self.state.gate_logged_at >= GATE_LOG_SECONDS:
+            self.state.gate_logged_at = now
+            log.warning(
+                "overloaded: %d bytes of requests queued, %d dropped for a full queue; new "
+                "DISCOVERs are dropped in the kernel until the queue drains, REQUESTs are "
+                "still served (logged at most once a minute, "
+                "cocoon_net_dhcp_discover_gate_closed_total counts every time)",
+                queued, dropped,
+            )  # fmt: skip
+
+    def _open_gate(self, sock: socket.socket) -> None:
+        closed_at = self.state.gate_closed_at
+        assert closed_at is not None
+        try:
+            frames.set_filter(sock, discovers=True)
+        except OSError as exc:
+            # Still closed: the next empty queue tries again.
+            log.error("cannot take DISCOVERs again: %s", exc.strerror or exc)
+            return
+        self.state.gate_closed_at = None
+        self.counters.gate_opened(time.monotonic() - closed_at)
 
     # ------------------------------------------------------------------ requests
 
@@ -545,10 +614,11 @@ _TYPE_NAMES: dict[bytes | None, str] = {bytes([mtype]): mtype.name.lower() for m
 
 
 # A boot storm of hundreds of VMs arrives faster than one Python thread decodes it; the
-# default receive buffer (~200 KiB) held about 370 DISCOVERs before the kernel dropped. 2 MiB
-# holds about 3,700: a second or more of work, longer than shed_reason lets anything wait, so
-# a deeper queue would only hold requests that are dropped unread.
-RECEIVE_BUFFER = 2 << 20
+# default receive buffer (~200 KiB) held about 370 DISCOVERs before the kernel dropped. 4 MiB
+# holds about 7,400, and the DISCOVER gate closes at half of that: about a quarter of a second
+# of requests at the rate this server completes exchanges, as long as shed_reason lets a
+# DISCOVER wait.
+RECEIVE_BUFFER = 4 << 20
 _SO_RCVBUFFORCE = 33
 
 
