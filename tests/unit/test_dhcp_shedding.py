@@ -79,4 +79,5 @@ def test_the_gate_closes_at_half_a_queue_or_on_a_late_discover() -> None:
     assert not gate_closes(0, limit, 0)
     assert not gate_closes(limit // 2 - 1, limit, 0)
     assert gate_closes(limit // 2, limit, 0)
-    assert gate_closes(0, limit, 1)
+    assert gate_closes(1, limit, 1)
+    assert not gate_closes(0, limit, 1)  # nothing queued would wake the server to open it

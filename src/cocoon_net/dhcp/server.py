@@ -91,8 +91,11 @@ GATE_LOG_SECONDS = 60.0  # an overload is logged at most this often; the metrics
 def gate_closes(queued: int, limit: int, stale_discovers: int) -> bool:
     """Whether to stop the kernel queueing new DISCOVERs, after a full batch of reads: the
     receive queue holds `queued` bytes of its `limit` (half is left for the REQUESTs behind
-    them), or `stale_discovers` of the batch waited past STALE_DISCOVER_SECONDS."""
-    return stale_discovers > 0 or 2 * queued >= limit
+    them), or `stale_discovers` of the batch waited past STALE_DISCOVER_SECONDS while more
+    is queued. Never with nothing queued: what is queued when the gate closes wakes the
+    server to read on until the queue is empty, which opens it again; with nothing, no
+    DISCOVER would ever come to wake it."""
+    return queued > 0 and (stale_discovers > 0 or 2 * queued >= limit)
 
 
 def shed_reason(age: float, frame: bytes) -> str | None:
