@@ -40,6 +40,7 @@ from cocoon_net.dhcp.server import Counters, DhcpServer
 from cocoon_net.dhcp.settings import DhcpSettings, Route
 from cocoon_net.dhcp.store import LeaseStore, Recovered
 from cocoon_net.errors import CocoonError, StateError
+from cocoon_net.gcpolicy import Collector
 from cocoon_net.lock import StateLock
 from cocoon_net.node import egress, guard_reconcile, nic, route_reconcile, rtnl, watch
 from cocoon_net.platform import get_platform
@@ -150,6 +151,7 @@ class Daemon:
         self.store: LeaseStore
         self.table: LeaseTable
         self._reconcile_due = asyncio.Event()
+        self.collector = Collector()
         self._reload_due = False
         self._reloading = asyncio.Lock()
         self._platform: Platform | None = None
@@ -178,6 +180,7 @@ class Daemon:
         try:
             return await self._main(started)
         finally:
+            self.collector.stop()
             gc.enable()
 
     async def _main(self, started: float) -> int:
@@ -300,11 +303,8 @@ class Daemon:
         # The fold of the lease journal into leases.json that open() left for later.
         self.store.resume_write_behind()
         # What start-up built (pool, leases, history: 100,000s of objects on a /16) lives as
-        # long as the daemon. Frozen out of the collector's sight, it is not walked again by
-        # every full collection the request path triggers under load.
-        gc.collect()
-        gc.freeze()
-        gc.enable()
+        # long as the daemon: frozen out of the collector's sight (gcpolicy).
+        self.collector.start()
         tasks = [
             asyncio.create_task(self._sweep_loop()),
             asyncio.create_task(self._reconcile_loop()),
@@ -438,6 +438,7 @@ class Daemon:
             except CocoonError as exc:
                 log.error("expiry: %s", exc)
             self._repaired("guard", self.guard.check(self.unsettled))
+            self.collector.thaw_if_due()
 
     async def _probe_ended_holds(self) -> None:
         """An address whose hold (after a lost lease file) or quarantine (a DECLINE) ended goes
