@@ -351,12 +351,16 @@ class DhcpServer:
         )
         for _ in range(dropped):
             self.counters.drop("receive_buffer_full")
+        queued, limit = _MEMINFO.unpack(
+            sock.getsockopt(socket.SOL_SOCKET, _SO_MEMINFO, _MEMINFO.size)
+        )
         if self.state.gate_closed_at is None:
-            queued, limit = _MEMINFO.unpack(
-                sock.getsockopt(socket.SOL_SOCKET, _SO_MEMINFO, _MEMINFO.size)
-            )
             if gate_closes(queued, limit, stale_discovers):
                 self._close_gate(sock, queued, dropped)
+        elif not queued:
+            # This batch read the queue to its end: with no frame left to wake the server
+            # and no DISCOVER let in, nothing would, and the gate would stay closed.
+            self._open_gate(sock)
 
     def _close_gate(self, sock: socket.socket, queued: int, dropped: int) -> None:
         """New DISCOVERs are dropped by the kernel from now until the queue is found empty."""
@@ -384,8 +388,11 @@ class DhcpServer:
         try:
             frames.set_filter(sock, discovers=True)
         except OSError as exc:
-            # Still closed: the next empty queue tries again.
-            log.error("cannot take DISCOVERs again: %s", exc.strerror or exc)
+            # Left as it is, the socket would refuse new clients for good: closed instead,
+            # it is opened anew (with the whole filter) by the daemon's next host check.
+            log.error("cannot take DISCOVERs again: %s; the DHCP socket is closed until the "
+                      "next host check opens it", exc.strerror or exc)  # fmt: skip
+            self.close_sockets()
             return
         self.state.gate_closed_at = None
         self.counters.gate_opened(time.monotonic() - closed_at)
