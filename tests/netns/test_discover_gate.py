@@ -16,9 +16,10 @@ import select
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -106,6 +107,20 @@ class Node:
         time.sleep(0.1)
         return sock
 
+    def flood(self, sock: socket.socket) -> int:
+        """DISCOVERs from new clients until the queue is three quarters full; how many."""
+        sent = 0
+        while queued(sock)[0] * 4 < queued(sock)[1] * 3:
+            self.tx.send(discover(mac(sent)))
+            sent += 1
+        return sent
+
+    def late(self, count: int) -> None:
+        """DISCOVERs from `count` new clients, left in the queue past the shedding age."""
+        for i in range(count):
+            self.tx.send(discover(mac(i)))
+        time.sleep(STALE_DISCOVER_SECONDS * 1.2)
+
     def gate(self) -> list[tuple[object, ...]]:
         return [seen for seen in self.counters.seen if seen[0] == "gate"]
 
@@ -126,127 +141,88 @@ class Node:
         self.store.close()
 
 
-def half_full(directory: str) -> dict[str, object]:
+Script = Callable[[Node, dict[str, object]], Coroutine[Any, Any, None]]
+
+
+def play(directory: str, script: Script) -> dict[str, object]:
+    """Run `script` on a fresh Node in this namespace; what it noted."""
     node = Node(directory)
     out: dict[str, object] = {}
-
-    async def run() -> None:
-        sock = node.open()
-        sent = 0
-        while queued(sock)[0] * 4 < queued(sock)[1] * 3:  # three quarters full
-            node.tx.send(discover(mac(sent)))
-            sent += 1
-        out["flood"] = sent
-        node.server._on_frames()  # one wake-up: a full batch, and the queue still half full
-        out["closed_after_one_read"] = node.server.state.gate_closed_at is not None
-        before = replies(node.capture)
-        offered = next(yiaddr for _, who, yiaddr in before if who == mac(0))
-        # While closed: a new client's DISCOVER, and the REQUEST completing the first exchange.
-        node.tx.send(discover(LATE))
-        selecting = request(MessageType.REQUEST, mac=mac(0), requested_ip=offered, server_id=GW)
-        node.tx.send(frame(selecting, src_mac=mac(0), src_ip=A(0), dst_ip=BROADCAST))
-        await node.until_open()
-        await node.server.drain()
-        out["while_closed"] = before + replies(node.capture)
-        out["offered"] = offered
-        node.tx.send(discover(LATE))  # the gate is open again
-        time.sleep(0.05)
-        node.server._on_frames()
-        out["after"] = replies(node.capture)
-        out["gate"] = node.gate()
-
     try:
-        asyncio.run(run())
+        asyncio.run(script(node, out))
     finally:
         node.close()
     return out
 
 
-def late(directory: str) -> dict[str, object]:
-    node = Node(directory)
-    out: dict[str, object] = {}
-
-    async def run() -> None:
-        sock = node.open()
-        for i in range(100):  # more than one wake-up reads, far from half the queue
-            node.tx.send(discover(mac(i)))
-        out["share"] = queued(sock)[0] / queued(sock)[1]
-        time.sleep(STALE_DISCOVER_SECONDS * 1.2)
-        node.server._on_frames()
-        out["closed_after_one_read"] = node.server.state.gate_closed_at is not None
-        out["wake_ups"] = await node.until_open()
-        out["stale"] = node.counters.seen.count(("drop", "stale_discover"))
-        out["gate"] = node.gate()
-        out["replies"] = replies(node.capture)
-
-    try:
-        asyncio.run(run())
-    finally:
-        node.close()
-    return out
+async def half_full(node: Node, out: dict[str, object]) -> None:
+    sock = node.open()
+    out["flood"] = node.flood(sock)
+    node.server._on_frames()  # one wake-up: a full batch, and the queue still half full
+    out["closed_after_one_read"] = node.server.state.gate_closed_at is not None
+    before = replies(node.capture)
+    offered = next(yiaddr for _, who, yiaddr in before if who == mac(0))
+    # While closed: a new client's DISCOVER, and the REQUEST completing the first exchange.
+    node.tx.send(discover(LATE))
+    selecting = request(MessageType.REQUEST, mac=mac(0), requested_ip=offered, server_id=GW)
+    node.tx.send(frame(selecting, src_mac=mac(0), src_ip=A(0), dst_ip=BROADCAST))
+    await node.until_open()
+    await node.server.drain()
+    out["while_closed"] = before + replies(node.capture)
+    out["offered"] = offered
+    node.tx.send(discover(LATE))  # the gate is open again
+    time.sleep(0.05)
+    node.server._on_frames()
+    out["after"] = replies(node.capture)
+    out["gate"] = node.gate()
 
 
-def late_and_read_to_the_end(directory: str) -> dict[str, object]:
+async def late_batch(node: Node, out: dict[str, object]) -> None:
+    sock = node.open()
+    node.late(100)  # more than one wake-up reads, far from half the queue
+    out["share"] = queued(sock)[0] / queued(sock)[1]
+    node.server._on_frames()
+    out["closed_after_one_read"] = node.server.state.gate_closed_at is not None
+    out["wake_ups"] = await node.until_open()
+    out["stale"] = node.counters.seen.count(("drop", "stale_discover"))
+    out["gate"] = node.gate()
+    out["replies"] = replies(node.capture)
+
+
+async def late_and_read_to_the_end(node: Node, out: dict[str, object]) -> None:
     """A full batch of late DISCOVERs that is all the queue holds: nothing left to read."""
-    node = Node(directory)
-    out: dict[str, object] = {}
-
-    async def run() -> None:
-        node.open()
-        for i in range(64):
-            node.tx.send(discover(mac(i)))
-        time.sleep(STALE_DISCOVER_SECONDS * 1.2)
-        node.server._on_frames()
-        out["closed"] = node.server.state.gate_closed_at is not None
-        node.tx.send(discover(LATE))  # nothing else would wake the server
-        time.sleep(0.05)
-        node.server._on_frames()
-        out["replies"] = replies(node.capture)
-
-    try:
-        asyncio.run(run())
-    finally:
-        node.close()
-    return out
+    node.open()
+    node.late(64)
+    node.server._on_frames()
+    out["closed"] = node.server.state.gate_closed_at is not None
+    node.tx.send(discover(LATE))  # nothing else would wake the server
+    time.sleep(0.05)
+    node.server._on_frames()
+    out["replies"] = replies(node.capture)
 
 
-def read_to_a_batch_boundary(directory: str) -> dict[str, object]:
+async def read_to_a_batch_boundary(node: Node, out: dict[str, object]) -> None:
     """The gate closes; what is left in the queue is then a whole number of batches, so the
     last wake-up reads it to its end without ever finding it empty."""
-    node = Node(directory)
-    out: dict[str, object] = {}
-
-    async def run() -> None:
-        sock = node.open()
-        sent = 0
-        while queued(sock)[0] * 4 < queued(sock)[1] * 3:
-            node.tx.send(discover(mac(sent)))
-            sent += 1
-        node.server._on_frames()
-        out["closed"] = node.server.state.gate_closed_at is not None
-        # RELEASEs from nobody pass the closed gate and are ignored: the queue's padding.
-        for i in range(-(sent - 64) % 64):
-            release = request(MessageType.RELEASE, mac=LATE, ciaddr=POOL[-1 - i])
-            node.tx.send(frame(release, src_mac=LATE, src_ip=POOL[-1 - i], dst_ip=GW))
-        out["wake_ups"] = await node.until_open()
-        out["open"] = node.server.state.gate_closed_at is None
-        out["left"] = queued(sock)[0]
-        node.tx.send(discover(LATE))
-        time.sleep(0.05)
-        await node.until_open()
-        out["late"] = [(kind, who) for kind, who, _ in replies(node.capture) if who == LATE]
-
-    try:
-        asyncio.run(run())
-    finally:
-        node.close()
-    return out
+    sock = node.open()
+    sent = node.flood(sock)
+    node.server._on_frames()
+    out["closed"] = node.server.state.gate_closed_at is not None
+    # RELEASEs from nobody pass the closed gate and are ignored: the queue's padding.
+    for i in range(-(sent - 64) % 64):
+        release = request(MessageType.RELEASE, mac=LATE, ciaddr=POOL[-1 - i])
+        node.tx.send(frame(release, src_mac=LATE, src_ip=POOL[-1 - i], dst_ip=GW))
+    out["wake_ups"] = await node.until_open()
+    out["open"] = node.server.state.gate_closed_at is None
+    out["left"] = queued(sock)[0]
+    node.tx.send(discover(LATE))
+    time.sleep(0.05)
+    await node.until_open()
+    out["late"] = [(kind, who) for kind, who, _ in replies(node.capture) if who == LATE]
 
 
-def cannot_open(directory: str) -> dict[str, object]:
+async def cannot_open(node: Node, out: dict[str, object]) -> None:
     """The kernel refuses the filter that lets DISCOVERs in again."""
-    node = Node(directory)
-    out: dict[str, object] = {}
     real = frames.set_filter
 
     def set_filter(sock: socket.socket, *, discovers: bool) -> None:
@@ -255,23 +231,11 @@ def cannot_open(directory: str) -> dict[str, object]:
         real(sock, discovers=discovers)
 
     frames.set_filter = set_filter  # in this child process only
-
-    async def run() -> None:
-        sock = node.open()
-        sent = 0
-        while queued(sock)[0] * 4 < queued(sock)[1] * 3:
-            node.tx.send(discover(mac(sent)))
-            sent += 1
-        node.server._on_frames()
-        out["closed"] = node.server.state.gate_closed_at is not None
-        await node.until_open()
-        out["bound"] = node.server.bound
-
-    try:
-        asyncio.run(run())
-    finally:
-        node.close()
-    return out
+    node.flood(node.open())
+    node.server._on_frames()
+    out["closed"] = node.server.state.gate_closed_at is not None
+    await node.until_open()
+    out["bound"] = node.server.bound
 
 
 def make_node(make_netns: Callable[[str], Netns]) -> Netns:
@@ -287,7 +251,7 @@ def make_node(make_netns: Callable[[str], Netns]) -> Netns:
 def test_past_half_a_queue_new_discovers_are_shed_by_the_kernel_and_requests_served(
     make_netns: Callable[[str], Netns], tmp_path: Path
 ) -> None:
-    out = make_node(make_netns).call(half_full, str(tmp_path))
+    out = make_node(make_netns).call(play, str(tmp_path), half_full)
     assert out["closed_after_one_read"]
     # Every DISCOVER queued before the gate closed was answered, the one sent after was not,
     # and the REQUEST sent after it was: its exchange completes.
@@ -302,7 +266,7 @@ def test_past_half_a_queue_new_discovers_are_shed_by_the_kernel_and_requests_ser
 def test_a_full_batch_of_late_discovers_closes_the_gate_however_short_the_queue(
     make_netns: Callable[[str], Netns], tmp_path: Path
 ) -> None:
-    out = make_node(make_netns).call(late, str(tmp_path))
+    out = make_node(make_netns).call(play, str(tmp_path), late_batch)
     assert out["share"] < 0.5
     assert out["closed_after_one_read"]
     assert out["stale"] == 100 and out["replies"] == []
@@ -315,7 +279,7 @@ def test_a_gate_never_closes_on_an_empty_queue(
 ) -> None:
     """Only a frame still queued wakes the server to read on and open the gate again: closed
     on an empty queue, no DISCOVER would ever be let in to wake it."""
-    out = make_node(make_netns).call(late_and_read_to_the_end, str(tmp_path))
+    out = make_node(make_netns).call(play, str(tmp_path), late_and_read_to_the_end)
     assert not out["closed"]
     assert [(kind, who) for kind, who, _ in out["replies"]] == [("OFFER", LATE)]
 
@@ -323,7 +287,7 @@ def test_a_gate_never_closes_on_an_empty_queue(
 def test_a_wake_up_that_reads_the_queue_to_its_end_opens_the_gate(
     make_netns: Callable[[str], Netns], tmp_path: Path
 ) -> None:
-    out = make_node(make_netns).call(read_to_a_batch_boundary, str(tmp_path))
+    out = make_node(make_netns).call(play, str(tmp_path), read_to_a_batch_boundary)
     assert out["closed"] and out["left"] == 0
     assert out["open"]
     assert out["late"] == [("OFFER", LATE)]
@@ -334,6 +298,6 @@ def test_a_gate_that_cannot_open_gives_up_its_socket_for_a_new_one(
 ) -> None:
     """Never a socket left shut to new clients: without it the daemon's next host check
     opens a new one."""
-    out = make_node(make_netns).call(cannot_open, str(tmp_path))
+    out = make_node(make_netns).call(play, str(tmp_path), cannot_open)
     assert out["closed"]
     assert out["bound"] is False
