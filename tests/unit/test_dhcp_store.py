@@ -37,6 +37,7 @@ from cocoon_net.dhcp.store import (
     Role,
     SnapshotPace,
     StoreStats,
+    _meta,
     load,
     role_path,
 )
@@ -1119,3 +1120,14 @@ def test_hold_deadlines_survive_replay_and_compaction_until_they_pass(path: Path
     assert load(path).holds == {held: later, past: T0}  # the journal, replayed
     s.close()  # compacts: META keeps the deadline still ahead, and only that one
     assert reopen(path).holds == {held: later}
+
+
+def test_meta_leaves_out_the_history_a_lease_already_holds_however_it_was_built() -> None:
+    """META keeps the last grant of MACs without a lease; for a leased MAC that grant is its
+    lease, in the snapshot already. The same record or an equal one: both left out."""
+    state = LeaseState()
+    held, equal, ended = lease(1), lease(2), lease(3)
+    state.leases = {held.mac: held, equal.mac: equal}
+    state.history = {held.mac: held, equal.mac: Lease(equal.mac, equal.ip, equal.expires),
+                     ended.mac: ended}  # fmt: skip
+    assert _meta(state, 7, "a", "b", T0).history == (ended,)

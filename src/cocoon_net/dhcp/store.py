@@ -367,8 +367,13 @@ def _meta(state: LeaseState, seq: int, snapshot: str, previous: str, now: float)
         seq=seq,
         snapshot=snapshot,
         previous=previous,
-        # A leased MAC's history is its lease, which the snapshot already holds.
-        history=tuple(h for mac, h in state.history.items() if state.leases.get(mac) != h),
+        # A leased MAC's history is its lease, which the snapshot already holds: most often
+        # the very same record (a grant sets both), told apart without comparing fields.
+        history=tuple(
+            h
+            for mac, h in state.history.items()
+            if (lease := state.leases.get(mac)) is not h and lease != h
+        ),
         quarantine=dict(state.quarantine),
         holds={ip: t for ip, t in state.holds.items() if t > now},
     )
