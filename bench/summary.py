@@ -59,6 +59,9 @@ class ServerFigures:
     recovered_ratio: float | None
     peak_rss_kib: int | None
     worst_p99: dict[float, float]  # lossless steps: rate -> the worse of the two p99s
+    # ACKs per second from the lossless step's first DISCOVER to its last ACK: below the
+    # lossless rate when the receive queue took in part of the step and was worked off after.
+    sustained: float | None = None
 
 
 def overload_at(run: ServerRun, multiple: float) -> Overload | None:
@@ -81,6 +84,12 @@ def overload_at(run: ServerRun, multiple: float) -> Overload | None:
 def _worst_p99(step: Step) -> float:
     lg = step.loadgen
     return float(max(lg["offer_latency"]["p99_ms"], lg["ack_latency"]["p99_ms"]))
+
+
+def _sustained(run: ServerRun) -> float | None:
+    lossless = run.lossless_rate
+    step = None if lossless is None else run.step_at(lossless)
+    return None if step is None else float(step.loadgen["achieved_rate"])
 
 
 def collect(
@@ -114,6 +123,7 @@ def collect(
                 recovered_ratio=None if after_loss is None else after_loss.ratio,
                 peak_rss_kib=run.peak_rss_kib,
                 worst_p99={s.target: _worst_p99(s) for s in run.steps if s.lossless},
+                sustained=_sustained(run),
             )
         )
     return out
@@ -139,6 +149,7 @@ def summary_table(figs: Sequence[ServerFigures]) -> list[str]:
     header = [
         "server",
         "lossless /s",
+        "sustained /s",
         "peak goodput /s",
         *(f"goodput at {m:g}x" for m in OVERLOAD_MULTIPLES),
         f"cpu ms/DORA at {CPU_RATE:g}",
@@ -154,6 +165,7 @@ def summary_table(figs: Sequence[ServerFigures]) -> list[str]:
         [
             f.name,
             _lossless(f),
+            _num(f.sustained),
             _num(f.peak_goodput),
             *(_overload(f.overload[m]) for m in OVERLOAD_MULTIPLES),
             _num(f.cpu_ms_per_dora, "{:.3f}"),
@@ -169,7 +181,9 @@ def summary_table(figs: Sequence[ServerFigures]) -> list[str]:
     ]
     return [
         *table(header, rows),
-        "(goodput at Nx: at the lowest step offering N x the lossless rate, as % of that rate; "
+        "(sustained: ACKs per second from the lossless step's first DISCOVER to its last ACK, "
+        "under the lossless rate when the receive queue took in part of that step; "
+        "goodput at Nx: at the lowest step offering N x the lossless rate, as % of that rate; "
         "GB: the generator fell behind in that step; idle RSS /16: right after ready on the "
         "empty /16 pool; recovered p99: DISCOVER p99 with "
         "recovered addresses over the p99 with none)",

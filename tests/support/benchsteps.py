@@ -28,5 +28,6 @@ def step(target: float, completed_share: float = 1.0, sent_share: float = 1.0) -
         "loadgen_cpu_seconds": 30e-6 * clients,
         "send_seconds": clients / target,
         "busy_seconds": clients / target,
+        "achieved_rate": (completed - 1) * target / clients if completed > 1 else 0.0,
     }
     return Step(loadgen, 50.0, 1000, 1000, 0, 0.0, window_seconds=1.2)

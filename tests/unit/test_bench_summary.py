@@ -188,6 +188,21 @@ def test_collect_takes_start_up_from_60000_leases_and_status_from_a_full_24() ->
     assert (got.lossless, got.lossless_at_top) == (1000.0, False)
 
 
+def test_the_sustained_rate_is_the_lossless_steps_acks_over_its_busy_time() -> None:
+    """A step the queue absorbed part of is lossless at its target, yet its ACKs came over
+    more than its offered time: the summary says how many a second, beside the target."""
+    absorbed = step(2000)
+    absorbed = dataclasses.replace(
+        absorbed, loadgen={**absorbed.loadgen, "busy_seconds": 1.25, "achieved_rate": 1599.2}
+    )
+    run = ServerRun("cocoon-net", steps=[step(1000), absorbed, step(3000, 0.5)])
+    (got,) = collect([run], [], [])
+    assert got.lossless == 2000.0
+    assert got.sustained == 1599.2
+    (nothing,) = collect([ServerRun("kea", steps=[step(1000, 0.5)])], [], [])
+    assert nothing.sustained is None
+
+
 def test_request_template_patches_the_frame_request_frame_builds() -> None:
     for _ in range(500):
         mac, xid = client_macs(1)[0], secrets.randbits(32)
