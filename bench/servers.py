@@ -432,6 +432,14 @@ class CocoonNetNoGuard(CocoonNet):
     extra_flags = ("--no-guard",)
 
 
+class CocoonNetUnpaced(CocoonNet):
+    """The same daemon reading each request at once (no read pacing): what pacing saves, and
+    what it costs in latency, is the difference. Not in the default run; `--servers` names it."""
+
+    name = "cocoon-net-unpaced"
+    extra_flags = ("--read-interval", "0")
+
+
 def _inode(path: Path) -> int | None:
     try:
         return path.stat().st_ino
@@ -440,5 +448,6 @@ def _inode(path: Path) -> int | None:
 
 
 SERVERS: dict[str, type[ServerUnderTest]] = {
-    cls.name: cls for cls in (CocoonNet, CocoonNetNoGuard, Kea, Dnsmasq, DnsmasqPing)
+    cls.name: cls
+    for cls in (CocoonNet, CocoonNetNoGuard, CocoonNetUnpaced, Kea, Dnsmasq, DnsmasqPing)
 }

@@ -292,6 +292,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="answer relayed requests (giaddr set) from this relay agent (repeatable; "
         "default: relayed requests are dropped)",
     )
+    p.add_argument(
+        "--read-interval",
+        default=f"{config.DEFAULT_READ_INTERVAL_MS}ms",
+        help="while requests keep coming, read them at most once per this interval and "
+        "answer what queued meanwhile together: less CPU per request, at most this much "
+        f"added to a reply (0: each at once; at most {config.MAX_READ_INTERVAL_MS}ms; "
+        f"default {config.DEFAULT_READ_INTERVAL_MS}ms)",
+    )
 
     p = command("release", "end a VM's lease at once (the VM manager calls this on VM deletion)")
     _add_run_dir(p)
@@ -435,6 +443,9 @@ def _cmd_daemon(args: argparse.Namespace) -> int:
         reservations=reservations,
         decline_quarantine=float(
             config.parse_duration(args.decline_quarantine, flag="--decline-quarantine")
+        ),
+        read_interval=config.parse_milliseconds(
+            args.read_interval, flag="--read-interval", maximum=config.MAX_READ_INTERVAL_MS
         ),
     )
     _enter_netns(args)

@@ -248,6 +248,23 @@ def parse_duration(text: str, *, flag: str) -> int:
     return seconds
 
 
+# The DHCP server's read pacing (dhcp/server.py): the default, and the longest allowed, past
+# which the interval would show in a client's wait for its reply.
+DEFAULT_READ_INTERVAL_MS = 2
+MAX_READ_INTERVAL_MS = 50
+
+
+def parse_milliseconds(text: str, *, flag: str, maximum: int) -> float:
+    """Seconds from e.g. 2ms, 2 or 0 (milliseconds), at most `maximum` ms."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms)?\s*", text)
+    if not match:
+        raise UsageError(f"invalid {flag} {text!r}: expected milliseconds, e.g. 2ms or 0")
+    milliseconds = float(match.group(1))
+    if milliseconds > maximum:
+        raise UsageError(f"invalid {flag} {text!r}: at most {maximum}ms")
+    return milliseconds / 1000
+
+
 @dataclass(frozen=True)
 class Paths:
     """Every file and directory cocoon-net touches on the node."""

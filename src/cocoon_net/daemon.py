@@ -77,6 +77,7 @@ class DaemonOptions:
     classless_routes: tuple[Route, ...] = ()
     reservations: dict[str, IPv4Address] = field(default_factory=dict)
     decline_quarantine: float = 600.0
+    read_interval: float = config.DEFAULT_READ_INTERVAL_MS / 1000
 
 
 def run(opts: DaemonOptions) -> int:
@@ -139,6 +140,9 @@ class PromCounters(Counters):
 
     def gate_opened(self, seconds_closed: float) -> None:
         self.m.gate_closed_seconds.inc(seconds_closed)
+
+    def read(self, frames: int) -> None:
+        self.m.reads.inc()
 
 
 class Daemon:
@@ -274,6 +278,7 @@ class Daemon:
             routes=route_sock,
             guard=handle,
             counters=counters,
+            read_interval=self.opts.read_interval,
         )
         self.server.open()
         self.routes.reconcile(

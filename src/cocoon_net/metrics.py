@@ -143,6 +143,12 @@ class Metrics:
             "still served.",
             registry=r,
         )
+        self.reads = Counter(
+            "cocoon_net_dhcp_reads_total",
+            "Reads of the DHCP receive queue that found requests; packets per read is how "
+            "many were answered together (read pacing).",
+            registry=r,
+        )
         self.fsync_seconds = Histogram(
             "cocoon_net_lease_fsync_seconds",
             "Time to make one batch of lease changes durable (write + fsync).",

@@ -86,6 +86,8 @@ CASES = [
     Case("unknown-flag", [*NODE, "--frobnicate"], 2),
     Case("lease-time-too-short", ["--lease-time", "5s"], 2, command="daemon"),
     Case("lease-time-garbage", ["--lease-time", "soon"], 2, command="daemon"),
+    Case("read-interval-long", ["--read-interval", "60ms"], 2, command="daemon", expect="50ms"),
+    Case("read-interval-bad", ["--read-interval", "fast"], 2, command="daemon", expect="--read"),
     # Checked before host setup and the DHCP socket, not when the metrics server starts.
     Case(
         "metrics-addr-no-port",

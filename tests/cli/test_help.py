@@ -17,7 +17,7 @@ FLAGS = {
     "adopt": ["--manage-iptables", "--node-name", "--subnet", "--pool-size", "--dry-run"],
     "daemon": [
         "--state-dir", "--lease-file", "--skip-iptables", "--metrics-addr", "--lease-time",
-        "--cni-conf-dir", "--run-dir",
+        "--cni-conf-dir", "--run-dir", "--read-interval",
     ],
     "status": ["--state-dir", "--json", "--no-cloud"],
     "teardown": ["--state-dir", "--dry-run", "--cni-conf-dir", "--run-dir"],

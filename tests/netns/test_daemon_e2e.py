@@ -171,6 +171,7 @@ FLAGS = (
     "--ntp", "10.99.0.123,10.99.0.124",
     "--classless-route", "10.250.0.0/16=172.20.100.1",
     "--decline-quarantine", "10s",
+    "--read-interval", "50ms",
     "--relay-from", str(RELAY),
     "--skip-iptables",
     # The relay agent of these tests sends from a VM's port, which the guard rightly refuses
@@ -289,6 +290,22 @@ def test_a_short_decline_quarantine_ends_when_the_flag_says(
     # 10 s, not the default 10 min: over within a generous 40 s, and not before 10 s.
     wait_for(lambda: daemon.pool_counts()["quarantined"] == 0 or None, "its end", timeout=40)
     assert time.monotonic() - declined >= 10
+
+
+def test_requests_that_come_within_the_read_interval_are_read_together(
+    flagged: tuple[Sandbox, NodeDaemon],
+) -> None:
+    sandbox, daemon = flagged
+    vm, mac = sandbox.vms[1], random_mac()
+    before = daemon.metric("cocoon_net_dhcp_reads_total")
+    # Six DISCOVERs 5 ms apart: read one by one with the default 2 ms, but the first at once
+    # and the rest within one or two 50 ms intervals with the flag.
+    discovers = [request(MessageType.DISCOVER, mac) for _ in range(6)]
+    replies = Netns(vm.netns).call(
+        exchange, vm.ifname, mac, discovers, listen=REPLY_WAIT_S, enough=6, gap=0.005
+    )
+    assert [r.message_type for r in replies] == [MessageType.OFFER] * 6
+    assert daemon.metric("cocoon_net_dhcp_reads_total") - before <= 3
 
 
 def test_metrics_listen_where_told(flagged: tuple[Sandbox, NodeDaemon]) -> None:

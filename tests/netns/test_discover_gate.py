@@ -76,9 +76,10 @@ def replies(capture: socket.socket) -> list[tuple[str, str, A]]:
 class Node:
     """The server on cni0 with a real store and routes; `tx` sends as VMs, `capture` sees the
     replies. The caller plays the event loop: nothing reads the server's socket but its
-    `_on_frames` calls."""
+    `_on_frames` calls (with no read pacing: no timer reads either), unless `read_interval`
+    is given."""
 
-    def __init__(self, directory: str) -> None:
+    def __init__(self, directory: str, read_interval: float = 0) -> None:
         server_module.RECEIVE_BUFFER = 256 << 10  # a few hundred frames fill it
         self.counters = RecordingCounters()
         self.store = LeaseStore(Path(directory) / "leases.json")
@@ -90,6 +91,7 @@ class Node:
             store=self.store,
             routes=rtnl.RouteSocket(),
             counters=self.counters,
+            read_interval=read_interval,
         )
         self.tx = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
         self.tx.bind(("tx0", 0))

@@ -67,15 +67,18 @@ def exchange(
     src_ip: IPv4Address = ZERO_IP,
     listen: float = 0.0,
     enough: int = 0,
+    gap: float = 0.0,
 ) -> list[DhcpMessage]:
-    """Broadcast each message as one frame from src_mac on ifname; for `listen` seconds after
-    the last, collect the replies whose xid is one we sent, stopping early once there are
-    `enough` (when not 0). Run inside the sender's netns."""
+    """Broadcast each message as one frame from src_mac on ifname, `gap` seconds apart; for
+    `listen` seconds after the last, collect the replies whose xid is one we sent, stopping
+    early once there are `enough` (when not 0). Run inside the sender's netns."""
     xids = {m.xid for m in messages}
     replies: list[DhcpMessage] = []
     with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(_ETH_P_ALL)) as sock:
         sock.bind((ifname, _ETH_P_ALL))
-        for message in messages:
+        for i, message in enumerate(messages):
+            if i and gap:
+                time.sleep(gap)
             sock.send(
                 frames.build_frame(
                     mac_bytes(src_mac), frames.BROADCAST_MAC, src_ip, ALL,

@@ -66,10 +66,12 @@ class Events:
 
 class RecordingCounters(Counters):
     """The metrics the server reports, as ("packet", type, result), ("lease", ok),
-    ("route", op, ok), ("drop", reason) and ("gate", "closed" or "opened")."""
+    ("route", op, ok), ("drop", reason) and ("gate", "closed" or "opened"); and apart, in
+    `reads`, how many frames each read of the socket took."""
 
     def __init__(self) -> None:
         self.seen: list[tuple[object, ...]] = []
+        self.reads: list[int] = []
 
     def packet(self, mtype: str, result: str) -> None:
         self.seen.append(("packet", mtype, result))
@@ -88,6 +90,9 @@ class RecordingCounters(Counters):
 
     def gate_opened(self, seconds_closed: float) -> None:
         self.seen.append(("gate", "opened"))
+
+    def read(self, frames: int) -> None:
+        self.reads.append(frames)
 
 
 class RecordingRoutes(rtnl.RouteSocket):

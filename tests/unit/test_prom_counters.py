@@ -34,6 +34,8 @@ def test_every_event_is_counted_under_its_own_metric_and_labels() -> None:
     counters.lease(False)
     counters.route("add", True)
     counters.route("del", False)
+    counters.read(3)
+    counters.read(1)
     found = {
         (sample.name, tuple(sorted(sample.labels.values()))): sample.value
         for family in metrics.registry.collect()
@@ -48,6 +50,7 @@ def test_every_event_is_counted_under_its_own_metric_and_labels() -> None:
         ("cocoon_net_dhcp_lease_total", ("failed",)): 1.0,
         ("cocoon_net_route_operations_total", ("add", "ok")): 1.0,
         ("cocoon_net_route_operations_total", ("del", "failed")): 1.0,
+        ("cocoon_net_dhcp_reads_total", ()): 2.0,
     }
     # labels() takes a lock and builds its key every time: once per label set is enough.
     assert packets.lookups == 2
