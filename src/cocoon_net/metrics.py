@@ -134,7 +134,7 @@ class Metrics:
         self.gate_closed = Counter(
             "cocoon_net_dhcp_discover_gate_closed_total",
             "Times the receive queue ran deep and new DISCOVERs were left to the kernel to "
-            "drop until it drained (overload).",
+            "drop until it was down to a quarter (overload).",
             registry=r,
         )
         self.gate_closed_seconds = Counter(

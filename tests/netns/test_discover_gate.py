@@ -223,6 +223,23 @@ async def read_to_a_batch_boundary(node: Node, out: dict[str, object]) -> None:
     out["late"] = [(kind, who) for kind, who, _ in replies(node.capture) if who == LATE]
 
 
+async def down_to_a_quarter(node: Node, out: dict[str, object]) -> None:
+    """The gate closes at half a queue; what is queued when it opens again."""
+    sock = node.open()
+    sent = node.flood(sock)
+    node.server._on_frames()
+    out["closed"] = node.server.state.gate_closed_at is not None
+    while node.server.state.gate_closed_at is not None and queued(sock)[0]:
+        node.server._on_frames()
+        await asyncio.sleep(0)
+    out["left"], out["limit"] = queued(sock)
+    node.tx.send(discover(LATE))  # let in behind what is left
+    await node.until_open()
+    await node.server.drain()
+    offers = {who for kind, who, _ in replies(node.capture) if kind == "OFFER"}
+    out["all_offered"] = offers == {mac(i) for i in range(sent)} | {LATE}
+
+
 async def cannot_open(node: Node, out: dict[str, object]) -> None:
     """The kernel refuses the filter that lets DISCOVERs in again."""
     real = frames.set_filter
@@ -293,6 +310,16 @@ def test_a_wake_up_that_reads_the_queue_to_its_end_opens_the_gate(
     assert out["closed"] and out["left"] == 0
     assert out["open"]
     assert out["late"] == [("OFFER", LATE)]
+
+
+def test_the_gate_opens_with_a_quarter_of_the_queue_still_to_read(
+    make_netns: Callable[[str], Netns], tmp_path: Path
+) -> None:
+    """Opened before the queue runs dry, the server has work while new clients queue."""
+    out = make_node(make_netns).call(play, str(tmp_path), down_to_a_quarter)
+    assert out["closed"]
+    assert 0 < out["left"] < out["limit"] / 4
+    assert out["all_offered"]
 
 
 def test_a_gate_that_cannot_open_gives_up_its_socket_for_a_new_one(

@@ -14,6 +14,7 @@ from cocoon_net.dhcp.server import (
     STALE_DISCOVER_SECONDS,
     STALE_REQUEST_SECONDS,
     gate_closes,
+    gate_opens,
     shed_reason,
 )
 
@@ -81,3 +82,10 @@ def test_the_gate_closes_at_half_a_queue_or_on_a_late_discover() -> None:
     assert gate_closes(limit // 2, limit, 0)
     assert gate_closes(1, limit, 1)
     assert not gate_closes(0, limit, 1)  # nothing queued would wake the server to open it
+
+
+def test_the_gate_opens_once_the_queue_is_down_to_a_quarter() -> None:
+    limit = 8 << 20
+    assert not gate_opens(limit // 4, limit)
+    assert gate_opens(limit // 4 - 1, limit)
+    assert gate_opens(0, limit)

@@ -83,9 +83,9 @@ STALE_REQUEST_SECONDS = 3.0
 # at the tail whatever comes, REQUESTs too, each one an OFFER made for nothing. So once the
 # queue is deep (gate_closes) the socket's filter is swapped for one that drops DISCOVERs in
 # the kernel (frames.BPF_DHCP_SERVER_NO_DISCOVER), at no cost to this process; the REQUESTs of
-# the exchanges already under way keep the room. It opens again as soon as the queue is found
-# empty. A client whose DISCOVER was dropped sends another (RFC 2131 §4.1), as it would after
-# a drop anywhere on its way.
+# the exchanges already under way keep the room. It opens again once the queue is down to a
+# quarter (gate_opens). A client whose DISCOVER was dropped sends another (RFC 2131 §4.1), as
+# it would after a drop anywhere on its way.
 GATE_LOG_SECONDS = 60.0  # an overload is logged at most this often; the metrics count each
 # Read pacing. At a moderate rate each request is a wake-up of its own, and an idle Python
 # process wakes with cold caches: the wake-up, not the decision, was most of what a request
@@ -115,9 +115,19 @@ def gate_closes(queued: int, limit: int, stale_discovers: int) -> bool:
     receive queue holds `queued` bytes of its `limit` (half is left for the REQUESTs behind
     them), or `stale_discovers` of the batch waited past STALE_DISCOVER_SECONDS while more
     is queued. Never with nothing queued: what is queued when the gate closes wakes the
-    server to read on until the queue is empty, which opens it again; with nothing, no
-    DISCOVER would ever come to wake it."""
+    server to read on until the queue is short (gate_opens), which opens it again; with
+    nothing, no DISCOVER would ever come to wake it."""
     return queued > 0 and (stale_discovers > 0 or 2 * queued >= limit)
+
+
+def gate_opens(queued: int, limit: int) -> bool:
+    """Whether to let DISCOVERs queue again, after a full batch of reads while the gate is
+    closed: the queue is down to a quarter of its `limit`. Not only once it is empty: a
+    server that reads its queue to the end before new clients may queue has, for a moment,
+    nothing to do while they keep coming, and when a storm ends it holds no exchanges left
+    to complete. A quarter is work for about a tenth of a second, so a DISCOVER let in now is
+    read well within STALE_DISCOVER_SECONDS."""
+    return 4 * queued < limit
 
 
 def shed_reason(age: float, frame: bytes) -> str | None:
@@ -421,14 +431,14 @@ class DhcpServer:
         if self.state.gate_closed_at is None:
             if gate_closes(queued, limit, stale_discovers):
                 self._close_gate(sock, queued, dropped)
-        elif not queued:
-            # This batch read the queue to its end: with no frame left to wake the server
-            # and no DISCOVER let in, nothing would, and the gate would stay closed.
+        elif gate_opens(queued, limit):
+            # Also when this batch read the queue to its end: with no frame left to wake the
+            # server and no DISCOVER let in, nothing would, and the gate would stay closed.
             self._open_gate(sock)
         return _READ_BATCH, False
 
     def _close_gate(self, sock: socket.socket, queued: int, dropped: int) -> None:
-        """New DISCOVERs are dropped by the kernel from now until the queue is found empty."""
+        """New DISCOVERs are dropped by the kernel from now until the queue is short again."""
         try:
             frames.set_filter(sock, discovers=False)
         except OSError as exc:
@@ -441,7 +451,7 @@ class DhcpServer:
             self.state.gate_logged_at = now
             log.warning(
                 "overloaded: %d bytes of requests queued, %d dropped for a full queue; new "
-                "DISCOVERs are dropped in the kernel until the queue drains, REQUESTs are "
+                "DISCOVERs are dropped in the kernel until the queue is short again, REQUESTs are "
                 "still served (logged at most once a minute, "
                 "cocoon_net_dhcp_discover_gate_closed_total counts every time)",
                 queued, dropped,
