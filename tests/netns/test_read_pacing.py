@@ -11,11 +11,14 @@ on the pacing, not on how fast this machine is.
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 import select
+import socket
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -154,3 +157,49 @@ def test_a_socket_opened_anew_reads_at_once_and_then_paces(
     out = make_node(make_netns).call(run, str(tmp_path), 0.5, reopened_while_waiting)
     assert out["answered"] == 5
     assert out["reads"] == [1, 1, 5]
+
+
+class FailingOnce:
+    """The server's packet socket, whose next read fails once with EIO once armed."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock, self.armed = sock, False
+
+    def _fail(self) -> None:
+        if self.armed:
+            self.armed = False
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    def recv(self, size: int) -> bytes:
+        self._fail()
+        return self.sock.recv(size)
+
+    def recvmsg(self, size: int, ancillary: int) -> tuple[bytes, list[Any], int, Any]:
+        self._fail()
+        return self.sock.recvmsg(size, ancillary)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sock, name)
+
+
+async def a_timed_read_fails(node: Node, out: dict[str, Any]) -> None:
+    node.server.open()
+    sock = node.server._packet_sock
+    assert sock is not None
+    failing = FailingOnce(sock)
+    node.server._packet_sock = cast("socket.socket", failing)
+    asyncio.get_running_loop().set_exception_handler(lambda loop, context: None)
+    node.tx.send(discover(mac(0)))
+    await answers(node, 1)
+    failing.armed = True  # the timed read of what comes next fails
+    node.tx.send(discover(mac(1)))
+    out["answered"] = len(await answers(node, 1, within=3.0))
+    out["failed"] = not failing.armed
+
+
+def test_a_timed_read_that_fails_leaves_the_socket_read_on(
+    make_netns: Callable[[str], Netns], tmp_path: Path
+) -> None:
+    out = make_node(make_netns).call(run, str(tmp_path), 0.3, a_timed_read_fails)
+    assert out["failed"]
+    assert out["answered"] == 1

@@ -313,12 +313,15 @@ class DhcpServer:
         try:
             frames_read, drained = self._read_frames(self.state.pending)
         finally:
+            # Whatever happened, the socket is read again: by the timer or by its reader (a
+            # read that failed counts as one that found nothing). A timer left fired with
+            # the reader off would leave the socket unread for good.
+            self._pace(next_read_at(started, frames_read, drained, self.read_interval))
+            if frames_read:
+                self.counters.read(frames_read)
             if self.state.pending and not self.state.flushing and not self._commit_here():
                 self.state.flushing = True
                 self._spawn(self._flush())
-        if frames_read:
-            self.counters.read(frames_read)
-        self._pace(next_read_at(started, frames_read, drained, self.read_interval))
 
     def _pace(self, read_at: float | None) -> None:
         """Read next at `read_at` (monotonic, by a timer, with the socket's reader off), or
