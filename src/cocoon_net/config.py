@@ -250,7 +250,7 @@ def parse_duration(text: str, *, flag: str) -> int:
 
 # The DHCP server's read pacing (dhcp/server.py): the default, and the longest allowed, past
 # which the interval would show in a client's wait for its reply.
-DEFAULT_READ_INTERVAL_MS = 2
+DEFAULT_READ_INTERVAL_MS = 4
 MAX_READ_INTERVAL_MS = 50
 
 

@@ -298,7 +298,7 @@ def test_requests_that_come_within_the_read_interval_are_read_together(
     sandbox, daemon = flagged
     vm, mac = sandbox.vms[1], random_mac()
     before = daemon.metric("cocoon_net_dhcp_reads_total")
-    # Six DISCOVERs 5 ms apart: read one by one with the default 2 ms, but the first at once
+    # Six DISCOVERs 5 ms apart: read one by one with the default 4 ms, but the first at once
     # and the rest within one or two 50 ms intervals with the flag.
     discovers = [request(MessageType.DISCOVER, mac) for _ in range(6)]
     replies = Netns(vm.netns).call(
