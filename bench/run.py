@@ -33,7 +33,7 @@ from typing import Any
 if __package__ in {None, ""}:  # run as a script: bench/run.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import figures, recovered, report, spy, summary
+from bench import cpu, figures, recovered, report, spy, summary
 from bench.bed import Bed
 from bench.ladder import (
     REPO,
@@ -231,6 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     timings: list[figures.Timing] = []
     relay_steps: list[RelayStep] = []
     after_loss: recovered.Recovered | None = None
+    cpu_rounds: list[cpu.CpuRounds] = []
     spied: dict[str, CocoonNet] = {}
     try:
         with tempfile.TemporaryDirectory(prefix="cocoon-bench-") as tmp:
@@ -247,6 +248,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         args.results_dir.mkdir(parents=True, exist_ok=True)
                         spied[name] = server
                     runs.append(run_ladder(bed, server, cfg, log))
+                if not args.no_figures:
+                    measured = [run.name for run in runs if run.status == "ok"]
+                    cpu_plan = cpu.SMOKE if args.smoke else cpu.FULL
+                    cpu_rounds = cpu.measure(bed, measured, work / "cpu", cpu_plan, log)
                 if args.relay:
                     relay_steps = run_relay(bed, names, cfg, work, log)
             if not args.no_figures:
@@ -271,13 +276,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ladder (latency in ms; cpu = % of one core; RSS = peak VmHWM)",
         *report.ladder_table(runs),
     ]
+    if cpu_rounds:
+        lines += ["", *cpu.lines(cpu_rounds)]
     if startups:
         lines += ["", "start to ready, idle RSS, status", *figures.startup_lines(startups, timings)]
     if after_loss is not None:
         lines += ["", *recovered.lines(after_loss)]
     if relay_steps:
         lines += ["", "relay path (perfdhcp)", *relay_lines(relay_steps)]
-    figs = summary.collect(runs, startups, [] if after_loss is None else [after_loss])
+    figs = summary.collect(runs, startups, [] if after_loss is None else [after_loss], cpu_rounds)
     targets = summary.evaluate(figs, runs)
     lines += [
         "",
@@ -320,6 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "floors": [asdict(t) for t in timings],
             "relay": [asdict(r) for r in relay_steps],
             "recovered": None if after_loss is None else asdict(after_loss),
+            "cpu": [asdict(c) for c in cpu_rounds],
             "targets": [asdict(t) for t in targets],
         },
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from bench.cpu import CpuRounds
 from bench.figures import Startup
 from bench.ladder import OVERLOAD_MULTIPLES, ServerRun, Step
 from bench.recovered import Recovered
@@ -93,8 +94,15 @@ def _sustained(run: ServerRun) -> float | None:
 
 
 def collect(
-    runs: Sequence[ServerRun], startups: Sequence[Startup], recovered: Sequence[Recovered]
+    runs: Sequence[ServerRun],
+    startups: Sequence[Startup],
+    recovered: Sequence[Recovered],
+    cpu: Sequence[CpuRounds] = (),
 ) -> list[ServerFigures]:
+    """Each server's figures. CPU per DORA comes from the rounds measured apart from the
+    ladder at CPU_RATE (bench/cpu.py) where the run has them, else from the ladder's step
+    at that rate."""
+
     def startup(name: str, leases: int) -> Startup | None:
         return next(
             (s for s in startups if s.server == name and s.leases == leases and s.status == "ok"),
@@ -106,6 +114,11 @@ def collect(
         big, small = startup(run.name, START_LEASES), startup(run.name, STATUS_LEASES)
         after_loss = next((r for r in recovered if r.server == run.name), None)
         cpu_step = run.step_at(CPU_RATE)
+        rounds = next((c for c in cpu if c.server == run.name and c.plan.rate == CPU_RATE), None)
+        if rounds is not None:
+            cpu_ms = rounds.ms_per_dora
+        else:
+            cpu_ms = None if cpu_step is None else cpu_step.cpu_ms_per_dora
         top = max((s.target for s in run.steps), default=None)
         out.append(
             ServerFigures(
@@ -115,7 +128,7 @@ def collect(
                 lossless_at_top=run.lossless_rate is not None and run.lossless_rate == top,
                 peak_goodput=run.peak_goodput,
                 overload={m: overload_at(run, m) for m in OVERLOAD_MULTIPLES},
-                cpu_ms_per_dora=None if cpu_step is None else cpu_step.cpu_ms_per_dora,
+                cpu_ms_per_dora=cpu_ms,
                 start_ms=None if big is None else big.ready_ms,
                 status_ms=None if small is None else small.status_ms,
                 idle_rss_kib=run.idle_rss_kib,

@@ -173,6 +173,14 @@ def test_smoke_measures_the_daemon_after_a_lost_lease_file_and_judges_the_target
     assert after_loss["holding"] == after_loss["plan"]["held"] > 0
     for step in (*after_loss["none"], *after_loss["held"]):
         assert step["loadgen"]["acks"] > 0
+    # CPU per DORA measured apart from the ladder: a round of every server, each answered.
+    served = {server["name"] for server in raw["servers"] if server["status"] == "ok"}
+    assert "cocoon-net" in served
+    assert {c["server"] for c in raw["cpu"]} == served
+    for rounds in raw["cpu"]:
+        assert rounds["status"] == "ok", output
+        assert [s["loadgen"]["acks"] > 0 for s in rounds["steps"]] == [True]
+    assert "cpu per DORA at 50/s" in output
     # Every target is printed with a verdict; the ones the smoke run cannot measure say so.
     verdicts = {t["what"]: t["met"] for t in raw["targets"]}
     assert len(verdicts) == 9

@@ -7,8 +7,10 @@ import secrets
 from ipaddress import IPv4Address
 
 import pytest
+from bench.cpu import FULL, CpuRounds
+from bench.cpu import SMOKE as CPU_SMOKE
 from bench.figures import Startup
-from bench.ladder import ServerRun
+from bench.ladder import ServerRun, Step
 from bench.loadgen import RequestTemplate, client_macs, request_frame
 from bench.recovered import SMOKE, Recovered
 from bench.summary import (
@@ -186,6 +188,27 @@ def test_collect_takes_start_up_from_60000_leases_and_status_from_a_full_24() ->
     assert got.recovered_ratio == pytest.approx(1.5)
     assert got.cpu_ms_per_dora == pytest.approx(0.5 * 1.2 / 1000 * 1000)
     assert (got.lossless, got.lossless_at_top) == (1000.0, False)
+
+
+def cpu_step(percent: float) -> Step:
+    """A 1,000/s step of 5 s whose server used `percent` of a core over its window."""
+    return dataclasses.replace(step(5000), server_cpu_pct=percent, window_seconds=5.0)
+
+
+def test_cpu_per_dora_is_the_median_of_the_rounds_measured_apart_from_the_ladder() -> None:
+    run = ServerRun("cocoon-net", steps=[step(1000)])  # 0.6 ms a DORA in the ladder
+    rounds = CpuRounds("cocoon-net", "ok", FULL, (cpu_step(30), cpu_step(90), cpu_step(40)))
+    (got,) = collect([run], [], [], [rounds])
+    assert got.cpu_ms_per_dora == pytest.approx(0.4)  # 40 % of 5 s over 5,000 ACKs
+    # Rounds at another rate (the smoke run's) are not the target's: the ladder's step is.
+    (ladder,) = collect([run], [], [], [dataclasses.replace(rounds, plan=CPU_SMOKE)])
+    assert ladder.cpu_ms_per_dora == pytest.approx(0.6)
+    # A server whose rounds failed has no figure, rather than the ladder's in their place.
+    (failed,) = collect([run], [], [], [dataclasses.replace(rounds, status="failed: gone")])
+    assert failed.cpu_ms_per_dora is None
+    unanswered = dataclasses.replace(step(5000, 0.0), window_seconds=5.0)
+    (none,) = collect([run], [], [], [dataclasses.replace(rounds, steps=(unanswered,))])
+    assert none.cpu_ms_per_dora is None
 
 
 def test_the_sustained_rate_is_the_lossless_steps_acks_over_its_busy_time() -> None:
