@@ -146,9 +146,9 @@ class Node:
 Script = Callable[[Node, dict[str, object]], Coroutine[Any, Any, None]]
 
 
-def play(directory: str, script: Script) -> dict[str, object]:
+def play(directory: str, script: Script, read_interval: float = 0) -> dict[str, object]:
     """Run `script` on a fresh Node in this namespace; what it noted."""
-    node = Node(directory)
+    node = Node(directory, read_interval)
     out: dict[str, object] = {}
     try:
         asyncio.run(script(node, out))

@@ -16,7 +16,7 @@ import os
 import select
 import socket
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -24,7 +24,7 @@ import pytest
 
 from cocoon_net.dhcp import frames, packet
 from cocoon_net.dhcp import server as server_module
-from tests.netns.test_discover_gate import Node, discover, mac, make_node
+from tests.netns.test_discover_gate import Node, Script, discover, mac, make_node, play
 from tests.support.netns import Netns
 
 pytestmark = pytest.mark.netns
@@ -43,15 +43,20 @@ async def answers(node: Node, count: int, within: float = 5.0) -> list[float]:
     return seen
 
 
+async def spaced(node: Node, first: int, count: int) -> int:
+    """DISCOVERs from `count` new clients 10 ms apart; how many were answered."""
+    for i in range(first, first + count):
+        node.tx.send(discover(mac(i)))
+        await asyncio.sleep(0.01)
+    return len(await answers(node, count))
+
+
 async def burst_while_waiting(node: Node, out: dict[str, Any]) -> None:
     node.server.open()
     node.tx.send(discover(mac(0)))
     await answers(node, 1)
     # Read at once; the next read waits 0.5 s. Ten clients come 10 ms apart meanwhile.
-    for i in range(1, 11):
-        node.tx.send(discover(mac(i)))
-        await asyncio.sleep(0.01)
-    out["answered"] = len(await answers(node, 10))
+    out["answered"] = await spaced(node, 1, 10)
     out["reads"] = list(node.counters.reads)
 
 
@@ -96,27 +101,15 @@ async def reopened_while_waiting(node: Node, out: dict[str, Any]) -> None:
     node.server.open()  # the bridge was recreated while a timed read was due
     node.tx.send(discover(mac(1)))
     await answers(node, 1)
-    for i in range(2, 7):
-        node.tx.send(discover(mac(i)))
-        await asyncio.sleep(0.01)
-    out["answered"] = len(await answers(node, 5))
+    out["answered"] = await spaced(node, 2, 5)
     out["reads"] = list(node.counters.reads)
 
 
-Script = Callable[[Node, dict[str, Any]], Coroutine[Any, Any, None]]
-
-
-def run(directory: str, read_interval: float, script: Script) -> dict[str, Any]:
+def run(directory: str, read_interval: float, script: Script) -> dict[str, object]:
     # Frames wait here longer than a DISCOVER may before it is shed (the real interval is at
     # most 50 ms): this child process lets them.
     server_module.STALE_DISCOVER_SECONDS = 5.0
-    node = Node(directory, read_interval=read_interval)
-    out: dict[str, Any] = {}
-    try:
-        asyncio.run(script(node, out))
-    finally:
-        node.close()
-    return out
+    return play(directory, script, read_interval)
 
 
 def test_requests_that_come_while_a_read_waits_are_read_and_answered_together(
