@@ -113,11 +113,11 @@ def collect(
     for run in runs:
         big, small = startup(run.name, START_LEASES), startup(run.name, STATUS_LEASES)
         after_loss = next((r for r in recovered if r.server == run.name), None)
-        cpu_step = run.step_at(CPU_RATE)
         rounds = next((c for c in cpu if c.server == run.name and c.plan.rate == CPU_RATE), None)
         if rounds is not None:
             cpu_ms = rounds.ms_per_dora
         else:
+            cpu_step = run.step_at(CPU_RATE)
             cpu_ms = None if cpu_step is None else cpu_step.cpu_ms_per_dora
         top = max((s.target for s in run.steps), default=None)
         out.append(

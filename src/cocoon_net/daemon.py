@@ -36,7 +36,7 @@ from typing import Any
 from cocoon_net import config, control, lifecycle, poolchange, state
 from cocoon_net.dhcp import effects
 from cocoon_net.dhcp.leases import Change, LeaseTable
-from cocoon_net.dhcp.server import Counters, DhcpServer
+from cocoon_net.dhcp.server import READ_INTERVAL, Counters, DhcpServer
 from cocoon_net.dhcp.settings import DhcpSettings, Route
 from cocoon_net.dhcp.store import LeaseStore, Recovered
 from cocoon_net.errors import CocoonError, StateError
@@ -77,7 +77,7 @@ class DaemonOptions:
     classless_routes: tuple[Route, ...] = ()
     reservations: dict[str, IPv4Address] = field(default_factory=dict)
     decline_quarantine: float = 600.0
-    read_interval: float = config.DEFAULT_READ_INTERVAL_MS / 1000
+    read_interval: float = READ_INTERVAL
 
 
 def run(opts: DaemonOptions) -> int:
